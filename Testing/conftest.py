@@ -1,0 +1,79 @@
+"""Shared fixtures: small synthetic volumes and throw-away model bundles with random weights."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "UNetSegment"))
+
+from UNetSegmentLib.bundle import sha256_file  # noqa: E402
+from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
+
+
+def oblique_direction(deg: float = 12.0, flip_i: bool = True) -> np.ndarray:
+    a = np.deg2rad(deg)
+    d = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    if flip_i:
+        d[:, 0] *= -1
+    return d
+
+
+def ct_phantom(shape_kji=(24, 64, 64), spacing=(1.5, 1.5, 3.0), direction=None, origin=(10.0, -20.0, 5.0), seed=0,
+               blob=True) -> tuple[Image, np.ndarray]:
+    """A CT-like head (skull, brain, optional bright blob) and the blob mask."""
+    rng = np.random.default_rng(seed)
+    K, J, I = shape_kji
+    k, j, i = np.mgrid[:K, :J, :I].astype(np.float32)
+    head = ((i - I / 2) / (I * 0.42)) ** 2 + ((j - J / 2) / (J * 0.45)) ** 2 + ((k - K / 2) / (K * 0.7)) ** 2
+    arr = np.full(shape_kji, -1000.0, np.float32)
+    arr[head < 1.0] = 1000.0
+    arr[head < 0.8] = 30.0
+    mask = np.zeros(shape_kji, bool)
+    if blob:
+        mask = ((i - I * 0.62) / (I * 0.09)) ** 2 + ((j - J * 0.45) / (J * 0.08)) ** 2 + ((k - K / 2) / max(2.0, K * 0.15)) ** 2 < 1
+        arr[mask] = 70.0
+    arr += rng.normal(0, 3, arr.shape).astype(np.float32)
+    return Image(arr.astype(np.int16), make_ijk_to_ras(spacing, direction, origin)), mask
+
+
+def write_bundle(folder: Path, *, channels=("CT",), dims="2d", patch=(32, 32), base=4, depth=2, n_labels=1,
+                 target_spacing=(1.5, 1.5, 3.0), seed=0, context=0) -> Path:
+    """A valid bundle with random weights (deterministic per seed)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from UNetSegmentLib.networks import build_network
+
+    torch.manual_seed(seed)
+    in_ch = len(channels) * (2 * context + 1 if dims == "2.5d" else 1)
+    kwargs = {"spatial_dims": 3 if dims == "3d" else 2, "in_channels": in_ch, "out_channels": 1 + n_labels,
+              "base_channels": base, "depth": depth, "norm": "instance"}
+    net = build_network("unet", **kwargs)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "model.safetensors"))
+    meta = {
+        "schema_version": 1, "name": "test-model", "version": "0.0.1", "description": "random weights for tests",
+        "architecture": {"name": "unet", "kwargs": kwargs},
+        "dimensions": dims,
+        "inputs": [{"name": c, "modality": "CT", "normalization": {"type": "ct", "clip": [-20, 120], "mean": 40, "std": 40}}
+                   for c in channels],
+        "target_spacing": list(target_spacing), "patch_size": list(patch),
+        "labels": [{"value": v, "name": f"lesion{v}", "color": [1, 0, 0]} for v in range(1, n_labels + 1)],
+        "threshold": 0.5, "inference": {"overlap": 0.25, "batch_size": 2},
+        "weights": {"file": "model.safetensors", "sha256": sha256_file(folder / "model.safetensors")},
+        "license": "Apache-2.0",
+    }
+    if dims == "2.5d":
+        meta["context_slices"] = context
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture
+def tiny_bundle(tmp_path) -> Path:
+    return write_bundle(tmp_path / "bundle")

@@ -1,0 +1,124 @@
+"""Grad-CAM and uncertainty: honest tests with the trained tiny-blob model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ct_phantom
+from scipy import ndimage
+
+from UNetSegmentLib.bundle import load_bundle
+from UNetSegmentLib.errors import ModelError
+from UNetSegmentLib.heatmaps import cam_layer_name, entropy_map, gradcam
+from UNetSegmentLib.image import Image, make_ijk_to_ras
+from UNetSegmentLib.params import SegmentParams
+from UNetSegmentLib.pipeline import segment
+from UNetSegmentLib.preprocess import normalize
+
+
+@pytest.fixture(scope="module")
+def blob_model():
+    b = load_bundle("tiny-blob")
+    return b, b.build_network()
+
+
+def two_blob_slices(n=3, size=160):
+    """Normalised 2D head slices with two bright blobs, left (A) and right (B)."""
+    yy, xx = np.mgrid[:size, :size]
+    head = ((yy - 80) / 62.0) ** 2 + ((xx - 80) / 52.0) ** 2
+    hu = np.full((size, size), -1000.0, np.float32)
+    hu[head < 1.0] = 1000.0
+    hu[head < 0.85] = 32.0
+    a = ((yy - 70) / 7.0) ** 2 + ((xx - 50) / 7.0) ** 2 < 1
+    b = ((yy - 95) / 7.0) ** 2 + ((xx - 110) / 7.0) ** 2 < 1
+    hu[a | b] = 75.0
+    rng = np.random.default_rng(0)
+    vol = np.stack([hu + rng.normal(0, 3, hu.shape) for _ in range(n)]).astype(np.float32)
+    spec = load_bundle("tiny-blob").meta["inputs"][0]["normalization"]
+    return normalize(vol, spec)[None], np.broadcast_to(a, (n, size, size)), np.broadcast_to(b, (n, size, size))
+
+
+def _near(mask, px=6):
+    return ndimage.binary_dilation(mask, iterations=px)
+
+
+def test_gradcam_concentrates_on_the_targeted_lesion(blob_model):
+    bundle, net = blob_model
+    vol, a, b = two_blob_slices()
+    kw = dict(layer=cam_layer_name(net, bundle.meta), spatial_dims=2, overlap=0.25, batch_size=4)
+    cam_a = gradcam(vol, net, bundle.meta["patch_size"], a, **kw)
+    cam_b = gradcam(vol, net, bundle.meta["patch_size"], b, **kw)
+    assert cam_a.max() == pytest.approx(1.0) and cam_a.min() >= 0
+    mass_a_near_a = cam_a[_near(a)].sum()
+    mass_a_near_b = cam_a[_near(b)].sum()
+    mass_b_near_b = cam_b[_near(b)].sum()
+    mass_b_near_a = cam_b[_near(a)].sum()
+    # each map explains its own lesion: most of its near-lesion mass sits at the targeted one
+    assert mass_a_near_a > 3 * mass_a_near_b
+    assert mass_b_near_b > 3 * mass_b_near_a
+    # and the peak of each map lies near its target
+    k, y, x = np.unravel_index(np.argmax(cam_a), cam_a.shape)
+    assert _near(a, 10)[k, y, x]
+
+
+def test_channel_averaged_gradcam_is_not_instance_discriminative(blob_model):
+    """Why hirescam is the default: Selvaraju's averaged weights also paint the other lesion."""
+    bundle, net = blob_model
+    vol, a, b = two_blob_slices(n=1)
+    cam = gradcam(vol, net, bundle.meta["patch_size"], a, layer="decoder.0", method="gradcam", spatial_dims=2)
+    assert cam.max() == pytest.approx(1.0)
+    assert cam[_near(b)].sum() > 0.5 * cam[_near(a)].sum()
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        gradcam(vol, net, bundle.meta["patch_size"], a, layer="decoder.0", method="nope", spatial_dims=2)
+
+
+def test_default_layer_is_deep_and_not_a_copy_of_the_probability(blob_model):
+    bundle, net = blob_model
+    assert cam_layer_name(net, bundle.meta) == "decoder.0"
+    vol, a, b = two_blob_slices(n=1)
+    import torch
+
+    with torch.no_grad():
+        prob = torch.softmax(net(torch.from_numpy(vol[:, 0][None])), 1)[0, 1].numpy()
+    cam = gradcam(vol, net, bundle.meta["patch_size"], a | b, layer="decoder.0", spatial_dims=2)[0]
+    corr = np.corrcoef(cam.ravel(), prob.ravel())[0, 1]
+    assert corr < 0.95  # a deep stage gives a coarser, different map than the output
+    with pytest.raises(ModelError, match="does not exist"):
+        cam_layer_name(net, bundle.meta, "decoder.99")
+
+
+def test_gradcam_without_target_is_zero_and_runs_no_window(blob_model):
+    bundle, net = blob_model
+    vol, a, _ = two_blob_slices(n=2)
+    cam = gradcam(vol, net, bundle.meta["patch_size"], np.zeros_like(a), layer="decoder.0", spatial_dims=2)
+    assert cam.shape == a.shape and not cam.any()
+
+
+def test_entropy_map_bounds():
+    p = np.array([[0.5, 1.0, 0.0], [0.5, 0.0, 1.0]], np.float32)
+    h = entropy_map(p)
+    np.testing.assert_allclose(h, [1.0, 0.0, 0.0], atol=1e-5)
+
+
+def test_pipeline_heatmaps_on_the_input_grid_for_a_flipped_oblique_volume():
+    img, mask = ct_phantom(shape_kji=(10, 90, 80), spacing=(1.2, 1.3, 4.0),
+                           direction=np.array([[-1, 0, 0], [0, 0.97, -0.24], [0, 0.24, 0.97]]))
+    r = segment([img], load_bundle("tiny-blob"), SegmentParams(heatmaps=("gradcam", "uncertainty")))
+    for kind in ("gradcam", "uncertainty"):
+        h = r.heatmaps[kind]
+        assert h.same_grid(img) and h.array.dtype == np.float32
+        assert 0 <= h.array.min() and h.array.max() <= 1
+    assert r.heatmaps["gradcam"].array[mask].mean() > 3 * r.heatmaps["gradcam"].array[~mask].mean()
+    assert "entropy" in r.extra["uncertainty_kind"]
+    r2 = segment([img], load_bundle("tiny-blob"), SegmentParams(heatmaps=("uncertainty",), tta=True))
+    assert "tta_variance" in r2.extra["uncertainty_kind"] and "gradcam" not in r2.heatmaps
+
+
+def test_tiny_blob_finds_the_blob_in_any_orientation():
+    """The shipped test model works through the whole geometry path (flips, permutations, tilt)."""
+    base, mask = ct_phantom(shape_kji=(12, 96, 96), spacing=(1.0, 1.0, 3.0))
+    for d in (np.eye(3), np.diag([-1, -1, 1]), np.array([[0, 1, 0], [1, 0, 0], [0, 0, -1]])):
+        img = Image(base.array, make_ijk_to_ras((1.0, 1.0, 3.0), d, (0, 0, 0)))
+        r = segment([img], load_bundle("tiny-blob"), SegmentParams(heatmaps=()))
+        pred = r.labels.array > 0
+        dice = 2 * (pred & mask).sum() / (pred.sum() + mask.sum())
+        assert dice > 0.7, (d, dice)

@@ -1,0 +1,268 @@
+"""``unetsegment`` command line: segment, models, fetch-sample, demo.
+
+Errors print one line naming the problem and the fix (no traceback unless ``--debug``) and exit
+with 2 usage, 3 input, 4 model, 5 device, 6 output, 130 cancelled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import UNetSegmentError
+from .inference import CancelToken
+from .params import HELP, SegmentParams
+
+
+def _heatmaps(text: str) -> tuple[str, ...]:
+    items = tuple(t.strip().lower() for t in text.split(",") if t.strip())
+    return () if items in ((), ("none",)) else items
+
+
+def _prob(text: str) -> float:
+    v = float(text)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1)")
+    return v
+
+
+def _overlap(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return v
+
+
+def _nonneg(text: str) -> float:
+    v = float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
+def _posint(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be ≥ 1")
+    return v
+
+
+def add_segment_options(p: argparse.ArgumentParser) -> None:
+    """The run parameters as flags (shared with batch); defaults come from :class:`SegmentParams`."""
+    d = SegmentParams()
+    p.add_argument("--model", default=None, help="model name (see `models list`) or bundle folder/zip; default: the bundled default model")
+    p.add_argument("--device", default=d.device, help=HELP["device"])
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "fp16", "bf16"], help=HELP["precision"])
+    p.add_argument("--threshold", type=_prob, default=d.threshold, help=HELP["threshold"])
+    p.add_argument("--min-lesion-ml", type=_nonneg, default=d.min_lesion_ml, help=HELP["min_lesion_ml"])
+    p.add_argument("--connectivity", type=int, choices=[6, 26], default=d.connectivity, help=HELP["connectivity"])
+    p.add_argument("--overlap", type=_overlap, default=d.overlap, help=HELP["overlap"])
+    p.add_argument("--batch-size", type=_posint, default=d.batch_size, help=HELP["batch_size"])
+    p.add_argument("--tta", action="store_true", default=d.tta, help=HELP["tta"])
+    p.add_argument("--heatmap", type=_heatmaps, default=d.heatmaps, help=HELP["heatmaps"])
+    p.add_argument("--threads", type=_posint, default=d.threads, help=HELP["threads"])
+    p.add_argument("--gradcam-layer", default=d.gradcam_layer, help=HELP["gradcam_layer"])
+    p.add_argument("--cam-method", default=d.cam_method, choices=["hirescam", "gradcam"], help=HELP["cam_method"])
+
+
+def params_from_args(a: argparse.Namespace) -> SegmentParams:
+    return SegmentParams(
+        device=a.device,
+        precision=a.precision,
+        threshold=a.threshold,
+        min_lesion_ml=a.min_lesion_ml,
+        connectivity=a.connectivity,
+        overlap=a.overlap,
+        batch_size=a.batch_size,
+        tta=a.tta,
+        heatmaps=a.heatmap,
+        threads=a.threads,
+        gradcam_layer=a.gradcam_layer,
+        cam_method=a.cam_method,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="unetsegment", description="U-Net lesion segmentation with lesion statistics and heatmaps.")
+    ap.add_argument("--version", action="version", version=f"unetsegment {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment one case (one volume per model channel)")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="volume file or DICOM folder; NAME=PATH maps a channel explicitly")
+    s.add_argument("--output-dir", "-o", required=True, help="folder for the outputs (created if needed)")
+    s.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in --output-dir")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_segment_options(s)
+
+    m = sub.add_parser("models", help="list, show, import or verify model bundles")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="models available by name")
+    ms = msub.add_parser("show", help="print a model's model.json")
+    ms.add_argument("model")
+    mi = msub.add_parser("import", help="validate a bundle folder/zip and install it for this user")
+    mi.add_argument("source")
+    mi.add_argument("--overwrite", action="store_true")
+    mv = msub.add_parser("verify", help="check schema, weights hash and that the network loads")
+    mv.add_argument("model")
+
+    f = sub.add_parser("fetch-sample", help="get the sample head CT (Debian invesalius-examples) as NIfTI")
+    f.add_argument("--cache-dir", default=None)
+
+    d = sub.add_parser("demo", help="segment the sample head CT with a synthetic hemorrhage")
+    d.add_argument("--output-dir", "-o", default="demo-output")
+    d.add_argument("--model", default=None)
+    d.add_argument("--cache-dir", default=None)
+    return ap
+
+
+class _Progress:
+    """tqdm bar on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        self.enabled = enabled and sys.stderr.isatty()
+        self.stage = None
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
+            self.stage = stage
+        self.bar.n = int(round(fraction * 100))
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_segment(a: argparse.Namespace, cancel: CancelToken) -> int:
+    from .job import segment_files
+
+    prog = _Progress(not a.quiet)
+    try:
+        summary = segment_files(a.inputs, a.output_dir, a.model, params_from_args(a), a.overwrite, prog, cancel)
+    finally:
+        prog.close()
+    _print_result(summary, a.output_dir)
+    return 0
+
+
+def _print_result(summary: dict, out_dir) -> None:
+    out = Path(out_dir)
+    print(f"model {summary['model']['name']} {summary['model']['version']} on {summary['device']} ({summary['precision']}), "
+          f"{summary['timings_s'].get('total_s', 0):.1f} s")
+    for w in summary.get("warnings", []):
+        print(f"warning: {w}")
+    les = summary.get("lesions")
+    if les is not None:
+        print(f"{len(les)} lesion(s), total {summary.get('total_volume_ml', 0):.2f} mL")
+        if les:
+            print(f"{'#':>3} {'label':<14}{'volume mL':>10} {'slice':>6} {'diam mm':>8} {'side':>8}  centroid RAS")
+            for r in les[:20]:
+                print(f"{r['lesion']:>3} {r['label']:<14}{r['volume_ml']:>10.2f} {r['slice_axis']}={r['slice_index']:<4} "
+                      f"{r['max_inplane_diameter_mm']:>8.1f} {r['side']:>8}  "
+                      f"({r['centroid_r']:.1f}, {r['centroid_a']:.1f}, {r['centroid_s']:.1f})")
+    print("outputs:")
+    for f in sorted(p.name for p in out.iterdir() if not p.name.startswith(".")):
+        print(f"  {out / f}")
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    from .bundle import available_models, default_model_name, import_model, load_bundle
+
+    if a.models_command == "list":
+        models = available_models()
+        try:
+            default = default_model_name()
+        except UNetSegmentError:
+            default = None
+        for name, path in models.items():
+            try:
+                b = load_bundle(path)
+                desc = f"{b.version:<8} {b.dimensions:<5} {'/'.join(b.channel_names):<20} {b.meta.get('title', b.meta['description'])[:60]}"
+            except UNetSegmentError as e:
+                desc = f"INVALID: {e}"
+            print(f"{name:<22}{'*' if name == default else ' '} {desc}")
+        return 0
+    if a.models_command == "show":
+        print(json.dumps(load_bundle(a.model).meta, indent=2))
+        return 0
+    if a.models_command == "import":
+        b = import_model(a.source, overwrite=a.overwrite)
+        print(f"imported {b.name} {b.version} into {b.root}")
+        return 0
+    if a.models_command == "verify":
+        from .networks import count_parameters
+
+        b = load_bundle(a.model)
+        net = b.build_network()
+        print(f"OK {b.name} {b.version}: schema valid, sha256 matches, {count_parameters(net):,} parameters load")
+        return 0
+    return 2
+
+
+def _cmd_fetch_sample(a: argparse.Namespace) -> int:
+    from .io.sample import fetch_sample
+
+    print(fetch_sample(Path(a.cache_dir) if a.cache_dir else None))
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace, cancel: CancelToken) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(Path(a.output_dir), a.model, Path(a.cache_dir) if a.cache_dir else None, progress=_Progress(True), cancel=cancel)
+    _print_result(summary, a.output_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    cancel = CancelToken()
+
+    def _on_term(signum, frame):  # cooperative stop: the engine checks between windows
+        cancel.cancel()
+
+    signal.signal(signal.SIGTERM, _on_term)
+    t0 = time.perf_counter()
+    try:
+        if a.command == "segment":
+            return _cmd_segment(a, cancel)
+        if a.command == "models":
+            return _cmd_models(a)
+        if a.command == "fetch-sample":
+            return _cmd_fetch_sample(a)
+        if a.command == "demo":
+            return _cmd_demo(a, cancel)
+        ap.error(f"unknown command {a.command}")
+    except UNetSegmentError as e:
+        if a.debug:
+            raise
+        print(f"unetsegment: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("unetsegment: cancelled — no outputs were written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
+        if a.debug:
+            raise
+        print(f"unetsegment: internal error after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {e} "
+              "— rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reading, writing and fetching volumes (files on disk <-> :class:`UNetSegmentLib.image.Image`)."""

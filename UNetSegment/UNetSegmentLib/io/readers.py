@@ -1,0 +1,137 @@
+"""Read volumes (NIfTI, NRRD/.seg.nrrd, MHA/MHD, DICOM series folders) into :class:`Image`.
+
+Every failure becomes an :class:`InputError` naming the file, the problem and the fix.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..image import Image, from_sitk
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: relative tolerance on the spread of DICOM slice positions before we call a series incomplete
+DICOM_SPACING_TOLERANCE = 0.1
+
+
+def read_image(path: str | os.PathLike) -> Image:
+    """Read one 3D scalar volume (file or DICOM series folder) as an :class:`Image` in RAS."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input not found: {p}", "check the path and that the file exists")
+    if p.is_dir():
+        img = _read_dicom_series(p)
+    else:
+        _check_gzip_complete(p)
+        try:
+            img = sitk.ReadImage(str(p))
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reason"
+            raise InputError(
+                f"cannot read {p.name}: {reason}",
+                "check that it is a complete NIfTI, NRRD, MHA or DICOM file",
+            ) from None
+    return _to_volume(img, p.name)
+
+
+def _to_volume(img, name: str) -> Image:
+    import SimpleITK as sitk
+
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{name} has {img.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image)",
+            "give one scalar volume per channel",
+        )
+    dim = img.GetDimension()
+    size = img.GetSize()
+    if dim == 4:
+        if size[3] == 1:
+            img = img[:, :, :, 0]
+        else:
+            raise InputError(
+                f"{name} is a 4D image {size}; UNetSegment reads one 3D volume per model channel",
+                "split it into one 3D file per channel (e.g. CBF=cbf.nii.gz CBV=cbv.nii.gz ...)",
+            )
+    elif dim == 2:
+        raise InputError(
+            f"{name} is a 2D image {size}, not a volume",
+            "give a 3D volume (NIfTI, NRRD, MHA or a DICOM series folder)",
+        )
+    elif dim != 3:
+        raise InputError(f"{name} has {dim} dimensions", "give a 3D volume")
+    if min(img.GetSize()) == 0:
+        raise InputError(f"{name} is empty (size {img.GetSize()})", "give a volume with voxels")
+    spacing = np.asarray(img.GetSpacing())
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{name} has invalid voxel spacing {tuple(spacing)}", "fix the file's header")
+    arr = sitk.GetArrayFromImage(img)
+    return from_sitk(img, arr)
+
+
+def _check_gzip_complete(p: Path) -> None:
+    """SimpleITK reads some truncated .nii.gz files silently; decompress fully to be sure."""
+    if not p.name.endswith(".gz"):
+        return
+    try:
+        with gzip.open(p, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        raise InputError(f"{p.name} is truncated or corrupt ({e})", "copy the file again from its source") from None
+
+
+def _read_dicom_series(folder: Path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise InputError(f"no DICOM series found in folder {folder}", "point to a folder holding one DICOM series")
+    if len(ids) > 1:
+        raise InputError(
+            f"folder {folder} holds {len(ids)} DICOM series: {', '.join(ids)}",
+            "put each series in its own folder and give that folder",
+        )
+    files = reader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    if len(files) < 2:
+        raise InputError(f"the DICOM series in {folder} has a single slice", "give a 3D series")
+    reader.SetFileNames(files)
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(f"cannot read the DICOM series in {folder}: {str(e).strip()[:200]}", "check the files") from None
+    _check_even_slices(img, files, folder)
+    return img
+
+
+def _check_even_slices(img, files, folder: Path) -> None:
+    """Refuse series with missing slices: positions along the slice normal must be evenly spaced."""
+    import SimpleITK as sitk
+
+    normal = np.asarray(img.GetDirection()).reshape(3, 3)[:, 2]
+    pos = []
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        r.ReadImageInformation()
+        if r.HasMetaDataKey("0020|0032"):
+            pos.append(float(np.dot([float(v) for v in r.GetMetaData("0020|0032").split("\\")], normal)))
+    if len(pos) < 2:
+        return
+    gaps = np.diff(np.sort(pos))
+    med = float(np.median(gaps))
+    if med <= 0 or np.max(np.abs(gaps - med)) > DICOM_SPACING_TOLERANCE * med:
+        raise InputError(
+            f"the DICOM series in {folder} has uneven slice spacing (gaps {gaps.min():.3g}–{gaps.max():.3g} mm): slices are missing or duplicated",
+            "export the complete series again",
+        )
+
+
+def is_volume_path(p: Path) -> bool:
+    return p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES)

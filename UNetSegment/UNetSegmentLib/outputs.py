@@ -1,0 +1,109 @@
+"""The ``segment`` output folder: staging, overwrite policy and the contract's file set.
+
+Files are written into a hidden staging folder inside the output directory and moved into place
+only when every one of them is complete, so a failed or cancelled run leaves none. Existing
+contract files are never replaced without ``overwrite``; other files in the folder are never touched.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import OutputError
+
+#: every file the ``segment`` contract may write (optional ones included)
+CONTRACT_FILES = (
+    "segmentation.seg.nrrd",
+    "segmentation.nii.gz",
+    "probability.nrrd",
+    "gradcam.nrrd",
+    "uncertainty.nrrd",
+    "lesions.csv",
+    "lesions.tsv",
+    "report.png",
+    "segmentation.dcm",
+    "summary.json",  # moved last: its presence means the set is complete
+)
+STAGING_PREFIX = ".unetsegment-staging-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StagedOutput:
+    """Use as ``with StagedOutput(dir, overwrite) as stage: write into stage.path``; commit on success."""
+
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
+        self.out_dir = Path(out_dir)
+        self.overwrite = overwrite
+        self.path: Path | None = None
+
+    def check(self) -> None:
+        """Refuse early (before any work) if outputs exist or the folder cannot be written."""
+        d = self.out_dir
+        if d.exists() and not d.is_dir():
+            raise OutputError(f"output path {d} exists and is not a folder", "give a folder path for --output-dir")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create output folder {d}: {e.strerror}", "choose a writable --output-dir") from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise OutputError(f"output folder {d} is not writable", "choose a writable --output-dir or fix its permissions")
+        existing = [f for f in CONTRACT_FILES if (d / f).exists()]
+        if existing and not self.overwrite:
+            raise OutputError(
+                f"{d} already holds outputs of an earlier run ({', '.join(existing)})",
+                "pass --overwrite to replace them, or choose another --output-dir",
+            )
+
+    def __enter__(self) -> "StagedOutput":
+        self.check()
+        self._remove_stale_staging()
+        try:
+            self.path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=self.out_dir))
+        except OSError as e:
+            raise OutputError(f"cannot write in {self.out_dir}: {e.strerror}", "choose a writable --output-dir") from None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            if self.path is not None and self.path.exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+    def _remove_stale_staging(self) -> None:
+        for p in self.out_dir.glob(f"{STAGING_PREFIX}*"):
+            pid = p.name[len(STAGING_PREFIX):].split("-", 1)[0]
+            if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _commit(self) -> None:
+        assert self.path is not None
+        written = [f for f in CONTRACT_FILES if (self.path / f).exists()]
+        unknown = sorted(set(os.listdir(self.path)) - set(CONTRACT_FILES))
+        if unknown:
+            raise OutputError(f"internal: unexpected staged files {unknown}", "report this as a bug")
+        # re-check: another run may have written here meanwhile
+        clash = [f for f in CONTRACT_FILES if (self.out_dir / f).exists()]
+        if clash and not self.overwrite:
+            raise OutputError(f"{self.out_dir} gained outputs during the run ({', '.join(clash)})", "pass --overwrite or use another folder")
+        try:
+            for f in clash:
+                if f not in written:  # stale file of an earlier run with other options
+                    (self.out_dir / f).unlink()
+            for f in written:
+                os.replace(self.path / f, self.out_dir / f)
+        except OSError as e:
+            raise OutputError(f"cannot move outputs into {self.out_dir}: {e.strerror}", "check free space and permissions") from None

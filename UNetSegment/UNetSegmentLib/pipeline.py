@@ -1,0 +1,196 @@
+"""``segment()``: the one place that knows the order of the stages.
+
+read (caller) → align channels → canonical axes → network grid → normalise → sliding window →
+probabilities back on the input grid → labels. Pure with respect to its inputs: arrays are never
+modified in place, nothing is written to disk (see :mod:`outputs` for that).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import InputError
+from .image import Image, resample
+from .heatmaps import cam_layer_name, entropy_map, gradcam
+from .inference import CancelToken, ProgressFn, resolve_device, resolve_precision, sliding_window
+from .params import SegmentParams
+from .preprocess import align_inputs, canonical_grid, network_grid, normalize
+
+
+@dataclass
+class SegmentResult:
+    labels: Image  # uint8 label values of the bundle, input grid
+    probability: Image  # float32 foreground probability (1 − background), input grid
+    class_probabilities: dict[int, Image]  # label value -> float32 probability, input grid
+    heatmaps: dict[str, Image]  # "gradcam" / "uncertainty" -> float32 0–1, input grid
+    inputs: list[Image]  # the (aligned) original inputs, for intensity statistics
+    device: str
+    precision: str
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def segment(
+    inputs: list[Image],
+    bundle: Bundle,
+    params: SegmentParams | None = None,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+    network=None,
+) -> SegmentResult:
+    """Run ``bundle`` on ``inputs`` (one :class:`Image` per model channel, in the bundle's order)."""
+    params = params or SegmentParams()
+    cancel = cancel or CancelToken()
+    report = progress or (lambda stage, frac, msg="": None)
+    names = bundle.channel_names
+    if len(inputs) != len(names):
+        raise InputError(
+            f"model {bundle.name} expects {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}",
+            "give one volume per channel, e.g. " + " ".join(f"{n}=PATH" for n in names),
+        )
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    t = time.perf_counter()
+
+    import torch
+
+    device = resolve_device(params.device)
+    precision = resolve_precision(params.precision, device)
+    if params.threads and device.type == "cpu":
+        torch.set_num_threads(int(params.threads))
+
+    report("preprocess", 0.0, "")
+    for img, n in zip(inputs, names):
+        bad = ~np.isfinite(img.array) if img.array.dtype.kind == "f" else None
+        if bad is not None and bad.any():
+            warnings.append(f"input {n}: {int(bad.sum())} NaN/Inf voxels treated as background")
+    aligned = align_inputs(inputs, names)
+    ref = aligned[0]
+    canon, amap = zip(*(canonical_grid(im) for im in aligned))
+    canon = list(canon)
+    in_plane = bundle.dimensions != "3d"
+    grid = network_grid(canon[0], bundle.meta["target_spacing"], in_plane_only=in_plane)
+    specs = [c["normalization"] for c in bundle.meta["inputs"]]
+    chans = []
+    for im, spec in zip(canon, specs):
+        norm = normalize(im.array, spec)
+        if grid is not None:
+            norm = resample(Image(norm, im.ijk_to_ras), grid.array.shape, grid.ijk_to_ras, order=1, fill=float(norm.min())).array
+        chans.append(norm)
+    net_grid = grid if grid is not None else canon[0]
+    volume = np.stack(chans).astype(np.float32, copy=False)
+    del chans
+    timings["preprocess_s"] = time.perf_counter() - t
+    cancel.check()
+
+    t = time.perf_counter()
+    if network is None:
+        network = bundle.build_network()
+    network = network.to(device).eval()
+    if device.type == "cuda" and precision == "fp16":
+        pass  # autocast handles fp16; weights stay fp32 for accuracy of norms
+    timings["load_model_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    spatial_dims = 3 if bundle.dimensions == "3d" else 2
+    context = int(bundle.meta.get("context_slices", 0)) if bundle.dimensions == "2.5d" else 0
+    overlap = params.overlap if params.overlap is not None else bundle.inference_default("overlap", 0.5)
+    batch_size = params.batch_size or bundle.inference_default("batch_size", 4)
+    probs, tta_var = sliding_window(
+        volume,
+        network,
+        bundle.meta["patch_size"],
+        spatial_dims=spatial_dims,
+        context=context,
+        out_channels=1 + len(bundle.labels),
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        tta=params.tta,
+        progress=report,
+        cancel=cancel,
+        return_tta_variance=params.tta,
+    )
+    timings["inference_s"] = time.perf_counter() - t
+    cancel.check()
+    threshold = params.threshold if params.threshold is not None else float(bundle.meta["threshold"])
+    heat_net: dict[str, np.ndarray] = {}
+    if "gradcam" in params.heatmaps:
+        t = time.perf_counter()
+        heat_net["gradcam"] = gradcam(
+            volume,
+            network,
+            bundle.meta["patch_size"],
+            (1.0 - probs[0]) >= threshold,
+            layer=cam_layer_name(network, bundle.meta, params.gradcam_layer),
+            method=params.cam_method,
+            spatial_dims=spatial_dims,
+            context=context,
+            overlap=overlap,
+            batch_size=batch_size,
+            device=device,
+            progress=report,
+            cancel=cancel,
+        )
+        timings["gradcam_s"] = time.perf_counter() - t
+    if "uncertainty" in params.heatmaps:
+        # with TTA: 4·variance of the foreground probability across passes (0–1); else normalised entropy
+        heat_net["uncertainty"] = np.clip(4.0 * tta_var, 0, 1) if tta_var is not None else entropy_map(probs)
+    del volume
+
+    t = time.perf_counter()
+    report("postprocess", 0.0, "")
+    class_probs = {}
+    for idx, lab in enumerate(bundle.labels, start=1):
+        class_probs[lab["value"]] = _to_input_grid(probs[idx], net_grid, canon[0], amap[0], ref)
+    fg = np.zeros(ref.array.shape, np.float32)
+    for p in class_probs.values():
+        fg += p.array
+    np.clip(fg, 0.0, 1.0, out=fg)
+    labels = _labels_from_probabilities(class_probs, fg, threshold)
+    timings["postprocess_s"] = time.perf_counter() - t
+    extra: dict[str, Any] = {"threshold": threshold, "network_grid_shape_kji": list(net_grid.array.shape)}
+    heatmaps = {k: _to_input_grid(v, net_grid, canon[0], amap[0], ref) for k, v in heat_net.items()}
+    if "uncertainty" in heatmaps:
+        extra["uncertainty_kind"] = "tta_variance (4·variance of P(lesion) across mirror passes, 0–1)" if tta_var is not None \
+            else "predictive_entropy (of the blended class probabilities, normalised by log(classes), 0–1)"
+    if "gradcam" in heatmaps:
+        extra["gradcam_layer"] = cam_layer_name(network, bundle.meta, params.gradcam_layer)
+        extra["cam_method"] = params.cam_method
+    report("done", 1.0, "")
+    return SegmentResult(
+        labels=Image(labels, ref.ijk_to_ras),
+        probability=Image(fg, ref.ijk_to_ras),
+        class_probabilities=class_probs,
+        heatmaps=heatmaps,
+        inputs=aligned,
+        device=str(device),
+        precision=precision,
+        timings=timings,
+        warnings=warnings,
+        extra=extra,
+    )
+
+
+def _to_input_grid(arr: np.ndarray, net_grid: Image, canon_ref: Image, amap, ref: Image) -> Image:
+    """Probability on the network grid → canonical input grid (linear) → input axes (exact)."""
+    if arr.shape != canon_ref.array.shape or not np.allclose(net_grid.ijk_to_ras, canon_ref.ijk_to_ras, atol=1e-6):
+        arr = resample(Image(arr, net_grid.ijk_to_ras), canon_ref.array.shape, canon_ref.ijk_to_ras, order=1, fill=0.0).array
+    out = np.ascontiguousarray(amap.invert(arr), dtype=np.float32)
+    return Image(np.clip(out, 0.0, 1.0), ref.ijk_to_ras)
+
+
+def _labels_from_probabilities(class_probs: dict[int, Image], fg: np.ndarray, threshold: float) -> np.ndarray:
+    """Foreground where P(not background) ≥ threshold; among labels, the most probable."""
+    values = list(class_probs)
+    if len(values) == 1:
+        return (fg >= threshold).astype(np.uint8) * np.uint8(values[0])
+    stack = np.stack([class_probs[v].array for v in values])
+    best = np.asarray(values, np.uint8)[np.argmax(stack, axis=0)]
+    return np.where(fg >= threshold, best, 0).astype(np.uint8)
