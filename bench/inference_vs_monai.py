@@ -7,8 +7,9 @@ defaults for everything else (overlap 0.25, mode "constant"), fp32, on the whole
 share reading and our pre-processing (MONAI gets the network-grid tensor we feed our own engine) and
 both resample probabilities back to the input grid, so the ratio compares full pipelines.
 
-Prints both times, ``ratio: X`` (MONAI time / ours, ours at its default settings), the same ratio
-at equal precision and windows, max |Δprobability| and ΔDice.
+Prints both times, ``ratio: X`` (MONAI time / ours, ours at its default settings, probabilities
+only — no heatmaps), the same ratio at equal precision and windows, max |Δprobability|, ΔDice, and
+the cost of Grad-CAM relative to one inference pass.
 
 usage: python bench/inference_vs_monai.py [--model NAME|PATH] [--case PATH] [--repeats N]
 """
@@ -107,8 +108,8 @@ def main() -> int:
         return monai_pipeline(img, bundle, net)
 
     t_monai, p_monai = timed(theirs, a.repeats)
-    t_ours, r_ours = timed(lambda: ours(SegmentParams()), a.repeats)
-    eq = SegmentParams(precision="fp32", overlap=0.25)
+    t_ours, r_ours = timed(lambda: ours(SegmentParams(heatmaps=())), a.repeats)
+    eq = SegmentParams(precision="fp32", overlap=0.25, heatmaps=())
     t_eq, r_eq = timed(lambda: ours(eq), a.repeats)
     p_ours = r_ours.probability.array
     d_prob = float(np.abs(p_ours - p_monai).max())
@@ -124,6 +125,9 @@ def main() -> int:
         gt = read_image(truth).array > 0
         d1, d2 = dice(p_ours >= threshold, gt), dice(p_monai >= threshold, gt)
         print(f"Dice vs truth: ours {d1:.4f}, MONAI {d2:.4f}, ΔDice {d1 - d2:+.4f}")
+    t_cam, r_cam = timed(lambda: ours(SegmentParams()), 1)
+    print(f"ours with Grad-CAM ({r_cam.extra.get('cam_method')}): inference {r_cam.timings['inference_s']:.2f} s, "
+          f"Grad-CAM {r_cam.timings.get('gradcam_s', 0):.2f} s (×{r_cam.timings.get('gradcam_s', 0) / r_cam.timings['inference_s']:.2f} of inference)")
     print(f"ratio at equal precision and windows: {t_monai / t_eq:.2f}")
     print(f"ratio: {t_monai / t_ours:.2f}")
     return 0

@@ -547,8 +547,8 @@ def _draw_lesion_row(fig, box, text, y, row, *, labels, canon_img, canon_lab, ca
     diam = row.get("max_inplane_diameter_mm")
     side = row.get("side") or "side n/a"
     text(_MARGIN_L, y,
-         f"Lesion {row['lesion']} — {row['label']}, {_f(row['volume_ml'], '.2f')} mL, slice {axis}={row['largest_area_slice']} "
-         f"({row['slice_first']}–{row['slice_last']}), diameter {_f(diam)} mm, {side}",
+         f"Lesion {row['lesion']} — {row['label']}, {_f(row['volume_ml'], '.2f')} mL, largest on slice {axis}={row['largest_area_slice']} "
+         f"(spans {row['slice_first']}–{row['slice_last']}), diameter {_f(diam)} mm, {side}",
          fontsize=13.5, fontweight="bold")
     text(_MARGIN_L, y + 0.3,
          f"mean {_f(row.get('mean_intensity'), '.0f')} {unit}   ·   mean probability {_f(row.get('mean_probability'), '.2f')}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -33,11 +34,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+DETACHED_HEADER_SUFFIXES = (".mhd", ".nhdr")
+
+
 def write_image(image: Image, path: str | os.PathLike, compress: bool = True) -> None:
-    """Write a scalar volume (NIfTI, NRRD, MHA) in LPS, keeping its grid exactly."""
+    """Write a scalar volume (NIfTI, NRRD, MHA, MHD) in LPS, keeping its grid exactly."""
     import SimpleITK as sitk
 
-    with atomic_path(path) as tmp:
+    dest = Path(path)
+    if dest.suffix.lower() in DETACHED_HEADER_SUFFIXES:
+        # header + data file: write both under their final names in a private folder, then move
+        # the data file first and the header last, so the header never points at a missing file
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.stem}.", dir=dest.parent))
+        try:
+            sitk.WriteImage(to_sitk(image), str(tmpdir / dest.name), useCompression=compress)
+            for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == dest.name):
+                os.replace(f, dest.parent / f.name)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return
+    with atomic_path(dest) as tmp:
         sitk.WriteImage(to_sitk(image), str(tmp), useCompression=compress)
 
 
