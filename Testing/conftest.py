@@ -42,7 +42,8 @@ def ct_phantom(shape_kji=(24, 64, 64), spacing=(1.5, 1.5, 3.0), direction=None, 
 
 
 def write_bundle(folder: Path, *, channels=("CT",), dims="2d", patch=(32, 32), base=4, depth=2, n_labels=1,
-                 target_spacing=(1.5, 1.5, 3.0), seed=0, context=0) -> Path:
+                 target_spacing=(1.5, 1.5, 3.0), seed=0, context=0, extra_meta: dict | None = None,
+                 input_extra: dict | None = None) -> Path:
     """A valid bundle with random weights (deterministic per seed)."""
     import torch
     from safetensors.torch import save_file
@@ -60,8 +61,8 @@ def write_bundle(folder: Path, *, channels=("CT",), dims="2d", patch=(32, 32), b
         "schema_version": 1, "name": "test-model", "version": "0.0.1", "description": "random weights for tests",
         "architecture": {"name": "unet", "kwargs": kwargs},
         "dimensions": dims,
-        "inputs": [{"name": c, "modality": "CT", "normalization": {"type": "ct", "clip": [-20, 120], "mean": 40, "std": 40}}
-                   for c in channels],
+        "inputs": [{"name": c, "modality": "CT", "normalization": {"type": "ct", "clip": [-20, 120], "mean": 40, "std": 40},
+                    **(input_extra or {})} for c in channels],
         "target_spacing": list(target_spacing), "patch_size": list(patch),
         "labels": [{"value": v, "name": f"lesion{v}", "color": [1, 0, 0]} for v in range(1, n_labels + 1)],
         "threshold": 0.5, "inference": {"overlap": 0.25, "batch_size": 2},
@@ -70,6 +71,7 @@ def write_bundle(folder: Path, *, channels=("CT",), dims="2d", patch=(32, 32), b
     }
     if dims == "2.5d":
         meta["context_slices"] = context
+    meta.update(extra_meta or {})
     (folder / "model.json").write_text(json.dumps(meta))
     return folder
 

@@ -25,12 +25,10 @@ DEFAULT_MODEL_PREFERENCE = ("ct-hemorrhage", "tiny-blob")
 
 
 def bundled_models_dir() -> Path:
-    """``Resources/Models`` beside the module (source tree) or inside the packaged extension."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent.parent / "Resources" / "Models", here.parent / "Resources" / "Models"):
-        if cand.is_dir():
-            return cand
-    return here.parent.parent / "Resources" / "Models"
+    """``Resources/Models`` of the source tree or of the packaged extension (see :mod:`.resources`)."""
+    from .resources import resource_path
+
+    return resource_path("Models")
 
 
 def user_models_dir() -> Path:

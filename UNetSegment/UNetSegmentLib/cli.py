@@ -1,4 +1,4 @@
-"""``unetsegment`` command line: segment, models, fetch-sample, demo.
+"""``unetsegment`` command line: segment, batch, serve, models, fetch-sample, demo.
 
 Errors print one line naming the problem and the fix (no traceback unless ``--debug``) and exit
 with 2 usage, 3 input, 4 model, 5 device, 6 output, 130 cancelled.
@@ -117,6 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", "-o", default="demo-output")
     d.add_argument("--model", default=None)
     d.add_argument("--cache-dir", default=None)
+
+    b = sub.add_parser("batch", help="segment a cohort (folder of cases or CSV list) on a Dask cluster")
+    b.add_argument("source", metavar="INPUT_DIR|LIST.csv",
+                   help="folder: one volume file, DICOM folder or per-case folder per case; CSV: case_id + one column per model channel")
+    b.add_argument("--output-dir", "-o", required=True, help="cohort folder: DIR/<case_id>/ per case, cohort_lesions.csv, cohort_summary.csv")
+    b.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://HOST:8786); default: a local cluster")
+    b.add_argument("--workers", type=_posint, default=None, help="local cluster size (default: from the cores and memory)")
+    b.add_argument("--resume", action="store_true", help="skip cases already complete with the same model and parameters")
+    b.add_argument("--overwrite", action="store_true", help="redo cases that already have outputs")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress")
+    add_segment_options(b)
+
+    v = sub.add_parser("serve", help="run the inference server (HTTP API for Slicer seats and scripts)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--token-file", default=None, help="file holding the bearer token every request must carry")
+    v.add_argument("--work-dir", default=None, help="folder for uploads and job outputs (default: a private temporary folder)")
+    v.add_argument("--max-upload-mb", type=_nonneg, default=2048.0, help="largest upload per job (HTTP 413 above)")
+    v.add_argument("--max-queued", type=_posint, default=32, help="jobs allowed to wait (HTTP 429 above)")
+    v.add_argument("--retention-min", type=_nonneg, default=60.0, help="minutes a finished job's files are kept")
+    v.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    v.add_argument("--ssl-keyfile", default=None, help="private key of --ssl-certfile")
+    add_segment_options(v)  # the server's defaults; jobs may override all but --device (comma list: one worker each) and --threads
     return ap
 
 
@@ -227,6 +250,50 @@ def _cmd_demo(a: argparse.Namespace, cancel: CancelToken) -> int:
     return 0
 
 
+def _cmd_batch(a: argparse.Namespace, cancel: CancelToken) -> int:
+    from .batch import BATCH_PARTIAL_EXIT, CohortProgress, count_cases, run_cohort
+
+    prog = CohortProgress(count_cases(a.source, a.model), enabled=not a.quiet)
+    try:
+        r = run_cohort(a.source, a.output_dir, a.model, params_from_args(a), scheduler=a.scheduler, workers=a.workers,
+                       resume=a.resume, overwrite=a.overwrite, progress=prog, cancel=cancel)
+    finally:
+        prog.close()
+    for n in r["notes"]:
+        print(f"note: {n}")
+    print(f"{r['total']} case(s): {r['ok']} ok, {r['resumed']} resumed, {r['failed']} failed in {r['wall_s']:.1f} s "
+          f"on {r['workers']} worker(s)")
+    print(f"  {r['cohort_summary']}\n  {r['cohort_lesions']}")
+    return BATCH_PARTIAL_EXIT if r["failed"] else 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from .bundle import default_model_name, load_bundle
+    from .server import ServerConfig, read_token_file, serve
+
+    token = read_token_file(a.token_file) if a.token_file else None
+    model = a.model or default_model_name()
+    load_bundle(model)  # refuse a broken default model now, not at the first job
+    cfg = ServerConfig(work_dir=Path(a.work_dir) if a.work_dir else None, token=token,
+                       max_upload_bytes=int(a.max_upload_mb * (1 << 20)), max_queued=a.max_queued,
+                       retention_s=a.retention_min * 60.0, model=model, params=params_from_args(a),
+                       devices=tuple(d.strip() for d in a.device.split(",") if d.strip()) or ("auto",))
+    print(f"unetsegment serve: model {model}, device(s) {', '.join(cfg.devices)}, "
+          f"{'bearer token required' if token else 'no authentication'}", file=sys.stderr)
+    serve(cfg, a.host, a.port, ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile)
+    return 0
+
+
+def _quiet_itk() -> None:
+    """ITK prints its own warnings to stderr; our errors already say what is wrong, in one line."""
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -236,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         cancel.cancel()
 
     signal.signal(signal.SIGTERM, _on_term)
+    _quiet_itk()
     t0 = time.perf_counter()
     try:
         if a.command == "segment":
@@ -246,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_fetch_sample(a)
         if a.command == "demo":
             return _cmd_demo(a, cancel)
+        if a.command == "batch":
+            return _cmd_batch(a, cancel)
+        if a.command == "serve":
+            return _cmd_serve(a)
         ap.error(f"unknown command {a.command}")
     except UNetSegmentError as e:
         if a.debug:

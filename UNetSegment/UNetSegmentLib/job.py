@@ -10,7 +10,7 @@ from typing import Sequence
 
 from . import __version__
 from .bundle import Bundle, default_model_name, load_bundle
-from .errors import InputError, UsageError
+from .errors import InputError, OutputError, UsageError
 from .inference import CancelToken, ProgressFn
 from .io.readers import read_image
 from .lesions import analyze_lesions, remove_small_lesions
@@ -79,11 +79,16 @@ def segment_files(
     stage.check()  # refuse before the heavy work
     result = segment(images, bundle, params, progress=progress, cancel=cancel)
     result.timings = {"read_s": t_read, **result.timings}
-    with stage:
-        summary = write_outputs(stage.path, result, bundle, params, paths)
-        result.timings["write_s"] = summary["timings_s"]["write_s"]
-        summary["timings_s"]["total_s"] = time.perf_counter() - t_all
-        write_json(summary, stage.path / "summary.json")
+    try:
+        with stage:
+            summary = write_outputs(stage.path, result, bundle, params, paths)
+            summary["timings_s"]["total_s"] = round(time.perf_counter() - t_all, 4)
+            write_json(summary, stage.path / "summary.json")
+    except OSError as e:  # disk full, quota, permissions changed mid-run: nothing is left behind
+        raise OutputError(
+            f"cannot write outputs in {output_dir}: {e.strerror or e}",
+            "free disk space or choose another --output-dir; no output of this run was kept",
+        ) from None
     return summary
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle
+from .checks import check_for_model, check_memory, check_volume
 from .errors import InputError
 from .image import Image, resample
 from .heatmaps import cam_layer_name, entropy_map, gradcam
@@ -65,10 +66,10 @@ def segment(
         torch.set_num_threads(int(params.threads))
 
     report("preprocess", 0.0, "")
-    for img, n in zip(inputs, names):
-        bad = ~np.isfinite(img.array) if img.array.dtype.kind == "f" else None
-        if bad is not None and bad.any():
-            warnings.append(f"input {n}: {int(bad.sum())} NaN/Inf voxels treated as background")
+    for img, n, spec in zip(inputs, names, bundle.meta["inputs"]):
+        warnings += check_volume(img, n)
+        warnings += check_for_model(img, n, spec, bundle.dimensions, bundle.meta.get("anatomy"))
+    check_memory(int(np.prod(inputs[0].array.shape)) * len(inputs), 1 + len(bundle.labels))
     aligned = align_inputs(inputs, names)
     ref = aligned[0]
     canon, amap = zip(*(canonical_grid(im) for im in aligned))

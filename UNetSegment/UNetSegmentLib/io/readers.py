@@ -28,13 +28,13 @@ def read_image(path: str | os.PathLike) -> Image:
     if p.is_dir():
         img = _read_dicom_series(p)
     else:
-        _check_gzip_complete(p)
+        _check_complete(p)
         try:
             img = sitk.ReadImage(str(p))
         except RuntimeError as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unknown reason"
+            reason = _itk_reason(str(e))
             raise InputError(
-                f"cannot read {p.name}: {reason}",
+                f"cannot read {p.name}: corrupt, truncated or not a volume ({reason})",
                 "check that it is a complete NIfTI, NRRD, MHA or DICOM file",
             ) from None
     return _to_volume(img, p.name)
@@ -74,16 +74,63 @@ def _to_volume(img, name: str) -> Image:
     return from_sitk(img, arr)
 
 
-def _check_gzip_complete(p: Path) -> None:
-    """SimpleITK reads some truncated .nii.gz files silently; decompress fully to be sure."""
-    if not p.name.endswith(".gz"):
+def _itk_reason(msg: str) -> str:
+    """The informative line of an ITK exception (its last line is often a generic 'Reason: …')."""
+    lines = [l.strip() for l in msg.strip().splitlines() if l.strip()]
+    for key in ("not read completely", "expected", "fread", "Could not create IO object", "Unable to determine"):
+        for l in lines:
+            if key in l:
+                return l[:200]
+    return lines[-1][:200] if lines else "unknown reason"
+
+
+def _check_complete(p: Path) -> None:
+    """SimpleITK reads some truncated NIfTI files silently: check the data size the header promises.
+
+    For gzip files the whole stream is decompressed (which also catches a cut gzip stream).
+    """
+    name = p.name.lower()
+    if not (name.endswith(".gz") or name.endswith(".nii")):
         return
+    opener = gzip.open if name.endswith(".gz") else open
     try:
-        with gzip.open(p, "rb") as f:
-            while f.read(1 << 22):
-                pass
+        with opener(p, "rb") as f:
+            head = f.read(544)
+            total = len(head)
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
     except (EOFError, OSError, gzip.BadGzipFile) as e:
         raise InputError(f"{p.name} is truncated or corrupt ({e})", "copy the file again from its source") from None
+    if ".nii" in name:
+        need = _nifti_expected_size(head)
+        if need is not None and total < need:
+            raise InputError(
+                f"{p.name} is truncated: {total} bytes of image data where its header promises {need}",
+                "copy the file again from its source",
+            )
+
+
+def _nifti_expected_size(head: bytes) -> int | None:
+    """vox_offset + voxels × bytes per voxel from a NIfTI-1/-2 header (None if not NIfTI)."""
+    if len(head) < 348:
+        return None
+    for endian in ("<", ">"):
+        size = np.frombuffer(head[:4], dtype=f"{endian}i4")[0]
+        if size == 348:
+            dim = np.frombuffer(head[40:56], dtype=f"{endian}i2").astype(np.int64)
+            bitpix = int(np.frombuffer(head[72:74], dtype=f"{endian}i2")[0])
+            offset = float(np.frombuffer(head[108:112], dtype=f"{endian}f4")[0])
+        elif size == 540 and len(head) >= 544:
+            dim = np.frombuffer(head[16:80], dtype=f"{endian}i8")
+            bitpix = int(np.frombuffer(head[14:16], dtype=f"{endian}i2")[0])
+            offset = float(np.frombuffer(head[168:176], dtype=f"{endian}i8")[0])
+        else:
+            continue
+        nd = int(dim[0])
+        if not 1 <= nd <= 7 or bitpix <= 0:
+            return None
+        return int(offset) + int(np.prod(np.maximum(dim[1 : nd + 1], 0))) * bitpix // 8
+    return None
 
 
 def _read_dicom_series(folder: Path):

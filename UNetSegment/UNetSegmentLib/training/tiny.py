@@ -123,6 +123,7 @@ def train(output_dir: Path, steps: int = 500, seed: int = 0, batch_size: int = 1
                     "terminology": "Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~^^~^^"}],
         "threshold": 0.5,
         "inference": {"overlap": 0.25, "batch_size": 8, "tta": False, "min_lesion_ml": 0.0},
+        "anatomy": {"name": "head", "extent_mm": [90, 330]},
         "display": {"window": [0, 80]},
         "weights": {"file": wfile.name, "sha256": sha256_file(wfile)},
         "training": {"data": "on-the-fly 2D head phantoms (UNetSegmentLib.training.tiny)", "steps": steps,

@@ -1,0 +1,165 @@
+"""Re-derive a finished run's segmentation at another threshold without running the network again.
+
+The Slicer module's live threshold slider and its "Export all…" use this: the probability map the
+run wrote (``probability.nrrd``, P(not background) on the input grid) is thresholded the same way
+:func:`.pipeline.segment` does it, small lesions are removed with :func:`.lesions.remove_small_lesions`
+and the table is recomputed with :func:`.lesions.analyze_lesions`, with the arguments
+:func:`.job.write_outputs` uses. For one-label models (every bundled model) the result equals a
+fresh ``segment --threshold T`` run exactly. For models with several labels, which label a voxel
+gets comes from the run's own label map where that had one, else from the nearest labelled voxel
+(the per-class maps are not part of the file set); ``mean/max_probability`` then describe
+P(not background).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import InputError
+from .image import Image
+from .io.readers import read_image
+from .io.writers import write_json
+from .lesions import LesionTable, analyze_lesions, remove_small_lesions
+from .outputs import CONTRACT_FILES, StagedOutput
+from .params import HEATMAP_KINDS, SegmentParams
+from .pipeline import SegmentResult, _labels_from_probabilities
+
+
+@dataclass
+class RunOutputs:
+    """A finished run read back from its output folder."""
+
+    folder: Path
+    labels: Image  # segmentation.nii.gz (after the run's small-lesion removal)
+    probability: Image  # probability.nrrd
+    heatmaps: dict[str, Image]  # gradcam / uncertainty, when written
+    summary: dict  # summary.json
+
+    @property
+    def threshold(self) -> float:
+        return float(self.summary["parameters"]["threshold"])
+
+    @property
+    def min_lesion_ml(self) -> float:
+        return float(self.summary.get("min_lesion_ml") or 0.0)
+
+    @property
+    def connectivity(self) -> int:
+        return int(self.summary.get("connectivity") or self.summary["parameters"]["connectivity"])
+
+
+def load_run(folder: str | os.PathLike) -> RunOutputs:
+    """Read the volumes and ``summary.json`` a ``segment`` run wrote into ``folder``."""
+    d = Path(folder)
+    if not (d / "summary.json").is_file():
+        raise InputError(f"{d} holds no complete run (summary.json missing)", "run the segmentation again")
+    summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+    heat = {k: read_image(d / f"{k}.nrrd") for k in HEATMAP_KINDS if (d / f"{k}.nrrd").is_file()}
+    return RunOutputs(d, read_image(d / "segmentation.nii.gz"), read_image(d / "probability.nrrd"), heat, summary)
+
+
+def labels_at_threshold(probability: Image, threshold: float, label_values: Sequence[int],
+                        previous: Image | None = None) -> Image:
+    """The raw label map (before small-lesion removal) at ``threshold``; see the module docstring."""
+    values = [int(v) for v in label_values]
+    fg = np.asarray(probability.array, dtype=np.float32)
+    if len(values) == 1:
+        arr = _labels_from_probabilities({values[0]: probability}, fg, float(threshold))
+        return probability.with_array(arr)
+    keep = fg >= float(threshold)
+    prev = np.zeros(fg.shape, np.uint8) if previous is None else np.asarray(previous.array)
+    if not prev.any():
+        arr = np.where(keep, values[0], 0)
+    else:
+        from scipy import ndimage
+
+        idx = ndimage.distance_transform_edt(prev == 0, return_distances=False, return_indices=True)
+        nearest = prev[tuple(idx)]
+        arr = np.where(keep, nearest, 0)
+    return probability.with_array(arr.astype(np.uint8))
+
+
+@dataclass
+class Rederived:
+    labels: Image  # after small-lesion removal, as written to segmentation.*
+    table: LesionTable
+    threshold: float
+    raw_labels: Image = field(repr=False)  # before small-lesion removal
+
+
+def rederive(probability: Image, threshold: float, labels_meta: Sequence[dict], *, intensity: Image | None = None,
+             min_lesion_ml: float = 0.0, connectivity: int = 26, modality: str | None = None,
+             previous: Image | None = None) -> Rederived:
+    """Label map and lesion table at ``threshold`` (``labels_meta``: the bundle's ``labels``)."""
+    values = [int(l["value"]) for l in labels_meta]
+    raw = labels_at_threshold(probability, threshold, values, previous)
+    ref = remove_small_lesions(raw, min_lesion_ml, connectivity)
+    table = analyze_lesions(
+        ref,
+        intensity=intensity,
+        probability={v: probability for v in values},
+        label_names={int(l["value"]): l["name"] for l in labels_meta},
+        connectivity=connectivity,
+        min_lesion_ml=min_lesion_ml,
+        modality=modality,
+    )
+    return Rederived(ref, table, float(threshold), raw)
+
+
+def rederive_run(run: RunOutputs, bundle: Bundle, threshold: float, intensity: Image | None = None) -> Rederived:
+    """:func:`rederive` with the run's own minimum lesion size, connectivity and modality."""
+    return rederive(run.probability, threshold, bundle.labels, intensity=intensity, min_lesion_ml=run.min_lesion_ml,
+                    connectivity=run.connectivity, modality=bundle.meta["inputs"][0]["modality"], previous=run.labels)
+
+
+def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | None = None, threshold: float | None = None,
+               inputs: Sequence[Image] | None = None, input_paths: Sequence[str] | None = None,
+               overwrite: bool = False) -> dict:
+    """Write the CLI's file set for ``run`` into ``dest`` (staged: all files or none); returns the summary.
+
+    At the run's own threshold (or ``threshold`` None) the files are copied unchanged. At another
+    threshold they are written again by :func:`.job.write_outputs` from the re-derived label map
+    (``bundle`` and ``inputs`` — the run's input images, for the intensity columns and the report —
+    are then required).
+    """
+    same = threshold is None or abs(float(threshold) - run.threshold) < 1e-9
+    with StagedOutput(dest, overwrite) as stage:
+        if same:
+            for f in CONTRACT_FILES:
+                if (run.folder / f).is_file():
+                    shutil.copy2(run.folder / f, stage.path / f)
+            return run.summary
+        if bundle is None or not inputs:
+            raise InputError("re-deriving the outputs needs the model and the input volumes", "pass bundle and inputs")
+        from .job import write_outputs
+
+        raw = labels_at_threshold(run.probability, float(threshold), [l["value"] for l in bundle.labels], run.labels)
+        s = run.summary
+        p = dict(s["parameters"])
+        p["heatmaps"] = tuple(p.get("heatmaps") or ())
+        p["threshold"] = float(threshold)
+        p["min_lesion_ml"] = run.min_lesion_ml
+        params = SegmentParams(**{k: v for k, v in p.items() if k in SegmentParams.__dataclass_fields__})
+        extra = {"threshold": float(threshold), "network_grid_shape_kji": s.get("network_grid_shape_kji"),
+                 "gradcam_layer": s.get("gradcam_layer"), "cam_method": s.get("cam_method"),
+                 "uncertainty_kind": s.get("uncertainty")}
+        result = SegmentResult(
+            labels=raw, probability=run.probability,
+            class_probabilities={int(l["value"]): run.probability for l in bundle.labels},
+            heatmaps=dict(run.heatmaps), inputs=list(inputs), device=s.get("device", ""),
+            precision=s.get("precision", ""),
+            timings={k: v for k, v in s.get("timings_s", {}).items() if k not in ("write_s", "total_s")},
+            warnings=list(s.get("warnings", [])), extra=extra,
+        )
+        paths = list(input_paths) if input_paths else [i["path"] for i in s.get("inputs", [])]
+        summary = write_outputs(stage.path, result, bundle, params, paths)
+        summary["rederived_from"] = {"threshold": run.threshold, "folder": str(run.folder)}
+        write_json(summary, stage.path / "summary.json")
+        return summary

@@ -1,0 +1,229 @@
+"""Client of ``unetsegment serve`` (standard library only, so it runs in Slicer's Python as is).
+
+Every call is one short HTTP request, so a GUI can drive a job from a timer without blocking::
+
+    c = ServerClient("http://gpu-box:8000", token_file="~/.unetsegment-token")
+    job = c.submit({"CT": "/tmp/ct.nrrd"}, model="ct-hemorrhage", params=SegmentParams(threshold=0.4))
+    # every 0.5 s (e.g. a QTimer):
+    st = c.status(job)          # {"status": "queued"|"running"|"done"|"failed"|"cancelled", "stage", "fraction", "error", ...}
+    if st["status"] == "done":
+        c.download(job, "/tmp/out")   # the segment file set, moved into place atomically
+    c.cancel(job)               # DELETE: stops a running job / removes a finished one
+
+``submit`` and ``download`` move whole volumes: on a slow link run them off the GUI thread.
+Errors raise :class:`ServerError` (one line: problem and fix; ``.status`` is the HTTP status, 0
+when the server could not be reached).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+from .errors import UNetSegmentError
+from .params import SegmentParams
+
+#: SegmentParams fields never sent: the server owns its devices and threads
+_SERVER_OWNED = ("device", "threads")
+_CHUNK = 1 << 20
+
+
+class ServerError(UNetSegmentError):
+    exit_code = 1
+
+    def __init__(self, problem: str, fix: str | None = None, status: int = 0):
+        super().__init__(problem, fix)
+        self.status = status
+
+
+def params_to_fields(params: SegmentParams | Mapping | None) -> dict[str, str]:
+    """Form fields for the parameters that are set (``None`` = the server's default)."""
+    if params is None:
+        return {}
+    d = params.as_dict() if isinstance(params, SegmentParams) else dict(params)
+    out = {}
+    for k, v in d.items():
+        if k in _SERVER_OWNED or v is None:
+            continue
+        name = "heatmap" if k == "heatmaps" else k.replace("_", "-")
+        if isinstance(v, bool):
+            out[name] = "true" if v else "false"
+        elif isinstance(v, (list, tuple)):
+            out[name] = ",".join(v) if v else "none"
+        else:
+            out[name] = str(v)
+    return out
+
+
+class _MultipartBody:
+    """A streamed multipart/form-data body: fields, then files read in chunks (never whole in memory)."""
+
+    def __init__(self, fields: Mapping[str, str], files: Sequence[tuple[str, Path]]):
+        self.boundary = "unetsegment-" + secrets.token_hex(12)
+        self._parts: list[tuple[bytes, Path | None]] = []
+        for k, v in fields.items():
+            head = f'--{self.boundary}\r\nContent-Disposition: form-data; name="{_q(k)}"\r\n\r\n{v}\r\n'.encode()
+            self._parts.append((head, None))
+        for name, path in files:
+            head = (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{_q(name)}"; filename="{_q(path.name)}"\r\n'
+                    f"Content-Type: application/octet-stream\r\n\r\n").encode()
+            self._parts.append((head, path))
+        self._tail = f"--{self.boundary}--\r\n".encode()
+        self.length = sum(len(h) + (p.stat().st_size + 2 if p else 0) for h, p in self._parts) + len(self._tail)
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def __iter__(self) -> Iterator[bytes]:
+        for head, path in self._parts:
+            yield head
+            if path is not None:
+                with open(path, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        yield chunk
+                yield b"\r\n"
+        yield self._tail
+
+
+def _q(s: str) -> str:
+    return "".join(c if c.isprintable() and c not in '"\\' else "_" for c in s)
+
+
+class ServerClient:
+    """Submit / poll / download / cancel jobs on a UNetSegment server."""
+
+    def __init__(self, url: str, token: str | None = None, token_file: str | os.PathLike | None = None, timeout: float = 10.0,
+                 upload_timeout: float = 600.0):
+        u = urllib.parse.urlsplit(url.strip())
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise ServerError(f"server URL {url!r} is not an http(s) URL", "give e.g. http://127.0.0.1:8000")
+        self.url = url.strip().rstrip("/")
+        if token is None and token_file:
+            token = Path(token_file).expanduser().read_text(encoding="utf-8").strip()
+        self.token = token
+        self.timeout = timeout
+        self.upload_timeout = upload_timeout
+        self._health: dict | None = None
+
+    # --- HTTP --------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, data=None, headers: dict | None = None, timeout: float | None = None):
+        h = dict(headers or {})
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=h)
+        try:
+            return urllib.request.urlopen(req, timeout=timeout or self.timeout)  # noqa: S310 - http(s) only (checked)
+        except urllib.error.HTTPError as e:
+            try:
+                body = json.loads(e.read().decode("utf-8", "replace") or "{}")
+            except ValueError:
+                body = {}
+            problem = body.get("error") or body.get("detail") or f"HTTP {e.code} {e.reason}"
+            raise ServerError(f"server: {problem}", body.get("fix") or None, e.code) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServerError(f"cannot reach the UNetSegment server at {self.url}: {reason}",
+                              "check the server URL and that `unetsegment serve` runs there") from None
+
+    def _json(self, method: str, path: str, **kw) -> dict:
+        with self._request(method, path, **kw) as r:
+            return json.loads(r.read().decode("utf-8"))
+
+    # --- API ---------------------------------------------------------------------------------
+    def health(self) -> dict:
+        """``GET /health``: status, version, devices, queue length and limits (``max_upload_bytes`` …)."""
+        self._health = self._json("GET", "/health")
+        return self._health
+
+    def models(self) -> dict:
+        """``GET /models``: ``{"default": name, "models": [{"name", "version", "channels", "labels", …}]}``."""
+        return self._json("GET", "/models")
+
+    def submit(self, inputs: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike], model: str | None = None,
+               params: SegmentParams | Mapping | None = None) -> str:
+        """Upload one volume per channel (``{channel: path}``, ``NAME=PATH`` tokens, or paths in channel
+        order) with the model and parameters; returns the job id. Files over the server's upload limit
+        are refused here, before sending."""
+        files: list[tuple[str, Path]] = []
+        if isinstance(inputs, Mapping):
+            files = [(str(k), Path(v)) for k, v in inputs.items()]
+        else:
+            for t in inputs:
+                t = str(t)
+                if "=" in t and not Path(t).exists():
+                    k, v = t.split("=", 1)
+                    files.append((k, Path(v)))
+                else:
+                    files.append(("input", Path(t)))
+        for _, p in files:
+            if not p.is_file():
+                raise ServerError(f"input not found or not a file: {p}", "give volume files (zip a DICOM series folder first)")
+        fields = params_to_fields(params)
+        if model:
+            fields["model"] = model
+        body = _MultipartBody(fields, files)
+        limit = (self._health or self.health()).get("max_upload_bytes")
+        if limit and body.length > limit:
+            raise ServerError(f"the upload ({body.length / 2**20:.1f} MiB) exceeds the server's limit of {limit / 2**20:.1f} MiB",
+                              "send smaller or compressed volumes, or ask the admin to raise --max-upload-mb", 413)
+        headers = {"Content-Type": body.content_type, "Content-Length": str(body.length)}
+        return self._json("POST", "/jobs", data=iter(body), headers=headers, timeout=self.upload_timeout)["id"]
+
+    def status(self, job_id: str) -> dict:
+        """``GET /jobs/{id}``: ``status``, ``stage``, ``fraction``, ``message``, ``error``, ``queue_position``,
+        and when done ``files``, ``n_lesions``, ``total_volume_ml``."""
+        return self._json("GET", f"/jobs/{_jid(job_id)}")
+
+    def cancel(self, job_id: str) -> dict:
+        """``DELETE /jobs/{id}``: cancel a queued/running job or delete a finished one's files."""
+        return self._json("DELETE", f"/jobs/{_jid(job_id)}")
+
+    def download_file(self, job_id: str, name: str, dest: str | os.PathLike) -> Path:
+        """One file of a done job to ``dest`` (a file path)."""
+        dest = Path(dest)
+        with self._request("GET", f"/jobs/{_jid(job_id)}/files/{urllib.parse.quote(name)}", timeout=self.upload_timeout) as r, \
+                open(dest, "wb") as f:
+            shutil.copyfileobj(r, f, _CHUNK)
+        return dest
+
+    def download(self, job_id: str, output_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+        """The done job's file set into ``output_dir``, with ``segment``'s guarantees: staged, then moved
+        into place together; existing outputs are refused unless ``overwrite``."""
+        from .outputs import StagedOutput
+
+        st = self.status(job_id)
+        if st["status"] != "done":
+            raise ServerError(f"job {job_id} is {st['status']}" + (f": {st['error']}" if st.get("error") else ""),
+                              "download once its status is done", 409)
+        stage = StagedOutput(output_dir, overwrite)
+        stage.check()
+        with stage:
+            for name in st["files"]:
+                self.download_file(job_id, name, stage.path / name)
+        return [Path(output_dir) / n for n in st["files"]]
+
+    def wait(self, job_id: str, poll_s: float = 0.5, timeout: float | None = None,
+             progress: Callable[[str, float, str], None] | None = None) -> dict:
+        """Block until the job leaves queued/running (scripts; a GUI polls :meth:`status` instead)."""
+        t0 = time.monotonic()
+        while True:
+            st = self.status(job_id)
+            if progress:
+                progress(st.get("stage") or st["status"], float(st.get("fraction") or 0.0), st.get("message") or "")
+            if st["status"] not in ("queued", "running"):
+                return st
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise ServerError(f"job {job_id} still {st['status']} after {timeout:.0f} s", "wait longer or cancel it")
+            time.sleep(poll_s)
+
+
+def _jid(job_id: str) -> str:
+    return urllib.parse.quote(str(job_id), safe="")

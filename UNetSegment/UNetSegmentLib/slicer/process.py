@@ -1,0 +1,139 @@
+"""Client side of the JSON-lines worker (:mod:`UNetSegmentLib.worker`), polled from the GUI thread.
+
+The worker runs as ``<python> -m UNetSegmentLib.worker --request request.json`` started with
+``slicer.util.launchConsoleProcess`` (stdout and stderr merged). A reader thread only queues lines;
+a ``qt.QTimer`` drains the queue on the main thread every :data:`POLL_MS` ms and calls back, so
+MRML and widgets are only touched from the GUI thread and the GUI never waits in a loop.
+Stopping creates the request's stop file (the worker exits within a second); a process still
+alive :data:`KILL_AFTER_S` later is killed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+POLL_MS = 100
+KILL_AFTER_S = 1.5
+#: QSettings key of a user-chosen Python for the worker (default: PythonSlicer)
+PYTHON_SETTING = "UNetSegment/PythonExecutable"
+
+
+def parse_line(line: str) -> dict:
+    """One worker output line as an event; anything that is not a JSON event becomes a log event."""
+    text = line.rstrip("\r\n")
+    if text.startswith("{"):
+        try:
+            ev = json.loads(text)
+            if isinstance(ev, dict) and "event" in ev:
+                return ev
+        except ValueError:
+            pass
+    return {"event": "log", "level": "info", "message": text}
+
+
+def worker_python() -> str:
+    """The configured Python, else ``PythonSlicer`` (Slicer's Python with its site-packages), else this one."""
+    try:
+        import slicer
+
+        configured = slicer.util.settingsValue(PYTHON_SETTING, "")
+    except Exception:  # noqa: BLE001 - no Slicer settings (tests, plain Python)
+        configured = os.environ.get("UNETSEGMENT_WORKER_PYTHON", "")
+    if configured:
+        return str(configured)
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def package_parent() -> Path:
+    """The folder holding ``UNetSegmentLib`` (the worker's working directory, so ``-m`` finds it)."""
+    return Path(__file__).resolve().parent.parent.parent
+
+
+class ProcessProtocol(Protocol):
+    def start(self, request_path: str, stop_file: str) -> None: ...
+    def stop(self) -> None: ...
+    def is_running(self) -> bool: ...
+
+
+class WorkerProcess:
+    """Starts the worker and delivers its events to ``on_event`` and its end to ``on_finished(code)``."""
+
+    def __init__(self, on_event: Callable[[dict], None], on_finished: Callable[[int], None], python: str | None = None):
+        self.on_event = on_event
+        self.on_finished = on_finished
+        self.python = python
+        self.proc = None
+        self.stop_file: Path | None = None
+        self.stop_requested_at: float | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._timer = None
+
+    def command(self, request_path: str) -> list[str]:
+        return [self.python or worker_python(), "-m", "UNetSegmentLib.worker", "--request", str(request_path)]
+
+    def start(self, request_path: str, stop_file: str) -> None:
+        import qt
+        import slicer
+
+        if self.is_running():
+            raise RuntimeError("a segmentation is already running")
+        self.stop_file = Path(stop_file)
+        self.stop_requested_at = None
+        self._queue = queue.Queue()
+        self.proc = slicer.util.launchConsoleProcess(self.command(request_path), cwd=str(package_parent()))
+        self._reader = threading.Thread(target=self._read, args=(self.proc, self._queue), daemon=True,
+                                        name="unetsegment-worker-reader")
+        self._reader.start()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self.poll)
+        self._timer.start()
+
+    @staticmethod
+    def _read(proc, q: queue.Queue) -> None:
+        for line in iter(proc.stdout.readline, ""):
+            q.put(line)
+        q.put(None)  # end of output
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self._timer is not None
+
+    def stop(self) -> None:
+        """Ask the worker to stop (stop file); :meth:`poll` kills it if it is still alive later."""
+        if not self.is_running():
+            return
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.monotonic()
+            try:
+                self.stop_file.touch()
+            except OSError:
+                self.proc.kill()
+
+    def poll(self) -> None:
+        """Drain queued lines (GUI thread); on end of output, reap the process and report."""
+        ended = False
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                ended = True
+                break
+            self.on_event(parse_line(line))
+        if not ended and self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > KILL_AFTER_S:
+            self.proc.kill()
+        if ended:
+            self._timer.stop()
+            self._timer = None
+            code = self.proc.wait()
+            self.proc = None
+            self.on_finished(int(code))

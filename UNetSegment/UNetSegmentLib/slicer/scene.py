@@ -1,0 +1,232 @@
+"""Build and update the MRML nodes that show a result: segmentation, heatmap overlays, lesion table.
+
+Every function takes core values (:class:`~UNetSegmentLib.image.Image`, the bundle's ``labels``,
+:class:`~UNetSegmentLib.lesions.LesionTable`) and touches only nodes this module created or the
+user chose as output. Input volumes are read, never changed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from ..image import Image
+from ..lesions import COLUMNS, LesionTable
+from .volumes import add_volume, labelmap_node_without_display, to_world, update_volume
+
+#: colour table per heatmap kind (IDs Slicer adds to every scene; see slicer_conventions.md §5)
+HEATMAP_COLORS = {
+    "probability": "vtkMRMLColorTableNodeFileInferno.txt",
+    "gradcam": "vtkMRMLPETProceduralColorNodePET-Heat",
+    "uncertainty": "vtkMRMLColorTableNodeFileViridis.txt",
+}
+#: heatmap values below this are transparent in the slice views (hides the zero background)
+HEATMAP_DISPLAY_FLOOR = 0.05
+#: node reference roles linking a segmentation to the result nodes of its run
+REF_ROLE = "UNetSegment{}"
+UNITS = {"_mm3": "mm3", "_ml": "mL", "_mm2": "mm2", "_mm": "mm"}
+
+
+def segment_id(label_value: int) -> str:
+    return f"UNetSegment_label_{int(label_value)}"
+
+
+# --- segmentation -----------------------------------------------------------------------------
+def update_segmentation(seg_node, labels: Image, labels_meta: Sequence[dict], reference_volume, name: str):
+    """Create (``seg_node`` None) or update the segmentation holding one segment per model label.
+
+    Segment names, colours and terminology come from the model card. Segments the user added to
+    a chosen existing node are left alone; this module's segments are replaced.
+    """
+    import slicer
+    import vtk
+
+    if seg_node is None:
+        seg_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(name))
+        seg_node.CreateDefaultDisplayNodes()
+    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+    segmentation = seg_node.GetSegmentation()
+    values = [int(l["value"]) for l in labels_meta]
+    ids = vtk.vtkStringArray()
+    for meta in labels_meta:
+        sid = segment_id(meta["value"])
+        if segmentation.GetSegment(sid) is not None:
+            segmentation.RemoveSegment(sid)  # cleared, then refilled by the import below
+        segmentation.AddEmptySegment(sid, meta["name"], [float(c) for c in meta["color"]])
+        segment = segmentation.GetSegment(sid)
+        if meta.get("terminology"):
+            segment.SetTag(segment.GetTerminologyEntryTagName(), meta["terminology"])
+        ids.InsertNextValue(sid)
+    # ImportLabelmapToSegmentationNode maps label value v to ids[v-1]: renumber the labels 1..n
+    lut = np.zeros(max(values + [int(np.max(labels.array, initial=0))]) + 1, np.uint16)
+    for n, v in enumerate(values, start=1):
+        lut[v] = n
+    compact = lut[np.asarray(labels.array, dtype=np.int64)]
+    if compact.any():
+        tmp = labelmap_node_without_display(labels.with_array(compact))
+        try:
+            ok = slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(tmp, seg_node, ids)
+        finally:
+            slicer.mrmlScene.RemoveNode(tmp)
+        if ok is False:
+            raise RuntimeError("Slicer could not import the label map into the segmentation")
+    seg_node.CreateClosedSurfaceRepresentation()
+    return seg_node
+
+
+def place_in_study(node, input_volume) -> None:
+    """Put ``node`` beside the input volume in the subject hierarchy (under its study)."""
+    import slicer
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    if sh is None:
+        return
+    parent = sh.GetItemParent(sh.GetItemByDataNode(input_volume))
+    sh.SetItemParent(sh.GetItemByDataNode(node), parent)
+
+
+def follow_input_transform(node, input_volume) -> None:
+    """Outputs live in the input's local frame: give them the input's parent transform too."""
+    tid = input_volume.GetTransformNodeID()
+    if tid:
+        node.SetAndObserveTransformNodeID(tid)
+
+
+# --- heatmaps ---------------------------------------------------------------------------------
+def update_heatmap(node, image: Image, kind: str, name: str):
+    """Create or update a float 0–1 heatmap volume with its colour table and transparent floor."""
+    img = image.with_array(np.asarray(image.array, dtype=np.float32))
+    if node is None:
+        node = add_volume(img, name)
+    else:
+        update_volume(node, img)
+    display = node.GetDisplayNode()
+    if display is None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(HEATMAP_COLORS.get(kind, HEATMAP_COLORS["probability"]))
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.SetApplyThreshold(1)
+    display.SetLowerThreshold(HEATMAP_DISPLAY_FLOOR)
+    display.SetUpperThreshold(1.0)
+    return node
+
+
+def show_overlay(background, foreground, opacity: float | None = None) -> None:
+    """Input as background, heatmap as foreground layer of every slice view."""
+    import slicer
+
+    slicer.util.setSliceViewerLayers(background=background, foreground=foreground, foregroundOpacity=opacity)
+
+
+def set_overlay_opacity(opacity: float) -> None:
+    import slicer
+
+    slicer.util.setSliceViewerLayers(foregroundOpacity=float(opacity))
+
+
+# --- lesion table -----------------------------------------------------------------------------
+def _column_kind(values: list) -> str:
+    present = [v for v in values if v is not None]
+    if not present:
+        return "string"
+    if all(isinstance(v, (bool, np.bool_)) for v in present):
+        return "string"
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in present):
+        return "int" if len(present) == len(values) else "double"
+    if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) for v in present):
+        return "double"
+    return "string"
+
+
+def _text(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return ""
+    return str(v)
+
+
+def update_table(table_node, lesion_table: LesionTable, name: str):
+    """Create or refill a table node: one row per lesion, the core's :data:`COLUMNS` as columns."""
+    import slicer
+    import vtk
+
+    if table_node is None:
+        table_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName(name))
+    rows = lesion_table.to_records()[:-1]  # lesions only; the total goes to the summary line
+    was = table_node.StartModify()
+    try:
+        table_node.RemoveAllColumns()
+        for c in COLUMNS:
+            values = [r[c] for r in rows]
+            kind = _column_kind(values)
+            arr = {"int": vtk.vtkIntArray, "double": vtk.vtkDoubleArray, "string": vtk.vtkStringArray}[kind]()
+            arr.SetName(c)
+            for v in values:
+                if kind == "string":
+                    arr.InsertNextValue(_text(v))
+                elif kind == "int":
+                    arr.InsertNextValue(int(v))
+                else:
+                    arr.InsertNextValue(float("nan") if v is None else float(v))
+            table_node.AddColumn(arr)
+            for suffix, unit in UNITS.items():
+                if c.endswith(suffix):
+                    table_node.SetColumnUnitLabel(c, unit)
+                    break
+        table_node.SetUseColumnTitleAsColumnHeader(True)
+        table_node.SetLocked(True)
+    finally:
+        table_node.EndModify(was)
+    table_node.Modified()
+    return table_node
+
+
+def lesion_id_of_row(table_node, row: int) -> int | None:
+    """The lesion number in MRML row ``row`` (rows are keyed by the ``lesion`` column, not position)."""
+    if row is None or row < 0 or row >= table_node.GetNumberOfRows():
+        return None
+    text = table_node.GetCellText(row, COLUMNS.index("lesion"))
+    return int(text) if text.strip().lstrip("-").isdigit() else None
+
+
+def show_table(table_node) -> None:
+    """Switch to a layout with a table view and show ``table_node`` in it."""
+    import slicer
+
+    lm = slicer.app.layoutManager()
+    if lm is None:
+        return
+    lm.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(lm.layout))
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table_node.GetID())
+    slicer.app.applicationLogic().PropagateTableSelection()
+
+
+# --- navigation -------------------------------------------------------------------------------
+def lesion_point(lesion_table: LesionTable, lesion_id: int) -> tuple[float, float, float] | None:
+    """The lesion's inside point (RAS, always a lesion voxel; a crescent's centroid is not)."""
+    for r in lesion_table.rows:
+        if int(r["lesion"]) == int(lesion_id):
+            return (float(r["inside_r"]), float(r["inside_a"]), float(r["inside_s"]))
+    return None
+
+
+def jump_to(ras, frame_node=None) -> tuple[float, float, float]:
+    """Centre every slice view and the 3D views' cameras on ``ras`` (in ``frame_node``'s local frame)."""
+    import slicer
+
+    r, a, s = to_world(frame_node, ras)
+    slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    lm = slicer.app.layoutManager()
+    if lm is not None:
+        cameras = slicer.modules.cameras.logic()
+        for i in range(lm.threeDViewCount):
+            camera = cameras.GetViewActiveCameraNode(lm.threeDWidget(i).threeDView().mrmlViewNode())
+            if camera is not None:
+                camera.SetFocalPoint(r, a, s)
+    return (r, a, s)

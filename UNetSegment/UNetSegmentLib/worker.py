@@ -1,0 +1,282 @@
+"""JSON-lines worker: one ``segment`` run in its own process, for the Slicer module (and later a server).
+
+Run as ``python -m UNetSegmentLib.worker --request request.json`` (or ``PythonSlicer -m ...`` with
+the folder holding ``UNetSegmentLib`` as working directory). ``request.json``::
+
+    {"inputs": ["ct.nrrd"], "output_dir": "out", "model": "tiny-blob" | "/path/bundle" | null,
+     "params": {<SegmentParams fields>}, "overwrite": false, "stop_file": "out.stop" | null}
+
+It calls :func:`.job.segment_files` and prints one JSON object per line on stdout:
+
+* ``{"event": "started", "pid": ..., "version": ...}``
+* ``{"event": "progress", "stage": ..., "fraction": 0..1, "overall": 0..1, "eta_s": s | null, "message": ...}``
+  — stages in :data:`STAGES` order; ``eta_s`` is the time left in the current stage.
+* ``{"event": "log", "level": "info" | "warning" | "error", "message": ...}``
+* ``{"event": "done", "output_dir": ..., "summary": {...}, "elapsed_s": ...}`` — exit status 0
+* ``{"event": "error", "kind": "InputError", "exit_code": 3, "message": ..., "problem": ..., "fix": ...}``
+  — exit status ``exit_code`` (the CLI's codes; cancel is ``CancelledError``/130, running out of GPU
+  memory is ``OutOfMemoryError``/5 with ``"offer_cpu": true``, a missing package ``MissingDependency``/1).
+
+Cancel is cooperative: creating ``stop_file``, a ``cancel`` line on stdin (``--stdin-cancel``),
+SIGTERM, or the parent process going away sets the :class:`.inference.CancelToken`, which the
+engine checks between windows. If the run has not stopped :data:`CANCEL_GRACE_S` later (e.g. while
+importing torch or resampling), the worker removes its staging folder and exits anyway, so it is
+gone within a second. The core's staging guarantees that a stopped run leaves no outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import CancelledError, UNetSegmentError, UsageError
+from .inference import CancelToken
+from .params import SegmentParams
+
+#: stages in the order a run passes them (gradcam only when requested)
+STAGES = ("load", "preprocess", "inference", "gradcam", "postprocess", "write")
+#: relative share of each stage in the overall fraction
+STAGE_WEIGHTS = {"load": 0.08, "preprocess": 0.07, "inference": 0.55, "gradcam": 0.2, "postprocess": 0.04, "write": 0.06}
+POLL_S = 0.05
+CANCEL_GRACE_S = 0.6
+PROGRESS_MIN_INTERVAL_S = 0.1
+
+
+class Emitter:
+    """Writes events as JSON lines to the real stdout (thread-safe); nothing after the final event."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.final_sent = False
+
+    def emit(self, event: str, final: bool = False, **fields) -> bool:
+        line = json.dumps({"event": event, **fields}, default=_json_default)
+        with self.lock:
+            if self.final_sent:
+                return False
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            if final:
+                self.final_sent = True
+        return True
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+class ProgressReporter:
+    """Turns the engine's ``(stage, fraction, message)`` callbacks into throttled progress events."""
+
+    def __init__(self, emitter: Emitter, heatmaps) -> None:
+        self.emitter = emitter
+        self.stages = [s for s in STAGES if s != "gradcam" or "gradcam" in heatmaps]
+        total = sum(STAGE_WEIGHTS[s] for s in self.stages)
+        self.weights = {s: STAGE_WEIGHTS[s] / total for s in self.stages}
+        self.stage = None
+        self.stage_t0 = time.perf_counter()
+        self.last_emit = 0.0
+
+    def overall(self, stage: str, fraction: float) -> float:
+        if stage not in self.weights:
+            return 0.0
+        before = sum(self.weights[s] for s in self.stages[: self.stages.index(stage)])
+        return min(1.0, before + self.weights[stage] * max(0.0, min(1.0, fraction)))
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if stage == "done":  # the engine finished; the job now writes the files
+            stage, fraction, message = "write", 0.0, "writing outputs"
+        now = time.perf_counter()
+        if stage != self.stage:
+            self.stage, self.stage_t0 = stage, now
+        elif fraction < 1.0 and now - self.last_emit < PROGRESS_MIN_INTERVAL_S:
+            return
+        self.last_emit = now
+        el = now - self.stage_t0
+        eta = el / fraction - el if 0.0 < fraction < 1.0 else (0.0 if fraction >= 1.0 else None)
+        self.emitter.emit("progress", stage=stage, fraction=round(float(fraction), 4),
+                          overall=round(self.overall(stage, fraction), 4),
+                          eta_s=None if eta is None else round(eta, 1), message=message or "")
+
+
+def error_event(exc: BaseException, device: str = "auto") -> dict:
+    """The ``error`` event's fields for an exception (see the module docstring)."""
+    if isinstance(exc, UNetSegmentError):
+        return {"kind": type(exc).__name__, "exit_code": exc.exit_code, "message": str(exc),
+                "problem": exc.problem, "fix": exc.fix}
+    if _is_out_of_memory(exc):
+        on_cpu = str(device).strip().lower() == "cpu"
+        return {"kind": "OutOfMemoryError", "exit_code": 5, "offer_cpu": not on_cpu,
+                "message": f"out of {'memory' if on_cpu else 'GPU memory'}: {str(exc).splitlines()[0][:200]}",
+                "problem": "the device ran out of memory",
+                "fix": "close other GPU programs or run on the CPU" if not on_cpu else "use a smaller ROI or close other programs"}
+    if isinstance(exc, ModuleNotFoundError):
+        return {"kind": "MissingDependency", "exit_code": 1, "module": exc.name,
+                "message": f"Python package {exc.name!r} is not installed in the worker's Python",
+                "problem": f"missing package {exc.name}", "fix": "install UNetSegment's requirements (the module offers to)"}
+    return {"kind": "InternalError", "exit_code": 1, "message": f"{type(exc).__name__}: {exc}",
+            "problem": "internal error", "fix": "report it with the log"}
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+
+
+class StopWatcher:
+    """Background thread: sets the cancel token on a stop request and enforces the exit deadline."""
+
+    def __init__(self, token: CancelToken, emitter: Emitter, stop_file: Path | None, output_dir: Path,
+                 stdin_cancel: bool = False) -> None:
+        self.token = token
+        self.emitter = emitter
+        self.stop_file = stop_file
+        self.output_dir = output_dir
+        self.parent = os.getppid()
+        self.requested_at: float | None = None
+        self.reason = ""
+        self._thread = threading.Thread(target=self._run, name="unetsegment-stop-watcher", daemon=True)
+        if stdin_cancel:
+            threading.Thread(target=self._read_stdin, name="unetsegment-stdin", daemon=True).start()
+
+    def start(self) -> "StopWatcher":
+        self._thread.start()
+        return self
+
+    def request(self, reason: str) -> None:
+        if self.requested_at is None:
+            self.requested_at = time.monotonic()
+            self.reason = reason
+        self.token.cancel()
+
+    def _read_stdin(self) -> None:
+        for line in sys.stdin:
+            if line.strip().lower() in ("cancel", "stop"):
+                self.request("cancel on stdin")
+                return
+
+    def _run(self) -> None:
+        while True:
+            if self.requested_at is None:
+                if self.stop_file is not None and self.stop_file.exists():
+                    self.request("stop file")
+                elif os.getppid() != self.parent:
+                    self.request("parent process exited")
+            elif time.monotonic() - self.requested_at >= CANCEL_GRACE_S:
+                self._hard_exit()
+            time.sleep(POLL_S)
+
+    def _hard_exit(self) -> None:
+        from .outputs import STAGING_PREFIX
+
+        if self.emitter.emit("error", final=True, kind="CancelledError", exit_code=CancelledError.exit_code,
+                             message=f"run cancelled ({self.reason}) — no outputs were written",
+                             problem="run cancelled", fix="start it again when ready"):
+            for p in self.output_dir.glob(f"{STAGING_PREFIX}{os.getpid()}-*"):
+                shutil.rmtree(p, ignore_errors=True)
+            sys.stderr.flush()
+            os._exit(CancelledError.exit_code)
+
+
+def read_request(path: str | os.PathLike) -> dict:
+    req = json.loads(Path(path).read_text(encoding="utf-8"))
+    for key in ("inputs", "output_dir"):
+        if key not in req:
+            raise ValueError(f"request {path} lacks {key!r}")
+    return req
+
+
+def params_from_request(d: dict | None) -> SegmentParams:
+    d = dict(d or {})
+    unknown = sorted(set(d) - set(SegmentParams.__dataclass_fields__))
+    if unknown:
+        raise UsageError(f"unknown parameter(s) {', '.join(unknown)} in the request", "use SegmentParams field names")
+    if "heatmaps" in d:
+        d["heatmaps"] = tuple(d["heatmaps"] or ())
+    return SegmentParams(**d)
+
+
+def run(request: dict, emitter: Emitter, stdin_cancel: bool = False) -> int:
+    """Do one request; emit its events; return the exit status."""
+    t0 = time.perf_counter()
+    token = CancelToken()
+    out = Path(request["output_dir"])
+    stop = Path(request["stop_file"]) if request.get("stop_file") else None
+    watcher = StopWatcher(token, emitter, stop, out, stdin_cancel).start()
+    signal.signal(signal.SIGTERM, lambda *_: watcher.request("SIGTERM"))
+    device = "auto"
+    try:
+        params = params_from_request(request.get("params"))
+        device = params.device
+        reporter = ProgressReporter(emitter, params.heatmaps)
+        reporter("load", 0.0, "loading the model and reading the inputs")
+        from .job import segment_files  # imports torch: may take a while, cancellable by the watcher
+
+        token.check()
+        summary = segment_files(request["inputs"], out, request.get("model"), params,
+                                bool(request.get("overwrite", False)), reporter, token)
+        for w in summary.get("warnings", []):
+            emitter.emit("log", level="warning", message=w)
+        emitter.emit("progress", stage="write", fraction=1.0, overall=1.0, eta_s=0.0, message="")
+        emitter.emit("done", final=True, output_dir=str(out), summary=summary,
+                     elapsed_s=round(time.perf_counter() - t0, 3))
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure becomes one error event
+        if isinstance(e, KeyboardInterrupt):
+            e = CancelledError("run cancelled", "start it again when ready")
+        if token.cancelled and not isinstance(e, UNetSegmentError):
+            e = CancelledError("run cancelled", "start it again when ready")
+        if isinstance(e, CancelledError) and watcher.reason:
+            e = CancelledError(f"run cancelled ({watcher.reason}) — no outputs were written", "start it again when ready")
+        ev = error_event(e, device)
+        if ev["kind"] == "InternalError":
+            emitter.emit("log", level="error", message="".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        emitter.emit("error", final=True, **ev)
+        return int(ev["exit_code"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m UNetSegmentLib.worker", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--request", required=True, help="request.json (see the module docstring)")
+    ap.add_argument("--stdin-cancel", action="store_true", help="also stop on a 'cancel' line on stdin")
+    a = ap.parse_args(argv)
+    # events own stdout; anything else printed (libraries, warnings) goes to stderr
+    emitter = Emitter(sys.stdout)
+    sys.stdout = sys.stderr
+    emitter.emit("started", pid=os.getpid(), version=__version__, python=sys.version.split()[0])
+    try:
+        request = read_request(a.request)
+    except (OSError, ValueError) as e:
+        emitter.emit("error", final=True, kind="UsageError", exit_code=2, message=f"bad request: {e}",
+                     problem="bad request", fix="check the request file")
+        return 2
+    return run(request, emitter, a.stdin_cancel)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.exit(code)
