@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 from .errors import CancelledError, OutputError, UNetSegmentError, UsageError
 from .inference import CancelToken
 from .lesions import COLUMNS, _fmt
+from .outputs import CONTRACT_FILES
 from .params import SegmentParams
 
 #: columns of ``cohort_summary.csv``
@@ -53,6 +54,8 @@ SUMMARY_COLUMNS = ("case_id", "status", "n_lesions", "total_volume_ml", "time_s"
 #: ``status`` values: ran now, skipped because complete (``resume``), failed
 STATUS_OK, STATUS_RESUMED, STATUS_FAILED = "ok", "resumed", "failed"
 COHORT_LESIONS = "cohort_lesions.csv"
+#: exit status of ``unetsegment batch`` when some cases failed (0: all complete)
+BATCH_PARTIAL_EXIT = 7
 COHORT_SUMMARY = "cohort_summary.csv"
 #: memory a worker is given room for when sizing a local cluster
 MEMORY_PER_WORKER_BYTES = 4 << 30
@@ -220,6 +223,7 @@ def run_case(case_id: str, inputs: Sequence[str], case_dir: str, model: str | No
             p.threads = _threads_here(threads)
         from .job import segment_files
 
+        _quiet_itk()
         summary = segment_files(list(inputs), case_dir, model, p, overwrite=overwrite)
         row.update(status=STATUS_OK, n_lesions=int(summary["n_lesions"]), total_volume_ml=_fmt(float(summary["total_volume_ml"])),
                    output_dir=case_id)
@@ -229,6 +233,17 @@ def run_case(case_id: str, inputs: Sequence[str], case_dir: str, model: str | No
         row["error"] = f"internal error: {type(e).__name__}: {e}"
     row["time_s"] = round(time.perf_counter() - t, 3)
     return row
+
+
+def _quiet_itk() -> None:
+    """ITK's own warnings (e.g. GDCM on a folder without DICOM) would interleave on the workers' stderr;
+    the case's error row already says what is wrong."""
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    except ImportError:
+        pass
 
 
 def _threads_here(threads: int | dict | None) -> int | None:
@@ -317,35 +332,45 @@ CohortProgressFn = Callable[[dict, int, int, int], None]
 
 
 class CohortProgress:
-    """A tqdm bar (cases, done/failed, ETA) on a terminal; one line per case otherwise."""
+    """A tqdm bar (cases, done/failed, ETA) on a terminal; one line per case otherwise.
 
-    def __init__(self, total: int, enabled: bool = True, stream=None):
+    Cases known before running (failed at discovery, resumed) are counted but not timed, so the
+    ETA is the rate of the cases run now times the cases left.
+    """
+
+    def __init__(self, enabled: bool = True, stream=None):
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.total = total
-        self.t0 = time.perf_counter()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="cases", unit="case", file=self.stream, dynamic_ncols=True)
+        self.t0: float | None = None
+        self.known = 0
 
     def __call__(self, row: dict, done: int, failed: int, total: int) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
+        n = done + failed
+        pre = row["status"] == STATUS_RESUMED or (row["status"] == STATUS_FAILED and row["time_s"] == 0.0 and self.t0 is None)
+        if self.t0 is None and pre:
+            self.known = n
+        elif self.t0 is None:
+            self.t0 = time.perf_counter() - float(row.get("time_s") or 0.0)
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="cases", unit="case", file=self.stream, dynamic_ncols=True)
             self.bar.set_postfix_str(f"done {done}, failed {failed}", refresh=False)
             self.bar.update(1)
             return
-        n = done + failed
-        el = time.perf_counter() - self.t0
-        eta = el / n * (total - n) if n else 0.0
+        ran = n - self.known
+        eta = (time.perf_counter() - self.t0) / ran * (total - n) if self.t0 is not None and ran > 0 else None
         msg = f"[{n}/{total}] {row['case_id']}: {row['status']}"
         if row["status"] == STATUS_FAILED:
             msg += f" — {row['error']}"
         elif row["status"] == STATUS_OK:
             msg += f", {row['n_lesions']} lesion(s), {row['time_s']:.1f} s"
-        print(f"{msg}  (done {done}, failed {failed}, ETA {_hms(eta)})", file=self.stream, flush=True)
+        print(f"{msg}  (done {done}, failed {failed}, ETA {_hms(eta) if eta is not None else '?'})", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -386,7 +411,8 @@ def _open_client(scheduler: str | None, workers: int | None, n_cases: int, proce
                              "start it with `dask scheduler` and check the address (tcp://HOST:8786)") from None
         return client, None, _threads_by_worker(client)
     n, threads = local_cluster_size(n_cases, workers)
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, host="127.0.0.1",
+    # loopback only; threads-only workers talk in-process (inproc://)
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, host="127.0.0.1" if processes else None,
                            dashboard_address=None, memory_limit="auto" if processes else 0, silence_logs=40)
     return Client(cluster), cluster, (threads if processes else max(1, threads))
 
@@ -447,7 +473,7 @@ def run_cohort(
     cases, notes = discover_cases(source, bundle.channel_names, exclude=out)
 
     rows: dict[str, dict] = {}
-    todo: list[tuple[str, Case]] = []
+    todo: list[tuple[str, Case, bool]] = []
     order: list[str] = []
     for i, c in enumerate(cases):
         key = c.case_id if c.case_id not in order else f"{c.case_id}#{i}"
@@ -466,7 +492,9 @@ def run_cohort(
                              "error": f"{why} — pass --overwrite to redo it, or use another --output-dir",
                              "output_dir": "", "inputs": ";".join(c.inputs)}
                 continue
-        todo.append((key, c))
+        # under resume, a case folder with some contract files but no summary.json is our own unfinished case: redo it
+        redo = overwrite or (resume and any((out / c.case_id / f).exists() for f in CONTRACT_FILES))
+        todo.append((key, c, redo))
 
     total = len(cases)
     counts = {"done": 0, "failed": 0}
@@ -484,7 +512,7 @@ def run_cohort(
     n_workers = 0
     try:
         if todo:
-            n_workers = _run_on_dask(todo, out, model_arg, params, overwrite, record, cancel,
+            n_workers = _run_on_dask(todo, out, model_arg, params, record, cancel,
                                      scheduler, workers, processes, client)
     except KeyboardInterrupt:
         cancel.cancel()
@@ -522,8 +550,8 @@ def _check_output_dir(out: Path) -> None:
         raise OutputError(f"output folder {out} is not writable", "choose a writable --output-dir or fix its permissions")
 
 
-def _run_on_dask(todo, out, model_arg, params, overwrite, record, cancel, scheduler, workers, processes, client) -> int:
-    from distributed import wait
+def _run_on_dask(todo, out, model_arg, params, record, cancel, scheduler, workers, processes, client) -> int:
+    from distributed import TimeoutError as DaskTimeoutError, wait
 
     own = client is None
     cluster = None
@@ -535,8 +563,8 @@ def _run_on_dask(todo, out, model_arg, params, overwrite, record, cancel, schedu
     try:
         n_workers = len(client.scheduler_info().get("workers", {}))
         futures = {}
-        for key, c in todo:
-            f = client.submit(run_case, c.case_id, c.inputs, str(out / c.case_id), model_arg, pdict, overwrite, threads,
+        for key, c, redo in todo:
+            f = client.submit(run_case, c.case_id, c.inputs, str(out / c.case_id), model_arg, pdict, redo, threads,
                               key=f"unetsegment-case-{c.case_id}-{os.urandom(4).hex()}", pure=False, retries=0)
             futures[f] = (key, c)
         pending = set(futures)
@@ -546,7 +574,7 @@ def _run_on_dask(todo, out, model_arg, params, overwrite, record, cancel, schedu
                 break
             try:
                 done, pending = wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
-            except TimeoutError:
+            except (TimeoutError, DaskTimeoutError):
                 continue
             for f in done:
                 key, c = futures[f]

@@ -129,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", "-q", action="store_true", help="no progress")
     add_segment_options(b)
 
+    t = sub.add_parser("train", help="train a model from a YAML config into a complete bundle (resumes after interruption)")
+    t.add_argument("--config", required=True, help="YAML training config (see Resources/Training/)")
+    t.add_argument("--output-dir", "-o", required=True, help="bundle folder to write (checkpoints in its .training/)")
+
+    e = sub.add_parser("evaluate", help="score a model and the HU-threshold baseline on labelled cases")
+    e.add_argument("--model", required=True, help="model name or bundle folder/zip")
+    e.add_argument("--cases", required=True, help="folder of case folders (label.nii.gz + image.nii.gz or <CHANNEL>.nii.gz)")
+    e.add_argument("--output", default=None, help="write the full results as JSON here")
+    e.add_argument("--no-baseline", action="store_true", help="skip the HU-threshold baseline")
+    e.add_argument("--device", default="auto", help=HELP["device"])
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help=HELP["precision"])
+
     v = sub.add_parser("serve", help="run the inference server (HTTP API for Slicer seats and scripts)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)")
     v.add_argument("--port", type=int, default=8000)
@@ -251,9 +263,9 @@ def _cmd_demo(a: argparse.Namespace, cancel: CancelToken) -> int:
 
 
 def _cmd_batch(a: argparse.Namespace, cancel: CancelToken) -> int:
-    from .batch import BATCH_PARTIAL_EXIT, CohortProgress, count_cases, run_cohort
+    from .batch import BATCH_PARTIAL_EXIT, CohortProgress, run_cohort
 
-    prog = CohortProgress(count_cases(a.source, a.model), enabled=not a.quiet)
+    prog = CohortProgress(enabled=not a.quiet)
     try:
         r = run_cohort(a.source, a.output_dir, a.model, params_from_args(a), scheduler=a.scheduler, workers=a.workers,
                        resume=a.resume, overwrite=a.overwrite, progress=prog, cancel=cancel)
@@ -316,6 +328,17 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_demo(a, cancel)
         if a.command == "batch":
             return _cmd_batch(a, cancel)
+        if a.command == "train":
+            from .training.trainer import train
+
+            train(Path(a.config), Path(a.output_dir))
+            return 0
+        if a.command == "evaluate":
+            from .evaluate import main_evaluate
+
+            main_evaluate(a.model, Path(a.cases), Path(a.output) if a.output else None,
+                          SegmentParams(device=a.device, precision=a.precision, heatmaps=()), baseline=not a.no_baseline)
+            return 0
         if a.command == "serve":
             return _cmd_serve(a)
         ap.error(f"unknown command {a.command}")

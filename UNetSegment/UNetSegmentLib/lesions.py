@@ -111,6 +111,8 @@ class LesionTable:
     midline: dict = field(default_factory=dict)
     connectivity: int = 26
     min_lesion_ml: float = 0.0
+    #: with ``analyze_lesions(..., lesion_map=True)``: int32 K,J,I map, voxel value = row's ``lesion`` number
+    lesion_map: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_lesions(self) -> int:
@@ -223,6 +225,7 @@ def analyze_lesions(
     midline_x_ras: float | None = None,
     *,
     modality: str | None = None,
+    lesion_map: bool = False,
 ) -> LesionTable:
     """Connected components of each label value of ``labels``, measured (see module docstring).
 
@@ -231,6 +234,7 @@ def analyze_lesions(
     label value → Image for multi-class maps (lesions of a label missing from it get empty
     probability columns). ``label_names`` maps label values to segment names (default: the value
     as text). ``modality`` ('CT' or other) only steers the midline estimate; None auto-detects.
+    ``lesion_map`` also returns the map of lesion numbers (for matching lesions, e.g. in evaluation).
     """
     if connectivity not in (6, 18, 26):
         raise UsageError(f"connectivity must be 6 or 26, got {connectivity!r}", "use 6 (faces) or 26 (faces, edges, corners)")
@@ -443,7 +447,13 @@ def analyze_lesions(
     rows = [dict(zip(COLUMNS, vals)) for vals in zip(*cols.values())]
 
     total = _total_row(int(counts.sum()), voxel_mm3, total_int, total_prob)
-    return LesionTable(rows, total, midline, int(connectivity), min_lesion_ml)
+    lmap = None
+    if lesion_map:
+        rank = np.empty(n, np.int32)
+        rank[order] = np.arange(1, n + 1, dtype=np.int32)
+        lmap = np.zeros(shape, np.int32)
+        lmap.reshape(-1)[flat] = rank[ids]
+    return LesionTable(rows, total, midline, int(connectivity), min_lesion_ml, lmap)
 
 
 def remove_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int = 26) -> Image:

@@ -65,6 +65,16 @@ def load_run(folder: str | os.PathLike) -> RunOutputs:
     return RunOutputs(d, read_image(d / "segmentation.nii.gz"), read_image(d / "probability.nrrd"), heat, summary)
 
 
+def table_from_summary(summary: dict) -> LesionTable:
+    """The run's lesion table as written to ``summary.json`` (exactly what ``lesions.csv`` holds)."""
+    from .lesions import COLUMNS
+
+    rows = [{c: l.get(c) for c in COLUMNS} for l in summary.get("lesions", [])]
+    total = {c: summary.get("total", {}).get(c) for c in COLUMNS}
+    midline = {"method": summary.get("side_method", ""), "midline_r": summary.get("midline_r")}
+    return LesionTable(rows, total, midline, int(summary.get("connectivity", 26)), float(summary.get("min_lesion_ml") or 0.0))
+
+
 def labels_at_threshold(probability: Image, threshold: float, label_values: Sequence[int],
                         previous: Image | None = None) -> Image:
     """The raw label map (before small-lesion removal) at ``threshold``; see the module docstring."""
@@ -121,17 +131,20 @@ def rederive_run(run: RunOutputs, bundle: Bundle, threshold: float, intensity: I
 
 def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | None = None, threshold: float | None = None,
                inputs: Sequence[Image] | None = None, input_paths: Sequence[str] | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, rewrite: bool = False) -> dict:
     """Write the CLI's file set for ``run`` into ``dest`` (staged: all files or none); returns the summary.
 
     At the run's own threshold (or ``threshold`` None) the files are copied unchanged. At another
-    threshold they are written again by :func:`.job.write_outputs` from the re-derived label map
-    (``bundle`` and ``inputs`` — the run's input images, for the intensity columns and the report —
-    are then required).
+    threshold, or with ``rewrite`` (e.g. ``run`` was put back from an ROI crop onto the full grid),
+    they are written again by :func:`.job.write_outputs` from the re-derived label map (``bundle``
+    and ``inputs`` — the run's input images, for the intensity columns and the report — are then
+    required).
     """
     same = threshold is None or abs(float(threshold) - run.threshold) < 1e-9
+    if threshold is None:
+        threshold = run.threshold
     with StagedOutput(dest, overwrite) as stage:
-        if same:
+        if same and not rewrite:
             for f in CONTRACT_FILES:
                 if (run.folder / f).is_file():
                     shutil.copy2(run.folder / f, stage.path / f)

@@ -38,8 +38,10 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CancelledError, UNetSegmentError, UsageError
-from .inference import CancelToken
 from .params import SegmentParams
+
+# Nothing imported at module level may start threads (numpy's BLAS pool does): main() must block
+# SIGTERM before any thread exists, see _watch_sigterm. The core's heavier modules load in run().
 
 #: stages in the order a run passes them (gradcam only when requested)
 STAGES = ("load", "preprocess", "inference", "gradcam", "postprocess", "write")
@@ -149,7 +151,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 class StopWatcher:
     """Background thread: sets the cancel token on a stop request and enforces the exit deadline."""
 
-    def __init__(self, token: CancelToken, emitter: Emitter, stop_file: Path | None, output_dir: Path,
+    def __init__(self, token, emitter: Emitter, stop_file: Path | None, output_dir: Path,
                  stdin_cancel: bool = False) -> None:
         self.token = token
         self.emitter = emitter
@@ -201,6 +203,25 @@ class StopWatcher:
             os._exit(CancelledError.exit_code)
 
 
+def _watch_sigterm(watcher: StopWatcher) -> None:
+    """SIGTERM sets the cancel token at once, even while the main thread is inside a long torch call.
+
+    A Python signal handler would only run when the main thread returns to the interpreter, so on
+    POSIX SIGTERM is blocked in every thread (:func:`main` blocks it before any thread exists;
+    threads started later, e.g. numpy's and torch's pools, inherit the mask) and a daemon thread
+    waits for it with ``sigwait``.
+    """
+    if _SIGTERM_BLOCKED:
+
+        def wait() -> None:
+            signal.sigwait({signal.SIGTERM})
+            watcher.request("SIGTERM")
+
+        threading.Thread(target=wait, name="unetsegment-sigterm", daemon=True).start()
+    else:  # Windows: terminate() is TerminateProcess, no handler runs anyway
+        signal.signal(signal.SIGTERM, lambda *_: watcher.request("SIGTERM"))
+
+
 def read_request(path: str | os.PathLike) -> dict:
     req = json.loads(Path(path).read_text(encoding="utf-8"))
     for key in ("inputs", "output_dir"):
@@ -219,14 +240,27 @@ def params_from_request(d: dict | None) -> SegmentParams:
     return SegmentParams(**d)
 
 
+_SIGTERM_BLOCKED = False
+
+
+def _block_sigterm() -> None:
+    global _SIGTERM_BLOCKED
+    if hasattr(signal, "pthread_sigmask") and hasattr(signal, "sigwait") and threading.active_count() == 1:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        _SIGTERM_BLOCKED = True
+
+
 def run(request: dict, emitter: Emitter, stdin_cancel: bool = False) -> int:
     """Do one request; emit its events; return the exit status."""
+    from .inference import CancelToken
+
     t0 = time.perf_counter()
     token = CancelToken()
     out = Path(request["output_dir"])
     stop = Path(request["stop_file"]) if request.get("stop_file") else None
-    watcher = StopWatcher(token, emitter, stop, out, stdin_cancel).start()
-    signal.signal(signal.SIGTERM, lambda *_: watcher.request("SIGTERM"))
+    watcher = StopWatcher(token, emitter, stop, out, stdin_cancel)
+    _watch_sigterm(watcher)
+    watcher.start()
     device = "auto"
     try:
         params = params_from_request(request.get("params"))
@@ -263,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--request", required=True, help="request.json (see the module docstring)")
     ap.add_argument("--stdin-cancel", action="store_true", help="also stop on a 'cancel' line on stdin")
     a = ap.parse_args(argv)
+    _block_sigterm()
     # events own stdout; anything else printed (libraries, warnings) goes to stderr
     emitter = Emitter(sys.stdout)
     sys.stdout = sys.stderr

@@ -1,0 +1,202 @@
+"""``unetsegment batch``: a cohort of synthetic cases (some broken) on a local Dask cluster."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import ct_phantom, write_bundle
+from dicom_utils import write_ct_series
+
+from UNetSegmentLib import batch
+from UNetSegmentLib.batch import COHORT_LESIONS, COHORT_SUMMARY, discover_cases, run_cohort
+from UNetSegmentLib.cli import main
+from UNetSegmentLib.errors import UsageError
+from UNetSegmentLib.image import to_sitk
+from UNetSegmentLib.io.readers import read_image
+from UNetSegmentLib.job import segment_files
+from UNetSegmentLib.lesions import COLUMNS
+from UNetSegmentLib.outputs import STAGING_PREFIX
+from UNetSegmentLib.params import SegmentParams
+
+PARAMS = SegmentParams(heatmaps=(), threads=1)
+N_GOOD = 16  # + 1 DICOM case + 4 broken = 21 cases
+BROKEN = {"truncated": "truncated", "junk": "cannot read junk.nrrd", "flat": "2D image", "nodicom": "no DICOM series"}
+
+
+def _write(img, path: Path) -> Path:
+    sitk.WriteImage(to_sitk(img), str(path))
+    return path
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """A folder of 21 cases (16 volume files, one DICOM series, 4 broken) and its run on 2 worker processes."""
+    src = tmp_path_factory.mktemp("cohort")
+    for n in range(N_GOOD):
+        img, _ = ct_phantom(shape_kji=(6, 32, 32), seed=n, blob=n % 6 != 5)
+        _write(img, src / f"case{n:02d}{'.nrrd' if n % 4 == 3 else '.nii.gz'}")
+    img, _ = ct_phantom(shape_kji=(4, 32, 32), seed=99)
+    write_ct_series(img, src / "dicomcase")
+    good = (src / "case00.nii.gz").read_bytes()
+    (src / "truncated.nii.gz").write_bytes(good[: len(good) // 2])
+    (src / "junk.nrrd").write_bytes(b"this is not a volume\n")
+    sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(src / "flat.nii.gz"))
+    (src / "nodicom").mkdir()
+    (src / "nodicom" / "readme.txt").write_text("no images here")
+    (src / "notes.txt").write_text("ignored")
+    out = tmp_path_factory.mktemp("cohort-out")
+    seen = []
+    r = run_cohort(src, out, "tiny-blob", PARAMS, workers=2, progress=lambda row, d, f, t: seen.append((row["case_id"], d, f, t)))
+    return src, out, r, seen
+
+
+def test_cohort_runs_every_case_and_records_broken_ones(cohort):
+    src, out, r, seen = cohort
+    assert r["total"] == N_GOOD + 1 + len(BROKEN) and r["workers"] == 2
+    assert (r["ok"], r["failed"], r["resumed"]) == (N_GOOD + 1, len(BROKEN), 0)
+    assert r["notes"] and "notes.txt" in r["notes"][0]
+    assert len(seen) == r["total"] and seen[-1][1:] == (N_GOOD + 1, len(BROKEN), r["total"])
+    summary = _rows(out / COHORT_SUMMARY)
+    assert [s["case_id"] for s in summary] == sorted(s["case_id"] for s in summary)
+    by_id = {s["case_id"]: s for s in summary}
+    for cid, words in BROKEN.items():
+        assert by_id[cid]["status"] == "failed" and words in by_id[cid]["error"], by_id[cid]
+        assert by_id[cid]["output_dir"] == "" and not (out / cid / "summary.json").exists()
+    ok = [s for s in summary if s["status"] == "ok"]
+    assert len(ok) == N_GOOD + 1 and all(s["error"] == "" and float(s["time_s"]) > 0 for s in ok)
+    assert (out / "dicomcase" / "segmentation.dcm").is_file()  # a DICOM series case gets its DICOM SEG too
+    for s in ok:
+        names = os.listdir(out / s["case_id"])
+        assert "summary.json" in names and not [n for n in names if n.startswith(STAGING_PREFIX)]
+
+
+def test_cohort_tables_equal_the_per_case_tables(cohort):
+    _, out, r, _ = cohort
+    lesions = _rows(out / COHORT_LESIONS)
+    with open(out / COHORT_LESIONS, newline="") as f:
+        assert next(csv.reader(f)) == ["case_id", *COLUMNS]
+    n_cases_with_lesions = 0
+    for s in _rows(out / COHORT_SUMMARY):
+        cid = s["case_id"]
+        mine = [{k: v for k, v in row.items() if k != "case_id"} for row in lesions if row["case_id"] == cid]
+        if s["status"] != "ok":
+            assert mine == []
+            continue
+        per_case = [row for row in _rows(out / cid / "lesions.csv") if row["lesion"] != "total"]
+        assert mine == per_case, cid
+        summ = json.loads((out / cid / "summary.json").read_text())
+        assert int(s["n_lesions"]) == summ["n_lesions"] == len(per_case)
+        assert float(s["total_volume_ml"]) == pytest.approx(summ["total_volume_ml"], abs=1e-6)
+        n_cases_with_lesions += bool(per_case)
+    assert n_cases_with_lesions >= 10
+    assert len(lesions) == sum(int(s["n_lesions"] or 0) for s in _rows(out / COHORT_SUMMARY))
+
+
+def test_a_cohort_case_equals_segment(cohort, tmp_path):
+    src, out, _, _ = cohort
+    segment_files([str(src / "case01.nii.gz")], tmp_path / "single", "tiny-blob", PARAMS)
+    assert (out / "case01" / "lesions.csv").read_text() == (tmp_path / "single" / "lesions.csv").read_text()
+    a, b = read_image(out / "case01" / "segmentation.nii.gz"), read_image(tmp_path / "single" / "segmentation.nii.gz")
+    np.testing.assert_array_equal(a.array, b.array)
+    assert sorted(os.listdir(out / "case01")) == sorted(os.listdir(tmp_path / "single"))
+
+
+def test_resume_skips_complete_cases_and_redoes_incomplete_ones(cohort, tmp_path):
+    src, first, _, _ = cohort
+    out = tmp_path / "resumed"
+    shutil.copytree(first, out)
+    (out / "case02" / "summary.json").unlink()  # as if the run died while moving case02's files into place
+    lesions_before = (out / COHORT_LESIONS).read_text()
+    rc = main(["batch", str(src), "-o", str(out), "--resume", "--model", "tiny-blob", "--heatmap", "none", "--threads", "1",
+               "--workers", "1", "-q"])
+    assert rc == batch.BATCH_PARTIAL_EXIT  # the broken cases still fail
+    by_id = {s["case_id"]: s for s in _rows(out / COHORT_SUMMARY)}
+    assert by_id["case02"]["status"] == "ok"
+    assert sum(s["status"] == "resumed" for s in by_id.values()) == N_GOOD
+    assert sum(s["status"] == "failed" for s in by_id.values()) == len(BROKEN)
+    assert (out / COHORT_LESIONS).read_text() == lesions_before
+    # other parameters: complete cases are not silently reused
+    r = run_cohort(src, out, "tiny-blob", SegmentParams(heatmaps=(), threads=1, threshold=0.3), resume=True, workers=1, processes=False)
+    assert r["resumed"] == 0 and r["ok"] == 0
+    assert "threshold" in {s["case_id"]: s for s in r["rows"]}["case03"]["error"]
+
+
+def test_csv_cohort_multichannel_on_an_existing_scheduler(tmp_path):
+    from distributed import LocalCluster
+
+    model = write_bundle(tmp_path / "mc", channels=("A", "B"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for n in range(2):
+        img, _ = ct_phantom(shape_kji=(4, 32, 32), seed=n)
+        _write(img, data / f"p{n}_a.nii.gz")
+        _write(img, data / f"p{n}_b.nii.gz")
+    lst = tmp_path / "cohort.csv"
+    lst.write_text("case_id,B,a,site\n"
+                   "p0,data/p1_b.nii.gz,data/p0_a.nii.gz,x\n"
+                   "p1,data/p1_b.nii.gz,data/p1_a.nii.gz,x\n"
+                   "p2,data/missing_b.nii.gz,data/p0_a.nii.gz,x\n"
+                   "p3,,data/p0_a.nii.gz,x\n"
+                   "../evil,data/p1_b.nii.gz,data/p1_a.nii.gz,x\n"
+                   "p1,data/p1_b.nii.gz,data/p1_a.nii.gz,x\n")
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with pytest.raises(UsageError, match="--workers"):
+            run_cohort(lst, out, str(model), PARAMS, scheduler=cluster.scheduler_address, workers=2)
+        r = run_cohort(lst, out, str(model), PARAMS, scheduler=cluster.scheduler_address)
+    by = [(s["case_id"], s["status"]) for s in r["rows"]]
+    assert by == [("p0", "ok"), ("p1", "ok"), ("p2", "failed"), ("p3", "failed"), ("../evil", "failed"), ("p1", "failed")]
+    err = [s["error"] for s in r["rows"]]
+    assert "not found" in err[2] and "no path for B" in err[3] and "path separator" in err[4] and "duplicate" in err[5]
+    summ = json.loads((out / "p0" / "summary.json").read_text())
+    assert [Path(i["path"]).name for i in summ["inputs"]] == ["p0_a.nii.gz", "p1_b.nii.gz"]  # columns mapped by channel name
+    assert not (tmp_path / "evil").exists()
+
+
+def test_discovery_rules(tmp_path):
+    img, _ = ct_phantom(shape_kji=(4, 16, 16))
+    src = tmp_path / "src"
+    src.mkdir()
+    _write(img, src / "a.nii.gz")
+    (src / "b").mkdir()
+    _write(img, src / "b" / "scan.mha")  # a folder holding one volume
+    (src / "c").mkdir()
+    _write(img, src / "c" / "ct.nrrd")  # named after the channel
+    _write(img, src / "c" / "other.nrrd")
+    (src / ".hidden.nii.gz").write_bytes(b"")
+    (src / "out").mkdir()  # the output folder inside the input folder is not a case
+    cases, notes = discover_cases(src, ["CT"], exclude=src / "out")
+    assert [(c.case_id, [Path(p).relative_to(src).as_posix() for p in c.inputs], c.error) for c in cases] == [
+        ("a", ["a.nii.gz"], ""), ("b", ["b/scan.mha"], ""), ("c", ["c/ct.nrrd"], "")]
+    cases, _ = discover_cases(src, ["CT", "PET"], exclude=src / "out")
+    assert all(c.error for c in cases) and "CT, PET" in cases[0].error
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,CT\nx,a.nii.gz\n")
+    with pytest.raises(UsageError, match="case_id"):
+        discover_cases(bad, ["CT"])
+    bad.write_text("case_id,path\nx,a.nii.gz\n")
+    assert discover_cases(bad, ["CT"])[0][0].inputs == [str(tmp_path / "a.nii.gz")]  # 'path' for a one-channel model
+    with pytest.raises(UsageError, match="no column for channel"):
+        discover_cases(bad, ["CT", "PET"])
+    with pytest.raises(UsageError, match="no cases"):
+        (tmp_path / "empty").mkdir()
+        discover_cases(tmp_path / "empty", ["CT"])
+
+
+def test_local_cluster_size_respects_cores_and_cases():
+    w, t = batch.local_cluster_size(100)
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= w <= cores and w * t <= cores
+    assert batch.local_cluster_size(1)[0] == 1
+    assert batch.local_cluster_size(100, workers=1) == (1, cores)

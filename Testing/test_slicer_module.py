@@ -1,0 +1,520 @@
+"""The Slicer module (logic, panel, self-test) end to end against the stand-in in Testing/slicer_standin.
+
+The worker really runs (this Python, tiny-blob, CPU); the stand-in records what the adapters do
+to the MRML scene, and the tests compare it with the core's own outputs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import slicer_standin  # noqa: E402
+
+STANDIN = slicer_standin.install()
+
+import slicer  # noqa: E402  (the stand-in)
+
+from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
+from UNetSegmentLib.io.readers import read_image  # noqa: E402
+from UNetSegmentLib.lesions import COLUMNS  # noqa: E402
+from UNetSegmentLib.outputs import CONTRACT_FILES  # noqa: E402
+from UNetSegmentLib.params import HELP, SegmentParams  # noqa: E402
+from UNetSegmentLib.phantom import head_with_blob  # noqa: E402
+from UNetSegmentLib.rethreshold import load_run, rederive_run  # noqa: E402
+from UNetSegmentLib.bundle import load_bundle  # noqa: E402
+from UNetSegmentLib.slicer import scene as sc  # noqa: E402
+from UNetSegmentLib.slicer.logic import RunRequest, SegmentationLogic  # noqa: E402
+from UNetSegmentLib.slicer.widget import Panel, guess_channel_volumes  # noqa: E402
+from UNetSegmentLib.resources import resource_path  # noqa: E402
+
+CPU = SegmentParams(device="cpu", heatmaps=("gradcam",))
+OBLIQUE = np.array([[-1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)], [0, np.sin(0.2), np.cos(0.2)]])
+
+
+@pytest.fixture(autouse=True)
+def fresh_scene():
+    STANDIN.reset()
+    yield STANDIN
+    STANDIN.reset()
+
+
+def add_head(name="CT head", **kw):
+    image, blob = head_with_blob(**kw)
+    node = slicer.util.addVolumeFromArray(image.array, image.ijk_to_ras, name)
+    return node, image, blob
+
+
+def run_logic(logic, request, timeout=120):
+    out = {}
+    logic.finished.connect(lambda r: out.setdefault("result", r))
+    logic.failed.connect(lambda ev: out.setdefault("error", ev))
+    logic.cancelled.connect(lambda: out.setdefault("cancelled", True))
+    logic.start(request)
+    assert STANDIN.run_until(lambda: bool(out), timeout), "the run did not end"
+    return out
+
+
+@pytest.fixture(scope="module")
+def oblique_run():
+    """One real run on an oblique, flipped head with a study item; shared by the read-only tests."""
+    STANDIN.reset()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    node, image, blob = add_head(direction=OBLIQUE, origin=(40.0, -30.0, 12.5))
+    study = sh.create_item("Study 1", sh.create_item("Patient 1"))
+    sh.SetItemParent(sh.GetItemByDataNode(node), study)
+    before = np.array(slicer.util.arrayFromVolume(node), copy=True)
+    logic = SegmentationLogic(dependency_check=lambda: True)
+    out = run_logic(logic, RunRequest([node], "tiny-blob", CPU))
+    assert "result" in out, out
+    return dict(logic=logic, result=out["result"], node=node, image=image, blob=blob, before=before, study=study, sh=sh)
+
+
+def test_run_builds_segmentation_equal_to_core_labels_with_reference_geometry(oblique_run):
+    r, node = oblique_run["result"], oblique_run["node"]
+    seg = r.segmentation
+    core_labels = read_image(r.run.folder / "segmentation.nii.gz")
+    assert seg.IsA("vtkMRMLSegmentationNode") and seg.closed_surface  # shown in 3D
+    shape, ijk = seg.reference_geometry
+    assert shape == node._array.shape and np.allclose(ijk, node.ijk_to_ras())  # reference geometry = the input
+    assert np.allclose(core_labels.ijk_to_ras, node.ijk_to_ras(), atol=1e-4)  # the core saw the same (oblique) grid
+    lab = r.bundle.labels[0]
+    sid = sc.segment_id(lab["value"])
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, node)
+    assert np.array_equal(mask, (core_labels.array == lab["value"]).astype(np.uint8))  # voxel for voxel
+    blob = oblique_run["blob"]
+    assert 2 * (mask.astype(bool) & blob).sum() / (mask.sum() + blob.sum()) > 0.8
+    segment = seg.GetSegmentation().GetSegment(sid)
+    assert segment.GetName() == lab["name"] and np.allclose(segment.GetColor(), lab["color"])
+    assert segment.tags["TerminologyEntry"] == lab["terminology"]
+
+
+def test_run_never_modifies_the_input(oblique_run):
+    node = oblique_run["node"]
+    assert np.array_equal(slicer.util.arrayFromVolume(node), oblique_run["before"])
+    assert node.array_writes == 1  # only the test's own addVolumeFromArray
+    assert np.allclose(node.ijk_to_ras(), oblique_run["image"].ijk_to_ras)
+
+
+def test_outputs_are_placed_under_the_input_study(oblique_run):
+    r, sh = oblique_run["result"], oblique_run["sh"]
+    for n in [r.segmentation, r.table, *r.heatmaps.values()]:
+        assert sh.GetItemParent(sh.GetItemByDataNode(n)) == oblique_run["study"], n.GetName()
+
+
+def test_heatmaps_are_volumes_with_heat_colours_in_the_foreground(oblique_run):
+    r, node = oblique_run["result"], oblique_run["node"]
+    assert set(r.heatmaps) == {"probability", "gradcam"}
+    prob = r.heatmaps["probability"]
+    core_prob = read_image(r.run.folder / "probability.nrrd")
+    assert np.array_equal(slicer.util.arrayFromVolume(prob), core_prob.array)
+    assert np.allclose(prob.ijk_to_ras(), node.ijk_to_ras())
+    d = prob.GetDisplayNode()
+    assert d.GetColorNodeID() == "vtkMRMLColorTableNodeFileInferno.txt"
+    assert not d.GetAutoWindowLevel() and (d.GetWindowLevelMin(), d.GetWindowLevelMax()) == (0.0, 1.0)
+    assert d.GetApplyThreshold() == 1 and d.GetLowerThreshold() == sc.HEATMAP_DISPLAY_FLOOR
+    assert r.heatmaps["gradcam"].GetDisplayNode().GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    # the layers were set at the end of the run; the display tests below may change them again
+    assert np.array_equal(slicer.util.arrayFromVolume(r.heatmaps["gradcam"]), read_image(r.run.folder / "gradcam.nrrd").array)
+
+
+def test_table_node_holds_the_core_lesion_table_and_is_shown(oblique_run):
+    r = oblique_run["result"]
+    t = r.table
+    with open(r.run.folder / "lesions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:-1]  # the core's CSV without its total row
+    assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == list(COLUMNS)
+    assert t.GetNumberOfRows() == len(rows) == 1
+    assert t.column("lesion") == [1] and t.column("label") == [rows[0]["label"]]
+    for c in ("volume_ml", "centroid_r", "centroid_a", "centroid_s", "inside_r", "max_inplane_diameter_mm"):
+        assert t.column(c)[0] == pytest.approx(float(rows[0][c]), abs=1e-5), c
+    assert t.units["volume_ml"] == "mL" and t.units["volume_mm3"] == "mm3" and t.units["max_inplane_diameter_mm"] == "mm"
+    assert t.GetUseColumnTitleAsColumnHeader()
+    assert STANDIN.active_table_id == t.GetID() and STANDIN.layout_manager.has_table_view()
+
+
+def test_clicking_a_row_jumps_slices_and_3d_to_the_inside_point_in_ras(oblique_run):
+    r, logic = oblique_run["result"], oblique_run["logic"]
+    summary = json.loads((r.run.folder / "summary.json").read_text())
+    lesion = summary["lesions"][0]
+    ui = types_ui()
+    view = STANDIN.layout_manager.tableWidget(0).tableView()
+    view.setMRMLTableNode(r.table)
+    view.connect("selectionChanged()", lambda: logic.jump_to_table_row(r, view.selectionModel().selectedIndexes()[0].row()))
+    view.click_row(0)
+    expected = (lesion["inside_r"], lesion["inside_a"], lesion["inside_s"])
+    assert STANDIN.scene.jumps[-1][:3] == pytest.approx(expected, abs=1e-6)
+    assert STANDIN.scene.jumps[-1][3] == slicer.vtkMRMLSliceNode.CenteredJumpSlice
+    assert STANDIN.scene.camera.GetFocalPoint() == pytest.approx(expected, abs=1e-6)
+    # the inside point is a lesion voxel of the segmentation
+    ijk = np.rint(np.linalg.inv(oblique_run["node"].ijk_to_ras()) @ np.array([*expected, 1.0]))[:3].astype(int)
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(1), oblique_run["node"])
+    assert mask[ijk[2], ijk[1], ijk[0]] == 1
+    del ui
+
+
+def types_ui():
+    return None
+
+
+def test_jump_goes_through_the_input_parent_transform(oblique_run):
+    r, logic = oblique_run["result"], oblique_run["logic"]
+    tnode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    tnode.matrix[:3, 3] = (10.0, -5.0, 2.5)
+    r.segmentation.SetAndObserveTransformNodeID(tnode.GetID())
+    try:
+        point = logic.jump_to_lesion(r, 1)
+    finally:
+        r.segmentation.SetAndObserveTransformNodeID(None)
+    row = r.lesions.rows[0]
+    assert point == pytest.approx((row["inside_r"] + 10.0, row["inside_a"] - 5.0, row["inside_s"] + 2.5))
+
+
+def test_live_threshold_rederives_segmentation_and_table_without_a_new_run(oblique_run, tmp_path):
+    r, logic, node = oblique_run["result"], oblique_run["logic"], oblique_run["node"]
+    folder_files = sorted(p.name for p in r.run.folder.iterdir())
+    for t in (0.9, 0.2, r.run.threshold):
+        logic.set_threshold(r, t)
+        expected = rederive_run(load_run(r.run.folder), r.bundle, t, intensity=oblique_run["image"])
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(1), node)
+        assert np.array_equal(mask, (expected.labels.array > 0).astype(np.uint8)), t
+        assert r.table.column("voxels") == [row["voxels"] for row in expected.table.rows]
+    assert sorted(p.name for p in r.run.folder.iterdir()) == folder_files  # no new run, no new files
+    # back at the run's threshold the segmentation is the run's own
+    core = read_image(r.run.folder / "segmentation.nii.gz")
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(1), node),
+                          (core.array > 0).astype(np.uint8))
+
+
+def test_export_table_and_export_all_write_the_cli_files(oblique_run, tmp_path):
+    r, logic = oblique_run["result"], oblique_run["logic"]
+    logic.export_table(r, str(tmp_path / "t.csv"))
+    logic.export_table(r, str(tmp_path / "t.tsv"))
+    assert (tmp_path / "t.csv").read_text() == (r.run.folder / "lesions.csv").read_text()
+    assert (tmp_path / "t.tsv").read_text() == (r.run.folder / "lesions.tsv").read_text()
+    logic.export_all(r, str(tmp_path / "all"))
+    written = {p.name for p in (tmp_path / "all").iterdir()}
+    assert written == {p.name for p in r.run.folder.iterdir()} and written <= set(CONTRACT_FILES)
+    with pytest.raises(Exception, match="already holds outputs"):
+        logic.export_all(r, str(tmp_path / "all"))
+
+
+def test_cancel_stops_within_a_second_and_leaves_the_scene_as_it_was(tmp_path):
+    node, _, _ = add_head(shape_kji=(48, 200, 200), spacing=(0.6, 0.6, 2.0))
+    before = list(STANDIN.scene.nodes)
+    logic = SegmentationLogic(dependency_check=lambda: True)
+    state = {}
+    logic.progress.connect(lambda ev: state.setdefault("inference", ev["stage"] == "inference" and ev["fraction"] > 0 or None))
+    logic.cancelled.connect(lambda: state.setdefault("cancelled", __import__("time").monotonic()))
+    logic.start(RunRequest([node], "tiny-blob", SegmentParams(device="cpu", heatmaps=())))
+    work = logic._pending[-1]
+    assert STANDIN.run_until(lambda: state.get("inference"), 120)
+    import time
+
+    t0 = time.monotonic()
+    logic.cancel()
+    assert STANDIN.run_until(lambda: "cancelled" in state, 5)
+    assert state["cancelled"] - t0 < 1.2  # worker gone within 1 s (+ one 100 ms poll)
+    assert list(STANDIN.scene.nodes) == before and not logic.is_running()
+    assert not Path(work).exists()
+
+
+def test_wrong_number_of_inputs_is_a_clear_error_before_any_run():
+    node, _, _ = add_head()
+    logic = SegmentationLogic(dependency_check=lambda: True)
+    with pytest.raises(Exception, match=r"expects 1 input volume\(s\) \(CT\), got 2"):
+        logic.start(RunRequest([node, node], "tiny-blob", CPU))
+    assert not logic.is_running()
+
+
+def test_roi_restricts_the_run_and_results_land_on_the_full_grid():
+    node, image, blob = add_head()
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    ras = image.ijk_to_ras_points(np.argwhere(blob)[:, ::-1])
+    lo, hi = ras.min(0) - 6, ras.max(0) + 6
+    roi.bounds = [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]]
+    logic = SegmentationLogic(dependency_check=lambda: True)
+    out = run_logic(logic, RunRequest([node], "tiny-blob", SegmentParams(device="cpu", heatmaps=()), roi_node=roi))
+    r = out["result"]
+    cropped = read_image(r.run.folder / "probability.nrrd")
+    assert cropped.array.size < image.array.size / 4  # the worker only saw the box
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(1), node).astype(bool)
+    assert mask.shape == image.array.shape and 2 * (mask & blob).sum() / (mask.sum() + blob.sum()) > 0.8
+    row = r.lesions.rows[0]
+    centroid_ijk = np.argwhere(mask)[:, ::-1].mean(0)
+    assert (row["centroid_i"], row["centroid_j"], row["centroid_k"]) == pytest.approx(tuple(centroid_ijk), abs=1e-6)
+    assert slicer.util.arrayFromVolume(r.heatmaps["probability"]).shape == image.array.shape
+
+
+def test_rerun_into_a_chosen_segmentation_updates_it_and_reuses_result_nodes():
+    node, _, _ = add_head()
+    logic = SegmentationLogic(dependency_check=lambda: True)
+    first = run_logic(logic, RunRequest([node], "tiny-blob", SegmentParams(device="cpu", heatmaps=())))["result"]
+    seg = first.segmentation
+    user_sid = seg.GetSegmentation().AddEmptySegment("mine", "my segment", [0, 1, 0])
+    n_nodes = len(STANDIN.scene.user_nodes())
+    second = run_logic(logic, RunRequest([node], "tiny-blob", SegmentParams(device="cpu", threshold=0.9, heatmaps=()),
+                                         output_segmentation=seg))["result"]
+    assert second.segmentation is seg and second.table is first.table
+    assert second.heatmaps["probability"] is first.heatmaps["probability"]
+    assert len(STANDIN.scene.user_nodes()) == n_nodes  # nothing new
+    assert seg.GetSegmentation().GetSegment(user_sid) is not None  # the user's own segment is kept
+    core = read_image(second.run.folder / "segmentation.nii.gz")
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, sc.segment_id(1), node), (core.array > 0).astype(np.uint8))
+
+
+def test_overlay_layers_opacity_and_heatmap_switch(oblique_run):
+    r, logic, node = oblique_run["result"], oblique_run["logic"], oblique_run["node"]
+    logic.show_heatmap(r, "gradcam", 0.7)
+    assert STANDIN.foreground_ids() == {r.heatmaps["gradcam"].GetID()} and STANDIN.background_ids() == {node.GetID()}
+    logic.set_overlay_opacity(0.25)
+    assert STANDIN.foreground_opacities() == {0.25}
+
+
+# --- the panel ------------------------------------------------------------------------------------
+class ScriptedDialogs:
+    def __init__(self, answers=()):
+        self.answers = list(answers)
+        self.errors = []
+        self.confirms = []
+
+    def error(self, text, details=""):
+        self.errors.append(text)
+
+    def confirm(self, text):
+        self.confirms.append(text)
+        return self.answers.pop(0) if self.answers else True
+
+    def save_file(self, *a):
+        return self.answers.pop(0)
+
+    def directory(self, *a):
+        return self.answers.pop(0)
+
+    def model_source(self):
+        return self.answers.pop(0)
+
+
+def make_panel(logic=None, dialogs=None):
+    root = slicer.util.loadUI(str(resource_path("UI", "UNetSegment.ui")))
+    ui = slicer.util.childWidgetVariables(root)
+    root.setMRMLScene(slicer.mrmlScene)
+    logic = logic or SegmentationLogic(dependency_check=lambda: True)
+    return Panel(ui, logic, dialogs or ScriptedDialogs()), ui, logic
+
+
+def test_panel_defaults_and_tooltips_come_from_the_core_and_the_model_card():
+    add_head()
+    panel, ui, _ = make_panel()
+    d, b = SegmentParams(), load_bundle("tiny-blob")
+    assert ui.modelComboBox.currentText in panel.model_keys and panel.bundle is not None
+    panel.refresh_models(select="tiny-blob")
+    assert ui.deviceComboBox.currentText == d.device and ui.precisionComboBox.currentText == d.precision
+    assert ui.connectivityComboBox.currentText == str(d.connectivity)
+    assert ui.thresholdSlider.value == b.meta["threshold"] and ui.overlapSlider.value == b.meta["inference"]["overlap"]
+    assert ui.minLesionSpinBox.value == b.meta["inference"]["min_lesion_ml"] and ui.ttaCheckBox.checked == d.tta
+    assert ui.gradcamCheckBox.checked == ("gradcam" in d.heatmaps) and ui.uncertaintyCheckBox.checked == ("uncertainty" in d.heatmaps)
+    assert ui.thresholdSlider.toolTip == HELP["threshold"] and ui.deviceComboBox.toolTip == HELP["device"]
+    p = panel.parameters()
+    assert (p.device, p.precision, p.threshold, p.overlap, p.connectivity, p.tta, p.heatmaps) == \
+           (d.device, d.precision, b.meta["threshold"], b.meta["inference"]["overlap"], d.connectivity, d.tta, d.heatmaps)
+
+
+def test_panel_builds_one_selector_per_channel_titled_from_the_card_and_auto_filled():
+    node, _, _ = add_head("patient CT")
+    slicer.util.addVolumeFromArray(np.zeros((4, 4, 4), np.uint8), None, "labels", "vtkMRMLLabelMapVolumeNode")
+    panel, ui, _ = make_panel()
+    panel.refresh_models(select="tiny-blob")
+    form = ui.channelsWidget.layout()
+    assert [r[0] for r in form.rows] == ["CT:"]
+    assert panel.channel_selectors[0].currentNode() is node  # the labelmap is not offered
+    assert panel.channel_selectors[0].showChildNodeTypes is False
+
+
+def test_guess_channel_volumes_matches_names_then_newest():
+    class V:
+        def __init__(self, n):
+            self.n = n
+
+        def GetName(self):
+            return self.n
+
+    vols = [V("patient cbv"), V("Tmax map"), V("CBF"), V("other")]
+    got = guess_channel_volumes(["CBF", "CBV", "MTT", "Tmax"], vols)
+    assert [v.n for v in got] == ["CBF", "patient cbv", "other", "Tmax map"]
+
+
+def test_segment_is_disabled_with_a_reason_until_inputs_exist():
+    panel, ui, _ = make_panel()
+    panel.refresh_models(select="tiny-blob")
+    assert not ui.segmentButton.enabled and "Select an input volume for CT" in ui.segmentButton.toolTip
+    node, _, _ = add_head()
+    panel.channel_selectors[0].setCurrentNode(node)
+    assert ui.segmentButton.enabled and ui.segmentButton.text == "Segment"
+
+
+def test_panel_click_segment_runs_shows_results_and_row_click_jumps():
+    node, _, _ = add_head()
+    panel, ui, logic = make_panel()
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.gradcamCheckBox.checked = False
+    assert ui.segmentButton.click()
+    assert ui.segmentButton.text == "Cancel" and ui.segmentButton.enabled and not ui.inputsCollapsibleButton.enabled
+    seen = []
+    logic.progress.connect(lambda ev: seen.append((ev["stage"], ui.progressBar.value, ui.progressBar.format)))
+    assert STANDIN.run_until(lambda: panel.result is not None, 120)
+    assert ui.segmentButton.text == "Segment" and ui.resultsCollapsibleButton.enabled
+    assert seen and [v for _, v, _ in seen] == sorted(v for _, v, _ in seen)
+    assert any(f.startswith("3/5 inference") for _, _, f in seen)  # staged: step 3 of 5 without Grad-CAM
+    assert ui.lesionTableView.mrmlTableNode() is panel.result.table
+    assert ui.outputSegmentationSelector.currentNode() is panel.result.segmentation  # a re-run updates it
+    assert "1 lesion(s)" in ui.lesionSummaryLabel.text
+    assert ui.heatmapComboBox.count() == 1 and ui.heatmapComboBox.currentText == "Probability"
+    ui.lesionTableView.click_row(0)
+    row = panel.result.lesions.rows[0]
+    assert STANDIN.scene.jumps[-1][:3] == pytest.approx((row["inside_r"], row["inside_a"], row["inside_s"]))
+    # the layout's table view jumps too
+    STANDIN.layout_manager.tableWidget(0).tableView().setMRMLTableNode(panel.result.table)
+    STANDIN.scene.jumps.clear()
+    STANDIN.layout_manager.tableWidget(0).tableView().click_row(0)
+    assert len(STANDIN.scene.jumps) == 1
+    # opacity slider and live threshold slider
+    ui.opacitySlider.value = 0.8
+    assert STANDIN.foreground_opacities() == {0.8}
+    voxels_before = panel.result.table.column("voxels")[0]
+    ui.liveThresholdSlider.value = 0.95
+    assert STANDIN.run_until(lambda: panel.result.threshold == 0.95, 5)
+    assert panel.result.table.column("voxels")[0] < voxels_before and "0.95" in ui.lesionSummaryLabel.text
+    assert "done: 1 lesion(s)" in ui.logTextEdit.toPlainText()
+
+
+def test_panel_exports_through_file_dialogs(tmp_path):
+    node, _, _ = add_head()
+    dialogs = ScriptedDialogs([str(tmp_path / "lesions.tsv"), str(tmp_path / "all")])
+    panel, ui, logic = make_panel(dialogs=dialogs)
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(1)
+    ui.segmentButton.click()
+    assert STANDIN.run_until(lambda: panel.result is not None, 120)
+    ui.exportTableButton.click()
+    assert (tmp_path / "lesions.tsv").read_text().splitlines()[0].split("\t") == list(COLUMNS)
+    ui.exportAllButton.click()
+    assert {"segmentation.seg.nrrd", "summary.json", "report.png", "lesions.csv"} <= {p.name for p in (tmp_path / "all").iterdir()}
+    dialogs.answers = [str(tmp_path / "all"), False]  # exists: asked to replace, answer no
+    ui.exportAllButton.click()
+    assert "already holds" in dialogs.confirms[-1] and not dialogs.errors
+
+
+def test_panel_cancel_button_stops_the_run_and_scene_is_unchanged():
+    node, _, _ = add_head(shape_kji=(48, 200, 200), spacing=(0.6, 0.6, 2.0))
+    panel, ui, logic = make_panel()
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(1)
+    before = list(STANDIN.scene.nodes)
+    ui.segmentButton.click()
+    assert STANDIN.run_until(lambda: "inference" in ui.progressBar.format, 120)
+    ui.segmentButton.click()  # now "Cancel"
+    assert STANDIN.run_until(lambda: not logic.is_running(), 3)
+    assert ui.segmentButton.text == "Segment" and "Cancelled" in ui.statusLabel.text
+    assert list(STANDIN.scene.nodes) == before and panel.result is None
+
+
+class FakeLogic(SegmentationLogic):
+    """Real model handling, scripted run outcomes (the SlicerNNUnet pattern)."""
+
+    def __init__(self, outcomes):
+        super().__init__(dependency_check=lambda: True)
+        self.outcomes = list(outcomes)
+        self.requests = []
+        self._running = False
+
+    def is_running(self):
+        return self._running
+
+    def start(self, request):
+        self.requests.append(request)
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        self.failed(outcome)
+
+
+def test_out_of_gpu_memory_offers_cpu_and_reruns_there():
+    node, _, _ = add_head()
+    oom = {"kind": "OutOfMemoryError", "exit_code": 5, "offer_cpu": True, "message": "out of GPU memory"}
+    logic = FakeLogic([oom, {"kind": "CancelledError", "message": "x"}])
+    dialogs = ScriptedDialogs([True])
+    panel, ui, _ = make_panel(logic, dialogs)
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(2)  # cuda
+    ui.segmentButton.click()
+    assert "Run on the CPU instead" in dialogs.confirms[0]
+    assert [r.params.device for r in logic.requests] == ["cuda", "cpu"]
+
+
+def test_errors_show_a_dialog_and_go_to_the_log():
+    node, _, _ = add_head()
+    from UNetSegmentLib.errors import InputError
+
+    logic = FakeLogic([InputError("input CT covers only 3% of the volume", "register the series first")])
+    dialogs = ScriptedDialogs()
+    panel, ui, _ = make_panel(logic, dialogs)
+    panel.refresh_models(select="tiny-blob")
+    ui.segmentButton.click()
+    assert dialogs.errors and "covers only 3%" in dialogs.errors[0]
+    assert "[error]" in ui.logTextEdit.toPlainText()
+    for _ in range(600):
+        panel.append_log("info", "line")
+    assert len(ui.logTextEdit.lines) == 500  # capped
+
+
+def test_missing_dependencies_ask_before_anything_runs():
+    node, _, _ = add_head()
+    logic = SegmentationLogic(dependency_check=lambda: False)
+    panel, ui, _ = make_panel(logic)
+    panel.refresh_models(select="tiny-blob")
+    ui.segmentButton.click()
+    assert not logic.is_running() and "Packages missing" in ui.statusLabel.text
+
+
+def test_import_model_validates_and_selects_it(tmp_path, monkeypatch):
+    from conftest import write_bundle
+
+    monkeypatch.setenv("UNETSEGMENT_MODELS", str(tmp_path / "models"))
+    bundle = write_bundle(tmp_path / "b", channels=("CBF", "CBV", "MTT", "Tmax"))
+    dialogs = ScriptedDialogs([str(bundle), str(tmp_path / "missing")])
+    panel, ui, _ = make_panel(dialogs=dialogs)
+    ui.importModelButton.click()
+    assert ui.modelComboBox.currentText == "test-model"
+    assert [r[0] for r in ui.channelsWidget.layout().rows] == ["CBF:", "CBV:", "MTT:", "Tmax:"]
+    ui.importModelButton.click()
+    assert dialogs.errors and "not imported" in dialogs.errors[-1]
+
+
+# --- the module file and its self-test --------------------------------------------------------------
+def test_module_metadata_and_selftest_pass_under_the_standin():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
+    import UNetSegment as module
+
+    parent = type("Parent", (), {})()
+    m = module.UNetSegment(parent)
+    assert parent.title == "UNetSegment" and parent.categories == ["Segmentation"] and parent.dependencies == []
+    for word in ("Inputs", "Outputs", "Heatmaps", "Grad-CAM", "Probability", "Uncertainty", "5.10"):
+        assert word in parent.helpText
+    assert parent.acknowledgementText.strip() and parent.contributors
+    assert "UNetSegment" in slicer.selfTests
+    import time
+
+    t0 = time.monotonic()
+    slicer.selfTests["UNetSegment"]()
+    assert time.monotonic() - t0 < 60
+    widget = module.UNetSegmentWidget()
+    widget.setup()
+    assert widget.panel.bundle is not None and widget.ui.segmentButton.text == "Segment"
+    del m

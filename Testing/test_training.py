@@ -1,0 +1,93 @@
+"""Training machinery: a complete bundle, reproducibility, and resume after an interruption."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from UNetSegmentLib.bundle import load_bundle
+from UNetSegmentLib.evaluate import evaluate, format_table, hu_baseline, score_case
+from UNetSegmentLib.image import Image, make_ijk_to_ras
+from UNetSegmentLib.training import trainer
+from UNetSegmentLib.training.cases import build_cache, phantom_case, write_case_folder
+
+
+def _config(tmp: Path, steps=6) -> Path:
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "Resources" / "Training" / "ct-hemorrhage.yaml").read_text())
+    cfg["bundle"].update(name="phantom-test", patch_size=[64, 64], target_spacing=[1.0, 1.0, 1.0])
+    cfg["bundle"]["architecture"]["kwargs"].update(base_channels=4, depth=2)
+    cfg["data"].update(generator="phantom", train_cases=3, val_cases=1, train_seed=10, val_seed=500, cache_dir=str(tmp / "cache"))
+    cfg["train"].update(steps=steps, batch_size=2, crop=[32, 32], val_every=3, checkpoint_every=2, precision="fp32")
+    p = tmp / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_train_writes_a_valid_bundle_and_is_reproducible(tmp_path):
+    cfg = _config(tmp_path)
+    meta = trainer.train(cfg, tmp_path / "a", log=lambda m: None)
+    b = load_bundle(tmp_path / "a")
+    assert b.name == "phantom-test" and meta["training"]["steps"] == 6 and len(meta["training"]["history"]) == 2
+    b.build_network()
+    trainer.train(cfg, tmp_path / "b", log=lambda m: None)
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+    trainer.train(cfg, tmp_path / "straight", log=lambda m: None)
+    real_save = trainer._save_checkpoint
+    calls = []
+
+    def die_after_first_checkpoint(path, state):
+        real_save(path, state)
+        calls.append(state["step"])
+        if state["step"] == 4:
+            raise KeyboardInterrupt  # the process is killed right after the step-4 checkpoint
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", die_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg, tmp_path / "resumed", log=lambda m: None)
+    monkeypatch.setattr(trainer, "_save_checkpoint", real_save)
+    logs = []
+    trainer.train(cfg, tmp_path / "resumed", log=logs.append)
+    assert any("resumed from" in m and "step 4" in m for m in logs)
+    wa = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6) for k in wa)
+
+
+def test_score_case_definitions():
+    g = make_ijk_to_ras((1.0, 1.0, 1.0))
+    truth = np.zeros((10, 40, 40), np.uint8)
+    truth[2:6, 5:15, 5:15] = 1  # 400 mm3 = 0.4 mL, detected
+    truth[2:6, 25:35, 25:35] = 1  # missed
+    pred = np.zeros_like(truth)
+    pred[2:6, 6:15, 5:15] = 1
+    pred[8, 30:33, 2:5] = 1  # false lesion
+    r = score_case("c", Image(truth, g), Image(pred, g))
+    assert [l["detected"] for l in r.true_lesions] == [True, False]
+    assert r.false_lesions == 1
+    assert r.dice == pytest.approx(2 * 360 / (800 + 369))
+    assert r.true_lesions[0]["centroid_err_mm"] == pytest.approx(0.5)
+
+
+def test_evaluate_on_case_folders_with_baseline(tmp_path):
+    folder = tmp_path / "cases"
+    for seed in (3, 4, 5):
+        ch, lab = phantom_case(seed)
+        write_case_folder(folder / f"case-{seed}", ch, lab, ["CT"])
+    cfg = _config(tmp_path)
+    trainer.train(cfg, tmp_path / "m", log=lambda m: None)
+    res = evaluate(load_bundle(tmp_path / "m"), folder)
+    assert res["model_metrics"]["n_cases"] == 3 and "baseline" in res
+    text = format_table(res)
+    assert "HU baseline" in text and "Dice" in text
+    json.dumps(res, default=str)
+    base = hu_baseline(phantom_case(3)[0][0])
+    assert base.array.dtype == np.uint8

@@ -1,0 +1,163 @@
+"""The JSON-lines worker, for real: spawned with this Python on a synthetic head with tiny-blob."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from UNetSegmentLib.io.readers import read_image
+from UNetSegmentLib.io.writers import write_image
+from UNetSegmentLib.outputs import CONTRACT_FILES, STAGING_PREFIX
+from UNetSegmentLib.phantom import head_with_blob
+from UNetSegmentLib.worker import STAGES, ProgressReporter, error_event
+
+PKG_PARENT = Path(__file__).resolve().parents[1] / "UNetSegment"
+
+
+def spawn(tmp_path, image, params=None, stop=True, name="req"):
+    ct = tmp_path / f"{name}-ct.nrrd"
+    write_image(image, ct)
+    req = {"inputs": [str(ct)], "output_dir": str(tmp_path / f"{name}-out"), "model": "tiny-blob",
+           "params": params or {"device": "cpu"}, "overwrite": False,
+           "stop_file": str(tmp_path / f"{name}.stop") if stop else None}
+    (tmp_path / f"{name}.json").write_text(json.dumps(req))
+    proc = subprocess.Popen([sys.executable, "-m", "UNetSegmentLib.worker", "--request", str(tmp_path / f"{name}.json")],
+                            cwd=str(PKG_PARENT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, req
+
+
+def events_of(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def test_worker_runs_and_reports_progress_then_done(tmp_path):
+    image, blob = head_with_blob()
+    proc, req = spawn(tmp_path, image, {"device": "cpu", "heatmaps": ["gradcam"]})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    evs = events_of(out)  # every stdout line is a JSON event (libraries' prints go to stderr)
+    assert evs[0]["event"] == "started" and evs[-1]["event"] == "done"
+    progress = [e for e in evs if e["event"] == "progress"]
+    stages = [e["stage"] for e in progress]
+    seen = list(dict.fromkeys(stages))
+    assert seen == list(STAGES), seen  # load, preprocess, inference, gradcam, postprocess, write — in order
+    overall = [e["overall"] for e in progress]
+    assert overall == sorted(overall) and overall[-1] == 1.0
+    assert all(0.0 <= e["fraction"] <= 1.0 for e in progress)
+    assert any(e["eta_s"] is not None and e["eta_s"] >= 0 for e in progress if e["stage"] == "inference")
+    done = evs[-1]
+    assert done["output_dir"] == req["output_dir"]
+    files = set(os.listdir(req["output_dir"]))
+    assert {"segmentation.seg.nrrd", "segmentation.nii.gz", "probability.nrrd", "gradcam.nrrd", "lesions.csv",
+            "lesions.tsv", "report.png", "summary.json"} <= files <= set(CONTRACT_FILES)
+    summary = json.loads((Path(req["output_dir"]) / "summary.json").read_text())
+    assert done["summary"]["lesions"] == summary["lesions"] and len(summary["lesions"]) == 1
+    labels = read_image(Path(req["output_dir"]) / "segmentation.nii.gz").array > 0
+    assert 2 * (labels & blob).sum() / (labels.sum() + blob.sum()) > 0.8
+
+
+def test_worker_cancel_via_stop_file_exits_within_one_second_and_leaves_nothing(tmp_path):
+    image, _ = head_with_blob(shape_kji=(48, 200, 200), spacing=(0.6, 0.6, 2.0))  # many windows: a long inference
+    proc, req = spawn(tmp_path, image, {"device": "cpu", "heatmaps": []})
+    seen = []
+    for line in proc.stdout:
+        ev = json.loads(line)
+        seen.append(ev)
+        if ev["event"] == "progress" and ev["stage"] == "inference" and ev["fraction"] > 0:
+            break
+    assert seen and seen[-1]["stage"] == "inference", seen[-3:]
+    t0 = time.monotonic()
+    Path(req["stop_file"]).touch()
+    rest = proc.stdout.read()
+    code = proc.wait(timeout=10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"worker took {elapsed:.2f} s to stop"
+    last = events_of(rest)[-1]
+    assert code == 130 and last["event"] == "error" and last["kind"] == "CancelledError" and last["exit_code"] == 130
+    out = Path(req["output_dir"])
+    left = [p.name for p in out.iterdir()] if out.exists() else []
+    assert not [f for f in left if f in CONTRACT_FILES or f.startswith(STAGING_PREFIX)], left
+
+
+def test_worker_cancel_during_startup_is_also_fast(tmp_path):
+    """A stop request while torch is still being imported: the watcher's deadline ends the process."""
+    image, _ = head_with_blob(shape_kji=(8, 64, 64))
+    proc, req = spawn(tmp_path, image)
+    first = json.loads(proc.stdout.readline())
+    assert first["event"] == "started"
+    t0 = time.monotonic()
+    Path(req["stop_file"]).touch()
+    rest = proc.stdout.read()
+    code = proc.wait(timeout=10)
+    assert time.monotonic() - t0 < 1.0
+    assert code == 130 and events_of(rest)[-1]["kind"] == "CancelledError"
+    out = Path(req["output_dir"])
+    assert not out.exists() or not [p for p in out.iterdir() if p.name in CONTRACT_FILES]
+
+
+def test_worker_sigterm_cancels(tmp_path):
+    image, _ = head_with_blob(shape_kji=(48, 200, 200), spacing=(0.6, 0.6, 2.0))
+    proc, req = spawn(tmp_path, image, {"device": "cpu", "heatmaps": []}, stop=False)
+    for line in proc.stdout:
+        ev = json.loads(line)
+        if ev["event"] == "progress" and ev["stage"] == "inference":
+            break
+    t0 = time.monotonic()
+    proc.terminate()
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=10) == 130 and time.monotonic() - t0 < 1.0
+    assert events_of(rest)[-1]["kind"] == "CancelledError"
+
+
+def test_worker_input_error_is_one_event_with_the_cli_exit_code(tmp_path):
+    image, _ = head_with_blob(shape_kji=(8, 64, 64))
+    ct = tmp_path / "ct.nrrd"
+    write_image(image, ct)
+    req = {"inputs": [str(ct), str(ct)], "output_dir": str(tmp_path / "out"), "model": "tiny-blob", "params": {}}
+    (tmp_path / "r.json").write_text(json.dumps(req))
+    p = subprocess.run([sys.executable, "-m", "UNetSegmentLib.worker", "--request", str(tmp_path / "r.json")],
+                       cwd=str(PKG_PARENT), capture_output=True, text=True, timeout=120)
+    last = events_of(p.stdout)[-1]
+    assert p.returncode == 3 and last["event"] == "error" and last["kind"] == "InputError" and last["exit_code"] == 3
+    assert "expects 1 input" in last["message"] and last["fix"]
+
+
+def test_worker_rejects_unknown_parameters(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"inputs": ["x.nrrd"], "output_dir": str(tmp_path / "o"),
+                                                 "params": {"treshold": 0.3}}))
+    p = subprocess.run([sys.executable, "-m", "UNetSegmentLib.worker", "--request", str(tmp_path / "r.json")],
+                       cwd=str(PKG_PARENT), capture_output=True, text=True, timeout=60)
+    last = events_of(p.stdout)[-1]
+    assert p.returncode == 2 and last["kind"] == "UsageError" and "treshold" in last["message"]
+
+
+def test_error_event_out_of_memory_offers_cpu():
+    ev = error_event(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "cuda")
+    assert ev["kind"] == "OutOfMemoryError" and ev["exit_code"] == 5 and ev["offer_cpu"] is True
+    assert error_event(MemoryError("out of memory"), "cpu")["offer_cpu"] is False
+    missing = error_event(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    assert missing["kind"] == "MissingDependency" and missing["module"] == "torch"
+
+
+def test_progress_overall_is_monotonic_across_stages():
+    class Sink:
+        def __init__(self):
+            self.events = []
+
+        def emit(self, event, final=False, **f):
+            self.events.append(f)
+
+    sink = Sink()
+    r = ProgressReporter(sink, heatmaps=())
+    for stage in ("load", "preprocess", "inference", "postprocess", "done"):
+        for frac in (0.0, 0.5, 1.0):
+            r(stage, frac, "")
+    overall = [e["overall"] for e in sink.events]
+    assert overall == sorted(overall) and "gradcam" not in r.stages
+    assert sink.events[-1]["stage"] == "write"

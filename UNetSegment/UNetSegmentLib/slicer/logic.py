@@ -1,0 +1,320 @@
+"""The module's logic: run the worker on MRML volumes, load its outputs into the scene, and the
+interactive follow-ups (live threshold, jump to lesion, exports). Usable without the panel.
+
+Nothing is added to the scene before the worker reports ``done``; a cancelled or failed run leaves
+the scene as it was and removes its temporary folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ..bundle import Bundle, available_models, import_model, load_bundle
+from ..errors import InputError
+from ..image import Image
+from ..io.writers import write_image
+from ..lesions import LesionTable
+from ..params import SegmentParams
+from ..rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
+from ..roi import Box, box_from_ras_bounds, crop, uncrop
+from ..worker import error_event
+from . import scene
+from .process import ProcessProtocol, WorkerProcess
+from .signals import Signal
+from .volumes import image_from_volume
+
+HEATMAP_ORDER = ("probability", "gradcam", "uncertainty")
+
+
+@dataclass
+class RunRequest:
+    input_nodes: list  # one scalar volume node per model channel, in the model's order
+    model: str  # model name or bundle folder
+    params: SegmentParams = field(default_factory=SegmentParams)
+    roi_node: object | None = None  # vtkMRMLMarkupsROINode restricting the run
+    output_segmentation: object | None = None  # existing node to update; None: create one
+
+
+@dataclass
+class RunResult:
+    """One finished run and the nodes showing it."""
+
+    request: RunRequest
+    bundle: Bundle
+    run: RunOutputs  # on the first input's full grid
+    inputs: list[Image]  # the inputs as read from the scene (for intensity statistics, export)
+    input_paths: list[str]
+    work_dir: Path
+    roi_box: Box | None
+    segmentation: object = None
+    heatmaps: dict = field(default_factory=dict)  # kind -> volume node
+    table: object = None
+    lesions: LesionTable | None = None  # what the table node shows
+    threshold: float = 0.5
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def reference_volume(self):
+        return self.request.input_nodes[0]
+
+
+class SegmentationLogicProtocol(Protocol):
+    """What the panel needs from a logic (tests hand it a fake)."""
+
+    progress: Signal
+    log: Signal
+    finished: Signal
+    failed: Signal
+    cancelled: Signal
+
+    def available_models(self) -> dict: ...
+    def load_model(self, name_or_path: str) -> Bundle: ...
+    def import_model(self, path: str) -> Bundle: ...
+    def ensure_dependencies(self) -> bool: ...
+    def start(self, request: RunRequest) -> None: ...
+    def cancel(self) -> None: ...
+    def is_running(self) -> bool: ...
+    def set_threshold(self, result: RunResult, threshold: float) -> None: ...
+    def show_heatmap(self, result: RunResult, kind: str, opacity: float) -> None: ...
+    def set_overlay_opacity(self, opacity: float) -> None: ...
+    def jump_to_table_row(self, result: RunResult, row: int): ...
+    def export_table(self, result: RunResult, path: str) -> None: ...
+    def export_all(self, result: RunResult, folder: str, overwrite: bool = False) -> dict: ...
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text) or "input"
+
+
+class SegmentationLogic:
+    """Runs segmentations in a worker process; see the module docstring."""
+
+    def __init__(self, process_factory: Callable[[Callable, Callable], ProcessProtocol] | None = None,
+                 dependency_check: Callable[[], bool] | None = None):
+        self.progress = Signal("dict")  # worker progress events
+        self.log = Signal("str", "str")  # level, message
+        self.finished = Signal("RunResult")
+        self.failed = Signal("dict")  # worker error event fields
+        self.cancelled = Signal()
+        self.process_factory = process_factory or (lambda on_event, on_finished: WorkerProcess(on_event, on_finished))
+        self._dependency_check = dependency_check
+        self._bundles: dict[str, Bundle] = {}
+        self._pending = None
+        self._process: ProcessProtocol | None = None
+        self._done_event: dict | None = None
+        self._error_event: dict | None = None
+        self._cancel_requested = False
+        self.last_result: RunResult | None = None
+
+    # --- models -----------------------------------------------------------------------------
+    def available_models(self) -> dict:
+        return available_models()
+
+    def load_model(self, name_or_path: str) -> Bundle:
+        key = str(name_or_path)
+        if key not in self._bundles:
+            self._bundles[key] = load_bundle(key)
+        return self._bundles[key]
+
+    def import_model(self, path: str) -> Bundle:
+        b = import_model(path, overwrite=True)
+        self._bundles.pop(b.name, None)
+        return b
+
+    def ensure_dependencies(self) -> bool:
+        if self._dependency_check is not None:
+            return self._dependency_check()
+        from .install import ensure_dependencies
+
+        return ensure_dependencies()
+
+    # --- running ----------------------------------------------------------------------------
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.is_running()
+
+    def start(self, request: RunRequest) -> None:
+        """Write the inputs to a temporary folder and start the worker (returns at once)."""
+        import slicer
+
+        if self.is_running():
+            raise RuntimeError("a segmentation is already running")
+        bundle = self.load_model(request.model)
+        channels = bundle.channel_names
+        nodes = list(request.input_nodes)
+        if len(nodes) != len(channels) or any(n is None for n in nodes):
+            given = sum(n is not None for n in nodes)
+            raise InputError(f"model {bundle.name} expects {len(channels)} input volume(s) ({', '.join(channels)}), "
+                             f"got {given}", "pick one volume per channel")
+        images = [image_from_volume(n) for n in nodes]
+        box = None
+        if request.roi_node is not None:
+            bounds = [0.0] * 6
+            request.roi_node.GetRASBounds(bounds)
+            box = box_from_ras_bounds(images[0], bounds)
+        work = Path(slicer.util.tempDirectory("UNetSegment-"))
+        paths = []
+        for i, (img, ch) in enumerate(zip(images, channels)):
+            p = work / f"input{i}-{_safe_name(ch)}.nrrd"
+            write_image(crop(img, box) if (box is not None and i == 0) else img, p, compress=False)
+            paths.append(str(p))
+        out, stop = work / "out", work / "stop"
+        req = {"inputs": paths, "output_dir": str(out), "model": str(bundle.root), "params": request.params.as_dict(),
+               "overwrite": False, "stop_file": str(stop)}
+        (work / "request.json").write_text(json.dumps(req, indent=2), encoding="utf-8")
+        self._pending = (request, bundle, images, paths, box, work)
+        self._done_event = self._error_event = None
+        self._cancel_requested = False
+        self.log("info", f"starting {bundle.name} on {', '.join(n.GetName() for n in nodes)}"
+                 + (f" within ROI {request.roi_node.GetName()}" if request.roi_node is not None else ""))
+        self._process = self.process_factory(self._on_event, self._on_finished)
+        self._process.start(str(work / "request.json"), str(stop))
+
+    def cancel(self) -> None:
+        """Ask the worker to stop; ``cancelled`` is emitted once it has exited (within ~1 s)."""
+        if self.is_running():
+            self._cancel_requested = True
+            self.log("info", "cancelling…")
+            self._process.stop()
+
+    def _on_event(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "progress":
+            self.progress(ev)
+        elif kind == "log":
+            self.log(ev.get("level", "info"), ev.get("message", ""))
+        elif kind == "started":
+            self.log("info", f"worker started (pid {ev.get('pid')}, Python {ev.get('python', '?')})")
+        elif kind == "done":
+            self._done_event = ev
+        elif kind == "error":
+            self._error_event = ev
+
+    def _on_finished(self, code: int) -> None:
+        pending, self._pending = self._pending, None
+        self._process = None
+        request, bundle, images, paths, box, work = pending
+        if self._cancel_requested or (self._error_event or {}).get("kind") == "CancelledError":
+            shutil.rmtree(work, ignore_errors=True)
+            self.log("info", "cancelled; the scene was not changed")
+            self.cancelled()
+            return
+        if self._done_event is None:
+            shutil.rmtree(work, ignore_errors=True)
+            ev = self._error_event or {"kind": "InternalError", "exit_code": code,
+                                       "message": f"the worker exited with status {code} without a result"}
+            self.log("error", ev.get("message", ""))
+            self.failed(ev)
+            return
+        try:
+            result = self._load(request, bundle, images, paths, box, work, Path(self._done_event["output_dir"]))
+        except Exception as e:  # noqa: BLE001 - shown to the user as one error
+            ev = error_event(e, request.params.device)
+            self.log("error", ev["message"])
+            self.failed(ev)
+            return
+        self.last_result = result
+        t = result.summary.get("timings_s", {}).get("total_s")
+        self.log("info", f"done: {result.lesions.n_lesions} lesion(s), {result.lesions.total_volume_ml:.2f} mL"
+                 + (f" in {t:.1f} s" if t else ""))
+        self.finished(result)
+
+    # --- loading into the scene ---------------------------------------------------------------
+    def _load(self, request, bundle, images, paths, box, work, out_dir) -> RunResult:
+        run = load_run(out_dir)
+        full = images[0]
+        if box is not None:  # put the ROI run back on the input's grid
+            run = dataclasses.replace(
+                run, labels=uncrop(run.labels, full, box), probability=uncrop(run.probability, full, box),
+                heatmaps={k: uncrop(v, full, box) for k, v in run.heatmaps.items()})
+        result = RunResult(request, bundle, run, images, paths, work, box, threshold=run.threshold, summary=run.summary)
+        if box is not None:  # the worker's table indexes the crop: measure again on the full grid
+            derived = rederive_run(run, bundle, run.threshold, intensity=full)
+            labels, lesions = derived.labels, derived.table
+        else:
+            labels, lesions = run.labels, table_from_summary(run.summary)
+        created = []
+        try:
+            self._show(result, labels, lesions, created)
+        except Exception:
+            import slicer
+
+            for node in created:
+                slicer.mrmlScene.RemoveNode(node)
+            raise
+        return result
+
+    def _show(self, result: RunResult, labels: Image, lesions: LesionTable, created: list) -> None:
+        ref = result.reference_volume
+        base = f"{ref.GetName()} {result.bundle.name}"
+        seg = result.request.output_segmentation
+        is_new = seg is None
+        seg = scene.update_segmentation(seg, labels, result.bundle.labels, ref, f"{base} segmentation")
+        if is_new:
+            created.append(seg)
+        maps = {"probability": result.run.probability, **result.run.heatmaps}
+        for kind in HEATMAP_ORDER:
+            if kind not in maps:
+                continue
+            role = scene.REF_ROLE.format(kind)
+            old = None if is_new else seg.GetNodeReference(role)
+            node = scene.update_heatmap(old, maps[kind], kind, f"{base} {kind}")
+            if old is None:
+                created.append(node)
+            seg.SetNodeReferenceID(role, node.GetID())
+            result.heatmaps[kind] = node
+        old_table = None if is_new else seg.GetNodeReference(scene.REF_ROLE.format("table"))
+        table = scene.update_table(old_table, lesions, f"{base} lesions")
+        if old_table is None:
+            created.append(table)
+        seg.SetNodeReferenceID(scene.REF_ROLE.format("table"), table.GetID())
+        for node in [seg, table, *result.heatmaps.values()]:
+            scene.place_in_study(node, ref)
+        for node in [seg, *result.heatmaps.values()]:
+            scene.follow_input_transform(node, ref)
+        result.segmentation, result.table, result.lesions = seg, table, lesions
+        scene.show_overlay(ref, result.heatmaps["probability"], 0.5)
+        scene.show_table(table)
+
+    # --- after a run ----------------------------------------------------------------------------
+    def set_threshold(self, result: RunResult, threshold: float) -> None:
+        """Re-derive segmentation and table from the probability map at ``threshold`` (no new run)."""
+        derived = rederive_run(result.run, result.bundle, float(threshold), intensity=result.inputs[0])
+        scene.update_segmentation(result.segmentation, derived.labels, result.bundle.labels, result.reference_volume,
+                                  result.segmentation.GetName())
+        scene.update_table(result.table, derived.table, result.table.GetName())
+        result.lesions, result.threshold = derived.table, float(threshold)
+
+    def show_heatmap(self, result: RunResult, kind: str, opacity: float) -> None:
+        scene.show_overlay(result.reference_volume, result.heatmaps.get(kind), opacity)
+
+    def set_overlay_opacity(self, opacity: float) -> None:
+        scene.set_overlay_opacity(opacity)
+
+    def jump_to_lesion(self, result: RunResult, lesion_id: int):
+        p = scene.lesion_point(result.lesions, lesion_id)
+        return None if p is None else scene.jump_to(p, result.segmentation)
+
+    def jump_to_table_row(self, result: RunResult, row: int):
+        lesion_id = scene.lesion_id_of_row(result.table, row)
+        return None if lesion_id is None else self.jump_to_lesion(result, lesion_id)
+
+    def export_table(self, result: RunResult, path: str) -> None:
+        """The shown table as CSV (``.csv``) or TSV (``.tsv``/``.txt``), with the total row, as the CLI writes it."""
+        if str(path).lower().endswith((".tsv", ".txt")):
+            result.lesions.write_tsv(path)
+        else:
+            result.lesions.write_csv(path)
+
+    def export_all(self, result: RunResult, folder: str, overwrite: bool = False) -> dict:
+        """The CLI's file set for what is shown (current threshold) into ``folder``."""
+        return export_run(result.run, folder, bundle=result.bundle, threshold=result.threshold, inputs=result.inputs,
+                          input_paths=result.input_paths, overwrite=overwrite, rewrite=result.roi_box is not None)
+
+    def discard(self, result: RunResult) -> None:
+        """Forget a result's temporary folder (its nodes stay in the scene)."""
+        shutil.rmtree(result.work_dir, ignore_errors=True)

@@ -1,0 +1,447 @@
+"""The module panel's behaviour, on top of the widgets loaded from ``Resources/UI/UNetSegment.ui``.
+
+:class:`Panel` gets the ``ui`` namespace (``slicer.util.childWidgetVariables``), a logic that
+follows :class:`~.logic.SegmentationLogicProtocol` and a :class:`Dialogs`; tests pass fakes for
+the last two. Run parameters, their defaults and tooltips come from the core's
+:class:`~UNetSegmentLib.params.SegmentParams`/``HELP`` (the CLI's flags) and the model card.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import UNetSegmentError
+from ..inference import PRECISIONS
+from ..outputs import CONTRACT_FILES
+from ..params import HEATMAP_KINDS, HELP, SegmentParams
+from ..worker import STAGES, error_event
+from .logic import RunRequest, RunResult, SegmentationLogicProtocol
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CONNECTIVITIES = (26, 6)
+LIVE_THRESHOLD_DELAY_MS = 150
+LOG_MAX_LINES = 500
+HEATMAP_TITLES = {"probability": "Probability", "gradcam": "Grad-CAM", "uncertainty": "Uncertainty"}
+
+
+def guess_channel_volumes(channels: Sequence[str], volumes: Sequence) -> list:
+    """Pick a scene volume for each channel: a name containing the channel's name, else the newest unused."""
+    chosen, used = [], set()
+    for ch in channels:
+        pat = re.compile(rf"(^|[^A-Za-z0-9]){re.escape(ch)}([^A-Za-z0-9]|$)", re.IGNORECASE)
+        match = next((v for v in volumes if id(v) not in used and pat.search(v.GetName() or "")), None)
+        if match is None:
+            match = next((v for v in reversed(list(volumes)) if id(v) not in used), None)
+        if match is not None:
+            used.add(id(match))
+        chosen.append(match)
+    return chosen
+
+
+class Dialogs:
+    """Message boxes and file pickers (Slicer's in the module; scripted answers in tests)."""
+
+    def error(self, text: str, details: str = "") -> None:
+        import slicer
+
+        slicer.util.errorDisplay(text, windowTitle="UNetSegment", detailedText=details)
+
+    def confirm(self, text: str) -> bool:
+        import slicer
+
+        return bool(slicer.util.confirmYesNoDisplay(text, windowTitle="UNetSegment"))
+
+    def save_file(self, title: str, default: str, filters: str) -> str:
+        import qt
+
+        return qt.QFileDialog.getSaveFileName(None, title, default, filters) or ""
+
+    def directory(self, title: str) -> str:
+        import qt
+
+        return qt.QFileDialog.getExistingDirectory(None, title) or ""
+
+    def model_source(self) -> str:
+        import qt
+
+        path = qt.QFileDialog.getOpenFileName(None, "Import model: pick model.json of a bundle folder, or a bundle .zip",
+                                              "", "Model bundle (model.json *.zip)") or ""
+        return str(Path(path).parent) if path.endswith("model.json") else path
+
+
+class Panel:
+    def __init__(self, ui, logic: SegmentationLogicProtocol, dialogs: Dialogs | None = None):
+        self.ui = ui
+        self.logic = logic
+        self.dialogs = dialogs or Dialogs()
+        self.bundle = None
+        self.model_keys: list[str] = []
+        self.channel_selectors: list = []
+        self.result: RunResult | None = None
+        self.last_request: RunRequest | None = None
+        self.layout_table_view = None
+        self._live_timer = None
+        self._setup_controls()
+        logic.progress.connect(self.on_progress)
+        logic.log.connect(self.append_log)
+        logic.finished.connect(self.on_finished)
+        logic.failed.connect(self.on_failed)
+        logic.cancelled.connect(self.on_cancelled)
+        self.refresh_models()
+
+    # --- setup --------------------------------------------------------------------------------
+    def _setup_controls(self) -> None:
+        ui, d = self.ui, SegmentParams()
+        for combo, items, value in ((ui.deviceComboBox, DEVICES, d.device), (ui.precisionComboBox, PRECISIONS, d.precision),
+                                    (ui.connectivityComboBox, [str(c) for c in CONNECTIVITIES], str(d.connectivity))):
+            combo.clear()
+            for it in items:
+                combo.addItem(it)
+            combo.setCurrentIndex(list(items).index(value))
+        ui.deviceComboBox.toolTip = HELP["device"]
+        ui.precisionComboBox.toolTip = HELP["precision"]
+        ui.connectivityComboBox.toolTip = HELP["connectivity"]
+        ui.thresholdSlider.toolTip = HELP["threshold"]
+        ui.overlapSlider.toolTip = HELP["overlap"]
+        ui.ttaCheckBox.toolTip = HELP["tta"]
+        ui.minLesionSpinBox.toolTip = HELP["min_lesion_ml"]
+        ui.ttaCheckBox.checked = d.tta
+        self.heatmap_boxes = {"gradcam": ui.gradcamCheckBox, "uncertainty": ui.uncertaintyCheckBox}
+        assert set(self.heatmap_boxes) == set(HEATMAP_KINDS)
+        for kind, box in self.heatmap_boxes.items():
+            box.checked = kind in d.heatmaps
+            box.toolTip = HELP["heatmaps"]
+        ui.logTextEdit.maximumBlockCount = LOG_MAX_LINES
+        ui.progressBar.visible = False
+        ui.resultsCollapsibleButton.enabled = False
+        ui.modelComboBox.connect("currentIndexChanged(int)", self.on_model_changed)
+        ui.importModelButton.connect("clicked()", self.on_import_model)
+        ui.segmentButton.connect("clicked()", self.on_segment_clicked)
+        ui.heatmapComboBox.connect("currentIndexChanged(int)", self.on_heatmap_changed)
+        ui.opacitySlider.connect("valueChanged(double)", self.on_opacity_changed)
+        ui.liveThresholdSlider.connect("valueChanged(double)", self.on_live_threshold_changed)
+        ui.lesionTableView.connect("selectionChanged()", lambda: self.on_table_selection(self.ui.lesionTableView))
+        ui.exportTableButton.connect("clicked()", self.on_export_table)
+        ui.exportAllButton.connect("clicked()", self.on_export_all)
+
+    def refresh_models(self, select: str | None = None) -> None:
+        models = self.logic.available_models()
+        self.model_keys = list(models)
+        combo = self.ui.modelComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for name in self.model_keys:
+            combo.addItem(name)
+        combo.blockSignals(False)
+        if self.model_keys:
+            preferred = select if select in self.model_keys else self.model_keys[0]
+            combo.setCurrentIndex(self.model_keys.index(preferred))
+            self.on_model_changed(self.model_keys.index(preferred))
+        else:
+            self.bundle = None
+            self.update_state()
+
+    # --- model and inputs ---------------------------------------------------------------------
+    def on_model_changed(self, index: int) -> None:
+        self.bundle = None
+        if 0 <= index < len(self.model_keys):
+            try:
+                self.bundle = self.logic.load_model(self.model_keys[index])
+            except UNetSegmentError as e:
+                self.show_error(str(e))
+        self._build_channel_selectors()
+        self._apply_model_defaults()
+        self.update_state()
+
+    def _build_channel_selectors(self) -> None:
+        import slicer
+
+        form = self.ui.channelsWidget.layout()
+        while form.rowCount() > 0:
+            form.removeRow(0)
+        self.channel_selectors = []
+        if self.bundle is None:
+            return
+        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        guesses = guess_channel_volumes(self.bundle.channel_names, volumes)
+        for spec, guess in zip(self.bundle.meta["inputs"], guesses):
+            combo = slicer.qMRMLNodeComboBox()
+            combo.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            combo.showChildNodeTypes = False  # no labelmaps
+            combo.noneEnabled = True
+            combo.addEnabled = False
+            combo.removeEnabled = False
+            combo.setMRMLScene(slicer.mrmlScene)
+            combo.toolTip = f"{spec['name']} volume ({spec.get('modality', '')}) for model {self.bundle.name}"
+            combo.setCurrentNode(guess)
+            combo.connect("currentNodeChanged(vtkMRMLNode*)", lambda *_: self.update_state())
+            form.addRow(f"{spec['name']}:", combo)
+            self.channel_selectors.append(combo)
+
+    def _apply_model_defaults(self) -> None:
+        """Advanced controls show the model's defaults (what the CLI uses when a flag is not given)."""
+        b = self.bundle
+        if b is None:
+            self.ui.modelInfoLabel.text = "No model: import one with 'Import model…'."
+            return
+        self.ui.thresholdSlider.value = float(b.meta["threshold"])
+        self.ui.overlapSlider.value = float(b.inference_default("overlap", 0.5))
+        self.ui.minLesionSpinBox.value = float(b.inference_default("min_lesion_ml", 0.0))
+        self.ui.ttaCheckBox.checked = bool(SegmentParams().tta or b.inference_default("tta", False))
+        self.ui.modelInfoLabel.text = (f"<b>{b.meta.get('title', b.name)}</b> ({b.name} {b.version}, {b.dimensions}) — "
+                                       f"inputs: {', '.join(b.channel_names)}; labels: "
+                                       f"{', '.join(l['name'] for l in b.labels)}. {b.meta.get('intended_use', '')}")
+
+    def on_import_model(self) -> None:
+        source = self.dialogs.model_source()
+        if not source:
+            return
+        try:
+            b = self.logic.import_model(source)
+        except UNetSegmentError as e:
+            self.show_error(f"The model was not imported: {e}")
+            return
+        self.append_log("info", f"imported model {b.name} {b.version}")
+        self.refresh_models(select=b.name)
+
+    def selected_inputs(self) -> list:
+        return [c.currentNode() for c in self.channel_selectors]
+
+    def parameters(self) -> SegmentParams:
+        """The run parameters as set in the panel (same fields and meaning as the CLI flags)."""
+        ui = self.ui
+        return SegmentParams(
+            device=ui.deviceComboBox.currentText,
+            precision=ui.precisionComboBox.currentText,
+            threshold=round(float(ui.thresholdSlider.value), 4),
+            min_lesion_ml=float(ui.minLesionSpinBox.value),
+            connectivity=int(ui.connectivityComboBox.currentText),
+            overlap=round(float(ui.overlapSlider.value), 4),
+            tta=bool(ui.ttaCheckBox.checked),
+            heatmaps=tuple(k for k in HEATMAP_KINDS if self.heatmap_boxes[k].checked),
+        )
+
+    def why_disabled(self) -> str:
+        """Why Segment cannot be clicked now ('' when it can)."""
+        if self.logic.is_running():
+            return ""
+        if self.bundle is None:
+            return "Choose a model (or import one with 'Import model…')."
+        missing = [ch for ch, c in zip(self.bundle.channel_names, self.channel_selectors) if c.currentNode() is None]
+        if missing:
+            return f"Select an input volume for {', '.join(missing)}."
+        nodes = self.selected_inputs()
+        if len({n.GetID() for n in nodes}) != len(nodes):
+            return "Each channel needs its own volume."
+        return ""
+
+    def update_state(self) -> None:
+        running = self.logic.is_running()
+        reason = self.why_disabled()
+        b = self.ui.segmentButton
+        b.text = "Cancel" if running else "Segment"
+        b.enabled = running or not reason
+        b.toolTip = ("Stop the run; the scene stays as it was" if running else
+                     reason or "Run the model on the selected volume(s) in a separate process")
+        for w in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
+            w.enabled = not running
+        self.ui.resultsCollapsibleButton.enabled = self.result is not None and not running
+
+    # --- run --------------------------------------------------------------------------------
+    def on_segment_clicked(self) -> None:
+        if self.logic.is_running():
+            self.logic.cancel()
+            self.ui.statusLabel.text = "Cancelling…"
+            return
+        reason = self.why_disabled()
+        if reason:
+            self.show_error(reason)
+            return
+        try:
+            if not self.logic.ensure_dependencies():
+                self.append_log("warning", "required Python packages are not installed; nothing was run")
+                self.ui.statusLabel.text = "Packages missing: click Segment again to install them."
+                return
+        except Exception as e:  # noqa: BLE001 - e.g. no PyTorch extension
+            self.show_error(str(e))
+            return
+        request = RunRequest(
+            input_nodes=self.selected_inputs(),
+            model=str(self.bundle.root),
+            params=self.parameters(),
+            roi_node=self.ui.roiSelector.currentNode(),
+            output_segmentation=self.ui.outputSegmentationSelector.currentNode(),
+        )
+        self.start(request)
+
+    def start(self, request: RunRequest) -> None:
+        try:
+            self.logic.start(request)
+        except Exception as e:  # noqa: BLE001 - input/geometry problems found before the run
+            ev = error_event(e, request.params.device)
+            self.append_log("error", ev["message"])
+            self.show_error(ev["message"])
+            self.update_state()
+            return
+        self.last_request = request
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.visible = True
+        self.ui.statusLabel.text = "Starting…"
+        self.update_state()
+
+    def on_progress(self, ev: dict) -> None:
+        stages = [s for s in STAGES if s != "gradcam" or self.last_request is None or "gradcam" in self.last_request.params.heatmaps]
+        stage = ev.get("stage", "")
+        n = stages.index(stage) + 1 if stage in stages else 0
+        self.ui.progressBar.value = int(round(100 * float(ev.get("overall", 0.0))))
+        self.ui.progressBar.format = f"{n}/{len(stages)} {stage} %p%"
+        eta = ev.get("eta_s")
+        self.ui.statusLabel.text = (f"Step {n} of {len(stages)}: {stage} {100 * float(ev.get('fraction', 0)):.0f}%"
+                                    + (f", about {eta:.0f} s left" if eta else ""))
+
+    def on_finished(self, result: RunResult) -> None:
+        import slicer
+
+        self.result = result
+        self.ui.progressBar.visible = False
+        ui = self.ui
+        ui.heatmapComboBox.blockSignals(True)
+        ui.heatmapComboBox.clear()
+        self.heatmap_kinds = list(result.heatmaps)
+        for kind in self.heatmap_kinds:
+            ui.heatmapComboBox.addItem(HEATMAP_TITLES.get(kind, kind))
+        ui.heatmapComboBox.setCurrentIndex(0)
+        ui.heatmapComboBox.blockSignals(False)
+        ui.liveThresholdSlider.blockSignals(True)
+        ui.liveThresholdSlider.value = result.threshold
+        ui.liveThresholdSlider.blockSignals(False)
+        ui.opacitySlider.blockSignals(True)
+        ui.opacitySlider.value = 0.5
+        ui.opacitySlider.blockSignals(False)
+        ui.lesionTableView.setMRMLScene(slicer.mrmlScene)
+        ui.lesionTableView.setMRMLTableNode(result.table)
+        if ui.outputSegmentationSelector.currentNode() is None:
+            ui.outputSegmentationSelector.setCurrentNode(result.segmentation)
+        self._connect_layout_table_view()
+        self._show_summary()
+        ui.statusLabel.text = "Done."
+        self.update_state()
+
+    def _connect_layout_table_view(self) -> None:
+        import slicer
+
+        lm = slicer.app.layoutManager()
+        tw = lm.tableWidget(0) if lm is not None else None
+        view = tw.tableView() if tw is not None else None
+        if view is not None and view is not self.layout_table_view:
+            view.connect("selectionChanged()", lambda: self.on_table_selection(view))
+            self.layout_table_view = view
+
+    def _show_summary(self) -> None:
+        t = self.result.lesions
+        self.ui.lesionSummaryLabel.text = (f"{t.n_lesions} lesion(s), total {t.total_volume_ml:.2f} mL at threshold "
+                                           f"{self.result.threshold:.2f}. Research use only — not for diagnosis.")
+
+    def on_failed(self, ev: dict) -> None:
+        self.ui.progressBar.visible = False
+        self.ui.statusLabel.text = "Failed."
+        self.update_state()
+        if ev.get("offer_cpu") and self.last_request is not None:
+            if self.dialogs.confirm(f"{ev.get('message', 'The GPU ran out of memory.')}\n\nRun on the CPU instead (slower)?"):
+                self.ui.deviceComboBox.setCurrentIndex(list(DEVICES).index("cpu"))
+                req = self.last_request
+                self.start(RunRequest(req.input_nodes, req.model, self.parameters(), req.roi_node, req.output_segmentation))
+            return
+        fix = ev.get("fix")
+        self.show_error(ev.get("message", "The segmentation failed."), details=f"Fix: {fix}" if fix else "")
+
+    def on_cancelled(self) -> None:
+        self.ui.progressBar.visible = False
+        self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+        self.update_state()
+
+    # --- results ------------------------------------------------------------------------------
+    def on_heatmap_changed(self, index: int) -> None:
+        if self.result is not None and 0 <= index < len(self.heatmap_kinds):
+            self.logic.show_heatmap(self.result, self.heatmap_kinds[index], float(self.ui.opacitySlider.value))
+
+    def on_opacity_changed(self, value: float) -> None:
+        if self.result is not None:
+            self.logic.set_overlay_opacity(float(value))
+
+    def on_live_threshold_changed(self, value: float) -> None:
+        """Coalesce slider moves: re-derive once the slider rests for a moment."""
+        import qt
+
+        if self.result is None:
+            return
+        if self._live_timer is None:
+            self._live_timer = qt.QTimer()
+            self._live_timer.setSingleShot(True)
+            self._live_timer.setInterval(LIVE_THRESHOLD_DELAY_MS)
+            self._live_timer.connect("timeout()", self.apply_live_threshold)
+        self._live_timer.start()
+
+    def apply_live_threshold(self) -> None:
+        if self.result is None:
+            return
+        value = round(float(self.ui.liveThresholdSlider.value), 4)
+        try:
+            self.logic.set_threshold(self.result, value)
+        except Exception as e:  # noqa: BLE001
+            self.show_error(f"Could not re-derive the segmentation: {e}")
+            return
+        self._show_summary()
+
+    def on_table_selection(self, view) -> None:
+        if self.result is None:
+            return
+        indexes = view.selectionModel().selectedIndexes()
+        if not indexes:
+            return
+        row = view.sortFilterProxyModel().mapToSource(indexes[0]).row()
+        point = self.logic.jump_to_table_row(self.result, row)
+        if point is not None:
+            self.ui.statusLabel.text = "Centred on lesion at R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
+
+    def on_export_table(self) -> None:
+        if self.result is None:
+            return
+        path = self.dialogs.save_file("Export lesion table", "lesions.csv", "CSV (*.csv);;TSV (*.tsv)")
+        if not path:
+            return
+        try:
+            self.logic.export_table(self.result, path)
+        except Exception as e:  # noqa: BLE001
+            self.show_error(f"The table was not written: {e}")
+            return
+        self.append_log("info", f"wrote {path}")
+
+    def on_export_all(self) -> None:
+        if self.result is None:
+            return
+        folder = self.dialogs.directory("Export all outputs to folder")
+        if not folder:
+            return
+        overwrite = False
+        existing = [f for f in CONTRACT_FILES if (Path(folder) / f).exists()]
+        if existing:
+            if not self.dialogs.confirm(f"{folder} already holds {', '.join(existing)}. Replace them?"):
+                return
+            overwrite = True
+        try:
+            self.logic.export_all(self.result, folder, overwrite=overwrite)
+        except Exception as e:  # noqa: BLE001
+            self.show_error(f"Nothing was exported: {e}")
+            return
+        self.append_log("info", f"exported the file set to {folder}")
+
+    # --- feedback -----------------------------------------------------------------------------
+    def append_log(self, level: str, message: str) -> None:
+        for line in str(message).rstrip().splitlines() or [""]:
+            self.ui.logTextEdit.appendPlainText(f"[{level}] {line}" if level != "info" else line)
+
+    def show_error(self, text: str, details: str = "") -> None:
+        self.append_log("error", text)
+        self.dialogs.error(text, details)

@@ -1,0 +1,238 @@
+"""``unetsegment train --config CONFIG.yaml --output-dir DIR``: reproducible training to a complete bundle.
+
+Seeded; precision ``auto`` as in inference (bf16 autocast only on CPUs with AMX/AVX512-BF16, fp16
+on CUDA); CUDA when present; a progress bar with loss and validation Dice; a checkpoint (model,
+optimiser, scheduler, RNG states, step) written atomically every ``checkpoint_every`` steps, from
+which an interrupted run resumes; the best validation checkpoint becomes the bundle
+(``model.json`` + ``model.safetensors`` + ``MODEL_CARD.md``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ..bundle import sha256_file, validate_meta
+from ..errors import UsageError
+from ..inference import autocast_dtype, resolve_device, resolve_precision, sliding_window
+from ..networks import build_network, count_parameters
+from .cases import TRAINING, VALIDATION, build_cache
+
+
+def load_config(path: Path) -> dict:
+    try:
+        cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read config {path}: {e}", "give a YAML training config (see Resources/Training/)") from None
+    for key in ("bundle", "data", "train"):
+        if key not in cfg:
+            raise UsageError(f"config {path} lacks the '{key}' section", "see Resources/Training/ct-hemorrhage.yaml")
+    return cfg
+
+
+class _Sampler:
+    """Random 2D/2.5D training patches from cached network-grid cases, half of them centred on lesion."""
+
+    def __init__(self, files: list[Path], context: int, crop: tuple[int, int], rng: np.random.Generator, lesion_fraction: float):
+        self.cases = [np.load(f) for f in files]
+        self.cases = [(c["x"], c["y"]) for c in self.cases]
+        self.context, self.crop, self.rng, self.lesion_fraction = context, crop, rng, lesion_fraction
+        self.lesion_slices = [np.flatnonzero(y.reshape(y.shape[0], -1).any(1)) for _, y in self.cases]
+
+    def patch(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        n = int(rng.integers(len(self.cases)))
+        x, y = self.cases[n]
+        C, K, J, I = x.shape
+        want_lesion = rng.random() < self.lesion_fraction and self.lesion_slices[n].size
+        k = int(rng.choice(self.lesion_slices[n])) if want_lesion else int(rng.integers(K))
+        ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, K - 1)
+        xs = x[:, ks].reshape(C * len(ks), J, I)
+        ys = y[k]
+        ch, cw = self.crop
+        if want_lesion and ys.any():
+            jj, ii = np.nonzero(ys)
+            p = int(rng.integers(jj.size))
+            j0 = int(np.clip(jj[p] - rng.integers(ch // 4, 3 * ch // 4), 0, max(0, J - ch)))
+            i0 = int(np.clip(ii[p] - rng.integers(cw // 4, 3 * cw // 4), 0, max(0, I - cw)))
+        else:
+            j0 = int(rng.integers(max(1, J - ch + 1)))
+            i0 = int(rng.integers(max(1, I - cw + 1)))
+        xp = np.full((xs.shape[0], ch, cw), xs.min(), np.float32)
+        yp = np.zeros((ch, cw), np.int64)
+        sx = xs[:, j0 : j0 + ch, i0 : i0 + cw]
+        xp[:, : sx.shape[1], : sx.shape[2]] = sx
+        yp[: sx.shape[1], : sx.shape[2]] = ys[j0 : j0 + ch, i0 : i0 + cw]
+        if rng.random() < 0.5:  # left-right mirror
+            xp, yp = xp[:, :, ::-1], yp[:, ::-1]
+        return np.ascontiguousarray(xp), np.ascontiguousarray(yp)
+
+    def batch(self, n: int):
+        xs, ys = zip(*(self.patch() for _ in range(n)))
+        return np.stack(xs), np.stack(ys)
+
+
+def _dice_loss(logits, target):
+    import torch
+
+    p = torch.softmax(logits.float(), 1)[:, 1]
+    t = (target > 0).float()
+    inter = (p * t).sum()
+    return 1 - (2 * inter + 1) / (p.sum() + t.sum() + 1)
+
+
+def validate(net, files: list[Path], meta: dict, device, precision: str, every: int = 6) -> float:
+    """Mean Dice over validation cases, on the network grid, with the inference engine.
+
+    2D/2.5D models are scored on the slab around the lesion plus every ``every``-th other slice
+    (with their context slices), which keeps validation quick without hiding false positives.
+    """
+    dices = []
+    spatial = 3 if meta["dimensions"] == "3d" else 2
+    ctx = int(meta.get("context_slices", 0)) if meta["dimensions"] == "2.5d" else 0
+    net.eval()
+    for f in files:
+        d = np.load(f)
+        x, y = d["x"], d["y"]
+        if spatial == 2:
+            K = y.shape[0]
+            lesion = np.flatnonzero(y.reshape(K, -1).any(1))
+            keep = set(range(0, K, every)) | {int(k) for k in lesion}
+            ks = np.array(sorted(keep))
+            x = np.stack([x[:, np.clip(np.arange(k - ctx, k + ctx + 1), 0, K - 1)] for k in ks], 1)  # C, n, 2c+1, J, I
+            x = x.reshape(x.shape[0], len(ks) * (2 * ctx + 1), *x.shape[3:])
+            y = y[ks]
+            probs, _ = sliding_window(x, net, meta["patch_size"], spatial_dims=2, context=ctx, out_channels=2,
+                                      overlap=0.25, batch_size=8, device=device, precision=precision,
+                                      keep_window=lambda s: s[0] % (2 * ctx + 1) == ctx)
+            probs = probs[:, ctx :: 2 * ctx + 1]  # the centre slice of each stacked slab
+        else:
+            probs, _ = sliding_window(x, net, meta["patch_size"], spatial_dims=3, out_channels=2,
+                                      overlap=0.25, batch_size=2, device=device, precision=precision)
+        pred, truth = probs[1] >= meta["threshold"], y > 0
+        s = pred.sum() + truth.sum()
+        dices.append(1.0 if s == 0 else 2 * (pred & truth).sum() / s)
+    return float(np.mean(dices))
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(config_path: Path, output_dir: Path, log=print) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    cfg = load_config(config_path)
+    meta = copy.deepcopy(cfg["bundle"])
+    data, tc = cfg["data"], cfg["train"]
+    seed = int(tc.get("seed", 0))
+    output_dir = Path(output_dir)
+    work = output_dir / ".training"
+    work.mkdir(parents=True, exist_ok=True)
+    cache = Path(os.path.expandvars(data.get("cache_dir", str(work / "cache"))))
+    gen = data["generator"]
+    train_seeds = list(range(int(data["train_seed"]), int(data["train_seed"]) + int(data["train_cases"])))
+    val_seeds = list(range(int(data["val_seed"]), int(data["val_seed"]) + int(data["val_cases"])))
+    if set(train_seeds) & set(val_seeds):
+        raise UsageError("training and validation seeds overlap", "choose disjoint train_seed/val_seed ranges")
+    log(f"preparing {len(train_seeds)} training and {len(val_seeds)} validation cases in {cache}")
+    train_files = build_cache(gen, train_seeds, meta, cache / "train", TRAINING, log=log)
+    val_files = build_cache(gen, val_seeds, meta, cache / "val", VALIDATION, log=log)
+
+    device = resolve_device(tc.get("device", "auto"))
+    precision = resolve_precision(tc.get("precision", "auto"), device)
+    amp = autocast_dtype(precision)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    arch = meta["architecture"]
+    net = build_network(arch["name"], **arch["kwargs"]).to(device)
+    steps = int(tc["steps"])
+    opt = torch.optim.AdamW(net.parameters(), lr=float(tc.get("lr", 2e-3)), weight_decay=float(tc.get("weight_decay", 1e-4)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc.get("lr", 2e-3)), total_steps=steps, pct_start=0.1)
+    ckpt = work / "checkpoint.pt"
+    start, best, history = 0, -1.0, []
+    if ckpt.exists():
+        st = torch.load(ckpt, map_location=device, weights_only=False)  # our own file, written by this function
+        net.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        start, best, history = st["step"], st["best"], st["history"]
+        log(f"resumed from {ckpt} at step {start} (best validation Dice {best:.4f})")
+    ctx = int(meta.get("context_slices", 0)) if meta["dimensions"] == "2.5d" else 0
+    sampler = _Sampler(train_files, ctx, tuple(tc.get("crop", meta["patch_size"])), rng, float(tc.get("lesion_fraction", 0.6)))
+    bs = int(tc.get("batch_size", 12))
+    val_every = int(tc.get("val_every", 250))
+    ck_every = int(tc.get("checkpoint_every", 100))
+    t0 = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", dynamic_ncols=True, mininterval=5)
+    loss_avg = None
+    for step in bar:
+        net.train()
+        x, y = sampler.batch(bs)
+        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
+            logits = net(xt)
+        logits = logits[0] if isinstance(logits, (list, tuple)) else logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), yt) + _dice_loss(logits, yt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        done = step + 1
+        if done % val_every == 0 or done == steps:
+            d = validate(net, val_files, meta, device, precision)
+            history.append({"step": done, "loss": round(loss_avg, 4), "val_dice": round(d, 4), "minutes": round((time.time() - t0) / 60, 1)})
+            if d > best:
+                best = d
+                torch.save(net.state_dict(), work / "best.pt")
+            bar.set_postfix(loss=f"{loss_avg:.3f}", val_dice=f"{d:.3f}", best=f"{best:.3f}")
+            log(f"step {done}: loss {loss_avg:.4f}, validation Dice {d:.4f} (best {best:.4f})")
+        else:
+            bar.set_postfix(loss=f"{loss_avg:.3f}", best=f"{best:.3f}")
+        if done % ck_every == 0 or done == steps:
+            _save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": done,
+                                    "best": best, "history": history})
+    bar.close()
+    minutes = (time.time() - t0) / 60
+    state = torch.load(work / "best.pt", map_location="cpu", weights_only=True)
+    return write_bundle(output_dir, meta, state, cfg, history, best, minutes, device, precision, net)
+
+
+def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: list, best: float, minutes: float,
+                 device, precision: str, net) -> dict:
+    from safetensors.torch import save_file
+
+    wfile = output_dir / "model.safetensors"
+    tmp = output_dir / ".model.safetensors.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, wfile)
+    meta = copy.deepcopy(meta)
+    meta["architecture"]["parameters"] = count_parameters(net)
+    meta["weights"] = {"file": wfile.name, "sha256": sha256_file(wfile)}
+    meta["training"] = {
+        "generator": cfg["data"]["generator"], "train_cases": cfg["data"]["train_cases"], "val_cases": cfg["data"]["val_cases"],
+        "train_seed": cfg["data"]["train_seed"], "val_seed": cfg["data"]["val_seed"], "steps": cfg["train"]["steps"],
+        "batch_size": cfg["train"].get("batch_size", 12), "crop": cfg["train"].get("crop"), "seed": cfg["train"].get("seed", 0),
+        "best_val_dice_network_grid": round(best, 4), "minutes": round(minutes, 1), "device": str(device),
+        "precision": precision, "host": f"{platform.machine()} {os.cpu_count()} CPU(s)", "history": history,
+    }
+    validate_meta(meta, "generated model.json")
+    (output_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
