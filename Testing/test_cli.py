@@ -156,3 +156,31 @@ def test_contract_check_passes_with_the_default_model(tmp_path):
         pytest.fail(f"need {checker} and {exe} (run `make test`, which installs the CLI)")
     r = subprocess.run([sys.executable, str(checker), str(exe)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dicom_series_input_also_writes_a_dicom_seg(tmp_path):
+    from dicom_utils import write_ct_series
+
+    img, mask = ct_phantom(shape_kji=(10, 96, 96), spacing=(1.0, 1.0, 3.0))
+    folder = tmp_path / "series"
+    write_ct_series(img, folder)
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "-o", str(out), "--model", "tiny-blob", "-q", "--heatmap", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_lesions"] >= 1
+    assert summary["dicom_seg"] == {"file": "segmentation.dcm"}
+    import highdicom as hd
+
+    seg = hd.seg.segread(str(out / "segmentation.dcm"))
+    assert seg.SegmentSequence[0].SegmentLabel == "blob"
+    # a negative scan: no DICOM SEG, and the summary says why
+    neg, _ = ct_phantom(shape_kji=(10, 96, 96), spacing=(1.0, 1.0, 3.0), blob=False, seed=3)
+    write_ct_series(neg, tmp_path / "neg")
+    out2 = tmp_path / "out2"
+    assert main(["segment", str(tmp_path / "neg"), "-o", str(out2), "--model", "tiny-blob", "-q", "--heatmap", "none"]) == 0
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert s2["n_lesions"] == 0 and s2["total_volume_ml"] == 0
+    assert not (out2 / "segmentation.dcm").exists() and "no lesion" in s2["dicom_seg"]["absent_because"]
+    rows = (out2 / "lesions.csv").read_text().strip().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("total,")
+    assert (out2 / "report.png").exists() and (out2 / "segmentation.seg.nrrd").exists()

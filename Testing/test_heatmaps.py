@@ -122,3 +122,15 @@ def test_tiny_blob_finds_the_blob_in_any_orientation():
         pred = r.labels.array > 0
         dice = 2 * (pred & mask).sum() / (pred.sum() + mask.sum())
         assert dice > 0.7, (d, dice)
+
+
+@pytest.mark.parametrize("dims,patch", [("2.5d", (32, 32)), ("3d", (8, 32, 32))])
+def test_gradcam_runs_for_2p5d_and_3d_models(tmp_path, dims, patch):
+    from conftest import write_bundle
+
+    img, mask = ct_phantom(shape_kji=(10, 40, 40))
+    b = load_bundle(write_bundle(tmp_path / dims, dims=dims, patch=patch, context=1))
+    r = segment([img], b, SegmentParams(heatmaps=("gradcam", "uncertainty"), threshold=0.3))
+    cam = r.heatmaps["gradcam"]
+    assert cam.same_grid(img) and 0 <= cam.array.min() and cam.array.max() <= 1
+    assert (cam.array > 0).any() == bool(r.labels.array.any())

@@ -38,10 +38,11 @@ OBLIQUE = np.array([[-1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)], [0, np.sin(0.2),
 
 
 @pytest.fixture(autouse=True)
-def fresh_scene():
-    STANDIN.reset()
+def fresh_scene(request):
+    """A new scene per test, except for the tests sharing the module's one real run."""
+    if "oblique_run" not in request.fixturenames:
+        STANDIN.reset()
     yield STANDIN
-    STANDIN.reset()
 
 
 def add_head(name="CT head", **kw):
@@ -64,6 +65,7 @@ def run_logic(logic, request, timeout=120):
 def oblique_run():
     """One real run on an oblique, flipped head with a study item; shared by the read-only tests."""
     STANDIN.reset()
+    STANDIN.scene.jumps.clear()
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     node, image, blob = add_head(direction=OBLIQUE, origin=(40.0, -30.0, 12.5))
     study = sh.create_item("Study 1", sh.create_item("Patient 1"))

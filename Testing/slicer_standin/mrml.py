@@ -510,7 +510,7 @@ class vtkMRMLScene:
         node.scene, node._id, node._name = self, node_id, name
         self.nodes[node_id] = node
         self.log.append(("add", type(node).__name__, node_id, name))
-        if isinstance(node, (vtkMRMLDisplayableNode,)) and not isinstance(node, vtkMRMLDisplayNode):
+        if isinstance(node, vtkMRMLStorableNode):  # data nodes get a subject hierarchy item, as in Slicer
             self.subject_hierarchy.create_item(name, 1, node)
         return node
 
