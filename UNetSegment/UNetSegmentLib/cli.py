@@ -296,6 +296,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+#: commands that poll the cancel token; others stop at once on SIGTERM
+COOPERATIVE_COMMANDS = ("segment", "demo", "batch", "serve")
+
+
 def _quiet_itk() -> None:
     """ITK prints its own warnings to stderr; our errors already say what is wrong, in one line."""
     try:
@@ -311,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     cancel = CancelToken()
 
-    def _on_term(signum, frame):  # cooperative stop: the engine checks between windows
-        cancel.cancel()
+    def _on_term(signum, frame):
+        cancel.cancel()  # cooperative stop: the engine checks between windows
+        if a.command not in COOPERATIVE_COMMANDS:
+            raise KeyboardInterrupt  # e.g. training: stop now; the last checkpoint is intact
 
     signal.signal(signal.SIGTERM, _on_term)
     _quiet_itk()

@@ -20,9 +20,10 @@ so it *is* our IJK→RAS matrix; only the array needs transposing from ``[i, j, 
     drawn from smoothed noise on a coarse grid) and the resampling onto the image's own grid; use
     the same transform with ``order=0`` to carry a label along.
 
-Timings (2 busy cores): pseudo-CT ~1 s at 2 mm and ~4–5 s at 1 mm (the first call per resolution
-also loads the templates and precomputes the head geometry, 1–4 s); :func:`deformed_ct` on the
-256×256×108 sample ~2 s.
+Timings (2 shared cores): pseudo-CT ~0.4 s at 2 mm and ~2.5–3.5 s at 1 mm; the first call of a
+process also imports nilearn (~2 s) and each resolution's first call loads the maps and
+precomputes the head geometry (~0.5 s at 2 mm, ~1.5 s at 1 mm). :func:`deformed_ct` on the
+256×256×108 sample ~1 s.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ PSEUDO_CT_LAYERS_MM = {"csf_gap": (0.5, 3.0), "skull": (3.0, 8.0), "scalp": (1.0
 # --- nibabel / MNI templates ---------------------------------------------------------------------
 def nib_to_image(img, dtype=np.float32) -> Image:
     """:class:`Image` from a 3D nibabel image: ``array[k, j, i]`` (transposed), ``ijk_to_ras`` = affine."""
-    data = np.asarray(img.get_fdata(dtype=np.float32) if np.dtype(dtype).kind == "f" else np.asanyarray(img.dataobj))
+    data = np.asarray(img.get_fdata(dtype=np.float32))
     if data.ndim != 3:
         raise UsageError(f"expected a 3D image, got shape {data.shape}", "pass a single 3D volume")
     return Image(np.ascontiguousarray(data.transpose(2, 1, 0)).astype(dtype, copy=False), np.asarray(img.affine))
@@ -98,7 +99,8 @@ def _nilearn_datasets():
     try:
         from nilearn import datasets
     except ImportError as exc:  # pragma: no cover - nilearn is a dependency
-        raise UsageError("nilearn is not installed (it ships the MNI152 templates)", "pip install 'nilearn>=0.10'") from exc
+        raise UsageError("nilearn is not installed (it ships the MNI152 templates)",
+                         "pip install 'nilearn>=0.10'") from exc
     return datasets
 
 
@@ -127,7 +129,8 @@ def _load_mni(resolution_mm: float) -> MNITissues:
     over = total > 1.0
     g[over] /= total[over]
     w[over] /= total[over]
-    arrays = (g.astype(np.float32), w.astype(np.float32), mask.array > 0.5, np.clip(t1.array, 0.0, 1.0).astype(np.float32))
+    t1a = np.clip(t1.array, 0.0, 1.0).astype(np.float32)
+    arrays = (g.astype(np.float32), w.astype(np.float32), mask.array > 0.5, t1a)
     for a in arrays:
         a.setflags(write=False)
     return MNITissues(*arrays, ijk_to_ras=t1.ijk_to_ras)
@@ -145,16 +148,26 @@ class _HeadGeometry:
     dist: np.ndarray  # mm outside the closed intracranial mask (0 inside), float32, capped
     band: np.ndarray  # flat indices of voxels with 0 < dist < cap
     band_kji: np.ndarray  # their (k, j, i), float32, 3×N
+    deep: np.ndarray  # their depth (mm) inside the intracranial space closed by 15 mm (skull base pockets)
     centre_ras: np.ndarray  # centroid of the brain mask
 
 
 _BAND_CAP_MM = 24.0
 
 
+def _closing(mask: np.ndarray, r: float, sampling) -> np.ndarray:
+    """Morphological closing by a ball of radius ``r`` mm (via distance transforms), holes filled."""
+    pad = int(math.ceil(r / float(np.min(sampling)))) + 2
+    m = np.pad(mask, pad)
+    dil = ndimage.distance_transform_edt(~m, sampling=sampling) <= r
+    closed = ndimage.distance_transform_edt(dil, sampling=sampling) > r
+    return ndimage.binary_fill_holes(closed)[pad:-pad, pad:-pad, pad:-pad] | mask
+
+
 @lru_cache(maxsize=4)
 def _mni_head(resolution_mm: float) -> _HeadGeometry:
     """Distance outside the intracranial space: the MNI brain mask closed by 6 mm (fills the
-    notches between temporal lobes, brainstem and cerebellum and the mouths of the fissures).
+    notches between the lobes and the mouths of the fissures) plus the deep cisterns.
 
     The closing and a signed distance run on a ~2 mm subsample of the grid; the signed distance
     is interpolated linearly back (sub-voxel accurate near the smooth closed surface)."""
@@ -162,28 +175,29 @@ def _mni_head(resolution_mm: float) -> _HeadGeometry:
     stride = max(1, int(round(2.0 / resolution_mm)))
     sub = t.brain[::stride, ::stride, ::stride]
     sampling = t.spacing[::-1] * stride
-    r = 6.0
-    pad = int(math.ceil(r / sampling.min())) + 2
-    m = np.pad(sub, pad)
-    dil = ndimage.distance_transform_edt(~m, sampling=sampling) <= r
-    closed = ndimage.distance_transform_edt(dil, sampling=sampling) > r
-    closed = ndimage.binary_fill_holes(closed)[pad:-pad, pad:-pad, pad:-pad] | sub
+    closed = _closing(sub, 6.0, sampling)
+    # pockets that only a 15 mm closing fills (between the temporal lobes, brainstem and
+    # cerebellum, under the frontal lobes) are skull base: bone beyond the skull layer, not scalp
+    big = _closing(sub, 15.0, sampling)
+    big_depth = ndimage.distance_transform_edt(np.pad(big, 1), sampling=sampling)[1:-1, 1:-1, 1:-1].astype(np.float32)
     half = 0.5 * float(sampling.mean())
     signed = (ndimage.distance_transform_edt(~closed, sampling=sampling) - half
               - ndimage.distance_transform_edt(closed, sampling=sampling) + half).astype(np.float32)
     signed[closed] = np.minimum(signed[closed], 0.0)
     signed[~closed] = np.maximum(signed[~closed], 0.0)
+    signed = ndimage.gaussian_filter(signed, 1.0, truncate=2.5)  # no voxel staircase on the skull
     if stride > 1:
         grids = [np.arange(n, dtype=np.float32) / np.float32(stride) for n in t.brain.shape]
         signed = _interp_separable(signed, grids)
     dist = np.clip(signed, 0.0, _BAND_CAP_MM).astype(np.float32)
     band = np.flatnonzero((dist > 0) & (dist < _BAND_CAP_MM))
     band_kji = np.array(np.unravel_index(band, dist.shape), dtype=np.float32)
+    deep = ndimage.map_coordinates(big_depth, band_kji / np.float32(stride), order=1, mode="nearest").astype(np.float32)
     kji = np.argwhere(t.brain[::2, ::2, ::2]) * 2
     centre = Image(t.brain, t.ijk_to_ras).ijk_to_ras_points(kji[:, ::-1].mean(axis=0))[0]
-    for a in (dist, band, band_kji):
+    for a in (dist, band, band_kji, deep):
         a.setflags(write=False)
-    return _HeadGeometry(dist, band, band_kji, centre)
+    return _HeadGeometry(dist, band, band_kji, deep, centre)
 
 
 # --- smooth noise ---------------------------------------------------------------------------------
@@ -335,6 +349,29 @@ def warp(image: Image, transform, order: int = 1, fill: float = AIR_HU, dtype=np
     return image.with_array(sitk.GetArrayFromImage(out).astype(dtype, copy=False))
 
 
+def warp_many(arrays, ijk_to_ras, transform, fill: float = 0.0) -> list[np.ndarray]:
+    """Linear resampling of several same-grid ``[k, j, i]`` arrays through one ``transform`` onto
+    their own grid: the transform is evaluated once per voxel (``TransformToDisplacementField``),
+    then each array is interpolated with ``scipy.ndimage.map_coordinates``; float32 results."""
+    import SimpleITK as sitk
+
+    arrays = [np.asarray(a, dtype=np.float32) for a in arrays]
+    shape = arrays[0].shape
+    ref = to_sitk(Image(np.zeros((1, 1, 1), np.uint8), ijk_to_ras))
+    disp = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, tuple(int(n) for n in shape[::-1]),
+                                             ref.GetOrigin(), ref.GetSpacing(), ref.GetDirection())
+    d = sitk.GetArrayFromImage(disp).astype(np.float32)  # K, J, I, 3 (LPS mm)
+    to_ijk = np.linalg.inv((LPS_TO_RAS @ np.asarray(ijk_to_ras, dtype=np.float64))[:3, :3]).astype(np.float32)
+    coords = np.empty((3,) + shape, dtype=np.float32)
+    for axis in range(3):  # array axis 0 = k (ijk row 2)
+        row = to_ijk[2 - axis]
+        coords[axis] = d[..., 0] * row[0] + d[..., 1] * row[1] + d[..., 2] * row[2]
+        coords[axis] += np.arange(shape[axis], dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+    del d
+    return [ndimage.map_coordinates(a, coords, order=1, mode="constant", cval=float(fill), prefilter=False)
+            for a in arrays]
+
+
 # --- pseudo-CT from the MNI152 templates -------------------------------------------------------------
 def _ramp(x: np.ndarray, h: float) -> np.ndarray:
     """0 → 1 over one voxel around x = 0 (partial-volume edge)."""
@@ -344,7 +381,7 @@ def _ramp(x: np.ndarray, h: float) -> np.ndarray:
 def _correlated_noise(rng: np.random.Generator, shape, sigma_hu: float, corr_vox: float) -> np.ndarray:
     n = rng.standard_normal(shape, dtype=np.float32)
     if corr_vox > 0:
-        n = ndimage.gaussian_filter(n, corr_vox, truncate=2.5)
+        n = ndimage.gaussian_filter(n, corr_vox, truncate=3.0)
         sd = float(n[::3, ::3, ::3].std())
         sigma_hu /= sd if sd > 0 else 1.0
     n *= np.float32(sigma_hu)
@@ -354,15 +391,19 @@ def _correlated_noise(rng: np.random.Generator, shape, sigma_hu: float, corr_vox
 def mni_pseudo_ct(rng: np.random.Generator, resolution_mm: float = 1, *, deform: bool = True) -> Image:
     """A CT-like head (HU, int-valued float32 ``[k, j, i]``) on the MNI152 grid (RAS, nilearn's affine).
 
-    Per case (all drawn from ``rng``): grey matter 35–45 HU, white matter 22–32 HU (at least 6 HU
-    darker), CSF 0–15 HU (ventricles, sulci, the brain-mask complement inside the skull); a CSF gap
-    of 0.5–3 mm, a skull of 3–8 mm (±25 % smooth regional variation; 700–1500 HU tables with a
-    diploë up to 50 % lighter), scalp of 1–6 mm at 20–60 HU, air −1000 HU. Usually (70 %) a
-    slightly dense falx (midline, above the corpus callosum) and sometimes (50 %) 1–3 small
-    calcifications (150–400 HU) at the pineal / choroid plexus. With ``deform`` the head then goes
-    through :func:`random_transform` (rotation ±8°, global scale 0.92–1.08 with ±3 % per axis,
-    elastic 0–5 mm). Finally a Gaussian blur (σ 0.3–0.8 mm), spatially correlated noise (σ 3–8 HU)
-    and rounding; clipped to [−1024, 3071].
+    Per case (all drawn from ``rng``): grey matter 35–45 HU, white matter 22–32 HU (at least 8 HU
+    darker), CSF 0–15 HU (ventricles, sulci, the brain-mask complement inside the skull), mixed by
+    the tissue-probability maps, with a random degree of "atrophy" (partial-volume tissue fraction
+    f → f^(1+2a), a ∈ [0, 1]: sharper sulci) and ±0.5–1.5 HU low-frequency variation. Outside the
+    brain mask closed by 6 mm: a CSF gap of 0.5–3 mm, a skull of 3–8 mm (σ 15 % smooth regional
+    variation; tables of 700–1500 HU, a diploë 15–40 % lighter in skulls over 4 mm), scalp of
+    1–6 mm at 20–60 HU, air −1000 HU; the pockets under the brain that only a 15 mm closing fills
+    (skull base) are bone of 60–90 % of the tables' density. Usually (70 %) a slightly dense falx
+    and sometimes (50 %) 1–3 small calcifications (150–400 HU) at the pineal gland / choroid
+    plexus. With ``deform`` the head then goes through :func:`random_transform` (rotation ±8°,
+    global scale 0.92–1.08 with ±3 % per axis, elastic 0–5 mm). Finally a Gaussian blur
+    (σ 0.3–0.8 mm), spatially correlated noise (σ 3–8 HU, correlation 0.4–0.7 mm) and rounding;
+    clipped to [−1024, 3071].
     """
     res = _check_resolution(resolution_mm)
     t = _load_mni(res)
@@ -373,18 +414,25 @@ def mni_pseudo_ct(rng: np.random.Generator, resolution_mm: float = 1, *, deform:
     h = float(sampling.mean())
 
     hu_wm = rng.uniform(*PSEUDO_CT_HU["white_matter"])
-    hu_gm = rng.uniform(max(PSEUDO_CT_HU["grey_matter"][0], hu_wm + 6.0), PSEUDO_CT_HU["grey_matter"][1])
+    hu_gm = rng.uniform(max(PSEUDO_CT_HU["grey_matter"][0], hu_wm + 8.0), PSEUDO_CT_HU["grey_matter"][1])
     hu_csf = rng.uniform(*PSEUDO_CT_HU["csf"])
     hu_bone = rng.uniform(*PSEUDO_CT_HU["bone"])
     hu_scalp = rng.uniform(*PSEUDO_CT_HU["scalp"])
     gap0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["csf_gap"])
     skull0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["skull"])
     scalp0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["scalp"])
+    skull_base = rng.uniform(0.6, 0.9)  # relative density of the skull-base pockets
     diploe = rng.uniform(0.15, 0.4) * float(np.clip((skull0 - 4.0) / 2.0, 0.0, 1.0))  # thin skulls: no diploë
 
     # brain: tissue mix (CSF wherever the maps leave room inside the intracranial space)
     gm, wm = t.gm, t.wm
-    out = (np.float32(hu_gm - hu_csf) * gm + np.float32(hu_wm - hu_csf) * wm + np.float32(hu_csf)).astype(np.float32)
+    # "atrophy": partial-volume tissue at sulci and ventricle walls gives way to CSF (tissue
+    # fraction f → f^(1+2a)), so sulci show as sharply as on real (older patients') CTs
+    atrophy = rng.uniform(0.0, 1.0)
+    tissue = gm + wm
+    shrink = np.power(tissue, np.float32(2.0 * atrophy)) if atrophy > 0.02 else np.ones_like(tissue)
+    out = (np.float32(hu_gm - hu_csf) * gm + np.float32(hu_wm - hu_csf) * wm) * shrink + np.float32(hu_csf)
+    del tissue, shrink
     # small low-frequency variation of the brain's density (±1.5 HU)
     out += np.float32(rng.uniform(0.5, 1.5)) * smooth_noise(rng, shape, sampling, 25.0)
 
@@ -407,7 +455,10 @@ def mni_pseudo_ct(rng: np.random.Generator, resolution_mm: float = 1, *, deform:
     bone = hu_bone * (1.0 - diploe * np.exp(-(((u - 0.5) / 0.22) ** 2)))
     flat = out.reshape(-1)
     inside = flat[geo.band]
-    flat[geo.band] = (1.0 - e1) * inside + (e1 - e2) * bone + (e2 - e3) * hu_scalp + e3 * AIR_HU
+    outside = (e2 - e3) * hu_scalp + e3 * AIR_HU  # beyond the skull: scalp, then air ...
+    base = np.clip((geo.deep - 2.0) / 2.0, 0.0, 1.0)  # ... except in the skull-base pockets: bone
+    outside = (1.0 - base) * outside + base * e2 * (hu_bone * skull_base)
+    flat[geo.band] = (1.0 - e1) * inside + (e1 - e2) * bone + outside
     out[geo.dist >= _BAND_CAP_MM] = AIR_HU
 
     image = t.image(out)
@@ -417,7 +468,7 @@ def mni_pseudo_ct(rng: np.random.Generator, resolution_mm: float = 1, *, deform:
         image = warp(image, tx, order=1, fill=AIR_HU)
     arr = np.asarray(image.array, dtype=np.float32)
     arr = ndimage.gaussian_filter(arr, rng.uniform(0.3, 0.8) / sampling, truncate=2.5)
-    arr += _correlated_noise(rng, shape, rng.uniform(3.0, 8.0), rng.uniform(0.4, 0.7))
+    arr += _correlated_noise(rng, shape, rng.uniform(3.0, 8.0), max(rng.uniform(0.4, 0.7) / h, 0.2))
     np.round(arr, out=arr)
     np.clip(arr, *HU_CLIP, out=arr)
     return t.image(arr)

@@ -9,14 +9,12 @@ which an interrupted run resumes; the best validation checkpoint becomes the bun
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-import math
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import yaml
 
@@ -164,8 +162,11 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc.get("lr", 2e-3)), total_steps=steps, pct_start=0.1)
     ckpt = work / "checkpoint.pt"
     start, best, history = 0, -1.0, []
+    cfg_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
     if ckpt.exists():
         st = torch.load(ckpt, map_location=device, weights_only=False)  # our own file, written by this function
+        if st.get("config_sha") != cfg_sha:
+            raise UsageError(f"{ckpt} was written with another config", f"use the same config to resume, or delete {work} to start over")
         net.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -208,7 +209,7 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
         if done % ck_every == 0 or done == steps:
             _save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": done,
-                                    "best": best, "history": history})
+                                    "best": best, "history": history, "config_sha": cfg_sha})
     bar.close()
     minutes = (time.time() - t0) / 60
     state = torch.load(work / "best.pt", map_location="cpu", weights_only=True)
