@@ -25,8 +25,9 @@ from UNetSegmentLib.outputs import STAGING_PREFIX
 from UNetSegmentLib.params import SegmentParams
 
 PARAMS = SegmentParams(heatmaps=(), threads=1)
-N_GOOD = 16  # + 1 DICOM case + 4 broken = 21 cases
-BROKEN = {"truncated": "truncated", "junk": "cannot read junk.nrrd", "flat": "2D image", "nodicom": "no DICOM series"}
+N_GOOD = 14  # + 1 DICOM case + 5 broken = 20 cases
+BROKEN = {"truncated": "truncated", "junk": "cannot read junk.nrrd", "flat": "2D image", "nodicom": "no DICOM series",
+          "fourd": "4D image"}
 
 
 def _write(img, path: Path) -> Path:
@@ -41,10 +42,10 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """A folder of 21 cases (16 volume files, one DICOM series, 4 broken) and its run on 2 worker processes."""
+    """A folder of 20 cases (14 volume files, one DICOM series, 5 broken) and its run on 2 worker processes."""
     src = tmp_path_factory.mktemp("cohort")
     for n in range(N_GOOD):
-        img, _ = ct_phantom(shape_kji=(6, 32, 32), seed=n, blob=n % 6 != 5)
+        img, _ = ct_phantom(shape_kji=(6, 32, 32), seed=n, blob=n % 7 != 5)
         _write(img, src / f"case{n:02d}{'.nrrd' if n % 4 == 3 else '.nii.gz'}")
     img, _ = ct_phantom(shape_kji=(4, 32, 32), seed=99)
     write_ct_series(img, src / "dicomcase")
@@ -52,6 +53,7 @@ def cohort(tmp_path_factory):
     (src / "truncated.nii.gz").write_bytes(good[: len(good) // 2])
     (src / "junk.nrrd").write_bytes(b"this is not a volume\n")
     sitk.WriteImage(sitk.Image(16, 16, sitk.sitkInt16), str(src / "flat.nii.gz"))
+    sitk.WriteImage(sitk.Image([8, 8, 4, 2], sitk.sitkInt16), str(src / "fourd.nii.gz"))
     (src / "nodicom").mkdir()
     (src / "nodicom" / "readme.txt").write_text("no images here")
     (src / "notes.txt").write_text("ignored")
@@ -99,7 +101,7 @@ def test_cohort_tables_equal_the_per_case_tables(cohort):
         assert int(s["n_lesions"]) == summ["n_lesions"] == len(per_case)
         assert float(s["total_volume_ml"]) == pytest.approx(summ["total_volume_ml"], abs=1e-6)
         n_cases_with_lesions += bool(per_case)
-    assert n_cases_with_lesions >= 10
+    assert n_cases_with_lesions >= 8
     assert len(lesions) == sum(int(s["n_lesions"] or 0) for s in _rows(out / COHORT_SUMMARY))
 
 
@@ -200,3 +202,7 @@ def test_local_cluster_size_respects_cores_and_cases():
     assert 1 <= w <= cores and w * t <= cores
     assert batch.local_cluster_size(1)[0] == 1
     assert batch.local_cluster_size(100, workers=1) == (1, cores)
+    assert batch.local_cluster_size(100, gpus=2) == (2, max(1, cores // 2))  # one worker per GPU
+    assert batch.assign_gpus(["tcp://b", "tcp://a", "tcp://c"], 2, "auto") == {"tcp://a": "cuda:0", "tcp://b": "cuda:1", "tcp://c": "cuda:0"}
+    assert batch.assign_gpus(["tcp://a"], 1, "cuda:1") is None and batch.assign_gpus(["tcp://a"], 0, "auto") is None
+    assert batch.local_gpus("cpu") == 0

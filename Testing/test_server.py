@@ -27,7 +27,7 @@ from UNetSegmentLib.io.readers import read_image
 from UNetSegmentLib.job import segment_files
 from UNetSegmentLib.params import SegmentParams
 from UNetSegmentLib.server import InferenceServer, ServerConfig, _prepare_input, check_bind
-from UNetSegmentLib.server_client import ServerClient, ServerError, _MultipartBody
+from UNetSegmentLib.server_client import RemoteProcess, ServerClient, ServerError, _MultipartBody
 
 TOKEN = "test-token-" + "x" * 24
 PARAMS = SegmentParams(heatmaps=(), threads=1)
@@ -316,3 +316,44 @@ def test_cli_serve_end_to_end(tmp_path):
         p.send_signal(signal.SIGINT)
         p.wait(timeout=30)
     assert p.returncode == 0
+
+
+def _drive(proc: RemoteProcess, timeout: float = 120.0) -> None:
+    """What the GUI timer does: poll until the run has finished."""
+    t0 = time.time()
+    while proc.poll():
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+def test_remote_process_has_the_local_workers_interface(srv, ct, tiny_bundle, tmp_path):
+    events, codes = [], []
+    req = {"inputs": [str(ct)], "output_dir": str(tmp_path / "out"), "model": None,
+           "params": SegmentParams(heatmaps=(), threshold=0.45).as_dict(), "overwrite": False, "stop_file": None}
+    (tmp_path / "request.json").write_text(json.dumps(req))
+    proc = RemoteProcess(events.append, codes.append, ServerClient(srv.url, token=TOKEN), poll_s=0.05)
+    proc.start(str(tmp_path / "request.json"), None)
+    assert proc.is_running()
+    _drive(proc)
+    assert codes == [0] and not proc.is_running()
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "done" and "progress" in kinds
+    done = events[-1]
+    assert done["output_dir"] == req["output_dir"] and done["summary"]["parameters"]["threshold"] == 0.45
+    assert (tmp_path / "out" / "segmentation.seg.nrrd").is_file()
+    assert raw("GET", f"{srv.url}/jobs/{proc.job_id}")[0] == 404  # the server's copy was removed after the download
+    # stop right away: CancelledError / 130, no outputs
+    events.clear(), codes.clear()
+    req["output_dir"] = str(tmp_path / "out2")
+    (tmp_path / "request.json").write_text(json.dumps(req))
+    proc.start(str(tmp_path / "request.json"), None)
+    proc.stop()
+    _drive(proc)
+    assert codes == [130] and events[-1]["kind"] == "CancelledError" and not (tmp_path / "out2" / "summary.json").exists()
+    # a model the server does not have: a ModelError event, exit code 4
+    events.clear(), codes.clear()
+    req["model"] = str(tiny_bundle)  # a local bundle folder named 'bundle'
+    (tmp_path / "request.json").write_text(json.dumps(req))
+    proc.start(str(tmp_path / "request.json"), None)
+    _drive(proc)
+    assert codes == [4] and events[-1]["kind"] == "ModelError" and "'bundle'" in events[-1]["message"]

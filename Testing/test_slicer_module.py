@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,14 @@ from UNetSegmentLib.resources import resource_path  # noqa: E402
 
 CPU = SegmentParams(device="cpu", heatmaps=("gradcam",))
 OBLIQUE = np.array([[-1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)], [0, np.sin(0.2), np.cos(0.2)]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def standin_modules():
+    """The stand-in's slicer/qt/ctk modules exist only while this file's tests run."""
+    slicer_standin.install()
+    yield
+    slicer_standin.uninstall()
 
 
 @pytest.fixture(autouse=True)
@@ -144,7 +153,6 @@ def test_clicking_a_row_jumps_slices_and_3d_to_the_inside_point_in_ras(oblique_r
     r, logic = oblique_run["result"], oblique_run["logic"]
     summary = json.loads((r.run.folder / "summary.json").read_text())
     lesion = summary["lesions"][0]
-    ui = types_ui()
     view = STANDIN.layout_manager.tableWidget(0).tableView()
     view.setMRMLTableNode(r.table)
     view.connect("selectionChanged()", lambda: logic.jump_to_table_row(r, view.selectionModel().selectedIndexes()[0].row()))
@@ -157,11 +165,6 @@ def test_clicking_a_row_jumps_slices_and_3d_to_the_inside_point_in_ras(oblique_r
     ijk = np.rint(np.linalg.inv(oblique_run["node"].ijk_to_ras()) @ np.array([*expected, 1.0]))[:3].astype(int)
     mask = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(1), oblique_run["node"])
     assert mask[ijk[2], ijk[1], ijk[0]] == 1
-    del ui
-
-
-def types_ui():
-    return None
 
 
 def test_jump_goes_through_the_input_parent_transform(oblique_run):
@@ -211,17 +214,19 @@ def test_cancel_stops_within_a_second_and_leaves_the_scene_as_it_was(tmp_path):
     before = list(STANDIN.scene.nodes)
     logic = SegmentationLogic(dependency_check=lambda: True)
     state = {}
-    logic.progress.connect(lambda ev: state.setdefault("inference", ev["stage"] == "inference" and ev["fraction"] > 0 or None))
-    logic.cancelled.connect(lambda: state.setdefault("cancelled", __import__("time").monotonic()))
+    logic.progress.connect(lambda ev: state.update(inference=True) if ev["stage"] == "inference" and ev["fraction"] > 0 else None)
+    logic.cancelled.connect(lambda: state.setdefault("cancelled", time.monotonic()))
     logic.start(RunRequest([node], "tiny-blob", SegmentParams(device="cpu", heatmaps=())))
     work = logic._pending[-1]
     assert STANDIN.run_until(lambda: state.get("inference"), 120)
-    import time
-
     t0 = time.monotonic()
     logic.cancel()
     assert STANDIN.run_until(lambda: "cancelled" in state, 5)
-    assert state["cancelled"] - t0 < 1.2  # worker gone within 1 s (+ one 100 ms poll)
+    # the worker stopped itself: its own CancelledError event (a kill by the client's fallback leaves
+    # none). test_worker.py times the worker's exit (< 1 s); here the bound only guards against hangs,
+    # since the shared CI machine's load adds to the client's 100 ms polling.
+    assert logic._error_event["kind"] == "CancelledError" and "stop file" in logic._error_event["message"]
+    assert state["cancelled"] - t0 < 3.0
     assert list(STANDIN.scene.nodes) == before and not logic.is_running()
     assert not Path(work).exists()
 
@@ -351,6 +356,18 @@ def test_guess_channel_volumes_matches_names_then_newest():
     assert [v.n for v in got] == ["CBF", "patient cbv", "other", "Tmax map"]
 
 
+def test_deleting_result_nodes_forgets_the_result():
+    node, _, _ = add_head()
+    panel, ui, logic = make_panel()
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(1)
+    ui.segmentButton.click()
+    assert STANDIN.run_until(lambda: panel.result is not None, 120)
+    slicer.mrmlScene.RemoveNode(panel.result.segmentation)
+    ui.lesionTableView.click_row(0)
+    assert panel.result is None and not ui.resultsCollapsibleButton.enabled
+
+
 def test_segment_is_disabled_with_a_reason_until_inputs_exist():
     panel, ui, _ = make_panel()
     panel.refresh_models(select="tiny-blob")
@@ -375,7 +392,7 @@ def test_panel_click_segment_runs_shows_results_and_row_click_jumps():
     assert seen and [v for _, v, _ in seen] == sorted(v for _, v, _ in seen)
     assert any(f.startswith("3/5 inference") for _, _, f in seen)  # staged: step 3 of 5 without Grad-CAM
     assert ui.lesionTableView.mrmlTableNode() is panel.result.table
-    assert ui.outputSegmentationSelector.currentNode() is panel.result.segmentation  # a re-run updates it
+    assert ui.outputSegmentationSelector.currentNode() is None  # the next run makes a new node unless one is picked
     assert "1 lesion(s)" in ui.lesionSummaryLabel.text
     assert ui.heatmapComboBox.count() == 1 and ui.heatmapComboBox.currentText == "Probability"
     ui.lesionTableView.click_row(0)
@@ -510,13 +527,69 @@ def test_module_metadata_and_selftest_pass_under_the_standin():
     for word in ("Inputs", "Outputs", "Heatmaps", "Grad-CAM", "Probability", "Uncertainty", "5.10"):
         assert word in parent.helpText
     assert parent.acknowledgementText.strip() and parent.contributors
+    assert Path(parent.icon.path) == resource_path("Icons", "UNetSegment.png")
     assert "UNetSegment" in slicer.selfTests
-    import time
-
     t0 = time.monotonic()
     slicer.selfTests["UNetSegment"]()
     assert time.monotonic() - t0 < 60
+    STANDIN.reset()
     widget = module.UNetSegmentWidget()
     widget.setup()
     assert widget.panel.bundle is not None and widget.ui.segmentButton.text == "Segment"
+    assert not widget.ui.segmentButton.enabled  # no volume yet
+    node, _, _ = add_head()
+    widget.enter()  # volumes loaded meanwhile fill the empty selector
+    assert widget.panel.channel_selectors[0].currentNode() is node and widget.ui.segmentButton.enabled
+    widget.cleanup()
     del m
+
+
+# --- first-use dependency check ---------------------------------------------------------------------
+def test_dependencies_are_checked_and_installed_only_after_asking(monkeypatch):
+    from UNetSegmentLib.slicer import install
+
+    state = {"missing": [install.Missing("slicerio>=1.4", "slicerio", None, False)]}
+    monkeypatch.setattr(install, "missing_requirements", lambda *a, **k: list(state["missing"]))
+    monkeypatch.setattr(install, "torch_installed", lambda: True)
+    asked = []
+    assert install.ensure_dependencies(confirm=lambda text, details: asked.append(details) or False) is False
+    assert asked == ["slicerio>=1.4"] and STANDIN.pip_calls == []  # declined: nothing installed
+
+    def accept(text, details):
+        state["missing"] = []  # what pip would achieve
+        return True
+
+    assert install.ensure_dependencies(confirm=accept) is True
+    (args, kwargs), = STANDIN.pip_calls
+    assert args[0] == "-c" and args[2:] == ["slicerio>=1.4"]
+    pins = Path(args[1]).read_text()
+    assert f"numpy=={__import__('numpy').__version__}" in pins  # Slicer's numpy is pinned, never replaced
+
+
+def test_missing_slicer_packages_or_pytorch_extension_are_clear_errors(monkeypatch):
+    from UNetSegmentLib.slicer import install
+
+    monkeypatch.setattr(install, "missing_requirements", lambda *a, **k: [install.Missing("numpy>=1.24", "numpy", "1.19.0", True)])
+    with pytest.raises(RuntimeError, match="Slicer 5.10 or later"):
+        install.ensure_dependencies(confirm=lambda *a: True)
+    monkeypatch.setattr(install, "missing_requirements", lambda *a, **k: [])
+    monkeypatch.setattr(install, "torch_installed", lambda: False)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension is not installed
+    with pytest.raises(RuntimeError, match="'PyTorch' extension"):
+        install.ensure_dependencies(confirm=lambda *a: True)
+
+
+def test_requirement_check_reads_versions():
+    from UNetSegmentLib.slicer.install import missing_requirements
+
+    versions = {"numpy": "2.4.6", "slicerio": "1.3.0"}
+
+    def version_of(name):
+        if name not in versions:
+            import importlib.metadata as md
+
+            raise md.PackageNotFoundError(name)
+        return versions[name]
+
+    got = missing_requirements(["numpy>=1.24", "slicerio>=1.4", "pynrrd>=1.0"], version_of)
+    assert [(m.name, m.installed, m.slicer_owned) for m in got] == [("slicerio", "1.3.0", False), ("pynrrd", None, False)]

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+import qt
 import slicer
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -59,6 +60,8 @@ class UNetSegment(ScriptedLoadableModule):
         self.parent.contributors = ["UNetSegment developers"]
         self.parent.helpText = HELP_TEXT
         self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+        # the icon is in the top-level Resources/, not where Slicer looks by default (beside this file)
+        self.parent.icon = qt.QIcon(str(resource_path("Icons", "UNetSegment.png")))
 
 
 class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -81,7 +84,7 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         if self.panel is not None and not self.logic.is_running():
-            self.panel.on_model_changed(self.ui.modelComboBox.currentIndex)  # re-pick volumes loaded meanwhile
+            self.panel.refresh_inputs()  # volumes loaded since the panel was last shown
 
     def cleanup(self):
         if self.logic is not None:

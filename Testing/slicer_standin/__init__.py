@@ -76,7 +76,7 @@ class StandIn:
         self.confirm_answers.clear()
         self.pip_calls.clear()
         self.active_table_id = None
-        self.layout_manager.setLayout(3)
+        self.layout_manager = LayoutManager(self.scene)  # fresh views: no connections from earlier tests
         qtlike.reset()
         qtlike.QFileDialog.answers = []
 
@@ -310,12 +310,22 @@ def _build(standin: StandIn):
 
 
 _INSTANCE: StandIn | None = None
+_MODULES: dict = {}
 
 
 def install() -> StandIn:
-    """Register the stand-in modules (once) and return the handle."""
+    """Register the stand-in modules and return the handle (one handle per process)."""
     global _INSTANCE
     if _INSTANCE is None:
         _INSTANCE = StandIn()
-        sys.modules.update(_build(_INSTANCE))
+        _MODULES.update(_build(_INSTANCE))
+    sys.modules.update(_MODULES)
     return _INSTANCE
+
+
+def uninstall() -> None:
+    """Take the stand-in modules out of ``sys.modules`` again (other test files see no ``slicer``)."""
+    for name, module in _MODULES.items():
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
+    sys.modules.pop("UNetSegment", None)  # the module file, imported against the stand-in

@@ -371,6 +371,14 @@ class QFileDialog:
         return cls._next("open", *args)
 
 
+class QIcon:
+    def __init__(self, path=""):
+        from pathlib import Path
+
+        assert Path(path).is_file(), f"icon {path} does not exist"
+        self.path = path
+
+
 class QMessageBox:
     Ok, Cancel, Yes, No, Retry, Close = 0x400, 0x400000, 0x4000, 0x10000, 0x80000, 0x200000
     Information, Warning, Critical, Question = 1, 2, 3, 4
@@ -587,6 +595,6 @@ QT_NAMES = {
     "QPushButton": QPushButton, "QCheckBox": QCheckBox, "QComboBox": QComboBox, "QProgressBar": QProgressBar,
     "QPlainTextEdit": QPlainTextEdit, "QDoubleSpinBox": QDoubleSpinBox, "QSpinBox": QSpinBox,
     "QVBoxLayout": QVBoxLayout, "QHBoxLayout": QHBoxLayout, "QFormLayout": QFormLayout, "QGridLayout": QGridLayout,
-    "QFileDialog": QFileDialog, "QMessageBox": QMessageBox,
+    "QFileDialog": QFileDialog, "QMessageBox": QMessageBox, "QIcon": QIcon,
 }
 CTK_NAMES = {"ctkSliderWidget": ctkSliderWidget, "ctkCollapsibleButton": ctkCollapsibleButton}

@@ -27,7 +27,8 @@ Workers
 -------
 A local cluster has worker *processes* with one Dask thread each (one case at a time per worker)
 and ``torch`` threads = cores ÷ workers, so workers never oversubscribe the CPUs; the number of
-workers defaults to ``min(cores, memory ÷ 4 GiB, cases)``. With ``scheduler=ADDRESS`` the same
+workers defaults to ``min(cores, memory ÷ 4 GiB, cases)``, or to one per GPU (``cuda:0``,
+``cuda:1`` … round robin) when ``--device`` is ``auto``/``cuda`` and CUDA is present. With ``scheduler=ADDRESS`` the same
 code runs on any Dask cluster; inputs, the model bundle and ``DIR`` must then be at the same paths
 on every worker machine (a shared file system), and the package installed in the workers' Python.
 """
@@ -209,10 +210,11 @@ def _case_from_subfolder(d: Path, channels: Sequence[str]) -> Case:
 # One case (runs on a Dask worker)
 # --------------------------------------------------------------------------------------------
 def run_case(case_id: str, inputs: Sequence[str], case_dir: str, model: str | None, params: dict,
-             overwrite: bool = False, threads: int | dict | None = None) -> dict:
+             overwrite: bool = False, threads: int | dict | None = None, devices: dict | None = None) -> dict:
     """Segment one case into ``case_dir``; never raises: a failure is returned as a ``failed`` row.
 
-    ``threads`` (torch CPU threads) is a number or a mapping worker address → number.
+    ``threads`` (torch CPU threads) is a number or a mapping worker address → number; ``devices``
+    maps worker address → torch device (one GPU per worker of a local cluster).
     """
     t = time.perf_counter()
     row = {"case_id": case_id, "status": STATUS_FAILED, "n_lesions": "", "total_volume_ml": "", "time_s": 0.0,
@@ -221,6 +223,8 @@ def run_case(case_id: str, inputs: Sequence[str], case_dir: str, model: str | No
         p = SegmentParams(**{**params, "heatmaps": tuple(params.get("heatmaps", ()))})
         if p.threads is None:
             p.threads = _threads_here(threads)
+        if devices:
+            p.device = devices.get(_worker_address(), p.device)
         from .job import segment_files
 
         _quiet_itk()
@@ -244,6 +248,15 @@ def _quiet_itk() -> None:
         sitk.ProcessObject.SetGlobalWarningDisplay(False)
     except ImportError:
         pass
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return None
 
 
 def _threads_here(threads: int | dict | None) -> int | None:
@@ -385,9 +398,12 @@ def _hms(s: float) -> str:
 # --------------------------------------------------------------------------------------------
 # Cluster
 # --------------------------------------------------------------------------------------------
-def local_cluster_size(n_cases: int, workers: int | None = None) -> tuple[int, int]:
-    """(workers, torch threads per worker) for a local cluster on this machine."""
+def local_cluster_size(n_cases: int, workers: int | None = None, gpus: int = 0) -> tuple[int, int]:
+    """(workers, torch threads per worker) for a local cluster on this machine: one worker per GPU
+    when inference runs on GPUs, else as many as cores and memory (4 GiB each) allow."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers is None and gpus:
+        workers = max(1, min(gpus, n_cases))
     if workers is None:
         try:
             import psutil
@@ -399,8 +415,31 @@ def local_cluster_size(n_cases: int, workers: int | None = None) -> tuple[int, i
     return int(workers), max(1, cores // int(workers))
 
 
-def _open_client(scheduler: str | None, workers: int | None, n_cases: int, processes: bool):
-    """(client, cluster or None, threads per case: int or {worker address: int})."""
+def local_gpus(device: str) -> int:
+    """GPUs a local cluster spreads its workers over: all visible ones for ``auto``/``cuda``, one
+    for ``cuda:N``, none for CPU/MPS or without CUDA."""
+    d = (device or "auto").strip().lower()
+    if d not in ("auto", "cuda") and not d.startswith("cuda:"):
+        return 0
+    try:
+        import torch
+    except ImportError:
+        return 0
+    if not torch.cuda.is_available():
+        return 0
+    return 1 if d.startswith("cuda:") else torch.cuda.device_count()
+
+
+def assign_gpus(addresses: Sequence[str], gpus: int, device: str) -> dict | None:
+    """worker address → ``cuda:i`` (round robin) for ``auto``/``cuda`` on several GPUs; None otherwise."""
+    d = (device or "auto").strip().lower()
+    if gpus < 1 or d.startswith("cuda:"):
+        return None
+    return {a: f"cuda:{i % gpus}" for i, a in enumerate(sorted(addresses))}
+
+
+def _open_client(scheduler: str | None, workers: int | None, n_cases: int, processes: bool, device: str = "auto"):
+    """(client, cluster or None, threads per case: int or {worker address: int}, devices or None)."""
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -409,12 +448,18 @@ def _open_client(scheduler: str | None, workers: int | None, n_cases: int, proce
         except (OSError, TimeoutError) as e:
             raise UsageError(f"cannot reach the Dask scheduler at {scheduler}: {e}",
                              "start it with `dask scheduler` and check the address (tcp://HOST:8786)") from None
-        return client, None, _threads_by_worker(client)
-    n, threads = local_cluster_size(n_cases, workers)
-    # loopback only; threads-only workers talk in-process (inproc://)
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, host="127.0.0.1" if processes else None,
-                           dashboard_address=None, memory_limit="auto" if processes else 0, silence_logs=40)
-    return Client(cluster), cluster, (threads if processes else max(1, threads))
+        return client, None, _threads_by_worker(client), None
+    import dask
+
+    gpus = local_gpus(device)
+    n, threads = local_cluster_size(n_cases, workers, gpus)
+    # loopback only (threads-only workers talk in-process, inproc://); a case that kills its worker
+    # (e.g. out of memory) is retried once on another worker, then recorded as failed
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, host="127.0.0.1" if processes else None,
+                               dashboard_address=None, memory_limit="auto" if processes else 0, silence_logs=40)
+    client = Client(cluster)
+    return client, cluster, threads, assign_gpus(client.scheduler_info().get("workers", {}), gpus, device)
 
 
 def _threads_by_worker(client) -> dict:
@@ -555,8 +600,9 @@ def _run_on_dask(todo, out, model_arg, params, record, cancel, scheduler, worker
 
     own = client is None
     cluster = None
+    devices = None
     if own:
-        client, cluster, threads = _open_client(scheduler, workers, len(todo), processes)
+        client, cluster, threads, devices = _open_client(scheduler, workers, len(todo), processes, params.device)
     else:
         threads = _threads_by_worker(client) if processes else None
     pdict = params.as_dict()
@@ -564,7 +610,7 @@ def _run_on_dask(todo, out, model_arg, params, record, cancel, scheduler, worker
         n_workers = len(client.scheduler_info().get("workers", {}))
         futures = {}
         for key, c, redo in todo:
-            f = client.submit(run_case, c.case_id, c.inputs, str(out / c.case_id), model_arg, pdict, redo, threads,
+            f = client.submit(run_case, c.case_id, c.inputs, str(out / c.case_id), model_arg, pdict, redo, threads, devices,
                               key=f"unetsegment-case-{c.case_id}-{os.urandom(4).hex()}", pure=False, retries=0)
             futures[f] = (key, c)
         pending = set(futures)

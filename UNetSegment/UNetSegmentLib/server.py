@@ -141,6 +141,10 @@ class JobManager:
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._remove_stale_dirs()
+        try:
+            self.bundle(self.default_model())  # load and verify once, not in the first request
+        except (UNetSegmentError, HTTPProblem):
+            pass  # reported per request
         for dev in self.cfg.devices:
             t = threading.Thread(target=self._worker, args=(dev,), name=f"unetsegment-infer-{dev}", daemon=True)
             t.start()
@@ -655,7 +659,11 @@ def create_app(manager: JobManager):
 
     @app.post("/jobs", status_code=202)
     async def create_job(request: Request):
-        manager.reserve()
+        try:
+            manager.reserve()
+        except HTTPProblem:
+            await _drain(request, DRAIN_LIMIT)
+            raise
         jid, jdir = None, None
         try:
             declared = request.headers.get("content-length")
@@ -673,6 +681,7 @@ def create_app(manager: JobManager):
             job = Job(id=jid, dir=jdir, model=model, params=params, inputs=inputs, channels=bundle.channel_names)
         except BaseException:
             manager.release()
+            await _drain(request, DRAIN_LIMIT)
             if jdir is not None:
                 shutil.rmtree(jdir, ignore_errors=True)
             raise
@@ -714,7 +723,7 @@ async def _drain(request, limit: int) -> None:
             n += len(chunk)
             if n > limit:
                 break
-    except ClientDisconnect:
+    except (ClientDisconnect, RuntimeError):  # RuntimeError: already read to the end
         pass
 
 

@@ -107,7 +107,10 @@ class ServerClient:
             raise ServerError(f"server URL {url!r} is not an http(s) URL", "give e.g. http://127.0.0.1:8000")
         self.url = url.strip().rstrip("/")
         if token is None and token_file:
-            token = Path(token_file).expanduser().read_text(encoding="utf-8").strip()
+            try:
+                token = Path(token_file).expanduser().read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ServerError(f"cannot read token file {token_file}: {e}", "give the file holding the server's token") from None
         self.token = token
         self.timeout = timeout
         self.upload_timeout = upload_timeout
@@ -132,6 +135,13 @@ class ServerClient:
             reason = getattr(e, "reason", e)
             raise ServerError(f"cannot reach the UNetSegment server at {self.url}: {reason}",
                               "check the server URL and that `unetsegment serve` runs there") from None
+
+    def _reachable(self) -> bool:
+        try:
+            self.health()
+            return True
+        except ServerError:
+            return False
 
     def _json(self, method: str, path: str, **kw) -> dict:
         with self._request(method, path, **kw) as r:
@@ -175,7 +185,13 @@ class ServerClient:
             raise ServerError(f"the upload ({body.length / 2**20:.1f} MiB) exceeds the server's limit of {limit / 2**20:.1f} MiB",
                               "send smaller or compressed volumes, or ask the admin to raise --max-upload-mb", 413)
         headers = {"Content-Type": body.content_type, "Content-Length": str(body.length)}
-        return self._json("POST", "/jobs", data=iter(body), headers=headers, timeout=self.upload_timeout)["id"]
+        try:
+            return self._json("POST", "/jobs", data=iter(body), headers=headers, timeout=self.upload_timeout)["id"]
+        except ServerError as e:
+            if e.status == 0 and self._reachable():  # it answered before reading a large upload, and hung up
+                raise ServerError("the server refused the upload before reading it (queue full, upload too large, or wrong token)",
+                                  "check GET /health (queued, max_queued, max_upload_bytes) and retry later", 0) from None
+            raise
 
     def status(self, job_id: str) -> dict:
         """``GET /jobs/{id}``: ``status``, ``stage``, ``fraction``, ``message``, ``error``, ``queue_position``,
@@ -227,3 +243,168 @@ class ServerClient:
 
 def _jid(job_id: str) -> str:
     return urllib.parse.quote(str(job_id), safe="")
+
+
+# --------------------------------------------------------------------------------------------
+# A remote run with the local worker's interface (for the Slicer logic)
+# --------------------------------------------------------------------------------------------
+class RemoteProcess:
+    """Runs a ``segment`` request on a server, with the interface of the Slicer module's local worker
+    process (``start(request_path, stop_file)``, ``stop()``, ``is_running()``) and its JSON events.
+
+    ``request.json`` is the worker's (``inputs``, ``output_dir``, ``model``, ``params``, ``overwrite``);
+    a model given as a bundle folder is asked for by its folder name. All HTTP (upload, polling every
+    ``poll_s``, download into ``output_dir``) happens in a background thread; events are queued and
+    delivered — ``on_event(ev)`` then ``on_finished(code)`` — only from :meth:`poll`, which the GUI
+    calls from a timer (e.g. a ``qt.QTimer`` every 100 ms), so callbacks run on the GUI thread and
+    nothing blocks it. Events: ``started``, ``log``, ``progress`` (stages ``upload``, ``queued``, the
+    engine's stages, ``download``), then ``done`` (``output_dir``, ``summary``, ``elapsed_s``; code 0)
+    or ``error`` (``kind``, ``exit_code``, ``message``, ``problem``, ``fix``; cancel is
+    ``CancelledError``/130, a server that cannot be reached ``ServerError``/1).
+    """
+
+    def __init__(self, on_event: Callable[[dict], None], on_finished: Callable[[int], None], client: ServerClient,
+                 poll_s: float = 0.5):
+        import queue
+        import threading
+
+        self.on_event, self.on_finished, self.client, self.poll_s = on_event, on_finished, client, poll_s
+        self._queue: "queue.Queue[tuple]" = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: "threading.Thread | None" = None
+        self._finished = True
+        self.job_id: str | None = None
+
+    def start(self, request_path: str, stop_file: str | None = None) -> None:
+        import threading
+
+        if self.is_running():
+            raise RuntimeError("a segmentation is already running")
+        req = json.loads(Path(request_path).read_text(encoding="utf-8"))
+        self._stop.clear()
+        self._finished = False
+        self.job_id = None
+        self._thread = threading.Thread(target=self._run, args=(req,), daemon=True, name="unetsegment-remote")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask for a stop: the job is deleted on the server; ``error``/CancelledError follows."""
+        self._stop.set()
+
+    def is_running(self) -> bool:
+        return not self._finished
+
+    def poll(self) -> bool:
+        """Deliver queued events on the calling thread; returns True while the run is going on."""
+        import queue
+
+        while True:
+            try:
+                kind, payload = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "event":
+                self.on_event(payload)
+            else:
+                self._finished = True
+                self.on_finished(int(payload))
+                return False
+        return not self._finished
+
+    # --- background thread -------------------------------------------------------------------
+    def _emit(self, ev: dict) -> None:
+        self._queue.put(("event", ev))
+
+    def _progress(self, stage: str, fraction: float, message: str = "") -> None:
+        self._emit({"event": "progress", "stage": stage, "fraction": float(fraction), "overall": _overall(stage, fraction),
+                    "eta_s": None, "message": message})
+
+    def _end(self, code: int) -> None:
+        self._queue.put(("finished", code))
+
+    def _error(self, kind: str, problem: str, fix: str | None, code: int) -> None:
+        msg = f"{problem} — {fix}" if fix else problem
+        self._emit({"event": "error", "kind": kind, "exit_code": code, "message": msg, "problem": problem, "fix": fix or ""})
+        self._end(code)
+
+    def _cancelled(self) -> None:
+        if self.job_id:
+            try:
+                self.client.cancel(self.job_id)
+            except ServerError:
+                pass
+        self._error("CancelledError", "run cancelled", "start it again when ready", 130)
+
+    def _run(self, req: dict) -> None:
+        t0 = time.monotonic()
+        try:
+            model = req.get("model")
+            if model and (Path(model) / "model.json").is_file():
+                model = Path(model).name
+            models = self.client.models()
+            known = {m["name"]: m for m in models.get("models", [])}
+            name = model or models.get("default")
+            if name not in known:
+                self._error("ModelError", f"the server at {self.client.url} has no model {name!r} "
+                            f"(it has {', '.join(sorted(known)) or 'none'})", "import the model on the server or pick another", 4)
+                return
+            self._emit({"event": "started", "pid": None, "python": f"server {self.client.url}", "version": known[name].get("version")})
+            self._progress("upload", 0.0, f"uploading to {self.client.url}")
+            if self._stop.is_set():
+                return self._cancelled()
+            self.job_id = self.client.submit(list(req["inputs"]), model=name, params=req.get("params"))
+            self._emit({"event": "log", "level": "info", "message": f"job {self.job_id} on {self.client.url} ({name} {known[name].get('version')})"})
+            while True:
+                if self._stop.is_set():
+                    return self._cancelled()
+                st = self.client.status(self.job_id)
+                if st["status"] == "queued":
+                    self._progress("queued", 0.0, f"waiting in the server's queue (position {int(st.get('queue_position') or 0) + 1})")
+                elif st["status"] == "running":
+                    self._progress(st.get("stage") or "load", float(st.get("fraction") or 0.0), st.get("message") or "")
+                elif st["status"] == "done":
+                    break
+                elif st["status"] == "cancelled":
+                    return self._error("CancelledError", "the job was cancelled on the server", "start it again when ready", 130)
+                else:
+                    problem, _, fix = (st.get("error") or "the job failed on the server").partition(" — ")
+                    kind = st.get("error_type") or "ServerError"
+                    return self._error(kind, problem, fix or None, _exit_code(kind))
+                self._stop.wait(self.poll_s)
+            for w in st.get("warnings", []):
+                self._emit({"event": "log", "level": "warning", "message": w})
+            self._progress("download", 0.0, "downloading results")
+            if self._stop.is_set():
+                return self._cancelled()
+            out = Path(req["output_dir"])
+            self.client.download(self.job_id, out, overwrite=bool(req.get("overwrite")))
+            try:
+                self.client.cancel(self.job_id)  # the server's copy is no longer needed
+            except ServerError:
+                pass
+            summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+            self._emit({"event": "done", "output_dir": str(out), "summary": summary, "elapsed_s": time.monotonic() - t0})
+            self._end(0)
+        except UNetSegmentError as e:
+            kind = type(e).__name__
+            self._error(kind, e.problem, e.fix, getattr(e, "exit_code", 1))
+        except Exception as e:  # noqa: BLE001 - the GUI gets one error event, never a dead thread
+            self._error("InternalError", f"internal error: {type(e).__name__}: {e}", "report this as a bug", 1)
+
+
+def _exit_code(kind: str) -> int:
+    from . import errors
+
+    cls = getattr(errors, kind, None)
+    return int(getattr(cls, "exit_code", 1)) if isinstance(cls, type) else 1
+
+
+def _overall(stage: str, fraction: float) -> float | None:
+    """The local worker's overall fraction for an engine stage (None for upload/queued/download)."""
+    try:
+        from .worker import STAGE_WEIGHTS, STAGES
+
+        done = sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(stage)])
+        return min(1.0, done + STAGE_WEIGHTS[stage] * max(0.0, min(1.0, fraction)))
+    except (ImportError, ValueError, KeyError, AttributeError, TypeError):
+        return None

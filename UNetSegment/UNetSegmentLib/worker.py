@@ -48,7 +48,7 @@ STAGES = ("load", "preprocess", "inference", "gradcam", "postprocess", "write")
 #: relative share of each stage in the overall fraction
 STAGE_WEIGHTS = {"load": 0.08, "preprocess": 0.07, "inference": 0.55, "gradcam": 0.2, "postprocess": 0.04, "write": 0.06}
 POLL_S = 0.05
-CANCEL_GRACE_S = 0.6
+CANCEL_GRACE_S = 0.5
 PROGRESS_MIN_INTERVAL_S = 0.1
 
 

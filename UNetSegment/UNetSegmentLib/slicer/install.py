@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import importlib.util
 import re
 import tempfile
 from dataclasses import dataclass

@@ -179,6 +179,33 @@ class Panel:
             form.addRow(f"{spec['name']}:", combo)
             self.channel_selectors.append(combo)
 
+    def refresh_inputs(self) -> None:
+        """Fill channel selectors that are still empty from the scene (e.g. volumes loaded meanwhile)."""
+        import slicer
+
+        if self.bundle is None:
+            return
+        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        taken = [c.currentNode() for c in self.channel_selectors if c.currentNode() is not None]
+        free = [v for v in volumes if all(v is not t for t in taken)]
+        empty = [(ch, c) for ch, c in zip(self.bundle.channel_names, self.channel_selectors) if c.currentNode() is None]
+        for (ch, combo), guess in zip(empty, guess_channel_volumes([ch for ch, _ in empty], free)):
+            combo.setCurrentNode(guess)
+        self.update_state()
+
+    def _result_alive(self) -> bool:
+        """False once the result's nodes were deleted (e.g. the scene was closed)."""
+        import slicer
+
+        r = self.result
+        if r is not None and all(slicer.mrmlScene.IsNodePresent(n) for n in (r.segmentation, r.table)):
+            return True
+        if r is not None:
+            self.result = None
+            self.ui.lesionSummaryLabel.text = "No result yet"
+            self.update_state()
+        return False
+
     def _apply_model_defaults(self) -> None:
         """Advanced controls show the model's defaults (what the CLI uses when a flag is not given)."""
         b = self.bundle
@@ -276,6 +303,7 @@ class Panel:
         self.start(request)
 
     def start(self, request: RunRequest) -> None:
+        self.last_request = request
         try:
             self.logic.start(request)
         except Exception as e:  # noqa: BLE001 - input/geometry problems found before the run
@@ -284,7 +312,8 @@ class Panel:
             self.show_error(ev["message"])
             self.update_state()
             return
-        self.last_request = request
+        if not self.logic.is_running():  # ended already (a logic that reports synchronously)
+            return
         self.ui.progressBar.value = 0
         self.ui.progressBar.visible = True
         self.ui.statusLabel.text = "Starting…"
@@ -321,8 +350,6 @@ class Panel:
         ui.opacitySlider.blockSignals(False)
         ui.lesionTableView.setMRMLScene(slicer.mrmlScene)
         ui.lesionTableView.setMRMLTableNode(result.table)
-        if ui.outputSegmentationSelector.currentNode() is None:
-            ui.outputSegmentationSelector.setCurrentNode(result.segmentation)
         self._connect_layout_table_view()
         self._show_summary()
         ui.statusLabel.text = "Done."
@@ -384,7 +411,7 @@ class Panel:
         self._live_timer.start()
 
     def apply_live_threshold(self) -> None:
-        if self.result is None:
+        if not self._result_alive():
             return
         value = round(float(self.ui.liveThresholdSlider.value), 4)
         try:
@@ -395,7 +422,7 @@ class Panel:
         self._show_summary()
 
     def on_table_selection(self, view) -> None:
-        if self.result is None:
+        if not self._result_alive():
             return
         indexes = view.selectionModel().selectedIndexes()
         if not indexes:
