@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup sample demo test bench clean
+.PHONY: setup sample demo test bench evaluate clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: sample
 
 bench: setup
 	$(BIN)/python bench/inference_vs_monai.py
+
+evaluate: sample
+	$(BIN)/python -m UNetSegmentLib.training.cases --config Resources/Training/ct-hemorrhage.yaml --split val --output-dir .cache/eval-ct-hemorrhage
+	$(BIN)/unetsegment evaluate --model ct-hemorrhage --cases .cache/eval-ct-hemorrhage --output .cache/eval-ct-hemorrhage.json
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -221,3 +221,31 @@ def test_dicom_seg_empty_labels_write_nothing(tmp_path):
     labels = img.with_array(np.full(img.array.shape, 7, np.uint8))
     assert write_dicom_seg(labels, ct, SEGMENTS, out / "seg.dcm", model_name="m", model_version="1") == NO_LESION
     assert list(out.iterdir()) == []
+
+
+def test_gantry_tilted_series_keeps_its_true_slice_positions(tmp_path):
+    """ITK builds an orthogonal grid and misplaces tilted slices; we keep the sheared geometry."""
+    import json
+
+    from conftest import ct_phantom
+
+    from UNetSegmentLib.cli import main
+
+    base, _ = ct_phantom(shape_kji=(8, 96, 96), spacing=(1.0, 1.0, 5.0))
+    m = base.ijk_to_ras.copy()
+    tilt = np.deg2rad(15.0)
+    m[:3, 2] = 5.0 * np.array([0.0, np.sin(tilt), np.cos(tilt)])  # each slice steps 1.3 mm anterior
+    tilted = Image(base.array, m)
+    folder = tmp_path / "tilted"
+    write_ct_series(tilted, folder)
+    back = read_image(folder)
+    np.testing.assert_allclose(back.ijk_to_ras, tilted.ijk_to_ras, atol=1e-4)
+    np.testing.assert_array_equal(back.array, tilted.array)
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "-o", str(out), "--model", "tiny-blob", "-q", "--heatmap", "none"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("non-orthogonal" in w for w in summary["warnings"])
+    for f in ("segmentation.seg.nrrd", "probability.nrrd"):
+        np.testing.assert_allclose(read_image(out / f).ijk_to_ras, tilted.ijk_to_ras, atol=1e-4)
+    assert any("segmentation.nii.gz cannot store" in w for w in summary["warnings"])
+    assert summary["n_lesions"] >= 1 and summary["dicom_seg"] == {"file": "segmentation.dcm"}

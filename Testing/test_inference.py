@@ -81,7 +81,8 @@ def test_tta_on_a_mirror_symmetric_net_changes_nothing_and_reports_zero_variance
     p1, var = sliding_window(vol, net, (8, 16, 16), spatial_dims=3, out_channels=2, tta=True, return_tta_variance=True)
     np.testing.assert_allclose(p0, p1, atol=1e-5)
     assert var.shape == vol.shape[1:] and float(var.max()) < 1e-6
-    assert len(tta_flips(2)) == 4 and len(tta_flips(3)) == 8
+    assert len(tta_flips(2)) == 4 and len(tta_flips(3)) == 8 and len(tta_flips(2, ("i",))) == 2
+    assert tta_flips(2, ("i",)) == [(), (3,)] and tta_flips(3, ("k",)) == [(), (2,)] and tta_flips(2, ("k",)) == [()]
 
 
 def test_tta_variance_is_positive_for_an_asymmetric_net():

@@ -194,7 +194,7 @@ def load_bundle(source: str | os.PathLike) -> Bundle:
 def _unpack_zip(zpath: Path) -> Path:
     """Extract a bundle zip safely (no absolute paths or '..') into a private cache folder."""
     digest = sha256_file(zpath)[:16]
-    dest = Path(tempfile.gettempdir()) / "unetsegment-bundles" / f"{zpath.stem}-{digest}"
+    dest = _private_dir(_user_cache_dir() / "bundles") / f"{zpath.stem}-{digest}"
     if (dest / "model.json").is_file():
         return dest
     with zipfile.ZipFile(zpath) as z:
@@ -216,6 +216,20 @@ def _unpack_zip(zpath: Path) -> Path:
                 shutil.copyfileobj(src, dst)
     os.replace(tmp, dest) if not dest.exists() else shutil.rmtree(tmp)
     return dest
+
+
+def _user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "unetsegment"
+
+
+def _private_dir(d: Path) -> Path:
+    """A folder only this user can write (zip bundles are unpacked here, never in a shared /tmp)."""
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = d.stat()
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise ModelError(f"cache folder {d} is writable by others", f"remove it or set XDG_CACHE_HOME to a private folder")
+    return d
 
 
 def _ensure(d: Path) -> Path:

@@ -86,8 +86,15 @@ def params_from_args(a: argparse.Namespace) -> SegmentParams:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, like every other error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"unetsegment: error: {message} — see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="unetsegment", description="U-Net lesion segmentation with lesion statistics and heatmaps.")
+    ap = _Parser(prog="unetsegment", description="U-Net lesion segmentation with lesion statistics and heatmaps.")
     ap.add_argument("--version", action="version", version=f"unetsegment {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -54,7 +54,6 @@ def gradcam(
     *,
     layer: str,
     method: str = "hirescam",
-    target_class: int = 1,
     spatial_dims: int,
     context: int = 0,
     overlap: float = 0.25,
@@ -63,14 +62,19 @@ def gradcam(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> np.ndarray:
-    """Grad-CAM [K, J, I] in 0–1 on the grid of ``volume`` [C, K, J, I] for the voxels in ``target_mask``."""
+    """Grad-CAM [K, J, I] in 0–1 on the grid of ``volume`` [C, K, J, I] for the voxels in ``target_mask``.
+
+    ``target_mask``: bool (explain output channel 1 there) or an integer map of output channels
+    (e.g. each foreground voxel's predicted class): the score is Σ_c Σ_{voxels with value c} logit_c.
+    """
     import torch
     import torch.nn.functional as F
 
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; use one of {CAM_METHODS}")
     roi_kji = (1, *roi) if spatial_dims == 2 else tuple(roi)
-    target = np.ascontiguousarray(target_mask, dtype=bool)
+    target = np.ascontiguousarray(target_mask)
+    target = target.astype(np.uint8) if target.dtype == bool else target.astype(np.int16)
     if not target.any():
         return np.zeros(volume.shape[1:], np.float32)
     module = network.get_submodule(layer)
@@ -91,12 +95,12 @@ def gradcam(
 
     def explain(x, starts):
         masks = np.stack([padded_target[k : k + roi_kji[0], j : j + roi_kji[1], i : i + roi_kji[2]] for k, j, i in starts])
-        m = torch.from_numpy(masks[:, 0] if spatial_dims == 2 else masks).to(x.device, torch.float32)
+        m = torch.from_numpy(masks[:, 0] if spatial_dims == 2 else masks).to(x.device)
         with torch.enable_grad():
             logits = network(x)
             if isinstance(logits, (list, tuple)):
                 logits = logits[0]
-            score = (logits[:, target_class].float() * m).sum()
+            score = sum((logits[:, c].float() * (m == c)).sum() for c in np.unique(masks) if c > 0)
             act = store["act"]
             (grad,) = torch.autograd.grad(score, act)
         w = grad if method == "hirescam" else grad.mean(dim=tuple(range(2, act.ndim)), keepdim=True)

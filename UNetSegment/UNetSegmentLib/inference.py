@@ -151,11 +151,16 @@ def plan_windows(shape_kji: Sequence[int], roi_kji: Sequence[int], overlap: floa
     return WindowPlan(tuple(int(r) for r in roi_kji), pad, starts)
 
 
-def tta_flips(spatial_dims: int) -> list[tuple[int, ...]]:
-    """All mirror combinations over the network's spatial axes (2D: 4 passes, 3D: 8)."""
-    axes = list(range(2, 2 + spatial_dims))
+def tta_flips(spatial_dims: int, axes: Sequence[str] = ("i", "j", "k")) -> list[tuple[int, ...]]:
+    """All mirror combinations over the given canonical axes (i = left–right, j = A–P, k = S–I).
+
+    Models should only be mirrored along axes they were trained mirrored on: the bundle's
+    ``inference.tta_axes`` (default left–right only). 2D models have no k axis.
+    """
+    tensor_axis = {"i": 1 + spatial_dims, "j": spatial_dims, "k": 2}
+    dims = sorted(tensor_axis[a] for a in set(axes) if a in tensor_axis and (spatial_dims == 3 or a != "k"))
     out: list[tuple[int, ...]] = [()]
-    for a in axes:
+    for a in dims:
         out += [f + (a,) for f in out]
     return out
 
@@ -244,6 +249,7 @@ def sliding_window(
     device=None,
     precision: str = "fp32",
     tta: bool = False,
+    tta_axes: Sequence[str] = ("i", "j", "k"),
     pad_value: Sequence[float] | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
@@ -258,7 +264,7 @@ def sliding_window(
     """
     import torch
 
-    flips = tta_flips(spatial_dims) if tta else [()]
+    flips = tta_flips(spatial_dims, tta_axes) if tta else [()]
     amp = autocast_dtype(precision)
     with_var = tta and return_tta_variance
 

@@ -6,12 +6,14 @@ import os
 import platform
 import time
 from pathlib import Path
+
+import numpy as np
 from typing import Sequence
 
 from . import __version__
 from .bundle import Bundle, default_model_name, load_bundle
 from .errors import InputError, OutputError, UsageError
-from .inference import CancelToken, ProgressFn
+from .inference import CancelToken, ProgressFn, resolve_device, resolve_precision
 from .io.readers import read_image
 from .lesions import analyze_lesions, remove_small_lesions
 from .io.dicom_seg import write_dicom_seg
@@ -70,6 +72,7 @@ def segment_files(
     if bad:
         raise UsageError(f"unknown heatmap kind {bad[0]!r}", f"use {', '.join(HEATMAP_KINDS)} or none")
     t_all = time.perf_counter()
+    resolve_precision(params.precision, resolve_device(params.device))  # refuse a bad device before any work
     bundle = load_bundle(model or default_model_name())
     paths = map_inputs(inputs, bundle.channel_names)
     t = time.perf_counter()
@@ -84,9 +87,10 @@ def segment_files(
             summary = write_outputs(stage.path, result, bundle, params, paths)
             summary["timings_s"]["total_s"] = round(time.perf_counter() - t_all, 4)
             write_json(summary, stage.path / "summary.json")
-    except OSError as e:  # disk full, quota, permissions changed mid-run: nothing is left behind
+    except (OSError, RuntimeError) as e:  # disk full, quota, permissions changed mid-run: nothing is left behind
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:200]
         raise OutputError(
-            f"cannot write outputs in {output_dir}: {e.strerror or e}",
+            f"cannot write outputs in {output_dir}: {reason}",
             "free disk space or choose another --output-dir; no output of this run was kept",
         ) from None
     return summary
@@ -114,13 +118,21 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     ]
     write_seg_nrrd(ref, segments, folder / "segmentation.seg.nrrd")
     write_image(ref, folder / "segmentation.nii.gz")
+    d = ref.direction
+    if np.abs(d.T @ d - np.eye(3)).max() > 1e-4:
+        result.warnings.append("the input grid is sheared (gantry tilt): segmentation.nii.gz cannot store that and was "
+                               "written on the nearest orthogonal grid; use segmentation.seg.nrrd or the .nrrd files")
     write_image(result.probability, folder / "probability.nrrd")
     for kind, img in result.heatmaps.items():
         write_image(img, folder / f"{kind}.nrrd")
     dicom_seg = None
     if Path(paths[0]).is_dir():  # DICOM series input: also a DICOM SEG referencing it
-        absent = write_dicom_seg(ref, Path(paths[0]), bundle.labels, folder / "segmentation.dcm",
-                                 model_name=bundle.name, model_version=bundle.version)
+        try:
+            absent = write_dicom_seg(ref, Path(paths[0]), bundle.labels, folder / "segmentation.dcm",
+                                     model_name=bundle.name, model_version=bundle.version)
+        except Exception as e:  # noqa: BLE001 - the SEG is an extra; never lose the run over it
+            absent = f"DICOM SEG could not be written: {e}"
+            result.warnings.append(absent)
         dicom_seg = {"file": None, "absent_because": absent} if absent else {"file": "segmentation.dcm"}
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     render_report(
@@ -167,7 +179,7 @@ def build_summary(result: SegmentResult, bundle: Bundle, params: SegmentParams, 
         "model": {"name": bundle.name, "version": bundle.version, "path": str(bundle.root), "dimensions": bundle.dimensions},
         "device": result.device,
         "precision": result.precision,
-        "parameters": {**params.as_dict(), "threshold": result.extra.get("threshold")},
+        "parameters": {**params.as_dict(), **{k: result.extra[k] for k in ("threshold", "overlap", "batch_size") if k in result.extra}},
         "network_grid_shape_kji": result.extra.get("network_grid_shape_kji"),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
         "heatmaps": {k: f"{k}.nrrd" for k in result.heatmaps},

@@ -100,10 +100,11 @@ class StagedOutput:
         if clash and not self.overwrite:
             raise OutputError(f"{self.out_dir} gained outputs during the run ({', '.join(clash)})", "pass --overwrite or use another folder")
         try:
-            for f in clash:
-                if f not in written:  # stale file of an earlier run with other options
+            # the old summary.json goes first: while files are swapped, no summary claims the set is complete
+            for f in sorted(clash, key=lambda f: f != "summary.json"):
+                if f not in written or f == "summary.json":
                     (self.out_dir / f).unlink()
-            for f in written:
+            for f in written:  # CONTRACT_FILES order: summary.json last
                 os.replace(self.path / f, self.out_dir / f)
         except OSError as e:
             raise OutputError(f"cannot move outputs into {self.out_dir}: {e.strerror}", "check free space and permissions") from None

@@ -96,6 +96,7 @@ def segment(
     if device.type == "cuda" and precision == "fp16":
         pass  # autocast handles fp16; weights stay fp32 for accuracy of norms
     timings["load_model_s"] = time.perf_counter() - t
+    cam_layer = cam_layer_name(network, bundle.meta, params.gradcam_layer) if "gradcam" in params.heatmaps else None
 
     t = time.perf_counter()
     spatial_dims = 3 if bundle.dimensions == "3d" else 2
@@ -114,6 +115,7 @@ def segment(
         device=device,
         precision=precision,
         tta=params.tta,
+        tta_axes=tuple(bundle.inference_default("tta_axes", ["i"])),
         progress=report,
         cancel=cancel,
         return_tta_variance=params.tta,
@@ -128,8 +130,8 @@ def segment(
             volume,
             network,
             bundle.meta["patch_size"],
-            (1.0 - probs[0]) >= threshold,
-            layer=cam_layer_name(network, bundle.meta, params.gradcam_layer),
+            _target_classes(probs, threshold),
+            layer=cam_layer,
             method=params.cam_method,
             spatial_dims=spatial_dims,
             context=context,
@@ -156,13 +158,14 @@ def segment(
     np.clip(fg, 0.0, 1.0, out=fg)
     labels = _labels_from_probabilities(class_probs, fg, threshold)
     timings["postprocess_s"] = time.perf_counter() - t
-    extra: dict[str, Any] = {"threshold": threshold, "network_grid_shape_kji": list(net_grid.array.shape)}
+    extra: dict[str, Any] = {"threshold": threshold, "overlap": overlap, "batch_size": batch_size,
+                             "network_grid_shape_kji": list(net_grid.array.shape)}
     heatmaps = {k: _to_input_grid(v, net_grid, canon[0], amap[0], ref) for k, v in heat_net.items()}
     if "uncertainty" in heatmaps:
         extra["uncertainty_kind"] = "tta_variance (4·variance of P(lesion) across mirror passes, 0–1)" if tta_var is not None \
             else "predictive_entropy (of the blended class probabilities, normalised by log(classes), 0–1)"
     if "gradcam" in heatmaps:
-        extra["gradcam_layer"] = cam_layer_name(network, bundle.meta, params.gradcam_layer)
+        extra["gradcam_layer"] = cam_layer
         extra["cam_method"] = params.cam_method
     report("done", 1.0, "")
     return SegmentResult(
@@ -177,6 +180,14 @@ def segment(
         warnings=warnings,
         extra=extra,
     )
+
+
+def _target_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Output channel to explain per voxel: the most probable foreground class where P(fg) ≥ threshold, else 0."""
+    fg = (1.0 - probs[0]) >= threshold
+    if probs.shape[0] == 2:
+        return fg.astype(np.uint8)
+    return np.where(fg, 1 + np.argmax(probs[1:], axis=0), 0).astype(np.int16)
 
 
 def _to_input_grid(arr: np.ndarray, net_grid: Image, canon_ref: Image, amap, ref: Image) -> Image:

@@ -578,7 +578,7 @@ def params_from_fields(fields: list[tuple[str, str]], default_model: str, defaul
                 raise HTTPProblem(400, f"{key}={value[:20]!r} is not a boolean", "send true or false")
             bools[flag[2:].replace("-", "_")] = v in _TRUE
         else:
-            argv += [flag, value]
+            argv.append(f"{flag}={value}")  # '=' form: a value such as '-1' is not taken for a flag
     p = _param_parser()
     d = dataclasses.asdict(defaults)
     d["heatmap"] = tuple(d.pop("heatmaps"))

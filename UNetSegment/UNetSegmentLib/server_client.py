@@ -137,11 +137,12 @@ class ServerClient:
                               "check the server URL and that `unetsegment serve` runs there") from None
 
     def _reachable(self) -> bool:
+        """True when the server answers HTTP at all (even 401)."""
         try:
             self.health()
             return True
-        except ServerError:
-            return False
+        except ServerError as e:
+            return e.status != 0
 
     def _json(self, method: str, path: str, **kw) -> dict:
         with self._request(method, path, **kw) as r:

@@ -4,14 +4,16 @@ Every failure becomes an :class:`InputError` naming the file, the problem and th
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from ..image import Image, from_sitk
+from ..image import LPS_TO_RAS, Image, from_sitk
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: relative tolerance on the spread of DICOM slice positions before we call a series incomplete
@@ -26,18 +28,53 @@ def read_image(path: str | os.PathLike) -> Image:
     if not p.exists():
         raise InputError(f"input not found: {p}", "check the path and that the file exists")
     if p.is_dir():
-        img = _read_dicom_series(p)
-    else:
-        _check_complete(p)
-        try:
+        img, tilt_step = _read_dicom_series(p)
+        image = _to_volume(img, p.name)
+        if tilt_step is not None:  # gantry tilt: the exact, sheared geometry
+            m = image.ijk_to_ras.copy()
+            m[:3, 2] = LPS_TO_RAS[:3, :3] @ tilt_step
+            image = Image(image.array, m)
+        return image
+    _check_complete(p)
+    try:
+        with _captured_stderr() as err:
             img = sitk.ReadImage(str(p))
-        except RuntimeError as e:
-            reason = _itk_reason(str(e))
-            raise InputError(
-                f"cannot read {p.name}: corrupt, truncated or not a volume ({reason})",
-                "check that it is a complete NIfTI, NRRD, MHA or DICOM file",
-            ) from None
+    except RuntimeError as e:
+        reason = _itk_reason(str(e) + "\n" + err.text())
+        raise InputError(
+            f"cannot read {p.name}: corrupt, truncated or not a volume ({reason})",
+            "check that it is a complete NIfTI, NRRD, MHA or DICOM file",
+        ) from None
     return _to_volume(img, p.name)
+
+
+class _Captured:
+    def __init__(self) -> None:
+        self._text = ""
+
+    def text(self) -> str:
+        return self._text
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Capture what ITK's C++ code writes to fd 2 (e.g. MetaIO's "data not read completely"), so the
+    CLI keeps to one line and the message can name the real reason."""
+    cap = _Captured()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 (embedded interpreter): nothing to capture
+        yield cap
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield cap
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            cap._text = tmp.read().decode("utf-8", "replace")
 
 
 def _to_volume(img, name: str) -> Image:
@@ -77,7 +114,7 @@ def _to_volume(img, name: str) -> Image:
 def _itk_reason(msg: str) -> str:
     """The informative line of an ITK exception (its last line is often a generic 'Reason: …')."""
     lines = [l.strip() for l in msg.strip().splitlines() if l.strip()]
-    for key in ("not read completely", "expected", "fread", "Could not create IO object", "Unable to determine"):
+    for key in ("not read completely", "expected", "fread", "Could not create IO object", "Unable to determine", "ERROR"):
         for l in lines:
             if key in l:
                 return l[:200]
@@ -134,6 +171,7 @@ def _nifti_expected_size(head: bytes) -> int | None:
 
 
 def _read_dicom_series(folder: Path):
+    """The series as a SimpleITK image plus its true slice step (LPS mm), which ITK drops for gantry tilt."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -150,34 +188,43 @@ def _read_dicom_series(folder: Path):
         raise InputError(f"the DICOM series in {folder} has a single slice", "give a 3D series")
     reader.SetFileNames(files)
     try:
-        img = reader.Execute()
+        with _captured_stderr() as err:
+            img = reader.Execute()
     except RuntimeError as e:
-        raise InputError(f"cannot read the DICOM series in {folder}: {str(e).strip()[:200]}", "check the files") from None
-    _check_even_slices(img, files, folder)
-    return img
+        raise InputError(f"cannot read the DICOM series in {folder}: {_itk_reason(str(e) + err.text())}", "check the files") from None
+    return img, _slice_step(img, files, folder)
 
 
-def _check_even_slices(img, files, folder: Path) -> None:
-    """Refuse series with missing slices: positions along the slice normal must be evenly spaced."""
+def _slice_step(img, files, folder: Path) -> np.ndarray | None:
+    """Refuse series with missing slices; return the slice step (LPS) when it is not along the normal.
+
+    ITK builds an orthogonal grid from the in-plane axes and the slice normal; a gantry-tilted series
+    steps obliquely, so each slice would be misplaced. The true step makes a sheared IJK→RAS matrix.
+    """
     import SimpleITK as sitk
 
-    normal = np.asarray(img.GetDirection()).reshape(3, 3)[:, 2]
     pos = []
     for f in files:
         r = sitk.ImageFileReader()
         r.SetFileName(f)
         r.ReadImageInformation()
-        if r.HasMetaDataKey("0020|0032"):
-            pos.append(float(np.dot([float(v) for v in r.GetMetaData("0020|0032").split("\\")], normal)))
-    if len(pos) < 2:
-        return
-    gaps = np.diff(np.sort(pos))
-    med = float(np.median(gaps))
-    if med <= 0 or np.max(np.abs(gaps - med)) > DICOM_SPACING_TOLERANCE * med:
+        if not r.HasMetaDataKey("0020|0032"):
+            return None
+        pos.append([float(v) for v in r.GetMetaData("0020|0032").split("\\")])
+    pos = np.asarray(pos)
+    steps = np.diff(pos, axis=0)
+    step = (pos[-1] - pos[0]) / (len(pos) - 1)
+    gap = float(np.linalg.norm(step))
+    if gap <= 0 or np.max(np.linalg.norm(steps - step, axis=1)) > DICOM_SPACING_TOLERANCE * gap:
+        lens = np.linalg.norm(steps, axis=1)
         raise InputError(
-            f"the DICOM series in {folder} has uneven slice spacing (gaps {gaps.min():.3g}–{gaps.max():.3g} mm): slices are missing or duplicated",
+            f"the DICOM series in {folder} has uneven slice spacing (gaps {lens.min():.3g}–{lens.max():.3g} mm): slices are missing or duplicated",
             "export the complete series again",
         )
+    normal = np.asarray(img.GetDirection()).reshape(3, 3)[:, 2]
+    if np.linalg.norm(step / gap - normal * np.sign(np.dot(step, normal))) > 1e-3:
+        return step
+    return None
 
 
 def is_volume_path(p: Path) -> bool:

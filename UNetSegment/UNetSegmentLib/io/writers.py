@@ -6,6 +6,7 @@ into place, so a reader never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -55,6 +56,14 @@ def write_image(image: Image, path: str | os.PathLike, compress: bool = True) ->
         return
     with atomic_path(dest) as tmp:
         sitk.WriteImage(to_sitk(image), str(tmp), useCompression=compress)
+        if ".nii" in dest.name.lower():  # ITK's NIfTI writer only prints when the disk is full
+            from ..errors import InputError
+            from .readers import _check_complete
+
+            try:
+                _check_complete(tmp)
+            except InputError:
+                raise OSError(errno.ENOSPC, f"incomplete write of {dest.name} (disk full?)") from None
 
 
 def write_json(obj, path: str | os.PathLike) -> None:
