@@ -13,6 +13,7 @@ sys.path.insert(0, str(REPO / "UNetSegment"))
 
 from UNetSegmentLib.bundle import sha256_file  # noqa: E402
 from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
+from UNetSegmentLib.phantom import head_with_blob  # noqa: E402
 
 
 def oblique_direction(deg: float = 12.0, flip_i: bool = True) -> np.ndarray:
@@ -26,19 +27,7 @@ def oblique_direction(deg: float = 12.0, flip_i: bool = True) -> np.ndarray:
 def ct_phantom(shape_kji=(24, 64, 64), spacing=(1.5, 1.5, 3.0), direction=None, origin=(10.0, -20.0, 5.0), seed=0,
                blob=True) -> tuple[Image, np.ndarray]:
     """A CT-like head (skull, brain, optional bright blob) and the blob mask."""
-    rng = np.random.default_rng(seed)
-    K, J, I = shape_kji
-    k, j, i = np.mgrid[:K, :J, :I].astype(np.float32)
-    head = ((i - I / 2) / (I * 0.42)) ** 2 + ((j - J / 2) / (J * 0.45)) ** 2 + ((k - K / 2) / (K * 0.7)) ** 2
-    arr = np.full(shape_kji, -1000.0, np.float32)
-    arr[head < 1.0] = 1000.0
-    arr[head < 0.8] = 30.0
-    mask = np.zeros(shape_kji, bool)
-    if blob:
-        mask = ((i - I * 0.62) / (I * 0.09)) ** 2 + ((j - J * 0.45) / (J * 0.08)) ** 2 + ((k - K / 2) / max(2.0, K * 0.15)) ** 2 < 1
-        arr[mask] = 70.0
-    arr += rng.normal(0, 3, arr.shape).astype(np.float32)
-    return Image(arr.astype(np.int16), make_ijk_to_ras(spacing, direction, origin)), mask
+    return head_with_blob(shape_kji, spacing, direction, origin, seed, blob)
 
 
 def write_bundle(folder: Path, *, channels=("CT",), dims="2d", patch=(32, 32), base=4, depth=2, n_labels=1,

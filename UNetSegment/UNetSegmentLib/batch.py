@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 from .errors import CancelledError, OutputError, UNetSegmentError, UsageError
 from .inference import CancelToken
 from .lesions import COLUMNS, _fmt
-from .outputs import CONTRACT_FILES
+from .outputs import CONTRACT_FILES, ensure_output_dir
 from .params import SegmentParams
 
 #: columns of ``cohort_summary.csv``
@@ -585,14 +585,7 @@ def run_cohort(
 
 
 def _check_output_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output path {out} exists and is not a folder", "give a folder path for --output-dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output folder {out}: {e.strerror}", "choose a writable --output-dir") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {out} is not writable", "choose a writable --output-dir or fix its permissions")
+    ensure_output_dir(out)
 
 
 def _run_on_dask(todo, out, model_arg, params, record, cancel, scheduler, workers, processes, client) -> int:

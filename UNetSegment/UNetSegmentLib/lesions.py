@@ -193,23 +193,15 @@ def _fmt(v) -> str:
 
 
 def _atomic_write(path, text: str) -> str:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    from .io.writers import atomic_path
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e}", "check that the folder exists and is writable") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return os.fspath(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,18 @@ CONTRACT_FILES = (
 STAGING_PREFIX = ".unetsegment-staging-"
 
 
+def ensure_output_dir(d: Path) -> None:
+    """Create the output folder (and parents) or say why it cannot be used."""
+    if d.exists() and not d.is_dir():
+        raise OutputError(f"output path {d} exists and is not a folder", "give a folder path for --output-dir")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output folder {d}: {e.strerror}", "choose a writable --output-dir") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {d} is not writable", "choose a writable --output-dir or fix its permissions")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -50,14 +62,7 @@ class StagedOutput:
     def check(self) -> None:
         """Refuse early (before any work) if outputs exist or the folder cannot be written."""
         d = self.out_dir
-        if d.exists() and not d.is_dir():
-            raise OutputError(f"output path {d} exists and is not a folder", "give a folder path for --output-dir")
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create output folder {d}: {e.strerror}", "choose a writable --output-dir") from None
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise OutputError(f"output folder {d} is not writable", "choose a writable --output-dir or fix its permissions")
+        ensure_output_dir(d)
         existing = [f for f in CONTRACT_FILES if (d / f).exists()]
         if existing and not self.overwrite:
             raise OutputError(

@@ -788,21 +788,13 @@ def _write_png(fig, f) -> None:
 
 
 def _save_png(fig, path) -> tuple[int, int]:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
+    from .io.writers import atomic_path
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            _write_png(fig, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                _write_png(fig, f)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e}", "check that the folder exists and is writable") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
     w, h = fig.get_size_inches() * DPI
     return int(round(w)), int(round(h))

@@ -42,6 +42,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ..bundle import sha256_file
 from ..errors import InputError, OutputError
 from ..image import Image, make_ijk_to_ras
 
@@ -114,14 +115,6 @@ def load_sample(cache_dir: Path | None = None, source: Path | None = None) -> Im
 
 
 # --- reading ----------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _safe_member(member: tarfile.TarInfo) -> bool:
     p = PurePosixPath(member.name)
     return member.isfile() and not p.is_absolute() and ".." not in p.parts

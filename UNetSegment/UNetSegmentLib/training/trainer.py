@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 import numpy as np
@@ -180,7 +181,8 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     val_every = int(tc.get("val_every", 250))
     ck_every = int(tc.get("checkpoint_every", 100))
     t0 = time.time()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", dynamic_ncols=True, mininterval=5)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", dynamic_ncols=True, mininterval=5,
+               disable=not sys.stderr.isatty())  # logs get one line per validation instead
     loss_avg = None
     for step in bar:
         net.train()
