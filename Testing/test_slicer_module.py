@@ -32,6 +32,7 @@ from UNetSegmentLib.bundle import load_bundle  # noqa: E402
 from UNetSegmentLib.slicer import scene as sc  # noqa: E402
 from UNetSegmentLib.slicer.logic import RunRequest, SegmentationLogic  # noqa: E402
 from UNetSegmentLib.slicer.widget import Panel, guess_channel_volumes  # noqa: E402
+from UNetSegmentLib.worker import STAGES  # noqa: E402
 from UNetSegmentLib.resources import resource_path  # noqa: E402
 
 CPU = SegmentParams(device="cpu", heatmaps=("gradcam",))
@@ -514,6 +515,164 @@ def test_import_model_validates_and_selects_it(tmp_path, monkeypatch):
     assert [r[0] for r in ui.channelsWidget.layout().rows] == ["CBF:", "CBV:", "MTT:", "Tmax:"]
     ui.importModelButton.click()
     assert dialogs.errors and "not imported" in dialogs.errors[-1]
+
+
+# --- "Run on": this computer or a server ------------------------------------------------------------
+class RecordingProcess:
+    """Records how the logic made and started it; ends only when stopped (as a cancelled run)."""
+
+    def __init__(self, made, on_event, on_finished, client=None):
+        self.on_event, self.on_finished, self.client = on_event, on_finished, client
+        self.request, self.running = None, False
+        made.append(self)
+
+    def start(self, request_path, stop_file):
+        self.request, self.running = json.loads(Path(request_path).read_text()), True
+
+    def stop(self):
+        def end():
+            self.running = False
+            self.on_event({"event": "error", "kind": "CancelledError", "exit_code": 130, "message": "run cancelled"})
+            self.on_finished(130)
+
+        __import__("qt").QTimer.singleShot(0, end)  # later, on the GUI thread, as a real process ends
+
+    def is_running(self):
+        return self.running
+
+
+def test_run_on_server_makes_the_logic_use_a_server_process_with_that_url_and_token(tmp_path):
+    node, _, _ = add_head()
+    (tmp_path / "token").write_text("s3cret-token\n")
+    local, remote = [], []
+    logic = SegmentationLogic(dependency_check=lambda: True, process_factory=lambda *a: RecordingProcess(local, *a),
+                              server_process_factory=lambda *a: RecordingProcess(remote, *a))
+    panel, ui, _ = make_panel(logic)
+    panel.refresh_models(select="tiny-blob")
+    assert ui.runOnComboBox.currentText == "This computer" and not ui.serverUrlLineEdit.enabled  # the default
+    assert ui.deviceComboBox.enabled
+    ui.runOnComboBox.setCurrentIndex(1)
+    assert ui.runOnComboBox.currentText == "Server" and ui.serverUrlLineEdit.enabled and ui.serverTokenFilePathLineEdit.enabled
+    assert not ui.deviceComboBox.enabled and "server" in ui.deviceComboBox.toolTip  # the server owns its devices
+    assert not ui.segmentButton.enabled and "server URL" in ui.segmentButton.toolTip
+    ui.serverUrlLineEdit.text = " http://127.0.0.1:8765/ "
+    ui.serverTokenFilePathLineEdit.currentPath = str(tmp_path / "token")
+    assert ui.segmentButton.enabled and "http://127.0.0.1:8765" in ui.segmentButton.toolTip
+    ui.segmentButton.click()
+    (proc,) = remote
+    assert not local and proc.running and logic.is_running() and ui.segmentButton.text == "Cancel"
+    assert proc.client.url == "http://127.0.0.1:8765" and proc.client.token == "s3cret-token"
+    assert Path(proc.request["inputs"][0]).is_file() and proc.request["model"] == str(load_bundle("tiny-blob").root)
+    assert "on the server http://127.0.0.1:8765" in ui.logTextEdit.toPlainText()
+    ui.segmentButton.click()  # Cancel
+    assert STANDIN.run_until(lambda: not logic.is_running(), 5) and "Cancelled" in ui.statusLabel.text
+    # kept in the settings: a new panel (next Slicer session) comes up the same
+    panel2, ui2, _ = make_panel(logic)
+    assert ui2.runOnComboBox.currentText == "Server" and ui2.serverUrlLineEdit.text == "http://127.0.0.1:8765/"
+    assert ui2.serverTokenFilePathLineEdit.currentPath == str(tmp_path / "token")
+    # back on this computer: the local worker again, no server fields in the request
+    ui.runOnComboBox.setCurrentIndex(0)
+    ui.segmentButton.click()
+    assert len(local) == 1 and len(remote) == 1 and panel.last_request.server_url is None
+    ui.segmentButton.click()
+    assert STANDIN.run_until(lambda: not logic.is_running(), 5)
+    assert slicer.util.settingsValue("UNetSegment/RunOn") == "local"
+
+
+def test_bad_or_unreachable_server_is_an_error_and_the_scene_is_unchanged(tmp_path):
+    import socket
+
+    node, _, _ = add_head()
+    dialogs = ScriptedDialogs()
+    panel, ui, logic = make_panel(dialogs=dialogs)
+    panel.refresh_models(select="tiny-blob")
+    before = list(STANDIN.scene.nodes)
+    ui.runOnComboBox.setCurrentIndex(1)
+    ui.serverUrlLineEdit.text = "gpu-box:8000"  # no scheme: refused before anything runs
+    ui.segmentButton.click()
+    assert not logic.is_running() and "not an http(s) URL" in dialogs.errors[-1]
+    ui.serverUrlLineEdit.text = "http://127.0.0.1:8000"
+    ui.serverTokenFilePathLineEdit.currentPath = str(tmp_path / "missing-token")
+    ui.segmentButton.click()
+    assert not logic.is_running() and "cannot read token file" in dialogs.errors[-1]
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui.serverUrlLineEdit.text = f"http://127.0.0.1:{port}"
+    ui.serverTokenFilePathLineEdit.currentPath = ""
+    t0 = time.monotonic()
+    ui.segmentButton.click()
+    assert time.monotonic() - t0 < 2.0 and logic.is_running()  # the click never waits for the network
+    assert STANDIN.run_until(lambda: not logic.is_running(), 15)
+    assert "cannot reach the UNetSegment server" in dialogs.errors[-1] and "Failed" in ui.statusLabel.text
+    assert list(STANDIN.scene.nodes) == before and panel.result is None and ui.segmentButton.text == "Segment"
+
+
+def test_segment_on_a_live_server_gives_the_same_nodes_as_the_local_run(tmp_path, monkeypatch):
+    """Tiny-blob on a real local server (uvicorn on 127.0.0.1, token file) through the panel, against
+    the same panel's local run; HTTP never happens on the GUI thread, callbacks only there."""
+    import threading
+    import urllib.request
+
+    from UNetSegmentLib.server import InferenceServer, ServerConfig
+
+    node, _, _ = add_head()
+    panel, ui, logic = make_panel()
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.gradcamCheckBox.checked = False
+    ui.segmentButton.click()
+    assert STANDIN.run_until(lambda: panel.result is not None, 120)
+    local = panel.result
+    panel.result = None
+
+    http_threads, callback_threads, stages = [], [], []
+    real_urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda *a, **k: http_threads.append(threading.current_thread()) or real_urlopen(*a, **k))
+    logic.progress.connect(lambda ev: (callback_threads.append(threading.current_thread()), stages.append(ev["stage"])))
+    logic.finished.connect(lambda r: callback_threads.append(threading.current_thread()))
+    (tmp_path / "token").write_text("panel-test-token-" + "y" * 20)
+    cfg = ServerConfig(token="panel-test-token-" + "y" * 20, params=SegmentParams(heatmaps=(), threads=1),
+                       work_dir=tmp_path / "serve-work")
+    with InferenceServer(cfg) as srv:
+        ui.runOnComboBox.setCurrentIndex(1)
+        ui.serverUrlLineEdit.text = srv.url
+        ui.serverTokenFilePathLineEdit.currentPath = str(tmp_path / "token")
+        ui.segmentButton.click()
+        assert ui.segmentButton.text == "Cancel"
+        assert STANDIN.run_until(lambda: not logic.is_running(), 120)
+        remote = panel.result
+        assert remote is not None, ui.logTextEdit.toPlainText()
+        assert not srv.manager.jobs  # the server's copy was deleted after the download
+    assert http_threads and threading.main_thread() not in http_threads
+    assert callback_threads and set(callback_threads) == {threading.main_thread()}
+    assert stages[0] == "upload" and stages[-1] == "download"
+    assert set(stages) <= {"upload", "queued", "download", *STAGES}  # engine stages named as the local worker's
+    assert f"connected to the server {srv.url}" in ui.logTextEdit.toPlainText()
+
+    assert remote.segmentation is not local.segmentation  # a second set of nodes, equal to the first
+    sid = sc.segment_id(1)
+    assert np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(remote.segmentation, sid, node),
+                          slicer.util.arrayFromSegmentBinaryLabelmap(local.segmentation, sid, node))
+    seg_l, seg_r = local.segmentation.GetSegmentation().GetSegment(sid), remote.segmentation.GetSegmentation().GetSegment(sid)
+    assert seg_r.GetName() == seg_l.GetName() and seg_r.tags == seg_l.tags
+    assert set(remote.heatmaps) == set(local.heatmaps) == {"probability"}
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(remote.heatmaps["probability"]),
+                               slicer.util.arrayFromVolume(local.heatmaps["probability"]), atol=1e-5)
+    tr, tl = remote.table, local.table
+    assert tr.GetNumberOfRows() == tl.GetNumberOfRows() >= 1
+    for c in range(tl.GetNumberOfColumns()):
+        name = tl.GetColumnName(c)
+        assert tr.GetColumnName(c) == name
+        got, want = tr.column(name), tl.column(name)
+        if want and isinstance(want[0], str):
+            assert got == want, name
+        else:
+            assert got == pytest.approx(want, abs=1e-6), name
+    assert remote.summary["parameters"]["threshold"] == local.summary["parameters"]["threshold"]
+    assert {p.name for p in remote.run.folder.iterdir()} == {p.name for p in local.run.folder.iterdir()}
+    assert "1 lesion(s)" in ui.lesionSummaryLabel.text and ui.resultsCollapsibleButton.enabled
 
 
 # --- the module file and its self-test --------------------------------------------------------------

@@ -29,9 +29,11 @@ folder or .zip, which is validated first). The model card decides the inputs: on
 channel (e.g. <i>CT</i>, or <i>CBF/CBV/MTT/Tmax</i>), filled in from the scene. Optional: a markups
 ROI to restrict the run, device (auto/CPU/CUDA) and precision. <i>Advanced</i> holds the same
 parameters as the <code>unetsegment segment</code> command line (threshold, window overlap, TTA,
-minimum lesion size, connectivity, heatmaps), preset to the model's defaults.</p>
-<p><b>Segment</b> runs the model in a separate process (the GUI stays responsive); the button turns
-into <b>Cancel</b>, which stops the run within a second and leaves the scene unchanged.</p>
+minimum lesion size, connectivity, heatmaps), preset to the model's defaults, and <i>Run on</i>:
+this computer, or a UNetSegment server (<code>unetsegment serve</code>; its URL and, if it needs
+one, a token file), which runs the model on its own device.</p>
+<p><b>Segment</b> runs the model in a separate process or on the server (the GUI stays responsive);
+the button turns into <b>Cancel</b>, which stops the run within a second and leaves the scene unchanged.</p>
 <p><b>Outputs.</b> A segmentation (new, or the node chosen under <i>Outputs</i>, updated on re-run)
 with the model's segment names, colours and terminology, shown in 2D and 3D; heatmaps as volumes
 shown over the input; a lesion table (volume, centroid, slices, diameter, intensity, side, …).
@@ -102,9 +104,9 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class UNetSegmentLogic(ScriptedLoadableModuleLogic, SegmentationLogic):
     """Usable without the widget; see ``UNetSegmentLib.slicer.logic.SegmentationLogic``."""
 
-    def __init__(self, process_factory=None, dependency_check=None):
+    def __init__(self, process_factory=None, dependency_check=None, server_process_factory=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        SegmentationLogic.__init__(self, process_factory, dependency_check)
+        SegmentationLogic.__init__(self, process_factory, dependency_check, server_process_factory)
 
     def runAndWait(self, request, timeoutSeconds=600.0):
         """Start a run and process events until it ends (for tests and scripts; the GUI never waits)."""

@@ -199,7 +199,7 @@ def _build(standin: StandIn):
         loadUI=qtlike.load_ui, childWidgetVariables=qtlike.child_widget_variables,
         errorDisplay=_message("error"), warningDisplay=_message("warning"), infoDisplay=_message("info"),
         confirmYesNoDisplay=_confirm("confirmYesNo"), confirmOkCancelDisplay=_confirm("confirmOkCancel"),
-        settingsValue=lambda key, default=None, converter=None: default,
+        settingsValue=lambda key, default=None, converter=None, settings=None: qtlike.QSettings.store.get(key, default),
         getNodesByClass=lambda cls: scene.GetNodesByClass(cls),
         getNode=lambda name: scene.GetFirstNodeByName(name),
         pip_install=lambda req, **kw: standin.pip_calls.append((req, kw)),

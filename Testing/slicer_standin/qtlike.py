@@ -38,6 +38,28 @@ def run_until(predicate, timeout: float = 60.0, step: float = 0.01) -> bool:
 
 def reset() -> None:
     _timers.clear()
+    QSettings.store.clear()
+
+
+class QSettings:
+    """Application settings: one store per process (``slicer.util.settingsValue`` reads it too)."""
+
+    store: dict = {}
+
+    def __init__(self, *a):
+        pass
+
+    def value(self, key, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key, value):
+        self.store[key] = value
+
+    def contains(self, key):
+        return key in self.store
+
+    def remove(self, key):
+        self.store.pop(key, None)
 
 
 class QObject:
@@ -285,6 +307,50 @@ class QComboBox(QWidget):
         return self._items[self._index] if self._index >= 0 else ""
 
 
+class QLineEdit(QWidget):
+    def __init__(self, *a):
+        super().__init__()
+        self._text = ""
+        self.placeholderText = ""
+        self.readOnly = False
+
+    @property
+    def text(self):
+        return self._text
+
+    @text.setter
+    def text(self, t):
+        self.setText(t)
+
+    def setText(self, t):
+        t = "" if t is None else str(t)
+        if t != self._text:  # QLineEdit::setText emits textChanged (not textEdited)
+            self._text = t
+            self._emit("textChanged", t)
+
+
+class ctkPathLineEdit(QWidget):
+    def __init__(self, *a):
+        super().__init__()
+        self._path = ""
+        self.filters = ""
+        self.nameFilters = []
+
+    @property
+    def currentPath(self):
+        return self._path
+
+    @currentPath.setter
+    def currentPath(self, p):
+        self.setCurrentPath(p)
+
+    def setCurrentPath(self, p):
+        p = "" if p is None else str(p)
+        if p != self._path:
+            self._path = p
+            self._emit("currentPathChanged", p)
+
+
 class QProgressBar(QWidget):
     def __init__(self, *a):
         super().__init__()
@@ -506,8 +572,8 @@ class qMRMLTableView(QWidget):
 
 # --- .ui loading ----------------------------------------------------------------------------------
 WIDGET_CLASSES = {c.__name__: c for c in (
-    QWidget, QFrame, QLabel, QPushButton, QCheckBox, QComboBox, QProgressBar, QPlainTextEdit, QDoubleSpinBox, QSpinBox,
-    ctkSliderWidget, ctkCollapsibleButton, qMRMLWidget, qMRMLNodeComboBox, qMRMLTableView)}
+    QWidget, QFrame, QLabel, QPushButton, QCheckBox, QComboBox, QLineEdit, QProgressBar, QPlainTextEdit, QDoubleSpinBox,
+    QSpinBox, ctkSliderWidget, ctkCollapsibleButton, ctkPathLineEdit, qMRMLWidget, qMRMLNodeComboBox, qMRMLTableView)}
 LAYOUT_CLASSES = {c.__name__: c for c in (QVBoxLayout, QHBoxLayout, QGridLayout, QFormLayout)}
 
 
@@ -595,6 +661,6 @@ QT_NAMES = {
     "QPushButton": QPushButton, "QCheckBox": QCheckBox, "QComboBox": QComboBox, "QProgressBar": QProgressBar,
     "QPlainTextEdit": QPlainTextEdit, "QDoubleSpinBox": QDoubleSpinBox, "QSpinBox": QSpinBox,
     "QVBoxLayout": QVBoxLayout, "QHBoxLayout": QHBoxLayout, "QFormLayout": QFormLayout, "QGridLayout": QGridLayout,
-    "QFileDialog": QFileDialog, "QMessageBox": QMessageBox, "QIcon": QIcon,
+    "QFileDialog": QFileDialog, "QMessageBox": QMessageBox, "QIcon": QIcon, "QLineEdit": QLineEdit, "QSettings": QSettings,
 }
-CTK_NAMES = {"ctkSliderWidget": ctkSliderWidget, "ctkCollapsibleButton": ctkCollapsibleButton}
+CTK_NAMES = {"ctkSliderWidget": ctkSliderWidget, "ctkCollapsibleButton": ctkCollapsibleButton, "ctkPathLineEdit": ctkPathLineEdit}

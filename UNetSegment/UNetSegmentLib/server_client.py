@@ -361,6 +361,8 @@ class RemoteProcess:
                 st = self.client.status(self.job_id)
                 if st["status"] == "queued":
                     self._progress("queued", 0.0, f"waiting in the server's queue (position {int(st.get('queue_position') or 0) + 1})")
+                elif st["status"] == "running" and st.get("stage") == "done":  # the engine finished; the files are written
+                    self._progress("write", 0.0, "writing outputs")  # (the local worker's name for this stage)
                 elif st["status"] == "running":
                     self._progress(st.get("stage") or "load", float(st.get("fraction") or 0.0), st.get("message") or "")
                 elif st["status"] == "done":

@@ -3,6 +3,9 @@ interactive follow-ups (live threshold, jump to lesion, exports). Usable without
 
 Nothing is added to the scene before the worker reports ``done``; a cancelled or failed run leaves
 the scene as it was and removes its temporary folder.
+
+A request with a ``server_url`` runs on a UNetSegment server (``unetsegment serve``) instead of a
+local worker: same request file, events and outcome (:class:`~.process.ServerProcess`).
 """
 from __future__ import annotations
 
@@ -22,13 +25,16 @@ from ..lesions import LesionTable
 from ..params import SegmentParams
 from ..rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
 from ..roi import Box, box_from_ras_bounds, crop, uncrop
+from ..server_client import ServerClient
 from ..worker import error_event
 from . import scene
-from .process import ProcessProtocol, WorkerProcess
+from .process import ProcessProtocol, ServerProcess, WorkerProcess
 from .signals import Signal
 from .volumes import image_from_volume
 
 HEATMAP_ORDER = ("probability", "gradcam", "uncertainty")
+#: seconds one HTTP request to a server may take (uploads and downloads have their own, longer limit)
+SERVER_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -38,6 +44,8 @@ class RunRequest:
     params: SegmentParams = field(default_factory=SegmentParams)
     roi_node: object | None = None  # vtkMRMLMarkupsROINode restricting the run
     output_segmentation: object | None = None  # existing node to update; None: create one
+    server_url: str | None = None  # run on this UNetSegment server; None/"": a local worker process
+    server_token_file: str | None = None  # file holding the server's bearer token (optional)
 
 
 @dataclass
@@ -95,13 +103,16 @@ class SegmentationLogic:
     """Runs segmentations in a worker process; see the module docstring."""
 
     def __init__(self, process_factory: Callable[[Callable, Callable], ProcessProtocol] | None = None,
-                 dependency_check: Callable[[], bool] | None = None):
+                 dependency_check: Callable[[], bool] | None = None,
+                 server_process_factory: Callable[[Callable, Callable, ServerClient], ProcessProtocol] | None = None):
         self.progress = Signal("dict")  # worker progress events
         self.log = Signal("str", "str")  # level, message
         self.finished = Signal("RunResult")
         self.failed = Signal("dict")  # worker error event fields
         self.cancelled = Signal()
         self.process_factory = process_factory or (lambda on_event, on_finished: WorkerProcess(on_event, on_finished))
+        #: used for requests with a ``server_url``: (on_event, on_finished, ServerClient) -> process
+        self.server_process_factory = server_process_factory or ServerProcess
         self._dependency_check = dependency_check
         self._bundles: dict[str, Bundle] = {}
         self._pending = None
@@ -150,6 +161,10 @@ class SegmentationLogic:
             given = sum(n is not None for n in nodes)
             raise InputError(f"model {bundle.name} expects {len(channels)} input volume(s) ({', '.join(channels)}), "
                              f"got {given}", "pick one volume per channel")
+        # a bad URL or unreadable token file is an error before anything is written (nothing is sent yet;
+        # whether the server answers is found out by the process's background thread)
+        client = (ServerClient(request.server_url, token_file=request.server_token_file or None, timeout=SERVER_TIMEOUT_S)
+                  if request.server_url else None)
         images = [image_from_volume(n) for n in nodes]
         box = None
         if request.roi_node is not None:
@@ -170,8 +185,12 @@ class SegmentationLogic:
         self._done_event = self._error_event = None
         self._cancel_requested = False
         self.log("info", f"starting {bundle.name} on {', '.join(n.GetName() for n in nodes)}"
-                 + (f" within ROI {request.roi_node.GetName()}" if request.roi_node is not None else ""))
-        self._process = self.process_factory(self._on_event, self._on_finished)
+                 + (f" within ROI {request.roi_node.GetName()}" if request.roi_node is not None else "")
+                 + (f" on the server {client.url}" if client is not None else ""))
+        if client is None:
+            self._process = self.process_factory(self._on_event, self._on_finished)
+        else:
+            self._process = self.server_process_factory(self._on_event, self._on_finished, client)
         self._process.start(str(work / "request.json"), str(stop))
 
     def cancel(self) -> None:
@@ -187,6 +206,8 @@ class SegmentationLogic:
             self.progress(ev)
         elif kind == "log":
             self.log(ev.get("level", "info"), ev.get("message", ""))
+        elif kind == "started" and ev.get("pid") is None:  # a server run
+            self.log("info", f"connected to the {ev.get('python', 'server')} (model version {ev.get('version', '?')})")
         elif kind == "started":
             self.log("info", f"worker started (pid {ev.get('pid')}, Python {ev.get('python', '?')})")
         elif kind == "done":

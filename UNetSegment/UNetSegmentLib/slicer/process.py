@@ -6,6 +6,10 @@ a ``qt.QTimer`` drains the queue on the main thread every :data:`POLL_MS` ms and
 MRML and widgets are only touched from the GUI thread and the GUI never waits in a loop.
 Stopping creates the request's stop file (the worker exits within a second); a process still
 alive :data:`KILL_AFTER_S` later is killed.
+
+:class:`ServerProcess` is the same for a run on a UNetSegment server (``unetsegment serve``): the
+HTTP calls happen in :class:`~UNetSegmentLib.server_client.RemoteProcess`'s background thread and
+the same kind of timer delivers its events on the GUI thread.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Protocol
+
+from ..server_client import RemoteProcess
 
 POLL_MS = 100
 KILL_AFTER_S = 1.5
@@ -137,3 +143,30 @@ class WorkerProcess:
             code = self.proc.wait()
             self.proc = None
             self.on_finished(int(code))
+
+
+class ServerProcess(RemoteProcess):
+    """A run on a server with :class:`WorkerProcess`'s interface and events: a ``qt.QTimer`` calls
+    :meth:`~UNetSegmentLib.server_client.RemoteProcess.poll` every :data:`POLL_MS` ms, so callbacks
+    run on the GUI thread while uploads, polling and downloads stay in the background thread."""
+
+    def __init__(self, on_event: Callable[[dict], None], on_finished: Callable[[int], None], client, poll_s: float = 0.5):
+        super().__init__(on_event, on_finished, client, poll_s=poll_s)
+        self._timer = None
+
+    def start(self, request_path: str, stop_file: str | None = None) -> None:
+        import qt
+
+        super().start(request_path, stop_file)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self._tick)
+        self._timer.start()
+
+    def _tick(self) -> None:
+        try:
+            self.poll()
+        finally:
+            if not self.is_running() and self._timer is not None:  # finished (even if a callback raised)
+                self._timer.stop()
+                self._timer = None

@@ -4,9 +4,11 @@
 follows :class:`~.logic.SegmentationLogicProtocol` and a :class:`Dialogs`; tests pass fakes for
 the last two. Run parameters, their defaults and tooltips come from the core's
 :class:`~UNetSegmentLib.params.SegmentParams`/``HELP`` (the CLI's flags) and the model card.
+"Run on" (this computer or a server URL with an optional token file) is kept in ``qt.QSettings``.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +25,26 @@ CONNECTIVITIES = (26, 6)
 LIVE_THRESHOLD_DELAY_MS = 150
 LOG_MAX_LINES = 500
 HEATMAP_TITLES = {"probability": "Probability", "gradcam": "Grad-CAM", "uncertainty": "Uncertainty"}
+#: "Run on" choices: (settings value, combo box text)
+RUN_ON = (("local", "This computer"), ("server", "Server"))
+#: QSettings keys of the "Run on" choice, the server URL and the token file
+RUN_ON_SETTING = "UNetSegment/RunOn"
+SERVER_URL_SETTING = "UNetSegment/ServerURL"
+SERVER_TOKEN_FILE_SETTING = "UNetSegment/ServerTokenFile"
+SERVER_DEVICE_TOOLTIP = "The server runs on its own device(s) (unetsegment serve --device)"
+
+
+def read_setting(key: str, default: str = "") -> str:
+    import slicer
+
+    value = slicer.util.settingsValue(key, default)
+    return default if value is None else str(value)
+
+
+def write_setting(key: str, value: str) -> None:
+    import qt
+
+    qt.QSettings().setValue(key, value)
 
 
 def guess_channel_volumes(channels: Sequence[str], volumes: Sequence) -> list:
@@ -112,18 +134,59 @@ class Panel:
         for kind, box in self.heatmap_boxes.items():
             box.checked = kind in d.heatmaps
             box.toolTip = HELP["heatmaps"]
+        ui.runOnComboBox.clear()
+        for _, text in RUN_ON:
+            ui.runOnComboBox.addItem(text)
+        keys = [k for k, _ in RUN_ON]
+        run_on = read_setting(RUN_ON_SETTING, "local")
+        ui.runOnComboBox.setCurrentIndex(keys.index(run_on) if run_on in keys else 0)
+        ui.serverUrlLineEdit.text = read_setting(SERVER_URL_SETTING)
+        ui.serverTokenFilePathLineEdit.currentPath = read_setting(SERVER_TOKEN_FILE_SETTING)
+        self._apply_run_on()
         ui.logTextEdit.maximumBlockCount = LOG_MAX_LINES
         ui.progressBar.visible = False
         ui.resultsCollapsibleButton.enabled = False
         ui.modelComboBox.connect("currentIndexChanged(int)", self.on_model_changed)
         ui.importModelButton.connect("clicked()", self.on_import_model)
         ui.segmentButton.connect("clicked()", self.on_segment_clicked)
+        ui.runOnComboBox.connect("currentIndexChanged(int)", self.on_run_on_changed)
+        ui.serverUrlLineEdit.connect("textChanged(QString)", self.on_server_changed)
+        ui.serverTokenFilePathLineEdit.connect("currentPathChanged(QString)", self.on_server_changed)
         ui.heatmapComboBox.connect("currentIndexChanged(int)", self.on_heatmap_changed)
         ui.opacitySlider.connect("valueChanged(double)", self.on_opacity_changed)
         ui.liveThresholdSlider.connect("valueChanged(double)", self.on_live_threshold_changed)
         ui.lesionTableView.connect("selectionChanged()", lambda: self.on_table_selection(self.ui.lesionTableView))
         ui.exportTableButton.connect("clicked()", self.on_export_table)
         ui.exportAllButton.connect("clicked()", self.on_export_all)
+
+    # --- where the model runs -----------------------------------------------------------------
+    def on_server(self) -> bool:
+        """True when "Run on" is Server."""
+        return RUN_ON[max(0, self.ui.runOnComboBox.currentIndex)][0] == "server"
+
+    def server_url(self) -> str:
+        return str(self.ui.serverUrlLineEdit.text or "").strip() if self.on_server() else ""
+
+    def server_token_file(self) -> str:
+        return str(self.ui.serverTokenFilePathLineEdit.currentPath or "").strip() if self.on_server() else ""
+
+    def _apply_run_on(self) -> None:
+        ui, server = self.ui, self.on_server()
+        for w in (ui.serverUrlLabel, ui.serverUrlLineEdit, ui.serverTokenFileLabel, ui.serverTokenFilePathLineEdit):
+            w.enabled = server
+        ui.deviceComboBox.enabled = not server  # the server owns its devices (and threads)
+        ui.deviceComboBox.toolTip = SERVER_DEVICE_TOOLTIP if server else HELP["device"]
+
+    def on_run_on_changed(self, index: int) -> None:
+        if 0 <= index < len(RUN_ON):
+            write_setting(RUN_ON_SETTING, RUN_ON[index][0])
+        self._apply_run_on()
+        self.update_state()
+
+    def on_server_changed(self, *_) -> None:
+        write_setting(SERVER_URL_SETTING, str(self.ui.serverUrlLineEdit.text or "").strip())
+        write_setting(SERVER_TOKEN_FILE_SETTING, str(self.ui.serverTokenFilePathLineEdit.currentPath or "").strip())
+        self.update_state()
 
     def refresh_models(self, select: str | None = None) -> None:
         models = self.logic.available_models()
@@ -261,6 +324,8 @@ class Panel:
         nodes = self.selected_inputs()
         if len({n.GetID() for n in nodes}) != len(nodes):
             return "Each channel needs its own volume."
+        if self.on_server() and not self.server_url():
+            return "Enter the server URL (Advanced: Run on Server), or run on this computer."
         return ""
 
     def update_state(self) -> None:
@@ -270,7 +335,8 @@ class Panel:
         b.text = "Cancel" if running else "Segment"
         b.enabled = running or not reason
         b.toolTip = ("Stop the run; the scene stays as it was" if running else
-                     reason or "Run the model on the selected volume(s) in a separate process")
+                     reason or (f"Run the model on the selected volume(s) on the server {self.server_url()}" if self.on_server()
+                                else "Run the model on the selected volume(s) in a separate process"))
         for w in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
             w.enabled = not running
         self.ui.resultsCollapsibleButton.enabled = self.result is not None and not running
@@ -299,6 +365,8 @@ class Panel:
             params=self.parameters(),
             roi_node=self.ui.roiSelector.currentNode(),
             output_segmentation=self.ui.outputSegmentationSelector.currentNode(),
+            server_url=self.server_url() or None,
+            server_token_file=self.server_token_file() or None,
         )
         self.start(request)
 
@@ -322,8 +390,17 @@ class Panel:
     def on_progress(self, ev: dict) -> None:
         stages = [s for s in STAGES if s != "gradcam" or self.last_request is None or "gradcam" in self.last_request.params.heatmaps]
         stage = ev.get("stage", "")
-        n = stages.index(stage) + 1 if stage in stages else 0
-        self.ui.progressBar.value = int(round(100 * float(ev.get("overall", 0.0))))
+        if stage not in stages:  # a server run's own steps: upload, queued, download
+            overall = ev.get("overall")
+            if overall is None:  # before the engine (upload, queued) or after it (download)
+                overall = 1.0 if stage == "download" else 0.0
+            self.ui.progressBar.value = int(round(100 * float(overall)))
+            self.ui.progressBar.format = f"{stage} %p%"
+            message = str(ev.get("message") or stage)
+            self.ui.statusLabel.text = message[:1].upper() + message[1:]
+            return
+        n = stages.index(stage) + 1
+        self.ui.progressBar.value = int(round(100 * float(ev.get("overall") or 0.0)))
         self.ui.progressBar.format = f"{n}/{len(stages)} {stage} %p%"
         eta = ev.get("eta_s")
         self.ui.statusLabel.text = (f"Step {n} of {len(stages)}: {stage} {100 * float(ev.get('fraction', 0)):.0f}%"
@@ -377,8 +454,7 @@ class Panel:
         if ev.get("offer_cpu") and self.last_request is not None:
             if self.dialogs.confirm(f"{ev.get('message', 'The GPU ran out of memory.')}\n\nRun on the CPU instead (slower)?"):
                 self.ui.deviceComboBox.setCurrentIndex(list(DEVICES).index("cpu"))
-                req = self.last_request
-                self.start(RunRequest(req.input_nodes, req.model, self.parameters(), req.roi_node, req.output_segmentation))
+                self.start(dataclasses.replace(self.last_request, params=self.parameters()))
             return
         fix = ev.get("fix")
         self.show_error(ev.get("message", "The segmentation failed."), details=f"Fix: {fix}" if fix else "")
