@@ -48,7 +48,8 @@ def render(meta: dict, evaluation: dict | None, extra: str = "") -> str:
         "- Training and validation lesions are **synthetic**, and the only real CT background is one head CT "
         "(ProMED CT 0051, Debian `invesalius-examples`); the others are deformed copies of it and MNI152 pseudo-CTs. "
         "Performance on real hemorrhage scans is **unmeasured**.",
-        "- Hemorrhage mimics (calcifications, beam hardening near the skull base, contrast) were not in the training data.",
+        "- Hemorrhage mimics were barely in the training data: only the physiological calcifications of the one real CT and "
+        "simple synthetic ones in the pseudo-CTs; no contrast, beam hardening or motion.",
         "",
     ]
     if extra:
