@@ -90,7 +90,8 @@ def test_every_python_file_and_resource_is_listed_and_exists():
     assert sorted(scripts) == on_disk_py, "MODULE_PYTHON_SCRIPTS differs from the .py files in UNetSegment/"
     lib_data = sorted(str(p.relative_to(MODULE_DIR)) for p in LIB.rglob("*")
                       if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts)
-    top = sorted("../" + str(p.relative_to(REPO)) for p in (REPO / "Resources").rglob("*") if p.is_file())
+    top = sorted("../" + str(p.relative_to(REPO)) for p in (REPO / "Resources").rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(REPO).parts))  # not .training/
     assert sorted(resources) == sorted(lib_data + top), "MODULE_PYTHON_RESOURCES differs from the resource files"
     for f in scripts + resources:
         assert (MODULE_DIR / f).is_file(), f

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from conftest import REPO, ct_phantom, write_bundle
 from dicom_utils import write_ct_series
 
+from UNetSegmentLib.bundle import default_model_name
 from UNetSegmentLib.errors import InputError, UsageError
 from UNetSegmentLib.image import to_sitk
 from UNetSegmentLib.io.readers import read_image
@@ -97,8 +98,8 @@ def test_every_request_needs_the_token(srv, ct):
 
 def test_job_end_to_end_gives_the_same_files_as_segment(srv, client, ct, tmp_path):
     models = client.models()
-    assert models["default"] == "tiny-blob" and models["models"][0]["channels"] == ["CT"]
-    jid = client.submit({"ct": ct}, params=SegmentParams(threshold=0.4, heatmaps=("gradcam",)))
+    assert models["default"] == default_model_name() and models["models"][0]["channels"] == ["CT"]
+    jid = client.submit({"ct": ct}, model="tiny-blob", params=SegmentParams(threshold=0.4, heatmaps=("gradcam",)))
     seen = []
     st = client.wait(jid, poll_s=0.05, timeout=120, progress=lambda s, f, m: seen.append((s, f)))
     assert st["status"] == "done", st
@@ -311,7 +312,7 @@ def test_cli_serve_end_to_end(tmp_path):
                 assert p.poll() is None and time.time() - t0 < 60, p.stderr.read() if p.poll() is not None else "timeout"
                 time.sleep(0.1)
         assert raw("GET", f"http://127.0.0.1:{port}/health", token=None)[0] == 401
-        assert c.health()["auth"] is True and c.models()["default"] == "tiny-blob"
+        assert c.health()["auth"] is True and c.models()["default"] == default_model_name()
     finally:
         p.send_signal(signal.SIGINT)
         p.wait(timeout=30)
