@@ -46,7 +46,13 @@ def monai_pipeline(image: Image, bundle, net) -> np.ndarray:
     if grid is not None:
         x = resample(Image(x, canon.ijk_to_ras), grid.array.shape, grid.ijk_to_ras, order=1, fill=float(x.min())).array
     g = grid if grid is not None else canon
-    xt = torch.from_numpy(np.ascontiguousarray(x))[None, None]  # B, C, K, J, I
+    ctx = int(bundle.meta.get("context_slices", 0)) if bundle.dimensions == "2.5d" else 0
+    if ctx:  # 2.5D as a MONAI user builds it: neighbouring slices stacked as channels, then SliceInferer
+        K = x.shape[0]
+        x = np.stack([x[np.clip(np.arange(K) + d, 0, K - 1)] for d in range(-ctx, ctx + 1)])
+    else:
+        x = x[None]
+    xt = torch.from_numpy(np.ascontiguousarray(x))[None]  # B, C, K, J, I
     bs = bundle.inference_default("batch_size", 4)
     patch = list(bundle.meta["patch_size"])
     with torch.inference_mode():

@@ -153,6 +153,12 @@ def load_weights(path: Path) -> dict:
             return load_file(str(path), device="cpu")
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable file
+        if "Weights only load failed" in str(e) or type(e).__name__ == "UnpicklingError":
+            raise ModelError(
+                f"cannot load weights {path.name}: it holds pickled Python objects, which UNetSegment never loads "
+                "(they could run code)",
+                "ask for the weights as .safetensors or as a plain tensor state dict",
+            ) from None
         raise ModelError(
             f"cannot load weights {path.name}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
             "the file is corrupt or not a plain tensor state dict; re-export it with safetensors",
