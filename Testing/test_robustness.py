@@ -417,7 +417,11 @@ def test_interrupted_run_leaves_no_outputs_and_no_temporary_files(tmp_path, sig,
     proc = subprocess.Popen([sys.executable, "-m", "UNetSegmentLib.cli", "segment", str(p), "-o", str(out),
                              "--model", str(slow), "-q", "--batch-size", "1"],
                             env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3.0)
+    deadline = time.time() + 120
+    while not out.exists():  # the folder appears after imports and reading, right before inference
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
+        time.sleep(0.1)
+    time.sleep(1.0)
     proc.send_signal(sig)
     t0 = time.time()
     _, err = proc.communicate(timeout=30)
