@@ -68,3 +68,19 @@ def write_bundle(folder: Path, *, channels=("CT",), dims="2d", patch=(32, 32), b
 @pytest.fixture
 def tiny_bundle(tmp_path) -> Path:
     return write_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture(scope="session")
+def head_ct():
+    """The real sample head CT (fetched once per machine into the default cache)."""
+    import SimpleITK as sitk
+
+    from UNetSegmentLib.errors import InputError
+    from UNetSegmentLib.image import from_sitk
+    from UNetSegmentLib.io.sample import fetch_sample
+
+    try:
+        path = fetch_sample()  # default cache: fetched once per machine
+    except InputError as err:  # a failure, never a skip
+        pytest.fail(f"fetching the sample head CT failed: {err}")
+    return from_sitk(sitk.ReadImage(str(path)))

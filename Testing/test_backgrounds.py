@@ -177,21 +177,6 @@ def test_deformed_transform_carries_a_label():
     assert np.median(moved_ct.array[moved.array > 0]) > 50  # the bright blob moved with its label
 
 
-@pytest.fixture(scope="module")
-def head_ct():
-    import SimpleITK as sitk
-
-    from UNetSegmentLib.errors import InputError
-    from UNetSegmentLib.image import from_sitk
-    from UNetSegmentLib.io.sample import fetch_sample
-
-    try:
-        path = fetch_sample()  # default cache: fetched once per machine
-    except InputError as err:  # a failure, never a skip
-        pytest.fail(f"fetching the sample head CT failed: {err}")
-    return from_sitk(sitk.ReadImage(str(path)))
-
-
 def test_deformed_real_ct_keeps_grid_and_histogram(head_ct):
     t0 = time.perf_counter()
     out = bg.deformed_ct(head_ct, np.random.default_rng(7))

@@ -212,21 +212,6 @@ def test_bad_arguments(phantom):
 
 
 # --- the real sample head CT ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def head_ct():
-    import SimpleITK as sitk
-
-    from UNetSegmentLib.errors import InputError
-    from UNetSegmentLib.image import from_sitk
-    from UNetSegmentLib.io.sample import fetch_sample
-
-    try:
-        path = fetch_sample()  # default cache: fetched once per machine
-    except InputError as err:  # a failure, never a skip
-        pytest.fail(f"fetching the sample head CT failed: {err}")
-    return from_sitk(sitk.ReadImage(str(path)))
-
-
 @pytest.mark.slow
 def test_real_head_ct(head_ct):
     import time
