@@ -416,7 +416,9 @@ def test_interrupted_run_leaves_no_outputs_and_no_temporary_files(tmp_path, sig,
     slow = _bundle(tmp_path, patch=(32, 32), target_spacing=(0.5, 0.5, 1.0))  # ~2000 windows: runs far past the signal
     proc = subprocess.Popen([sys.executable, "-m", "UNetSegmentLib.cli", "segment", str(p), "-o", str(out),
                              "--model", str(slow), "-q", "--batch-size", "1"],
-                            env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as in a terminal: a test runner (or Dask) may ignore SIGINT, and children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not out.exists():  # the folder appears after imports and reading, right before inference
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
