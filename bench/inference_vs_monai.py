@@ -33,7 +33,7 @@ from UNetSegmentLib.image import Image, resample  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.params import SegmentParams  # noqa: E402
 from UNetSegmentLib.pipeline import segment  # noqa: E402
-from UNetSegmentLib.preprocess import canonical_grid, network_grid, normalize  # noqa: E402
+from UNetSegmentLib.preprocess import canonical_grid, network_grid, to_network_input  # noqa: E402
 
 
 def monai_pipeline(image: Image, bundle, net) -> np.ndarray:
@@ -42,9 +42,7 @@ def monai_pipeline(image: Image, bundle, net) -> np.ndarray:
 
     canon, amap = canonical_grid(image)
     grid = network_grid(canon, bundle.meta["target_spacing"], in_plane_only=bundle.dimensions != "3d")
-    x = normalize(canon.array, bundle.meta["inputs"][0]["normalization"])
-    if grid is not None:
-        x = resample(Image(x, canon.ijk_to_ras), grid.array.shape, grid.ijk_to_ras, order=1, fill=float(x.min())).array
+    x = to_network_input(canon, bundle.meta["inputs"][0]["normalization"], grid)
     g = grid if grid is not None else canon
     ctx = int(bundle.meta.get("context_slices", 0)) if bundle.dimensions == "2.5d" else 0
     if ctx:  # 2.5D as a MONAI user builds it: neighbouring slices stacked as channels, then SliceInferer

@@ -19,7 +19,7 @@ from .image import Image, resample
 from .heatmaps import cam_layer_name, entropy_map, gradcam
 from .inference import CancelToken, ProgressFn, resolve_device, resolve_precision, sliding_window
 from .params import SegmentParams
-from .preprocess import align_inputs, canonical_grid, network_grid, normalize
+from .preprocess import align_inputs, canonical_grid, network_grid, to_network_input
 
 
 @dataclass
@@ -76,25 +76,15 @@ def segment(
     canon = list(canon)
     in_plane = bundle.dimensions != "3d"
     grid = network_grid(canon[0], bundle.meta["target_spacing"], in_plane_only=in_plane)
-    specs = [c["normalization"] for c in bundle.meta["inputs"]]
-    chans = []
-    for im, spec in zip(canon, specs):
-        norm = normalize(im.array, spec)
-        if grid is not None:
-            norm = resample(Image(norm, im.ijk_to_ras), grid.array.shape, grid.ijk_to_ras, order=1, fill=float(norm.min())).array
-        chans.append(norm)
     net_grid = grid if grid is not None else canon[0]
-    volume = np.stack(chans).astype(np.float32, copy=False)
-    del chans
+    volume = np.stack([to_network_input(im, c["normalization"], grid) for im, c in zip(canon, bundle.meta["inputs"])])
     timings["preprocess_s"] = time.perf_counter() - t
     cancel.check()
 
     t = time.perf_counter()
     if network is None:
         network = bundle.build_network()
-    network = network.to(device).eval()
-    if device.type == "cuda" and precision == "fp16":
-        pass  # autocast handles fp16; weights stay fp32 for accuracy of norms
+    network = network.to(device).eval()  # weights stay fp32; autocast runs fp16/bf16 where chosen
     timings["load_model_s"] = time.perf_counter() - t
     cam_layer = cam_layer_name(network, bundle.meta, params.gradcam_layer) if "gradcam" in params.heatmaps else None
 

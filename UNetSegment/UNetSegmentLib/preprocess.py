@@ -126,6 +126,17 @@ def network_grid(image: Image, target_spacing, in_plane_only: bool) -> Image | N
     return Image(np.zeros(tuple(new_shape[::-1]), np.uint8), m)
 
 
+def to_network_input(canon: Image, spec: dict, grid: Image | None) -> np.ndarray:
+    """One channel on canonical axes → normalised float32 on the network grid (``grid`` None: already there).
+
+    The one definition of what the network sees, shared by inference, training and the benchmark.
+    """
+    x = normalize(canon.array, spec)
+    if grid is not None:
+        x = resample(Image(x, canon.ijk_to_ras), grid.array.shape, grid.ijk_to_ras, order=1, fill=float(x.min())).array
+    return x
+
+
 def normalize(array: np.ndarray, spec: dict) -> np.ndarray:
     """Float32 copy normalised as the bundle's input spec says; NaN/Inf become the background value."""
     a = np.asarray(array, dtype=np.float32)

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..image import Image, make_ijk_to_ras, resample
-from ..preprocess import canonical_grid, network_grid, normalize
+from ..preprocess import canonical_grid, network_grid, to_network_input
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,7 @@ def to_network_grid(channels: list[Image], label: Image, meta: dict) -> tuple[np
     for img, spec in zip(channels, meta["inputs"]):
         canon, amap = canonical_grid(img)
         grid = network_grid(canon, meta["target_spacing"], in_plane_only=in_plane)
-        x = normalize(canon.array, spec["normalization"])
-        if grid is not None:
-            x = resample(Image(x, canon.ijk_to_ras), grid.array.shape, grid.ijk_to_ras, order=1, fill=float(x.min())).array
-        out.append(x)
+        out.append(to_network_input(canon, spec["normalization"], grid))
         if lab is None:
             lc = Image(np.ascontiguousarray(amap.apply(label.array)), canon.ijk_to_ras)
             lab = lc.array if grid is None else resample(lc, grid.array.shape, grid.ijk_to_ras, order=0).array
