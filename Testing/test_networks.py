@@ -202,3 +202,38 @@ def test_bad_values_are_value_errors(kwargs: dict, match: str) -> None:
     args = dict(spatial_dims=2, in_channels=1, out_channels=2) | kwargs
     with pytest.raises(ValueError, match=match):
         build_network("unet", **args)
+
+
+# --- multi-path (one encoder per modality) ---------------------------------------------------
+def test_multipath_keeps_modalities_apart_until_fusion() -> None:
+    """Each path sees only its group of input channels: a change in group 2 reaches path 2's encoder
+    features and no other path's, and the fused output does change."""
+    from UNetSegmentLib.networks import MultiPathUNet
+
+    net = MultiPathUNet(2, 12, 2, base_channels=8, depth=2, paths=4).eval()
+    feats: dict[int, torch.Tensor] = {}
+    for p, enc in enumerate(net.path_encoders):
+        enc[0].register_forward_hook(lambda m, i, o, p=p: feats.__setitem__(p, o.detach().clone()))
+    x = torch.randn(1, 12, 16, 16)
+    y0 = net(x)
+    before = dict(feats)
+    x2 = x.clone()
+    x2[:, 6:9] += 1.0  # group 2 = channels 6, 7, 8
+    y1 = net(x2)
+    changed = [p for p in range(4) if not torch.equal(before[p], feats[p])]
+    assert changed == [2]
+    assert not torch.allclose(y0, y1)
+
+
+def test_multipath_defaults_and_errors() -> None:
+    from UNetSegmentLib.networks import MultiPathUNet
+
+    assert MultiPathUNet(2, 4, 2, base_channels=8, depth=2).paths == 4, "default: one path per input channel"
+    with pytest.raises(ValueError, match="paths must be a positive divisor"):
+        MultiPathUNet(2, 12, 2, paths=5)
+    early = count_parameters(UNet(2, 12, 2, base_channels=16))
+    multi = count_parameters(MultiPathUNet(2, 12, 2, base_channels=16, paths=4))
+    assert 0.8 < multi / early < 1.25, "comparable size to the early-fusion U-Net of the same base"
+    out = build_network("multipath_unet", spatial_dims=3, in_channels=2, out_channels=3, base_channels=4, depth=2)(
+        torch.randn(1, 2, 8, 8, 8))
+    assert out.shape == (1, 3, 8, 8, 8)

@@ -91,3 +91,23 @@ def test_evaluate_on_case_folders_with_baseline(tmp_path):
     json.dumps(res, default=str)
     base = hu_baseline(phantom_case(3)[0][0])
     assert base.array.dtype == np.uint8
+
+
+def test_3d_and_multipath_configs_train_to_valid_bundles(tmp_path):
+    """The 3D patch sampler and the multi-path network go through the same trainer to loadable bundles."""
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    c3 = {**cfg, "bundle": {**cfg["bundle"], "dimensions": "3d", "patch_size": [8, 32, 32]},
+          "train": {**cfg["train"], "crop": [8, 32, 32]}}
+    c3["bundle"]["architecture"] = {**cfg["bundle"]["architecture"],
+                                    "kwargs": {**cfg["bundle"]["architecture"]["kwargs"], "spatial_dims": 3, "in_channels": 1}}
+    c3["bundle"].pop("context_slices", None)
+    c3["bundle"].pop("slice_plane", None)
+    c3["data"] = {**cfg["data"], "cache_dir": str(tmp_path / "cache3d")}
+    mp = {**cfg, "bundle": {**cfg["bundle"], "architecture": {**cfg["bundle"]["architecture"], "name": "multipath_unet",
+                                                              "kwargs": {**cfg["bundle"]["architecture"]["kwargs"], "paths": 3}}}}
+    for name, c in (("3d", c3), ("multipath", mp)):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(c))
+        meta = trainer.train(p, tmp_path / name, log=lambda m: None)
+        b = load_bundle(tmp_path / name)
+        assert meta["training"]["steps"] == 6 and b.build_network() is not None

@@ -61,7 +61,7 @@ COHORT_SUMMARY = "cohort_summary.csv"
 #: memory a worker is given room for when sizing a local cluster
 MEMORY_PER_WORKER_BYTES = 4 << 30
 #: parameters that change the result: a complete case made with other values is not reused by ``resume``
-_RESULT_PARAMS = ("threshold", "min_lesion_ml", "connectivity", "overlap", "tta", "heatmaps", "gradcam_layer", "cam_method")
+_RESULT_PARAMS = ("threshold", "min_lesion_ml", "connectivity", "overlap", "tta", "heatmaps", "gradcam_layer", "cam_method", "engine")
 _VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _BAD_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
 

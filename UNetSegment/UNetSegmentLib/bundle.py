@@ -132,6 +132,12 @@ def validate_meta(meta: Any, where: str = "model.json") -> None:
     names = [c["name"] for c in meta["inputs"]]
     if len(set(names)) != len(names):
         raise ModelError(f"{where}: duplicate input channel names {names}", "name each channel once")
+    arch = meta["architecture"]
+    if arch["name"] == "multipath_unet" and len(names) > 1:
+        paths = arch["kwargs"].get("paths", arch["kwargs"].get("in_channels"))
+        if paths != len(names):  # one encoder per modality: with 2.5D context, a path holds a modality's slices
+            raise ModelError(f"{where}: multipath_unet has {paths} paths for {len(names)} input channels",
+                             f"set architecture.kwargs.paths to {len(names)} (one encoder per modality)")
 
 
 def sha256_file(path: Path) -> str:

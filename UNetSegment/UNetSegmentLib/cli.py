@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .errors import UNetSegmentError
 from .inference import CancelToken
-from .params import HELP, SegmentParams
+from .params import ENGINES, HELP, SegmentParams
 
 
 def _heatmaps(text: str) -> tuple[str, ...]:
@@ -67,6 +67,7 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_posint, default=d.threads, help=HELP["threads"])
     p.add_argument("--gradcam-layer", default=d.gradcam_layer, help=HELP["gradcam_layer"])
     p.add_argument("--cam-method", default=d.cam_method, choices=["hirescam", "gradcam"], help=HELP["cam_method"])
+    p.add_argument("--engine", default=d.engine, choices=list(ENGINES), help=HELP["engine"])
 
 
 def params_from_args(a: argparse.Namespace) -> SegmentParams:
@@ -83,6 +84,7 @@ def params_from_args(a: argparse.Namespace) -> SegmentParams:
         threads=a.threads,
         gradcam_layer=a.gradcam_layer,
         cam_method=a.cam_method,
+        engine=a.engine,
     )
 
 

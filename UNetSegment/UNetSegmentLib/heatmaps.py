@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ModelError
+from .acceleration import memory_format, plan_content
 from .inference import CancelToken, ProgressFn, blend_windows
 
 
@@ -61,11 +62,16 @@ def gradcam(
     device=None,
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
+    crop_to_content: bool = False,
+    fit_window: bool = False,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Grad-CAM [K, J, I] in 0–1 on the grid of ``volume`` [C, K, J, I] for the voxels in ``target_mask``.
 
     ``target_mask``: bool (explain output channel 1 there) or an integer map of output channels
     (e.g. each foreground voxel's predicted class): the score is Σ_c Σ_{voxels with value c} logit_c.
+    ``crop_to_content``/``fit_window``/``channels_last``: the fast path of :func:`inference.sliding_window`,
+    so that the network sees the same windows as when it made the prediction being explained.
     """
     import torch
     import torch.nn.functional as F
@@ -77,6 +83,17 @@ def gradcam(
     target = target.astype(np.uint8) if target.dtype == bool else target.astype(np.int16)
     if not target.any():
         return np.zeros(volume.shape[1:], np.float32)
+    full_shape, box, pad_value = volume.shape[1:], None, None
+    if crop_to_content:
+        plan = plan_content(volume, roi, network, spatial_dims, context, fit_window)
+        inside = np.zeros(full_shape, bool)
+        if plan.box is not None:
+            inside[plan.box] = True
+        if plan.box is not None and not target[~inside].any():  # never drop a target voxel: else no crop
+            box, pad_value, roi = plan.box, plan.background, plan.roi
+            roi_kji = (1, *roi) if spatial_dims == 2 else tuple(roi)
+            volume, target = volume[(slice(None), *box)], target[box]
+    fmt = memory_format(spatial_dims) if channels_last else None
     module = network.get_submodule(layer)
     store: dict = {}
 
@@ -96,6 +113,8 @@ def gradcam(
     def explain(x, starts):
         masks = np.stack([padded_target[k : k + roi_kji[0], j : j + roi_kji[1], i : i + roi_kji[2]] for k, j, i in starts])
         m = torch.from_numpy(masks[:, 0] if spatial_dims == 2 else masks).to(x.device)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
         with torch.enable_grad():
             logits = network(x)
             if isinstance(logits, (list, tuple)):
@@ -118,13 +137,18 @@ def gradcam(
     try:
         out = blend_windows(
             volume, roi, explain, spatial_dims=spatial_dims, out_channels=1, context=context, overlap=overlap,
-            batch_size=batch_size, device=device, keep_window=keep, progress=progress, cancel=cancel, stage="gradcam",
+            batch_size=batch_size, device=device, pad_value=pad_value, keep_window=keep, progress=progress, cancel=cancel,
+            stage="gradcam",
         )[0]
     finally:
         handle.remove()
         network.train(was_training)
         for p, flag in zip(network.parameters(), grad_flags):
             p.requires_grad_(flag)
+    if box is not None:
+        full = np.zeros(full_shape, np.float32)
+        full[box] = out
+        out = full
     peak = float(out.max())
     return (out / peak).astype(np.float32) if peak > 0 else out.astype(np.float32)
 

@@ -255,20 +255,34 @@ def sliding_window(
     cancel: CancelToken | None = None,
     keep_window: Callable | None = None,
     return_tta_variance: bool = False,
+    crop_to_content: bool = False,
+    fit_window: bool = False,
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Blend softmax probabilities of ``network`` over ``volume`` [C, K, J, I].
 
     Returns float32 probabilities [out_channels, K, J, I] and, with ``tta`` and
     ``return_tta_variance``, the per-voxel variance of the foreground probability across the TTA
     passes (else None). Skipped windows (``keep_window`` False) count as certain background.
+
+    The fast path (:mod:`.acceleration`): ``crop_to_content`` runs windows only over the box of
+    non-background voxels and gives the rest the network's answer to a uniform window;
+    ``fit_window`` (2D/2.5D) makes that one window per slice the size of the box; ``channels_last``
+    feeds NHWC tensors (for a network prepared with :func:`acceleration.prepare_network`).
     """
     import torch
 
+    from . import acceleration as acc
+
+    if crop_to_content and keep_window is not None:
+        raise ValueError("keep_window refers to windows of the whole volume: it cannot be combined with crop_to_content")
     flips = tta_flips(spatial_dims, tta_axes) if tta else [()]
     amp = autocast_dtype(precision)
     with_var = tta and return_tta_variance
+    fmt = acc.memory_format(spatial_dims) if channels_last else torch.contiguous_format
 
     def predict(x, _starts):
+        x = x.contiguous(memory_format=fmt)
         p_sum = sq_sum = None
         for f in flips:
             xi = torch.flip(x, f) if f else x
@@ -287,18 +301,55 @@ def sliding_window(
         if with_var:
             var = (sq_sum / len(flips) - (1 - mean[:, :1]) ** 2).clamp_min(0)
             mean = torch.cat([mean, var], 1)
-        return mean.cpu().numpy()
+        return mean.float().cpu().numpy()
 
+    n_out = out_channels + int(with_var)
     background = [1.0] + [0.0] * (out_channels - 1) + ([0.0] if with_var else [])
+    full_shape_kji = volume.shape[1:]
+    box = None
+    if crop_to_content:
+        train_roi = tuple(int(r) for r in roi)
+        plan = acc.plan_content(volume, roi, network, spatial_dims, context, fit_window, pad_value)
+        box, roi, bg_vals = plan.box, plan.roi, plan.background
+        pad_value = bg_vals
+        if box is None or not acc.is_full(box, full_shape_kji):
+            # everything outside the box: the plain path's answer there, i.e. a training-size window of
+            # uniform background, Gaussian-weighted as blending weighs it; computed once
+            shape = (volume.shape[0], *((1,) if spatial_dims == 2 else ()), *train_roi)
+            uniform = np.ascontiguousarray(np.broadcast_to(bg_vals.astype(np.float32)[:, None, None, None], shape))
+            with torch.inference_mode():
+                u = blend_windows(uniform, train_roi, predict, spatial_dims=spatial_dims, out_channels=n_out,
+                                  context=context, batch_size=1, device=device, pad_value=bg_vals)
+            w = gaussian_importance(shape[1:])
+            background = [float((u[c] * w).sum() / w.sum()) for c in range(n_out)]
+        if box is None:  # nothing but background
+            out = _paste(np.zeros((n_out, 0, 0, 0), np.float32), (slice(0, 0),) * 3, full_shape_kji, background)
+            return (out[:out_channels], out[out_channels]) if with_var else (out, None)
+        if acc.is_full(box, full_shape_kji):
+            box = None
+        else:
+            volume = volume[(slice(None), *box)]
+    elif fit_window and spatial_dims == 2:
+        roi = acc.fitted_window(roi, volume.shape[2:], int(getattr(network, "size_divisor", 16)))
     with torch.inference_mode():
         out = blend_windows(
-            volume, roi, predict, spatial_dims=spatial_dims, out_channels=out_channels + int(with_var),
+            volume, roi, predict, spatial_dims=spatial_dims, out_channels=n_out,
             context=context, overlap=overlap, batch_size=batch_size, device=device, pad_value=pad_value,
             keep_window=keep_window, background=background, progress=progress, cancel=cancel,
         )
+    if box is not None:
+        out = _paste(out, box, full_shape_kji, background)
     if with_var:
         return out[:out_channels], out[out_channels]
     return out, None
+
+
+def _paste(sub: np.ndarray, box: tuple[slice, slice, slice], shape_kji: Sequence[int], fill: Sequence[float]) -> np.ndarray:
+    """``sub`` [C, k, j, i] placed at ``box`` in a [C, K, J, I] array filled per channel with ``fill``."""
+    out = np.empty((sub.shape[0], *shape_kji), np.float32)
+    out[:] = np.asarray(fill, np.float32)[:, None, None, None]
+    out[(slice(None), *box)] = sub
+    return out
 
 
 def _cut(volume: np.ndarray, start: tuple[int, int, int], roi_kji: tuple[int, int, int], context: int) -> np.ndarray:

@@ -1,11 +1,12 @@
-"""Segmentation networks: one configurable U-Net (plain / residual / attention) and UNet++.
+"""Segmentation networks: one configurable U-Net (plain / residual / attention), UNet++ and a
+multi-path U-Net (one encoder per input modality).
 
 All networks take ``(N, C, *spatial)`` tensors with 2 or 3 spatial dims and return logits
 ``(N, out_channels, *spatial)``. 2.5D needs no network of its own: it is a 2D network whose
 ``in_channels`` is ``channels × neighbouring slices`` (the slices are stacked on the channel axis).
 
 Layers are reachable by dotted name for Grad-CAM hooks (``model.get_submodule("decoder.0")``):
-``encoder.<i>``, ``bottleneck``, ``decoder.<i>`` and ``out_conv``; ``model.default_cam_layer``
+``encoder.<i>`` (multi-path: ``path_encoders.<p>.<i>``), ``bottleneck``, ``decoder.<i>`` and ``out_conv``; ``model.default_cam_layer``
 names the layer the heatmap code should hook by default.
 """
 from __future__ import annotations
@@ -328,11 +329,88 @@ class UNetPlusPlus(_SegmentationNet):
         return self._outputs(self.out_conv(top[-1]), top[-2:0:-1])
 
 
+class MultiPathUNet(_SegmentationNet):
+    """One encoder path per input modality, fused at every level before a shared U-Net decoder.
+
+    After the multi-path idea of Dense Multi-path U-Net (Dolz et al. 2018, ISLES perfusion), without
+    its cross-path dense connections: input channels are split into ``paths`` contiguous groups
+    (one modality each; for 2.5D a modality's neighbouring slices stay together, as
+    :func:`inference._cut` stacks them), each group has its own encoder of ``path_channels ·
+    2**level`` channels, and at every level (skips and bottleneck) the paths' features are
+    concatenated and fused by a 1×1 convolution (+ norm + ReLU) to the decoder's ``base · 2**level``
+    channels. ``paths`` defaults to one path per input channel; ``path_channels`` to ``base // 2``,
+    which keeps the parameter count close to an early-fusion U-Net of the same base.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        base_channels: int = 16,
+        depth: int = 4,
+        norm: str = "batch",
+        upsample: str = "transpose",
+        dropout: float = 0.0,
+        deep_supervision: bool = False,
+        paths: int | None = None,
+        path_channels: int | None = None,
+    ):
+        super().__init__(spatial_dims, in_channels, out_channels, base_channels, depth, norm, upsample,
+                         dropout, deep_supervision)
+        paths = in_channels if paths is None else paths
+        if not isinstance(paths, int) or paths < 1 or in_channels % paths:
+            raise ValueError(f"paths must be a positive divisor of in_channels ({in_channels}), got {paths!r}")
+        pc = max(1, base_channels // 2) if path_channels is None else path_channels
+        if not isinstance(pc, int) or pc < 1:
+            raise ValueError(f"path_channels must be a positive integer, got {path_channels!r}")
+        dims, ch, group = spatial_dims, self.channels, in_channels // paths
+        pch = [pc * 2**i for i in range(depth + 1)]
+        self.paths = paths
+        self.path_encoders = nn.ModuleList(
+            nn.ModuleList(ConvBlock(dims, group if i == 0 else pch[i - 1], pch[i], norm, dropout, False) for i in range(depth))
+            for _ in range(paths)
+        )
+        self.path_bottlenecks = nn.ModuleList(ConvBlock(dims, pch[depth - 1], pch[depth], norm, dropout, False) for _ in range(paths))
+        def fusion(level: int) -> nn.Module:
+            return nn.Sequential(_CONV[dims](paths * pch[level], ch[level], kernel_size=1, bias=norm == "none"),
+                                 _norm(norm, dims, ch[level]), nn.ReLU())
+
+        self.fuse = nn.ModuleList(fusion(level) for level in range(depth))  # the skips
+        self.bottleneck = fusion(depth)  # the paths' bottlenecks, fused
+        self.decoder = nn.ModuleList(
+            DecoderStage(dims, ch[level + 1], ch[level], 1, norm, upsample, dropout) for level in reversed(range(depth))
+        )
+        self.out_conv = _CONV[dims](ch[0], out_channels, kernel_size=1)
+        self.aux_heads = nn.ModuleList(
+            _CONV[dims](ch[level], out_channels, kernel_size=1) for level in range(1, depth)
+        ) if deep_supervision else None
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        self._check_input(x)
+        per_level: list[list[Tensor]] = [[] for _ in range(self.depth + 1)]
+        for xp, encoder, bottleneck in zip(torch.split(x, self.in_channels // self.paths, dim=1),
+                                           self.path_encoders, self.path_bottlenecks):
+            for level, stage in enumerate(encoder):
+                xp = stage(xp)
+                per_level[level].append(xp)
+                xp = self.pool(xp)
+            per_level[self.depth].append(bottleneck(xp))
+        skips = [f(torch.cat(feats, dim=1)) for f, feats in zip(self.fuse, per_level)]
+        x = self.bottleneck(torch.cat(per_level[self.depth], dim=1))
+        features = []
+        for stage, skip in zip(self.decoder, reversed(skips)):
+            x = stage(x, [skip])
+            features.append(x)
+        return self._outputs(self.out_conv(x), features[-2::-1])
+
+
 NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "unet": UNet,
     "attention_unet": partial(UNet, attention=True),
     "residual_unet": partial(UNet, block="residual"),
     "unetplusplus": UNetPlusPlus,
+    "multipath_unet": MultiPathUNet,
 }
 
 

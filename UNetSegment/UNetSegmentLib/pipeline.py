@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from .acceleration import default_threads, prepare_network
 from .bundle import Bundle
 from .checks import check_for_model, check_memory, check_volume
-from .errors import InputError
+from .errors import InputError, UsageError
+from .fallback import Attempt, run_with_fallback
 from .image import Image, resample
 from .heatmaps import cam_layer_name, entropy_map, gradcam
 from .inference import CancelToken, ProgressFn, resolve_device, resolve_precision, sliding_window
-from .params import SegmentParams
+from .params import ENGINES, SegmentParams
 from .preprocess import align_inputs, canonical_grid, network_grid, to_network_input
 
 
@@ -46,6 +48,8 @@ def segment(
 ) -> SegmentResult:
     """Run ``bundle`` on ``inputs`` (one :class:`Image` per model channel, in the bundle's order)."""
     params = params or SegmentParams()
+    if params.engine not in ENGINES:
+        raise UsageError(f"unknown engine {params.engine!r}", f"use one of {', '.join(ENGINES)}")
     cancel = cancel or CancelToken()
     report = progress or (lambda stage, frac, msg="": None)
     names = bundle.channel_names
@@ -62,8 +66,7 @@ def segment(
 
     device = resolve_device(params.device)
     precision = resolve_precision(params.precision, device)
-    if params.threads and device.type == "cpu":
-        torch.set_num_threads(int(params.threads))
+
 
     report("preprocess", 0.0, "")
     for img, n, spec in zip(inputs, names, bundle.meta["inputs"]):
@@ -84,54 +87,64 @@ def segment(
     t = time.perf_counter()
     if network is None:
         network = bundle.build_network()
-    network = network.to(device).eval()  # weights stay fp32; autocast runs fp16/bf16 where chosen
+    spatial_dims = 3 if bundle.dimensions == "3d" else 2
+    fast = params.engine == "fast"
     timings["load_model_s"] = time.perf_counter() - t
     cam_layer = cam_layer_name(network, bundle.meta, params.gradcam_layer) if "gradcam" in params.heatmaps else None
-
-    t = time.perf_counter()
-    spatial_dims = 3 if bundle.dimensions == "3d" else 2
     context = int(bundle.meta.get("context_slices", 0)) if bundle.dimensions == "2.5d" else 0
     overlap = params.overlap if params.overlap is not None else bundle.inference_default("overlap", 0.5)
     batch_size = params.batch_size or bundle.inference_default("batch_size", 4)
-    probs, tta_var = sliding_window(
-        volume,
-        network,
-        bundle.meta["patch_size"],
-        spatial_dims=spatial_dims,
-        context=context,
-        out_channels=1 + len(bundle.labels),
-        overlap=overlap,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        tta=params.tta,
-        tta_axes=tuple(bundle.inference_default("tta_axes", ["i"])),
-        progress=report,
-        cancel=cancel,
-        return_tta_variance=params.tta,
-    )
-    timings["inference_s"] = time.perf_counter() - t
-    cancel.check()
     threshold = params.threshold if params.threshold is not None else float(bundle.meta["threshold"])
+    nets: dict = {}
+
+    def net_on(dev):
+        """The network on ``dev``: weights stay fp32 (autocast runs fp16/bf16 where chosen); the fast engine
+        runs a folded, channels-last copy made there (same layer names, so Grad-CAM hooks it too)."""
+        if dev.type == "cpu":  # the cores really available (affinity, container quota, OMP_NUM_THREADS), or as asked
+            torch.set_num_threads(int(params.threads or default_threads()))
+        if str(dev) not in nets:
+            nets[str(dev)] = prepare_network(network, spatial_dims, dev) if fast else network.to(dev).eval()
+        return nets[str(dev)]
+
+    def release(gpu) -> None:  # before a CPU fallback: nothing of this run stays on the GPU
+        nets.pop(str(gpu), None)
+        if not fast:
+            network.to("cpu")
+
+    def infer(a: Attempt):
+        t0 = time.perf_counter()
+        out = sliding_window(
+            volume, net_on(a.device), bundle.meta["patch_size"], spatial_dims=spatial_dims, context=context,
+            out_channels=1 + len(bundle.labels), overlap=overlap, batch_size=a.batch_size, device=a.device,
+            precision=a.precision, tta=params.tta, tta_axes=tuple(bundle.inference_default("tta_axes", ["i"])),
+            progress=report, cancel=cancel, return_tta_variance=params.tta,
+            crop_to_content=fast, fit_window=fast and a.fit_window, channels_last=fast,
+        )
+        timings["inference_s"] = time.perf_counter() - t0
+        return out
+
+    first = Attempt(device, precision, int(batch_size), fast and spatial_dims == 2)
+
+    def cpu_precision() -> str:  # keep what was asked where the CPU has it
+        return params.precision if params.precision in ("fp32", "bf16") else resolve_precision("auto", torch.device("cpu"))
+
+    (probs, tta_var), used = run_with_fallback(infer, first, cpu_precision, warnings, release)
+    cancel.check()
     heat_net: dict[str, np.ndarray] = {}
     if "gradcam" in params.heatmaps:
-        t = time.perf_counter()
-        heat_net["gradcam"] = gradcam(
-            volume,
-            network,
-            bundle.meta["patch_size"],
-            _target_classes(probs, threshold),
-            layer=cam_layer,
-            method=params.cam_method,
-            spatial_dims=spatial_dims,
-            context=context,
-            overlap=overlap,
-            batch_size=batch_size,
-            device=device,
-            progress=report,
-            cancel=cancel,
-        )
-        timings["gradcam_s"] = time.perf_counter() - t
+        target = _target_classes(probs, threshold)
+
+        def explain(a: Attempt):
+            t0 = time.perf_counter()
+            out = gradcam(
+                volume, net_on(a.device), bundle.meta["patch_size"], target, layer=cam_layer, method=params.cam_method,
+                spatial_dims=spatial_dims, context=context, overlap=overlap, batch_size=a.batch_size, device=a.device,
+                progress=report, cancel=cancel, crop_to_content=fast, fit_window=fast and a.fit_window, channels_last=fast,
+            )
+            timings["gradcam_s"] = time.perf_counter() - t0
+            return out
+
+        heat_net["gradcam"], _ = run_with_fallback(explain, used, cpu_precision, warnings, release)
     if "uncertainty" in params.heatmaps:
         # with TTA: 4·variance of the foreground probability across passes (0–1); else normalised entropy
         heat_net["uncertainty"] = np.clip(4.0 * tta_var, 0, 1) if tta_var is not None else entropy_map(probs)
@@ -142,13 +155,16 @@ def segment(
     class_probs = {}
     for idx, lab in enumerate(bundle.labels, start=1):
         class_probs[lab["value"]] = _to_input_grid(probs[idx], net_grid, canon[0], amap[0], ref)
-    fg = np.zeros(ref.array.shape, np.float32)
-    for p in class_probs.values():
-        fg += p.array
-    np.clip(fg, 0.0, 1.0, out=fg)
+    if len(class_probs) == 1:  # one label: P(foreground) is that label's map (no second full-size copy)
+        fg = next(iter(class_probs.values())).array
+    else:
+        fg = np.zeros(ref.array.shape, np.float32)
+        for p in class_probs.values():
+            fg += p.array
+        np.clip(fg, 0.0, 1.0, out=fg)
     labels = _labels_from_probabilities(class_probs, fg, threshold)
     timings["postprocess_s"] = time.perf_counter() - t
-    extra: dict[str, Any] = {"threshold": threshold, "overlap": overlap, "batch_size": batch_size,
+    extra: dict[str, Any] = {"threshold": threshold, "overlap": overlap, "batch_size": used.batch_size, "engine": params.engine,
                              "network_grid_shape_kji": list(net_grid.array.shape)}
     heatmaps = {k: _to_input_grid(v, net_grid, canon[0], amap[0], ref) for k, v in heat_net.items()}
     if "uncertainty" in heatmaps:
@@ -164,8 +180,8 @@ def segment(
         class_probabilities=class_probs,
         heatmaps=heatmaps,
         inputs=aligned,
-        device=str(device),
-        precision=precision,
+        device=str(used.device),
+        precision=used.precision,
         timings=timings,
         warnings=warnings,
         extra=extra,
@@ -181,11 +197,17 @@ def _target_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _to_input_grid(arr: np.ndarray, net_grid: Image, canon_ref: Image, amap, ref: Image) -> Image:
-    """Probability on the network grid → canonical input grid (linear) → input axes (exact)."""
+    """Probability on the network grid → canonical input grid (linear) → input axes (exact).
+
+    One full-size float32 array per map at the end (clipped in place), never float64."""
+    src = arr
     if arr.shape != canon_ref.array.shape or not np.allclose(net_grid.ijk_to_ras, canon_ref.ijk_to_ras, atol=1e-6):
         arr = resample(Image(arr, net_grid.ijk_to_ras), canon_ref.array.shape, canon_ref.ijk_to_ras, order=1, fill=0.0).array
     out = np.ascontiguousarray(amap.invert(arr), dtype=np.float32)
-    return Image(np.clip(out, 0.0, 1.0), ref.ijk_to_ras)
+    if np.shares_memory(out, src):
+        out = out.copy()
+    np.clip(out, 0.0, 1.0, out=out)
+    return Image(out, ref.ijk_to_ras)
 
 
 def _labels_from_probabilities(class_probs: dict[int, Image], fg: np.ndarray, threshold: float) -> np.ndarray:

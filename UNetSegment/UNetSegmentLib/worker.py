@@ -38,6 +38,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CancelledError, UNetSegmentError, UsageError
+from .fallback import is_out_of_memory
 from .params import SegmentParams
 
 # Nothing imported at module level may start threads (numpy's BLAS pool does): main() must block
@@ -126,7 +127,7 @@ def error_event(exc: BaseException, device: str = "auto") -> dict:
     if isinstance(exc, UNetSegmentError):
         return {"kind": type(exc).__name__, "exit_code": exc.exit_code, "message": str(exc),
                 "problem": exc.problem, "fix": exc.fix}
-    if _is_out_of_memory(exc):
+    if is_out_of_memory(exc):
         on_cpu = str(device).strip().lower() == "cpu"
         return {"kind": "OutOfMemoryError", "exit_code": 5, "offer_cpu": not on_cpu,
                 "message": f"out of {'memory' if on_cpu else 'GPU memory'}: {str(exc).splitlines()[0][:200]}",
@@ -138,14 +139,6 @@ def error_event(exc: BaseException, device: str = "auto") -> dict:
                 "problem": f"missing package {exc.name}", "fix": "install UNetSegment's requirements (the module offers to)"}
     return {"kind": "InternalError", "exit_code": 1, "message": f"{type(exc).__name__}: {exc}",
             "problem": "internal error", "fix": "report it with the log"}
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch is not None else None
-    if oom is not None and isinstance(exc, oom):
-        return True
-    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
 
 
 class StopWatcher:

@@ -16,6 +16,7 @@ from typing import Sequence
 from ..errors import UNetSegmentError
 from ..inference import PRECISIONS
 from ..outputs import CONTRACT_FILES
+from ..acceleration import usable_cores
 from ..params import HEATMAP_KINDS, HELP, SegmentParams
 from ..worker import STAGES, error_event
 from .logic import RunRequest, RunResult, SegmentationLogicProtocol
@@ -310,6 +311,7 @@ class Panel:
             overlap=round(float(ui.overlapSlider.value), 4),
             tta=bool(ui.ttaCheckBox.checked),
             heatmaps=tuple(k for k in HEATMAP_KINDS if self.heatmap_boxes[k].checked),
+            threads=max(1, usable_cores() - 1),  # leave Slicer's own GUI a core
         )
 
     def why_disabled(self) -> str:

@@ -7,8 +7,8 @@ spacing → normalisation), so training sees exactly what inference feeds the ne
 
 ``ct_hemorrhage``: a head CT background — the real sample CT (40 %), an elastically deformed copy
 (30 %) or an MNI152 pseudo-CT (30 %) — resampled with a random rotation (±20°), scale (0.9–1.1),
-flips and slice thickness (0.5–5 mm); 0–3 synthetic hemorrhages of random kinds (intraparenchymal,
-contusion, subdural, intraventricular; 15 % of cases negative); then noise, HU shift and a blur or
+flips and slice thickness (0.5–6 mm); 0–3 synthetic hemorrhages of random kinds (intraparenchymal,
+contusion, subdural, intraventricular; 15 % of cases negative); then noise, HU shift and an in-plane blur or
 sharpening kernel. Validation cases use other seeds *and* other generator settings
 (``VALIDATION``): larger rotations, thicker slices, more noise.
 """
@@ -30,17 +30,19 @@ from ..preprocess import canonical_grid, network_grid, to_network_input
 class Settings:
     rotation_deg: float = 20.0
     scale: tuple[float, float] = (0.9, 1.1)
-    thickness_mm: tuple[float, float] = (0.5, 5.0)
+    thickness_mm: tuple[float, float] = (0.5, 6.0)
     noise_hu: tuple[float, float] = (0.0, 8.0)
     hu_shift: tuple[float, float] = (-8.0, 8.0)
     negative_fraction: float = 0.15
     max_lesions: int = 3
     background_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # real, deformed, MNI
+    perfusion_noise_scale: float = 1.0  # × the perfusion maps' per-channel noise (mr_perfusion)
 
 
 TRAINING = Settings()
 VALIDATION = Settings(rotation_deg=25.0, thickness_mm=(1.0, 6.0), noise_hu=(2.0, 10.0), hu_shift=(-10.0, 10.0),
-                      negative_fraction=0.2, max_lesions=2, background_weights=(0.5, 0.25, 0.25))
+                      negative_fraction=0.2, max_lesions=2, background_weights=(0.5, 0.25, 0.25),
+                      perfusion_noise_scale=1.3)
 
 
 def _random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -86,13 +88,21 @@ def reslice(ct: Image, rng: np.random.Generator, s: Settings, label: Image | Non
 
 
 def intensity_augment(ct: Image, rng: np.random.Generator, s: Settings) -> Image:
+    """Scanner variety: a reconstruction kernel, an HU calibration shift and noise.
+
+    Kernels act **in-plane** with widths in mm, as a CT reconstruction filter does; smoothing or
+    sharpening across thick slices (v1 did, with a 1-voxel sigma) smears the skull into the
+    subdural space and leaves label voxels with no visible blood.
+    """
     a = ct.array.astype(np.float32)
     head = a > -500
+    sp_k, sp_j, sp_i = ct.spacing[::-1]
     kernel = rng.choice(["none", "blur", "sharpen"])
     if kernel == "blur":
-        a = ndimage.gaussian_filter(a, rng.uniform(0.3, 0.9))
+        mm = rng.uniform(0.2, 0.6)
+        a = ndimage.gaussian_filter(a, (0.0, mm / sp_j, mm / sp_i))
     elif kernel == "sharpen":
-        a = a + rng.uniform(0.2, 0.8) * (a - ndimage.gaussian_filter(a, 1.0))
+        a = a + rng.uniform(0.15, 0.5) * (a - ndimage.gaussian_filter(a, (0.0, 0.8 / sp_j, 0.8 / sp_i)))
     a[head] += rng.uniform(*s.hu_shift)
     a += rng.normal(0, rng.uniform(*s.noise_hu), a.shape).astype(np.float32)
     return ct.with_array(a)
@@ -146,7 +156,7 @@ def perfusion_case(seed: int, s: Settings = TRAINING) -> tuple[list[Image], Imag
     from .perfusion import synthesize_perfusion_case
 
     rng = np.random.default_rng(seed)
-    maps, label = synthesize_perfusion_case(rng, lesion=rng.random() >= s.negative_fraction)
+    maps, label = synthesize_perfusion_case(rng, lesion=rng.random() >= s.negative_fraction, noise_scale=s.perfusion_noise_scale)
     return [maps[c] for c in ("CBF", "CBV", "MTT", "Tmax")], label
 
 
@@ -204,25 +214,46 @@ def write_case_folder(folder: Path, channels: list[Image], label: Image, names: 
     write_image(label.with_array(label.array.astype(np.uint8)), folder / "label.nii.gz")
 
 
+def _make_case(generator: str, seed: int, settings: Settings, meta: dict, f: Path, folder: Path | None) -> None:
+    channels, label = GENERATORS[generator](seed, settings)
+    if not f.exists():
+        x, y = to_network_grid(channels, label, meta)
+        tmp = f.with_suffix(".tmp.npz")
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, f)
+    if folder is not None:
+        write_case_folder(folder, channels, label, [c["name"] for c in meta["inputs"]])
+
+
 def build_cache(generator: str, seeds: list[int], meta: dict, cache: Path, settings: Settings,
-                case_dir: Path | None = None, log: Callable[[str], None] = print) -> list[Path]:
-    """Generate (once) and cache the network-grid arrays of each seed; optionally also NIfTI case folders."""
+                case_dir: Path | None = None, log: Callable[[str], None] = print, workers: int | None = None) -> list[Path]:
+    """Generate (once) and cache the network-grid arrays of each seed; optionally also NIfTI case folders.
+
+    Cases are independent and seeded, so they are made in ``workers`` processes (default: the usable
+    cores); the result does not depend on the number of workers.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
     cache.mkdir(parents=True, exist_ok=True)
-    out = []
-    for n, seed in enumerate(seeds):
+    out, todo = [], []
+    for seed in seeds:
         f = cache / f"case-{seed}.npz"
-        need_folder = case_dir is not None and not (case_dir / f"case-{seed}" / "label.nii.gz").exists()
+        folder = case_dir / f"case-{seed}" if case_dir is not None else None
+        need_folder = folder is not None and not (folder / "label.nii.gz").exists()
         if not f.exists() or need_folder:
-            channels, label = GENERATORS[generator](seed, settings)
-            if not f.exists():
-                x, y = to_network_grid(channels, label, meta)
-                tmp = f.with_suffix(".tmp.npz")
-                np.savez(tmp, x=x, y=y)
-                os.replace(tmp, f)
-            if need_folder:
-                write_case_folder(case_dir / f"case-{seed}", channels, label, [c["name"] for c in meta["inputs"]])
-            log(f"case {n + 1}/{len(seeds)} (seed {seed}) ready")
+            todo.append((seed, f, folder if need_folder else None))
         out.append(f)
+    workers = workers or max(1, min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    if workers <= 1 or len(todo) <= 1:
+        for n, (seed, f, folder) in enumerate(todo):
+            _make_case(generator, seed, settings, meta, f, folder)
+            log(f"case {n + 1}/{len(todo)} (seed {seed}) ready")
+        return out
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_make_case, generator, seed, settings, meta, f, folder) for seed, f, folder in todo]
+        for n, (fut, (seed, _, _)) in enumerate(zip(futures, todo)):
+            fut.result()
+            log(f"case {n + 1}/{len(todo)} (seed {seed}) ready")
     return out
 
 

@@ -8,6 +8,31 @@ from pathlib import Path
 from ..evaluate import format_table
 
 
+NOT_FOR = {
+    "ct_hemorrhage": "such as contrast-enhanced CT, MR, or non-head scans.",
+    "mr_perfusion": "such as raw perfusion source images, maps from a different deconvolution whose units or scaling "
+                    "differ, maps not co-registered with each other, or non-brain scans.",
+}
+
+LIMITS = {
+    "ct_hemorrhage": [
+        "- Training and validation lesions are **synthetic**, and the only real CT background is one head CT "
+        "(ProMED CT 0051, Debian `invesalius-examples`); the others are deformed copies of it and MNI152 pseudo-CTs. "
+        "Performance on real hemorrhage scans is **unmeasured**.",
+        "- Hemorrhage mimics were barely in the training data: only the physiological calcifications of the one real CT and "
+        "simple synthetic ones in the pseudo-CTs; no contrast, beam hardening or motion.",
+    ],
+    "mr_perfusion": [
+        "- Training and validation maps are **synthetic**: made from the MNI152 tissue maps (one anatomy, warped), with a "
+        "simple model of normal perfusion, of the infarct core and penumbra and of the noise of each map. Real "
+        "perfusion maps (ISLES and clinical software) have other artefacts, arrival delays, vessels and scalings: "
+        "performance on them is **unmeasured**.",
+        "- The label is the infarct core as the generator defines it (CBF below ~30 % of normal with prolonged Tmax); "
+        "the penumbra is not segmented.",
+    ],
+}
+
+
 def render(meta: dict, evaluation: dict | None, extra: str = "") -> str:
     t = meta.get("training", {})
     arch = meta["architecture"]
@@ -20,7 +45,7 @@ def render(meta: dict, evaluation: dict | None, extra: str = "") -> str:
         meta.get("intended_use", ""),
         "",
         "Not intended for: clinical decisions, triage, screening, or any use on patients; inputs unlike the "
-        "training data (see below) such as contrast-enhanced CT, MR, or non-head scans.",
+        "training data (see below), " + NOT_FOR.get(t.get("generator"), "such as other modalities or body parts."),
         "",
         "## Model",
         f"- {meta['description'].strip()}",
@@ -43,25 +68,19 @@ def render(meta: dict, evaluation: dict | None, extra: str = "") -> str:
     if evaluation:
         lines += ["## Evaluation (validation cases, input grid)", "", "```", format_table(evaluation), "```", "",
                   "Definitions: " + evaluation.get("definitions", "").replace("\n", " "), ""]
-    lines += [
-        "## Known limits",
-        "- Training and validation lesions are **synthetic**, and the only real CT background is one head CT "
-        "(ProMED CT 0051, Debian `invesalius-examples`); the others are deformed copies of it and MNI152 pseudo-CTs. "
-        "Performance on real hemorrhage scans is **unmeasured**.",
-        "- Hemorrhage mimics were barely in the training data: only the physiological calcifications of the one real CT and "
-        "simple synthetic ones in the pseudo-CTs; no contrast, beam hardening or motion.",
-        "",
-    ]
+    lines += ["## Known limits", *LIMITS.get(t.get("generator"), ["- Trained and validated on synthetic data only."]), ""]
     if extra:
         lines += [extra, ""]
     return "\n".join(lines)
 
 
 def main() -> None:
+    """``python -m UNetSegmentLib.training.model_card BUNDLE [EVALUATION.json [EXTRA.md]]``"""
     bundle = Path(sys.argv[1])
     evaluation = json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) > 2 else None
+    extra = Path(sys.argv[3]).read_text(encoding="utf-8").strip() if len(sys.argv) > 3 else ""
     meta = json.loads((bundle / "model.json").read_text())
-    (bundle / "MODEL_CARD.md").write_text(render(meta, evaluation), encoding="utf-8")
+    (bundle / "MODEL_CARD.md").write_text(render(meta, evaluation, extra), encoding="utf-8")
     print(f"wrote {bundle / 'MODEL_CARD.md'}")
 
 

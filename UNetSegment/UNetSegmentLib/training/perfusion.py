@@ -104,6 +104,7 @@ def synthesize_perfusion_case(
     deform: bool = True,
     core_volume_ml: float | None = None,
     noise: bool = True,
+    noise_scale: float = 1.0,
 ) -> tuple[dict[str, Image], Image]:
     """One synthetic CT/MR perfusion case: ``({"CBF", "CBV", "MTT", "Tmax"} → Image, label)``.
 
@@ -111,7 +112,8 @@ def synthesize_perfusion_case(
     s and s; the label is uint8 (1 = infarct core, all 0 when ``lesion`` is False). ``deform``
     (default) varies the anatomy per case; ``core_volume_ml`` fixes the core volume (else
     log-uniform in 2–80 mL); ``noise=False`` gives the same case (same seed) without the channel
-    noise (still smoothed). See the module docstring for the model.
+    noise (still smoothed); ``noise_scale`` multiplies every channel's noise level (validation cases
+    use 1.3, i.e. noisier maps than training). See the module docstring for the model.
     """
     if core_volume_ml is not None and not (core_volume_ml > 0):
         raise UsageError(f"core_volume_ml must be positive, got {core_volume_ml}", "pass a volume in mL, e.g. 20")
@@ -211,7 +213,7 @@ def synthesize_perfusion_case(
     # --- acquisition: noise per channel, smoothing, masking -------------------------------------
     corr = np.maximum(rng.uniform(0.8, 1.5) / sampling, 0.3)
     smooth = rng.uniform(1.0, 2.0) / sampling
-    sigmas = {name: rng.uniform(*NOISE[name]) for name in CHANNELS}
+    sigmas = {name: noise_scale * rng.uniform(*NOISE[name]) for name in CHANNELS}
     maps = {}
     for name, arr in (("CBF", cbf), ("CBV", cbv), ("MTT", mtt), ("Tmax", tmax)):
         if noise:  # the last draws of a case, so noise=False gives the same case without them

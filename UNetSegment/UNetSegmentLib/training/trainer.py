@@ -38,13 +38,15 @@ def load_config(path: Path) -> dict:
 
 
 class _Sampler:
-    """Random 2D/2.5D training patches from cached network-grid cases, half of them centred on lesion."""
+    """Random 2D/2.5D training patches from cached network-grid cases: ``lesion_fraction`` of them around a
+    lesion voxel, the others around a random voxel of the head (never pure air)."""
 
     def __init__(self, files: list[Path], context: int, crop: tuple[int, int], rng: np.random.Generator, lesion_fraction: float):
         self.cases = [np.load(f) for f in files]
         self.cases = [(c["x"], c["y"]) for c in self.cases]
         self.context, self.crop, self.rng, self.lesion_fraction = context, crop, rng, lesion_fraction
         self.lesion_slices = [np.flatnonzero(y.reshape(y.shape[0], -1).any(1)) for _, y in self.cases]
+        self.channel_min = [x.reshape(x.shape[0], -1).min(1) for x, _ in self.cases]
 
     def patch(self) -> tuple[np.ndarray, np.ndarray]:
         rng = self.rng
@@ -59,13 +61,17 @@ class _Sampler:
         ch, cw = self.crop
         if want_lesion and ys.any():
             jj, ii = np.nonzero(ys)
+        else:  # negatives centred in the head (where mimics are), not in the air around it
+            jj, ii = np.nonzero(xs[self.context] > xs[self.context].min() + 0.05)
+        if jj.size:
             p = int(rng.integers(jj.size))
             j0 = int(np.clip(jj[p] - rng.integers(ch // 4, 3 * ch // 4), 0, max(0, J - ch)))
             i0 = int(np.clip(ii[p] - rng.integers(cw // 4, 3 * cw // 4), 0, max(0, I - cw)))
         else:
             j0 = int(rng.integers(max(1, J - ch + 1)))
             i0 = int(rng.integers(max(1, I - cw + 1)))
-        xp = np.full((xs.shape[0], ch, cw), xs.min(), np.float32)
+        xp = np.empty((xs.shape[0], ch, cw), np.float32)  # padded as inference pads: each channel's minimum
+        xp[:] = np.repeat(self.channel_min[n], len(ks))[:, None, None]
         yp = np.zeros((ch, cw), np.int64)
         sx = xs[:, j0 : j0 + ch, i0 : i0 + cw]
         xp[:, : sx.shape[1], : sx.shape[2]] = sx
@@ -77,6 +83,40 @@ class _Sampler:
     def batch(self, n: int):
         xs, ys = zip(*(self.patch() for _ in range(n)))
         return np.stack(xs), np.stack(ys)
+
+
+class _Sampler3D(_Sampler):
+    """Random 3D training patches [C, d, h, w]: ``lesion_fraction`` around a lesion voxel, the rest
+    around a random voxel of the head; mirrored left–right half of the time."""
+
+    def patch(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = self.rng
+        n = int(rng.integers(len(self.cases)))
+        x, y = self.cases[n]
+        C, K, J, I = x.shape
+        size = self.crop
+        if rng.random() < self.lesion_fraction and self.lesion_slices[n].size:
+            pts = np.argwhere(y > 0)
+        else:
+            stride = (max(1, K // 32), max(1, J // 32), max(1, I // 32))  # a coarse sample of head voxels is enough
+            sub = x[0, :: stride[0], :: stride[1], :: stride[2]]
+            pts = np.argwhere(sub > sub.min() + 0.05) * np.array(stride)
+        if len(pts):
+            c = pts[int(rng.integers(len(pts)))]
+            start = [int(np.clip(c[a] - rng.integers(size[a] // 4, 3 * size[a] // 4 + 1), 0, max(0, dim - size[a])))
+                     for a, dim in enumerate((K, J, I))]
+        else:
+            start = [int(rng.integers(max(1, dim - sz + 1))) for dim, sz in zip((K, J, I), size)]
+        sl = tuple(slice(st, st + sz) for st, sz in zip(start, size))
+        xs, ys = x[(slice(None), *sl)], y[sl]
+        xp = np.empty((C, *size), np.float32)
+        xp[:] = self.channel_min[n][:, None, None, None]
+        yp = np.zeros(size, np.int64)
+        xp[(slice(None), *(slice(0, d) for d in xs.shape[1:]))] = xs
+        yp[tuple(slice(0, d) for d in ys.shape)] = ys
+        if rng.random() < 0.5:  # left-right mirror
+            xp, yp = xp[..., ::-1], yp[..., ::-1]
+        return np.ascontiguousarray(xp), np.ascontiguousarray(yp)
 
 
 def _dice_loss(logits, target):
@@ -176,7 +216,8 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
         start, best, history = st["step"], st["best"], st["history"]
         log(f"resumed from {ckpt} at step {start} (best validation Dice {best:.4f})")
     ctx = int(meta.get("context_slices", 0)) if meta["dimensions"] == "2.5d" else 0
-    sampler = _Sampler(train_files, ctx, tuple(tc.get("crop", meta["patch_size"])), rng, float(tc.get("lesion_fraction", 0.6)))
+    sampler_cls = _Sampler3D if meta["dimensions"] == "3d" else _Sampler
+    sampler = sampler_cls(train_files, ctx, tuple(tc.get("crop", meta["patch_size"])), rng, float(tc.get("lesion_fraction", 0.6)))
     bs = int(tc.get("batch_size", 12))
     val_every = int(tc.get("val_every", 250))
     ck_every = int(tc.get("checkpoint_every", 100))
