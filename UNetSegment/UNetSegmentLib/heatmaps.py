@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ModelError
 from .acceleration import memory_format, plan_content
-from .inference import CancelToken, ProgressFn, blend_windows
+from .inference import CancelToken, ProgressFn, autocast_dtype, blend_windows
 
 
 CAM_METHODS = ("hirescam", "gradcam")
@@ -65,6 +65,7 @@ def gradcam(
     crop_to_content: bool = False,
     fit_window: bool = False,
     channels_last: bool = False,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Grad-CAM [K, J, I] in 0–1 on the grid of ``volume`` [C, K, J, I] for the voxels in ``target_mask``.
 
@@ -72,6 +73,8 @@ def gradcam(
     (e.g. each foreground voxel's predicted class): the score is Σ_c Σ_{voxels with value c} logit_c.
     ``crop_to_content``/``fit_window``/``channels_last``: the fast path of :func:`inference.sliding_window`,
     so that the network sees the same windows as when it made the prediction being explained.
+    ``precision`` bf16/fp16 runs the forward and backward passes under autocast (a 0–1 display map
+    needs no fp32 gradients; about twice as fast on bf16 CPUs); the map is combined in fp32.
     """
     import torch
     import torch.nn.functional as F
@@ -94,6 +97,7 @@ def gradcam(
             roi_kji = (1, *roi) if spatial_dims == 2 else tuple(roi)
             volume, target = volume[(slice(None), *box)], target[box]
     fmt = memory_format(spatial_dims) if channels_last else None
+    amp = autocast_dtype(precision)
     module = network.get_submodule(layer)
     store: dict = {}
 
@@ -115,7 +119,7 @@ def gradcam(
         m = torch.from_numpy(masks[:, 0] if spatial_dims == 2 else masks).to(x.device)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(device_type=x.device.type, dtype=amp, enabled=amp is not None):
             logits = network(x)
             if isinstance(logits, (list, tuple)):
                 logits = logits[0]
@@ -123,7 +127,7 @@ def gradcam(
             act = store["act"]
             (grad,) = torch.autograd.grad(score, act)
         w = grad if method == "hirescam" else grad.mean(dim=tuple(range(2, act.ndim)), keepdim=True)
-        cam = F.relu((w * act).sum(1, keepdim=True)).detach()
+        cam = F.relu((w.float() * act.float()).sum(1, keepdim=True)).detach()
         mode = "bilinear" if spatial_dims == 2 else "trilinear"
         cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
         return cam.float().cpu().numpy()

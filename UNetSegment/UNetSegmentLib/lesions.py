@@ -453,11 +453,29 @@ def remove_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int 
     if min_lesion_ml <= 0:
         return labels
     lab = _label_array(labels)
-    comp, _ = _components(lab, connectivity)
+    box = _nonzero_box(lab)
+    if box is None:
+        return labels
+    sub = lab[box]  # components only where there are labels: a 512×512×300 scan's lesions fill a small box
+    comp, _ = _components(sub, connectivity)
     counts = np.bincount(comp.reshape(-1))
     keep = counts * labels.voxel_volume_mm3 / 1000.0 >= min_lesion_ml
     keep[0] = False
-    return labels.with_array(np.where(keep[comp], lab, 0).astype(labels.array.dtype, copy=False))
+    out = np.array(lab, dtype=labels.array.dtype, copy=True)
+    out[box] = np.where(keep[comp], sub, 0)
+    return labels.with_array(out)
+
+
+def _nonzero_box(a: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box of the nonzero voxels of ``a`` (None when there are none)."""
+    nz = a != 0
+    box = []
+    for axis in range(a.ndim):
+        idx = np.flatnonzero(nz.any(axis=tuple(x for x in range(a.ndim) if x != axis)))
+        if idx.size == 0:
+            return None
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
 
 
 # --------------------------------------------------------------------------------------------

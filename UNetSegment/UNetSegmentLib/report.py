@@ -497,7 +497,9 @@ def _max_probability(probability: Image | None) -> tuple[float | None, np.ndarra
     a = np.asarray(probability.array)
     if a.size == 0 or not np.isfinite(a).any():
         return None, None
-    flat = int(np.nanargmax(np.where(np.isfinite(a), a, -np.inf)))
+    top = a.max()
+    # one pass when the map is finite (ours always is); NaN/Inf maps take the careful path
+    flat = int(np.argmax(a)) if np.isfinite(top) else int(np.nanargmax(np.where(np.isfinite(a), a, -np.inf)))
     k, j, i = np.unravel_index(flat, a.shape)
     return float(a.reshape(-1)[flat]), probability.ijk_to_ras_points([i, j, k])[0]
 
