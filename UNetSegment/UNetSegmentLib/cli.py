@@ -51,6 +51,16 @@ def _posint(text: str) -> int:
     return v
 
 
+def _ml_list(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of volumes in mL, e.g. 0.05,0.1,0.2") from None
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more volumes ≥ 0 mL")
+    return vals
+
+
 def add_segment_options(p: argparse.ArgumentParser) -> None:
     """The run parameters as flags (shared with batch); defaults come from :class:`SegmentParams`."""
     d = SegmentParams()
@@ -149,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baseline", action="store_true", help="skip the HU-threshold baseline")
     e.add_argument("--device", default="auto", help=HELP["device"])
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help=HELP["precision"])
+    e.add_argument("--min-lesion-sweep", type=_ml_list, default=None, metavar="ML,ML,...",
+                   help="instead: the figures for each smallest-lesion size, and the smallest meeting the default-model "
+                        "targets (use a tuning split, not the cases you report)")
 
     v = sub.add_parser("serve", help="run the inference server (HTTP API for Slicer seats and scripts)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)")
@@ -352,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import main_evaluate
 
             main_evaluate(a.model, Path(a.cases), Path(a.output) if a.output else None,
-                          SegmentParams(device=a.device, precision=a.precision, heatmaps=()), baseline=not a.no_baseline)
+                          SegmentParams(device=a.device, precision=a.precision, heatmaps=()), baseline=not a.no_baseline,
+                          min_lesion_sweep=a.min_lesion_sweep)
             return 0
         if a.command == "serve":
             return _cmd_serve(a)

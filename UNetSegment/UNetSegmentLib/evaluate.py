@@ -162,6 +162,48 @@ def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = Non
     return out
 
 
+def sweep_min_lesion(bundle: Bundle, cases_dir: Path, candidates: list[float], params: SegmentParams | None = None,
+                     progress: Callable[[str], None] | None = None) -> list[dict]:
+    """The model's figures for each smallest-lesion size in ``candidates`` (one inference per case).
+
+    For choosing the bundle's ``min_lesion_ml`` on a *tuning* split (``--split tune`` of the training
+    cases module: validation settings, other seeds), never on the cases the model card reports."""
+    params = params or SegmentParams(heatmaps=())
+    cases = find_cases(cases_dir, bundle.channel_names)
+    network = bundle.build_network()
+    per: dict[float, list[CaseResult]] = {c: [] for c in candidates}
+    for i, case in enumerate(cases):
+        images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
+        truth = read_image(case / "label.nii.gz")
+        res = segment(images, bundle, params, network=network)
+        for c in candidates:
+            per[c].append(score_case(case.name, truth, remove_small_lesions(res.labels, c, params.connectivity)))
+        if progress:
+            progress(f"[{i + 1}/{len(cases)}] {case.name}")
+    return [{"min_lesion_ml": c, **summarize(per[c])} for c in candidates]
+
+
+def choose_min_lesion(rows: list[dict], max_false_per_scan: float = 0.2, min_sensitivity: float = 0.95) -> float | None:
+    """The smallest size whose false lesions per scan ≤ ``max_false_per_scan`` while the sensitivity for
+    lesions ≥ 0.5 mL stays ≥ ``min_sensitivity`` (the default-model targets); where none meets both,
+    the size with the fewest false lesions among those keeping the sensitivity (sensitivity first:
+    a missed bleed costs more than a false one); None if no size keeps it."""
+    ok = [r for r in sorted(rows, key=lambda r: r["min_lesion_ml"])
+          if r["sensitivity_ge_0.5ml"] is None or r["sensitivity_ge_0.5ml"] >= min_sensitivity]
+    for r in ok:
+        if r["false_lesions_per_scan"] <= max_false_per_scan:
+            return float(r["min_lesion_ml"])
+    return float(min(ok, key=lambda r: r["false_lesions_per_scan"])["min_lesion_ml"]) if ok else None
+
+
+def format_sweep(rows: list[dict]) -> str:
+    lines = [f"{'min lesion mL':>14}{'Dice':>8}{'sens ≥0.5':>11}{'false/scan':>12}{'vol err':>9}"]
+    for r in rows:
+        lines.append(f"{r['min_lesion_ml']:>14g}{r['dice_mean'] or 0:>8.3f}{r['sensitivity_ge_0.5ml'] or 0:>11.3f}"
+                     f"{r['false_lesions_per_scan']:>12.2f}{r['volume_error_median'] or 0:>9.1%}")
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
     rows = [("Dice (cases ≥ 1 mL)", "dice_mean", "{:.3f}"), ("sensitivity ≥ 0.5 mL", "sensitivity_ge_0.5ml", "{:.3f}"),
             ("false lesions / scan", "false_lesions_per_scan", "{:.2f}"), ("volume error (median)", "volume_error_median", "{:.1%}"),
@@ -189,8 +231,21 @@ def write_result(result: dict, path: Path) -> None:
     write_json(result, path)
 
 
-def main_evaluate(model: str, cases: Path, out_json: Path | None, params: SegmentParams, baseline: bool = True) -> dict:
+def main_evaluate(model: str, cases: Path, out_json: Path | None, params: SegmentParams, baseline: bool = True,
+                  min_lesion_sweep: list[float] | None = None) -> dict:
     from .bundle import load_bundle
+
+    if min_lesion_sweep:
+        rows = sweep_min_lesion(load_bundle(model), cases, min_lesion_sweep, params, progress=print)
+        print(format_sweep(rows))
+        chosen = choose_min_lesion(rows)
+        print("chosen (smallest size with ≤ 0.2 false lesions/scan and sensitivity ≥ 0.95 for lesions ≥ 0.5 mL, else "
+              f"the fewest false lesions keeping that sensitivity): {'none' if chosen is None else f'{chosen:g} mL'}")
+        result = {"min_lesion_sweep": rows, "chosen_min_lesion_ml": chosen}
+        if out_json:
+            write_result(result, out_json)
+            print(f"wrote {out_json}")
+        return result
 
     result = evaluate(load_bundle(model), cases, params, baseline, progress=print)
     print(format_table(result))

@@ -265,13 +265,17 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--config", required=True, type=Path)
-    ap.add_argument("--split", choices=["val", "train"], default="val")
+    ap.add_argument("--split", choices=["val", "tune", "train"], default="val",
+                    help="val: the reported validation cases; tune: other seeds with the validation settings, for "
+                         "choosing post-processing (never reported); train: the training cases")
     ap.add_argument("--output-dir", required=True, type=Path)
     a = ap.parse_args()
     cfg = yaml.safe_load(a.config.read_text(encoding="utf-8"))
     d = cfg["data"]
-    first, n = (int(d["val_seed"]), int(d["val_cases"])) if a.split == "val" else (int(d["train_seed"]), int(d["train_cases"]))
-    settings = VALIDATION if a.split == "val" else TRAINING
+    first, n = {"val": (d["val_seed"], d["val_cases"]), "tune": (d.get("tune_seed", 800000), d.get("tune_cases", 12)),
+                "train": (d["train_seed"], d["train_cases"])}[a.split]
+    first, n = int(first), int(n)
+    settings = TRAINING if a.split == "train" else VALIDATION
     cache = Path(os.path.expandvars(d.get("cache_dir", ".cache/unetsegment/train"))) / a.split
     build_cache(d["generator"], list(range(first, first + n)), cfg["bundle"], cache, settings, case_dir=a.output_dir)
     print(f"{n} {a.split} cases in {a.output_dir}")
