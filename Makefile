@@ -35,7 +35,7 @@ evaluate: sample
 	$(BIN)/python -m UNetSegmentLib.training.cases --config Resources/Training/mr-perfusion-lesion.yaml --split val --output-dir .cache/eval-mr-perfusion
 	$(BIN)/unetsegment evaluate --model mr-perfusion-lesion --cases .cache/eval-mr-perfusion --output .cache/eval-mr-perfusion-lesion.json
 
-# early fusion vs one encoder per modality, trained on the same cases (≈ 25 min on 2 cores), then evaluated
+# early fusion vs one encoder per modality, trained on the same cases (≈ 35 min on 2 cores), then evaluated
 compare-perfusion: sample
 	$(BIN)/unetsegment train --config Resources/Training/mr-perfusion-lesion.yaml --output-dir .cache/models/mr-perfusion-early
 	$(BIN)/unetsegment train --config Resources/Training/mr-perfusion-lesion-multipath.yaml --output-dir .cache/models/mr-perfusion-multipath

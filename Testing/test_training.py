@@ -111,3 +111,13 @@ def test_3d_and_multipath_configs_train_to_valid_bundles(tmp_path):
         meta = trainer.train(p, tmp_path / name, log=lambda m: None)
         b = load_bundle(tmp_path / name)
         assert meta["training"]["steps"] == 6 and b.build_network() is not None
+
+
+def test_choose_min_lesion_prefers_sensitivity():
+    from UNetSegmentLib.evaluate import choose_min_lesion
+
+    row = lambda ml, fp, sens: {"min_lesion_ml": ml, "false_lesions_per_scan": fp, "sensitivity_ge_0.5ml": sens}  # noqa: E731
+    assert choose_min_lesion([row(0.1, 0.5, 1.0), row(0.2, 0.1, 1.0), row(0.3, 0.0, 1.0)]) == 0.2, "smallest meeting both"
+    # none meets both: the fewest false lesions that keeps the sensitivity (here 0.2, not 0.3)
+    assert choose_min_lesion([row(0.1, 0.6, 1.0), row(0.2, 0.25, 1.0), row(0.3, 0.08, 0.93)]) == 0.2
+    assert choose_min_lesion([row(0.1, 0.6, 0.9)]) is None
