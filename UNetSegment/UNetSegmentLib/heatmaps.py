@@ -89,10 +89,8 @@ def gradcam(
     full_shape, box, pad_value = volume.shape[1:], None, None
     if crop_to_content:
         plan = plan_content(volume, roi, network, spatial_dims, context, fit_window)
-        inside = np.zeros(full_shape, bool)
-        if plan.box is not None:
-            inside[plan.box] = True
-        if plan.box is not None and not target[~inside].any():  # never drop a target voxel: else no crop
+        # never drop a target voxel: crop only when the box holds them all
+        if plan.box is not None and np.count_nonzero(target[plan.box]) == np.count_nonzero(target):
             box, pad_value, roi = plan.box, plan.background, plan.roi
             roi_kji = (1, *roi) if spatial_dims == 2 else tuple(roi)
             volume, target = volume[(slice(None), *box)], target[box]

@@ -193,6 +193,28 @@ class _SegmentationNet(nn.Module):
                 f"pad it, e.g. to {padded}"
             )
 
+    def _add_unet_decoder(self, norm: str, upsample: str, dropout: float, residual: bool = False,
+                          attention: bool = False) -> None:
+        """A U-Net's ``decoder`` (one stage per level, deepest first), ``out_conv`` and, with deep
+        supervision, ``aux_heads`` (``aux_heads[k]`` reads decoder level k + 1, resolution 1/2**(k+1))."""
+        dims, ch, depth = self.spatial_dims, self.channels, self.depth
+        self.decoder = nn.ModuleList(
+            DecoderStage(dims, ch[level + 1], ch[level], 1, norm, upsample, dropout, residual, attention)
+            for level in reversed(range(depth))
+        )
+        self.out_conv = _CONV[dims](ch[0], self.out_channels, kernel_size=1)
+        self.aux_heads = nn.ModuleList(
+            _CONV[dims](ch[level], self.out_channels, kernel_size=1) for level in range(1, depth)
+        ) if self.deep_supervision else None
+
+    def _decode(self, x: Tensor, skips: Sequence[Tensor]) -> Tensor | list[Tensor]:
+        """U-Net decoding of the bottleneck features ``x`` with the per-level ``skips`` (shallowest first)."""
+        features = []
+        for stage, skip in zip(self.decoder, reversed(skips)):
+            x = stage(x, [skip])
+            features.append(x)
+        return self._outputs(self.out_conv(x), features[-2::-1])
+
     def _outputs(self, logits: Tensor, aux_features: Sequence[Tensor]) -> Tensor | list[Tensor]:
         """Logits alone, or in training with deep supervision ``[logits, *aux_logits]``."""
         if not (self.deep_supervision and self.training):
@@ -240,15 +262,7 @@ class UNet(_SegmentationNet):
             for i in range(depth)
         )
         self.bottleneck = ConvBlock(dims, ch[depth - 1], ch[depth], norm, dropout, residual)
-        self.decoder = nn.ModuleList(
-            DecoderStage(dims, ch[level + 1], ch[level], 1, norm, upsample, dropout, residual, attention)
-            for level in reversed(range(depth))
-        )
-        self.out_conv = _CONV[dims](ch[0], out_channels, kernel_size=1)
-        # aux_heads[k] reads decoder level k + 1 (resolution 1/2**(k+1)).
-        self.aux_heads = nn.ModuleList(
-            _CONV[dims](ch[level], out_channels, kernel_size=1) for level in range(1, depth)
-        ) if deep_supervision else None
+        self._add_unet_decoder(norm, upsample, dropout, residual, attention)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         self._check_input(x)
@@ -257,12 +271,7 @@ class UNet(_SegmentationNet):
             x = stage(x)
             skips.append(x)
             x = self.pool(x)
-        x = self.bottleneck(x)
-        features = []
-        for stage, skip in zip(self.decoder, reversed(skips)):
-            x = stage(x, [skip])
-            features.append(x)
-        return self._outputs(self.out_conv(x), features[-2::-1])
+        return self._decode(self.bottleneck(x), skips)
 
 
 class UNetPlusPlus(_SegmentationNet):
@@ -378,13 +387,7 @@ class MultiPathUNet(_SegmentationNet):
 
         self.fuse = nn.ModuleList(fusion(level) for level in range(depth))  # the skips
         self.bottleneck = fusion(depth)  # the paths' bottlenecks, fused
-        self.decoder = nn.ModuleList(
-            DecoderStage(dims, ch[level + 1], ch[level], 1, norm, upsample, dropout) for level in reversed(range(depth))
-        )
-        self.out_conv = _CONV[dims](ch[0], out_channels, kernel_size=1)
-        self.aux_heads = nn.ModuleList(
-            _CONV[dims](ch[level], out_channels, kernel_size=1) for level in range(1, depth)
-        ) if deep_supervision else None
+        self._add_unet_decoder(norm, upsample, dropout)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         self._check_input(x)
@@ -397,12 +400,7 @@ class MultiPathUNet(_SegmentationNet):
                 xp = self.pool(xp)
             per_level[self.depth].append(bottleneck(xp))
         skips = [f(torch.cat(feats, dim=1)) for f, feats in zip(self.fuse, per_level)]
-        x = self.bottleneck(torch.cat(per_level[self.depth], dim=1))
-        features = []
-        for stage, skip in zip(self.decoder, reversed(skips)):
-            x = stage(x, [skip])
-            features.append(x)
-        return self._outputs(self.out_conv(x), features[-2::-1])
+        return self._decode(self.bottleneck(torch.cat(per_level[self.depth], dim=1)), skips)
 
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {

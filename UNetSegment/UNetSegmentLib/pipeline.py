@@ -67,7 +67,6 @@ def segment(
     device = resolve_device(params.device)
     precision = resolve_precision(params.precision, device)
 
-
     report("preprocess", 0.0, "")
     for img, n, spec in zip(inputs, names, bundle.meta["inputs"]):
         warnings += check_volume(img, n)
