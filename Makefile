@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup sample demo test bench evaluate compare-perfusion clean
+.PHONY: setup gl-libs sample demo test slicer-test bench evaluate compare-perfusion clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[all,test]"
 	touch $(STAMP)
 
 sample: setup
@@ -22,8 +22,20 @@ sample: setup
 demo: sample
 	$(BIN)/unetsegment demo --output-dir demo-output
 
-test: sample
+test: sample gl-libs
 	$(BIN)/python -m pytest -q
+
+# The Slicer module's self-test on Slicer's own code (slicer-core, trame-slicer) and its real views
+# rendered offscreen on the demo case; the PNGs land in Testing/screenshots/ (`make test` runs these too).
+slicer-test: sample gl-libs
+	$(BIN)/python -m pytest -q -s Testing/test_slicer_views.py \
+	  "Testing/test_slicer_module.py::test_module_metadata_and_selftest_pass_on_slicer_code"
+
+# Offscreen VTK needs Mesa's GL libraries: installed from Debian where they are missing (as root).
+gl-libs: setup
+	@$(BIN)/python -c "import vtkmodules.vtkRenderingOpenGL2" 2>/dev/null || { \
+	  apt-get update -qq && apt-get install -y -qq libgl1 libegl1 libgl1-mesa-dri libxrender1 && \
+	  { apt-get install -y -qq libxt6t64 || apt-get install -y -qq libxt6; }; }
 
 bench: setup
 	$(BIN)/python bench/inference_vs_monai.py

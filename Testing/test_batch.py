@@ -206,3 +206,80 @@ def test_local_cluster_size_respects_cores_and_cases():
     assert batch.assign_gpus(["tcp://b", "tcp://a", "tcp://c"], 2, "auto") == {"tcp://a": "cuda:0", "tcp://b": "cuda:1", "tcp://c": "cuda:0"}
     assert batch.assign_gpus(["tcp://a"], 1, "cuda:1") is None and batch.assign_gpus(["tcp://a"], 0, "auto") is None
     assert batch.local_gpus("cpu") == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14: stops leave nothing behind
+# --------------------------------------------------------------------------------------------
+def test_sigterm_to_batch_leaves_no_staging_folders(tmp_path):
+    """SIGTERM while a worker is writing a case's outputs: exit 130, and no partial outputs anywhere."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(3):
+        img, _ = ct_phantom(shape_kji=(6, 32, 32), seed=n)
+        _write(img, src / f"case{n}.nii.gz")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "UNetSegment"))
+    p = subprocess.Popen([sys.executable, "-m", "UNetSegmentLib.cli", "batch", str(src), "-o", str(out), "--model", "tiny-blob",
+                          "--heatmap", "none", "--threads", "1", "--workers", "1", "--device", "cpu", "-q"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        t0 = time.time()
+        while worker is None:  # a worker has begun writing a case: freeze it there, mid-case
+            for stage in out.glob(f"*/{STAGING_PREFIX}*") if out.is_dir() else ():
+                worker = int(stage.name[len(STAGING_PREFIX):].split("-", 1)[0])
+                try:
+                    os.kill(worker, signal.SIGSTOP)
+                except ProcessLookupError:
+                    worker = None
+                    continue
+                if not stage.exists():  # it committed just before it stopped: wait for the next case
+                    os.kill(worker, signal.SIGCONT)
+                    worker = None
+                    continue
+                break
+            assert p.poll() is None and time.time() - t0 < 180, p.communicate()[1][-2000:] if p.poll() is not None else "timeout"
+            time.sleep(0.01)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if worker is not None:
+            try:
+                os.kill(worker, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert p.returncode == 130, err[-2000:]
+    assert "cancelled" in err and "--resume" in err
+    assert not list(out.rglob(f"{STAGING_PREFIX}*"))
+    for d in (x for x in out.iterdir() if x.is_dir()):  # whatever a case folder holds is a complete set
+        assert (d / "summary.json").is_file(), sorted(os.listdir(d))
+
+
+def test_a_stop_after_the_last_window_is_honoured(tmp_path):
+    """SIGTERM (the cancel token) after inference finished: exit 130 and no outputs, not a silent exit 0."""
+    from UNetSegmentLib.errors import CancelledError
+    from UNetSegmentLib.inference import CancelToken
+
+    img, _ = ct_phantom(shape_kji=(6, 32, 32), seed=1)
+    vol = _write(img, tmp_path / "ct.nii.gz")
+    for when in ("postprocess", "done"):  # after the last window; after the whole engine run
+        token = CancelToken()
+
+        def progress(stage, fraction, message="", when=when, token=token):
+            if stage == when:
+                token.cancel()
+
+        with pytest.raises(CancelledError) as e:
+            segment_files([str(vol)], tmp_path / when, "tiny-blob", PARAMS, progress=progress, cancel=token)
+        assert e.value.exit_code == 130
+        assert os.listdir(tmp_path / when) == []  # no outputs, no staging folder

@@ -148,14 +148,7 @@ def test_models_list_show_verify_import(tmp_path, tiny_bundle, monkeypatch, caps
     assert main(["models", "import", str(tiny_bundle)]) == 4  # already there, no --overwrite
 
 
-def test_contract_check_passes_with_the_default_model(tmp_path):
-    """The shared contract checker (other tools depend on it) against the installed CLI."""
-    checker = REPO.parent / "shared" / "contract_check.py"
-    exe = Path(sys.executable).parent / "unetsegment"
-    if not checker.exists() or not exe.exists():
-        pytest.fail(f"need {checker} and {exe} (run `make test`, which installs the CLI)")
-    r = subprocess.run([sys.executable, str(checker), str(exe)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
+# the command-line contract with the default model: Testing/test_contract.py (self-contained)
 
 
 def test_dicom_series_input_also_writes_a_dicom_seg(tmp_path):

@@ -14,14 +14,18 @@ from scipy import ndimage
 
 from UNetSegmentLib.errors import InputError, UsageError
 from UNetSegmentLib.image import Image, make_ijk_to_ras, to_sitk
-from UNetSegmentLib.lesions import COLUMNS, MIDLINE_TOLERANCE_MM, LesionTable, analyze_lesions
+from UNetSegmentLib.lesions import (COLUMN_DOCS, COLUMNS, CONTRACT_COLUMNS, DICOM_COLUMNS, MIDLINE_TOLERANCE_MM,
+                                    LesionTable, analyze_lesions)
 
-EXPECTED_COLUMNS = (
+CONTRACT_32 = (
     "lesion,label,voxels,volume_mm3,volume_ml,centroid_r,centroid_a,centroid_s,centroid_i,centroid_j,"
     "centroid_k,inside_r,inside_a,inside_s,slice_axis,slice_index,slice_first,slice_last,n_slices,"
     "largest_area_slice,largest_area_mm2,max_inplane_diameter_mm,extent_r_mm,extent_a_mm,extent_s_mm,"
     "mean_intensity,std_intensity,max_intensity,mean_probability,max_probability,side,touches_border"
 ).split(",")
+#: the 32, then the columns this round's issues append (DICOM references last; empty for other input)
+EXPECTED_COLUMNS = CONTRACT_32 + [
+    "dicom_instance_number", "dicom_sop_instance_uid", "dicom_largest_instance_number", "dicom_largest_sop_instance_uid"]
 
 
 # --- geometries ---------------------------------------------------------------------------------
@@ -82,7 +86,13 @@ def _inplane_axes(m):
 
 # --- columns ------------------------------------------------------------------------------------
 def test_columns_exact():
-    assert list(COLUMNS) == EXPECTED_COLUMNS
+    assert list(CONTRACT_COLUMNS) == CONTRACT_32 and len(CONTRACT_32) == 32
+    assert list(COLUMNS) == EXPECTED_COLUMNS and COLUMNS[-4:] == DICOM_COLUMNS
+
+
+def test_every_column_has_a_unit_and_description():
+    assert set(COLUMN_DOCS) == set(COLUMNS)
+    assert all(desc for _, desc in COLUMN_DOCS.values())
 
 
 # --- SimpleITK cross-check ----------------------------------------------------------------------
@@ -489,6 +499,7 @@ def test_csv_tsv_files(tmp_path, kind):
     assert float(body["volume_ml"]) == pytest.approx(0.02)
     total = dict(zip(rows[0], rows[-1]))
     assert total["voxels"] == "35" and total["centroid_r"] == "" and total["side"] == ""
+    assert all(body[c] == "" for c in DICOM_COLUMNS)  # not a DICOM input: empty strings
 
 
 def test_summary_dict():
@@ -497,6 +508,10 @@ def test_summary_dict():
     t = analyze_lesions(img, None, None, {1: "tumour", 2: "edema"}, connectivity=6, min_lesion_ml=0.0)
     s = json.loads(json.dumps(t.summary_dict()))
     assert s["n_lesions"] == 3 and s["connectivity"] == 6 and s["min_lesion_ml"] == 0.0
+    assert list(s["columns"]) == list(COLUMNS)  # name → unit and description, in table order
+    assert s["columns"]["volume_ml"]["unit"] == "mL" and s["columns"]["slice_index"]["unit"] == "slice index (0-based)"
+    assert "centroid slice" in s["columns"]["slice_index"]["description"]
+    assert "largest-area slice" in s["columns"]["largest_area_slice"]["description"]
     assert s["total_volume_ml"] == pytest.approx(t.total["volume_ml"])
     assert "side_method" in s
     for les, row in zip(s["lesions"], t.rows):

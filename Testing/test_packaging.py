@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import struct
@@ -111,6 +112,7 @@ NOT_NEEDED_IN_SLICER = {
     "fastapi": "inference server only", "uvicorn": "inference server only", "python-multipart": "inference server only",
     "psutil": "server/batch resource checks only",
     "nilearn": "training backgrounds (UNetSegmentLib.training) only",
+    "pydicom": "Slicer ships it (and pins it): never installed or upgraded by the module",
 }
 
 
@@ -156,13 +158,17 @@ def test_resources_resolve_in_the_source_tree():
 
 
 FAKE_SLICER_USE = r"""
-# Stand-in for Slicer's CMake: the file handling of slicerMacroBuildScriptedModule and
-# ctkMacroCompilePythonScript (copy SCRIPTS/RESOURCES to <qt-scripted-modules>/<path as given>,
-# then install that folder's content), without compiling anything.
+# Stand-in for Slicer's CMake: the directory variables UseSlicer.cmake sets for an extension and the
+# file handling of slicerMacroBuildScriptedModule and ctkMacroCompilePythonScript (copy SCRIPTS and
+# RESOURCES to <build>/<qt-scripted-modules>/<path as given>, then install that folder's content to
+# Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR), without compiling anything.
 set(Slicer_LIB_DIR "lib/Slicer-5.10")
-set(Slicer_INSTALL_LIB_DIR "${Slicer_LIB_DIR}")
 set(Slicer_QTSCRIPTEDMODULES_LIB_DIR "${Slicer_LIB_DIR}/qt-scripted-modules")
-set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}")
+set(Slicer_INSTALL_ROOT "@INSTALL_ROOT@")
+set(Slicer_BUNDLE_EXTENSIONS_LOCATION "@BUNDLE_EXTENSIONS_LOCATION@")
+set(Slicer_INSTALL_LIB_DIR "${Slicer_INSTALL_ROOT}${Slicer_LIB_DIR}")
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR
+    "${Slicer_INSTALL_ROOT}${Slicer_BUNDLE_EXTENSIONS_LOCATION}${Slicer_QTSCRIPTEDMODULES_LIB_DIR}")
 set(BUILD_TESTING ON)
 macro(slicerMacroBuildScriptedModule)
   cmake_parse_arguments(MY_SLICER "WITH_GENERIC_TESTS;WITH_SUBDIR;VERBOSE" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
@@ -181,33 +187,116 @@ macro(slicer_add_python_unittest)
 endmacro()
 """
 
+#: (Slicer_INSTALL_ROOT, Slicer_BUNDLE_EXTENSIONS_LOCATION) as Slicer sets them for an extension: Linux and
+#: Windows install into the extension's own tree; macOS relocates only the module folders into the bundle
+#: (UseSlicer.cmake.in, SlicerDirectories.cmake), Slicer_INSTALL_LIB_DIR stays Slicer.app/Contents/lib/Slicer-X.Y
+LAYOUTS = {
+    "linux": ("./", ""),
+    "macos": ("Slicer.app/Contents/", "Extensions-33216/UNetSegment/"),
+}
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
-def test_packaged_layout_finds_resources_and_runs_the_model(tmp_path):
+
+def ensure_cmake() -> str:
+    """cmake on PATH, else the PyPI ``cmake`` wheel's (``pip install cmake``); a clear failure otherwise."""
+    found = shutil.which("cmake")
+    if found:
+        return found
+    try:
+        import cmake  # the PyPI wheel
+
+        return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+    except ImportError:
+        pytest.fail("cmake is needed to package the extension: install it (apt-get install cmake, or pip install cmake)")
+
+
+def install_extension(tmp_path: Path, layout: str) -> Path:
+    """Configure and install the extension with the stand-in Slicer config; the install prefix."""
+    cmake = ensure_cmake()
+    root, bundle = LAYOUTS[layout]
     sdir = tmp_path / "fake-slicer"
     sdir.mkdir()
-    (sdir / "UseSlicer.cmake").write_text(FAKE_SLICER_USE)
+    (sdir / "UseSlicer.cmake").write_text(FAKE_SLICER_USE.replace("@INSTALL_ROOT@", root)
+                                          .replace("@BUNDLE_EXTENSIONS_LOCATION@", bundle))
     (sdir / "empty.cmake").write_text("")
     (sdir / "SlicerConfig.cmake").write_text(
         f'set(Slicer_USE_FILE "{sdir}/UseSlicer.cmake")\n'
         f'set(Slicer_EXTENSION_GENERATE_CONFIG "{sdir}/empty.cmake")\nset(Slicer_EXTENSION_CPACK "{sdir}/empty.cmake")\n')
     build, prefix = tmp_path / "build", tmp_path / "install"
-    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={sdir}", f"-DCMAKE_INSTALL_PREFIX={prefix}"],
+    subprocess.run([cmake, "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={sdir}", f"-DCMAKE_INSTALL_PREFIX={prefix}"],
                    check=True, capture_output=True, text=True)
-    subprocess.run(["cmake", "--install", str(build)], check=True, capture_output=True, text=True)
+    subprocess.run([cmake, "--install", str(build)], check=True, capture_output=True, text=True)
     assert (build / "unittests.txt").read_text().split() == ["UNetSegment.py"]
-    mods = prefix / "lib/Slicer-5.10/qt-scripted-modules"
-    res = prefix / "lib/Slicer-5.10/Resources"
+    return prefix
+
+
+def slicer_resource_path(module_file: Path, filename: str) -> Path:
+    """Slicer 5.10's ``ScriptedLoadableModuleWidget.resourcePath`` (Base/Python/slicer/ScriptedLoadableModule.py):
+    ``os.path.join(os.path.dirname(modulePath), "Resources", filename)``; "Edit UI" shows when it is a file."""
+    return Path(os.path.join(os.path.dirname(module_file), "Resources", filename))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_packaged_layout_finds_resources_and_loads_ui_and_models(tmp_path, layout):
+    """Defects 2 and 11: resources install beside the module in every layout; UI and models load from there."""
+    prefix = install_extension(tmp_path, layout)
+    root, bundle = LAYOUTS[layout]
+    mods = (prefix / root / bundle / "lib/Slicer-5.10/qt-scripted-modules").resolve()
+    res = mods / "Resources"
     scripts, resources = module_lists()
     for f in scripts:
         assert (mods / f).is_file(), f
     for f in resources:
-        assert ((res.parent / f[3:]) if f.startswith("../") else (mods / f)).is_file(), f
-    code = ("import sys; sys.path.insert(0, sys.argv[1]);"
+        assert ((res / f[len("../Resources/"):]) if f.startswith("../Resources/") else (mods / f)).is_file(), f
+    if bundle:  # macOS: Slicer_INSTALL_LIB_DIR is Slicer's own lib folder, not the extension's
+        assert not (prefix / root / "lib").exists(), "something was installed under Slicer_INSTALL_LIB_DIR, outside the extension"
+    assert slicer_resource_path(mods / "UNetSegment.py", "UI/UNetSegment.ui").is_file()  # developer mode "Edit UI"
+    code = ("import sys, json, xml.etree.ElementTree as ET; sys.path.insert(0, sys.argv[1]);"
             "from UNetSegmentLib.resources import resources_dir, resource_path;"
-            "from UNetSegmentLib.bundle import load_bundle;"
+            "from UNetSegmentLib.bundle import available_models, load_bundle;"
+            "ui = ET.parse(resource_path('UI', 'UNetSegment.ui')).getroot();"
             "b = load_bundle('tiny-blob');"
-            "print(resources_dir()); print(b.root); print(resource_path('UI', 'UNetSegment.ui').is_file())")
+            "print(json.dumps([str(resources_dir()), ui.find('class').text, str(b.root), sorted(available_models()),"
+            " resource_path('Icons', 'UNetSegment.png').is_file(), resource_path('requirements.txt').is_file()]))")
+    env = {**os.environ, "UNETSEGMENT_MODELS": str(tmp_path / "no-user-models")}
     out = subprocess.run([sys.executable, "-c", code, str(mods)], check=True, capture_output=True, text=True,
-                         cwd=str(tmp_path)).stdout.split()
-    assert out == [str(res.resolve()), str((res / "Models" / "tiny-blob").resolve()), "True"]
+                         cwd=str(tmp_path), env=env).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got == [str(res), "UNetSegment", str(res / "Models" / "tiny-blob"),
+                   ["ct-hemorrhage", "mr-perfusion-lesion", "tiny-blob"], True, True]
+
+
+def test_resources_resolve_beside_the_module_first(tmp_path):
+    """A packaged tree wins over a stray ../Resources; a Resources folder without our UI file is skipped."""
+    from UNetSegmentLib import resources
+
+    mod = tmp_path / "qt-scripted-modules"
+    (mod / "Resources" / "UI").mkdir(parents=True)
+    (tmp_path / "Resources" / "UI").mkdir(parents=True)
+    (tmp_path / "Resources" / "UI" / "UNetSegment.ui").write_text("<ui/>")
+    assert resources.resource_candidates(mod) == (mod / "Resources", tmp_path / "Resources")
+    first = next(c for c in resources.resource_candidates(mod) if c.joinpath(*resources.MARKER).is_file())
+    assert first == tmp_path / "Resources"
+    (mod / "Resources" / "UI" / "UNetSegment.ui").write_text("<ui/>")
+    first = next(c for c in resources.resource_candidates(mod) if c.joinpath(*resources.MARKER).is_file())
+    assert first == mod / "Resources"
+
+
+# --- defect 9: every URL the extension index fetches points at a file of this repository ------------------
+def _raw_url_to_path(url: str) -> Path:
+    m = re.match(r"^https://raw\.githubusercontent\.com/unetsegment/SlicerUNetSegment/main/(.+)$", url)
+    assert m, f"{url} is not a raw.githubusercontent.com URL of this repository's main branch"
+    return REPO / m.group(1)
+
+
+def test_icon_and_screenshot_urls_point_to_files_in_the_repository():
+    meta, s4 = extension_meta(), s4ext()
+    urls = {"EXTENSION_ICONURL": meta["EXTENSION_ICONURL"].split(), "EXTENSION_SCREENSHOTURLS": meta["EXTENSION_SCREENSHOTURLS"].split(),
+            "s4ext iconurl": s4["iconurl"].split(), "s4ext screenshoturls": s4["screenshoturls"].split()}
+    index = json.loads((REPO / "UNetSegment.json").read_text())
+    urls["UNetSegment.json"] = [v for k, v in index.items() if k.endswith("url") and k != "scm_url"]
+    assert urls["EXTENSION_SCREENSHOTURLS"] and s4["screenshoturls"].split() == urls["EXTENSION_SCREENSHOTURLS"]
+    for where, values in urls.items():
+        for url in values:
+            path = _raw_url_to_path(url)
+            assert path.is_file(), f"{where}: {url} -> {path.relative_to(REPO)} is not in the repository"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{where}: {url} is not a PNG"

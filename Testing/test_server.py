@@ -1,6 +1,7 @@
 """``unetsegment serve``: auth, limits, bad uploads, concurrent jobs, cancel, retention — on real uvicorn (loopback)."""
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
@@ -27,7 +28,8 @@ from UNetSegmentLib.image import to_sitk
 from UNetSegmentLib.io.readers import read_image
 from UNetSegmentLib.job import segment_files
 from UNetSegmentLib.params import SegmentParams
-from UNetSegmentLib.server import InferenceServer, ServerConfig, _prepare_input, check_bind
+from UNetSegmentLib.server import (LOCK_NAME, DirLock, InferenceServer, JobManager, ServerConfig, _prepare_input, check_bind,
+                                   read_token_file, server_cache_root)
 from UNetSegmentLib.server_client import RemoteProcess, ServerClient, ServerError, _MultipartBody
 
 TOKEN = "test-token-" + "x" * 24
@@ -60,6 +62,27 @@ def raw(method: str, url: str, token: str | None = TOKEN, fields=None, files=Non
         except ValueError:
             payload = text
         return e.code, payload, e.headers
+
+
+def _job_dirs(srv_or_manager) -> set[str]:
+    """Names in the server's work folder other than its lock: the job folders."""
+    m = getattr(srv_or_manager, "manager", srv_or_manager)
+    return {p.name for p in m.work_dir.iterdir()} - {LOCK_NAME}
+
+
+class Hold:
+    """A :attr:`JobManager.on_stage` hook that stops each job's thread at ``stage`` until released: tests
+    act on a job at a known point instead of racing it."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, job, stage: str) -> None:
+        if stage == self.stage:
+            self.reached.set()
+            assert self.release.wait(60), "the test never released the job"
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +123,12 @@ def test_job_end_to_end_gives_the_same_files_as_segment(srv, client, ct, tmp_pat
     models = client.models()
     assert models["default"] == default_model_name() and models["models"][0]["channels"] == ["CT"]
     jid = client.submit({"ct": ct}, model="tiny-blob", params=SegmentParams(threshold=0.4, heatmaps=("gradcam",)))
-    seen = []
-    st = client.wait(jid, poll_s=0.05, timeout=120, progress=lambda s, f, m: seen.append((s, f)))
+    st = client.wait(jid, poll_s=0.05, timeout=120)
     assert st["status"] == "done", st
     assert st["error"] == "" and st["fraction"] == 1.0 and "gradcam.nrrd" in st["files"] and st["n_lesions"] >= 1
-    assert any(s == "inference" for s, _ in seen)
+    # the recorded stage history, not whatever a poll happened to catch
+    assert [s for s in st["stages"] if s in ("preprocess", "inference", "gradcam", "postprocess", "done")] == \
+        ["preprocess", "inference", "gradcam", "postprocess", "done"]
     files = client.download(jid, tmp_path / "remote")
     assert {p.name for p in files} == set(st["files"]) and all(p.is_file() for p in files)
     with pytest.raises(Exception, match="--overwrite"):  # same folder guarantees as segment
@@ -114,8 +138,18 @@ def test_job_end_to_end_gives_the_same_files_as_segment(srv, client, ct, tmp_pat
     assert (tmp_path / "remote" / "lesions.csv").read_text() == (tmp_path / "local" / "lesions.csv").read_text()
     np.testing.assert_array_equal(read_image(tmp_path / "remote" / "segmentation.nii.gz").array,
                                   read_image(tmp_path / "local" / "segmentation.nii.gz").array)
-    summ = json.loads((tmp_path / "remote" / "summary.json").read_text())
+    text = (tmp_path / "remote" / "summary.json").read_text()
+    summ = json.loads(text)
     assert summ["parameters"]["threshold"] == 0.4 and summ["parameters"]["heatmaps"] == ["gradcam"]
+    # no server-side path in what is served: inputs by the client's file name, the model by its name
+    assert summ["inputs"] == [{"channel": "CT", "path": "ct.nii.gz"}] and summ["model"]["path"] == "tiny-blob"
+    assert str(srv.manager.work_dir) not in text and str(REPO) not in text and str(Path.home()) not in text
+    # media types by kind
+    for name, mtype in (("lesions.csv", "text/csv"), ("report.png", "image/png"), ("summary.json", "application/json"),
+                        ("segmentation.nii.gz", "application/octet-stream")):
+        with urllib.request.urlopen(urllib.request.Request(f"{srv.url}/jobs/{jid}/files/{name}",
+                                                           headers={"Authorization": f"Bearer {TOKEN}"})) as r:
+            assert r.headers.get_content_type() == mtype, name
     # only the contract's names are served: no traversal through the file name
     for name in ("..%2F..%2Fetc%2Fpasswd", "%2E%2E%2Fsummary.json", "inputs", "summary.json%00", "SUMMARY.JSON", "uncertainty.nrrd"):
         code, body, _ = raw("GET", f"{srv.url}/jobs/{jid}/files/{name}")
@@ -151,7 +185,7 @@ def test_bad_uploads_are_refused_with_a_clear_message(srv, ct, tmp_path):
     for kw, code, words in cases:
         got, body, _ = raw("POST", url, **kw)
         assert got == code and words in body["error"] + body.get("fix", ""), (kw, got, body)
-    assert {p.name for p in srv.manager.work_dir.iterdir()} <= set(srv.manager.jobs)  # nothing left from refused uploads
+    assert _job_dirs(srv) <= set(srv.manager.jobs)  # nothing left from refused uploads
     # a readable upload that is not a volume: accepted, then the job fails saying why
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"\x1f\x8b" + os.urandom(300))
@@ -159,6 +193,7 @@ def test_bad_uploads_are_refused_with_a_clear_message(srv, ct, tmp_path):
     assert code == 202 and body["status"] == "queued" and body["channels"] == ["CT"]
     st = ServerClient(srv.url, token=TOKEN).wait(body["id"], poll_s=0.05, timeout=60)
     assert st["status"] == "failed" and "junk" not in st["error"] and "corrupt" in st["error"] and st["error_type"] == "InputError"
+    assert str(srv.manager.work_dir) not in st["error"] and "/" not in st["error"].split(" — ")[0]  # no server path
     code, _, _ = raw("GET", f"{srv.url}/jobs/{body['id']}/files/summary.json")
     assert code == 409
 
@@ -180,7 +215,7 @@ def test_upload_size_limit(srv, tmp_path):
     with pytest.raises(ServerError, match="exceeds the server's limit") as e:  # the client refuses before sending
         ServerClient(srv.url, token=TOKEN).submit([big])
     assert e.value.status == 413
-    assert {p.name for p in srv.manager.work_dir.iterdir()} <= set(srv.manager.jobs)
+    assert _job_dirs(srv) <= set(srv.manager.jobs)
 
 
 def test_queue_limit_and_delete_of_queued_jobs(tmp_path, ct):
@@ -205,6 +240,8 @@ def test_concurrent_jobs_run_one_at_a_time_and_none_is_lost(tmp_path):
     cfg = ServerConfig(max_queued=1, params=PARAMS, work_dir=tmp_path / "w")
     vols = [_vol(tmp_path / f"v{i}.nii.gz", seed=i) for i in range(6)]
     with InferenceServer(cfg) as s:
+        hold = Hold("started")  # the first job to start waits until every submit has been answered
+        s.manager.on_stage = hold
         results = [None] * len(vols)
 
         def go(i):
@@ -218,9 +255,11 @@ def test_concurrent_jobs_run_one_at_a_time_and_none_is_lost(tmp_path):
             t.start()
         for t in threads:
             t.join()
+        hold.release.set()
         accepted = [r[1] for r in results if r[0] == "ok"]
         refused = [r[1] for r in results if r[0] == "refused"]
-        assert len(accepted) + len(refused) == len(vols) and accepted and refused and set(refused) == {429}
+        # one job running (held) and one waiting at most: at least 4 of the 6 were refused
+        assert len(accepted) + len(refused) == len(vols) and 1 <= len(accepted) <= 2 and set(refused) == {429}
         c = ServerClient(s.url)
         finals = [c.wait(j, poll_s=0.1, timeout=120) for j in accepted]
         assert all(f["status"] == "done" for f in finals), finals
@@ -228,14 +267,18 @@ def test_concurrent_jobs_run_one_at_a_time_and_none_is_lost(tmp_path):
         assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:]))  # one device, one job at a time
 
 
-def test_delete_cancels_a_running_job(srv, tmp_path):
-    vol = _vol(tmp_path / "slow.nii.gz", shape=(40, 96, 96))
+def test_delete_cancels_a_running_job(srv, ct):
     c = ServerClient(srv.url, token=TOKEN)
-    jid = c.submit([vol], params={"tta": True, "heatmaps": ("gradcam", "uncertainty"), "overlap": 0.75})
-    t0 = time.time()
-    while c.status(jid)["status"] == "queued" and time.time() - t0 < 30:
-        time.sleep(0.02)
-    assert c.cancel(jid) == {"id": jid, "status": "cancelled"}
+    hold = Hold("inference")  # the job stops at its first window until the DELETE has been answered
+    srv.manager.on_stage = hold
+    try:
+        jid = c.submit([ct])
+        assert hold.reached.wait(60)
+        assert c.status(jid)["status"] == "running"
+        assert c.cancel(jid) == {"id": jid, "status": "cancelled"}
+    finally:
+        srv.manager.on_stage = None
+        hold.release.set()
     st = c.wait(jid, poll_s=0.05, timeout=60)
     assert st["status"] == "cancelled" and "files" not in st
     assert not (srv.manager.work_dir / jid).exists()
@@ -300,6 +343,10 @@ def test_cli_serve_end_to_end(tmp_path):
            "--threads", "1", "--work-dir", str(tmp_path / "w")]
     r = subprocess.run(cmd[:4] + ["--host", "0.0.0.0"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "--token-file" in r.stderr
+    tok.chmod(0o644)  # readable by others: refused like ssh refuses such a key
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "accessible by other users" in r.stderr and f"chmod 600 {tok}" in r.stderr
+    tok.chmod(0o600)
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         c = ServerClient(f"http://127.0.0.1:{port}", token_file=tok)
@@ -347,9 +394,15 @@ def test_remote_process_has_the_local_workers_interface(srv, ct, tiny_bundle, tm
     events.clear(), codes.clear()
     req["output_dir"] = str(tmp_path / "out2")
     (tmp_path / "request.json").write_text(json.dumps(req))
-    proc.start(str(tmp_path / "request.json"), None)
-    proc.stop()
-    _drive(proc)
+    hold = Hold("started")  # the job cannot finish before the stop, however the threads are scheduled
+    srv.manager.on_stage = hold
+    try:
+        proc.start(str(tmp_path / "request.json"), None)
+        proc.stop()
+        _drive(proc)
+    finally:
+        srv.manager.on_stage = None
+        hold.release.set()
     assert codes == [130] and events[-1]["kind"] == "CancelledError" and not (tmp_path / "out2" / "summary.json").exists()
     # a model the server does not have: a ModelError event, exit code 4
     events.clear(), codes.clear()
@@ -358,3 +411,274 @@ def test_remote_process_has_the_local_workers_interface(srv, ct, tiny_bundle, tm
     proc.start(str(tmp_path / "request.json"), None)
     _drive(proc)
     assert codes == [4] and events[-1]["kind"] == "ModelError" and "'bundle'" in events[-1]["message"]
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14: private storage, owned work folder, slow uploads, error shape, OpenAPI, devices
+# --------------------------------------------------------------------------------------------
+def _mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
+def test_uploads_and_job_folders_are_private(tmp_path, ct, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    old = os.umask(0o022)  # the usual umask, which would give 0644 files in 0755 folders
+    try:
+        _check_private_storage(tmp_path, ct)
+    finally:
+        os.umask(old)
+
+
+def _check_private_storage(tmp_path: Path, ct: Path) -> None:
+    for given in (tmp_path / "given", None):  # a --work-dir it creates, and its own folder under the cache
+        with InferenceServer(ServerConfig(devices=(), work_dir=given)) as s:  # no inference thread: the job stays queued
+            jid = ServerClient(s.url).submit([ct])
+            job = s.manager.work_dir / jid
+            upload = job / "inputs" / "input0.nii.gz"
+            assert upload.is_file()
+            assert [_mode(p) for p in (s.manager.work_dir, job, job / "inputs", job / "out", upload)] == [0o700] * 4 + [0o600]
+            if given is None:
+                assert s.manager.work_dir.parent == server_cache_root() == tmp_path / "cache" / "unetsegment" / "server"
+                assert _mode(server_cache_root()) == 0o700
+                assert (s.manager.work_dir / LOCK_NAME).read_text().strip() == str(os.getpid())
+        assert given is not None or not s.manager.work_dir.exists()  # its own folder goes at the end
+
+
+def test_a_zipped_series_is_extracted_privately(tmp_path):
+    img, _ = ct_phantom(shape_kji=(3, 16, 16))
+    write_ct_series(img, tmp_path / "series")
+    up = tmp_path / "up"
+    up.mkdir(mode=0o700)
+    with zipfile.ZipFile(up / "input0.zip", "w") as zf:
+        for f in (tmp_path / "series").iterdir():
+            zf.write(f, f"a/b/{f.name}")
+    folder = _prepare_input(up / "input0.zip", 1 << 30)
+    assert {_mode(p) for p in (up / "input0", up / "input0" / "a", folder)} == {0o700}
+    assert {_mode(p) for p in folder.iterdir()} == {0o600}
+
+
+def test_stale_work_folders_of_dead_servers_are_removed_on_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = server_cache_root()
+    root.mkdir(parents=True)
+    dead = root / "srv-dead"  # lock file present, nobody holds it: a killed server (even if its pid is reused)
+    (dead / ("0" * 32) / "inputs").mkdir(parents=True)
+    (dead / LOCK_NAME).write_text(f"{os.getpid()}\n")  # a live pid, but no lock: still stale
+    live = root / "srv-live"
+    live.mkdir()
+    held = DirLock(live)
+    assert held.acquire()
+    starting = root / "srv-starting"  # no lock yet and just made: a server that is starting
+    starting.mkdir()
+    other = root / "notes"  # not ours
+    other.mkdir()
+    m = JobManager(ServerConfig(devices=()))
+    try:
+        assert not dead.exists() and live.is_dir() and starting.is_dir() and other.is_dir()
+        assert m.work_dir.parent == root and m.work_dir.name.startswith("srv-")
+        # a second server cannot take a folder in use
+        with pytest.raises(UsageError, match="another unetsegment server uses the work folder"):
+            JobManager(ServerConfig(devices=(), work_dir=m.work_dir))
+    finally:
+        m.stop()
+        held.release()
+    assert not m.work_dir.exists()
+    JobManager(ServerConfig(devices=())).stop()  # the live one's lock is released now: removed like any dead one
+    assert not live.exists()
+
+
+def test_a_killed_server_leaves_no_uploads_behind(tmp_path, ct, monkeypatch):
+    """kill -9 a real `unetsegment serve` holding an upload; the next server start removes its folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "UNetSegment"))
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "UNetSegmentLib.cli", "serve", "--port", str(port), "--heatmap", "none",
+                          "--device", "cpu", "--threads", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        c = ServerClient(f"http://127.0.0.1:{port}")
+        t0 = time.time()
+        while not c._reachable():
+            assert p.poll() is None and time.time() - t0 < 60, "the server did not start"
+            time.sleep(0.1)
+        c.submit([ct])
+    finally:
+        p.kill()
+        p.wait(timeout=30)
+        p.stderr.close()
+    root = tmp_path / "cache" / "unetsegment" / "server"
+    [left] = [d for d in root.iterdir() if d.name.startswith("srv-")]
+    assert list(left.glob("*/inputs")) or list(left.glob("*/out"))  # the killed server's job folder is still there
+    m = JobManager(ServerConfig(devices=()))  # with the same cache: the next start
+    m.stop()
+    assert not left.exists() and not list(root.iterdir())
+
+
+def test_token_file_readable_by_others_is_refused(tmp_path):
+    tok = tmp_path / "token"
+    tok.write_text(TOKEN + "\n")
+    for mode in (0o644, 0o640, 0o604):
+        tok.chmod(mode)
+        with pytest.raises(UsageError, match="accessible by other users") as e:
+            read_token_file(tok)
+        assert e.value.fix == f"chmod 600 {tok}"
+    tok.chmod(0o600)
+    assert read_token_file(tok) == TOKEN
+
+
+def _zip(path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return path
+
+
+def test_broken_zips_are_a_clean_400_without_server_paths(srv, tmp_path):
+    cases = {
+        "empty.zip": ([], "empty zip"),
+        "clash.zip": ([("a", b"x"), ("a/b.dcm", b"y")], "both a file and a folder"),
+        "clash2.zip": ([("a/b.dcm", b"y"), ("a", b"x")], "both a file and a folder"),
+        "hidden.zip": ([("__MACOSX/x", b"y")], "only hidden"),
+    }
+    for name, (entries, words) in cases.items():
+        code, body, _ = raw("POST", srv.url + "/jobs", files=[("CT", _zip(tmp_path / name, entries))])
+        assert code == 400 and set(body) == {"error", "fix"}, (name, body)
+        assert words in body["error"] and name in body["error"] and "internal" not in body["error"], body
+        assert str(srv.manager.work_dir) not in json.dumps(body) and " /" not in body["error"] and "'/" not in body["error"], body
+    assert _job_dirs(srv) <= set(srv.manager.jobs)
+
+
+def test_job_errors_are_redacted(srv):
+    m = srv.manager
+    msg = f"cannot read {m.work_dir}/{'a' * 32}/inputs/input0.nii.gz and /opt/site/models/x/model.json"
+    out = m.redact(msg)
+    assert str(m.work_dir) not in out and "/opt" not in out and "input0.nii.gz" in out and "model.json" in out
+    assert m.redact("upload too slow: 12 KiB/s, see http://127.0.0.1:8000/jobs") == "upload too slow: 12 KiB/s, see http://127.0.0.1:8000/jobs"
+
+
+def test_one_error_shape_openapi_docs_and_devices(srv):
+    import torch
+
+    for method, path, code in (("GET", "/nonexistent", 404), ("PUT", "/health", 405), ("POST", "/models", 405),
+                               ("GET", "/jobs/" + "0" * 32, 404), ("GET", "/jobs/x/files/summary.json", 404)):
+        got, body, headers = raw(method, srv.url + path)
+        assert got == code and set(body) == {"error", "fix"} and body["error"] and body["fix"], (path, body)
+        assert headers.get_content_type() == "application/json"
+        if code == 405:
+            assert "Allow" in headers
+    # 422 (FastAPI's own validation) gets the same shape: a route with a typed parameter
+    app = srv.app.app  # behind BearerAuth
+    app.add_api_route("/probe-422", lambda n: {"n": n}, methods=["GET"])  # ``n`` untyped: required query parameter
+    got, body, _ = raw("GET", srv.url + "/probe-422")
+    assert got == 422 and set(body) == {"error", "fix"} and "n" in body["error"]
+    # schema and docs: behind the token like everything else
+    assert raw("GET", srv.url + "/openapi.json", token=None)[0] == 401 and raw("GET", srv.url + "/docs", token=None)[0] == 401
+    got, schema, headers = raw("GET", srv.url + "/openapi.json")
+    assert got == 200 and headers.get_content_type() == "application/json"
+    assert {"/health", "/models", "/jobs", "/jobs/{jid}", "/jobs/{jid}/files/{name}"} <= set(schema["paths"])
+    assert "multipart/form-data" in schema["paths"]["/jobs"]["post"]["requestBody"]["content"]
+    assert {"text/csv", "image/png", "application/json"} <= set(
+        schema["paths"]["/jobs/{jid}/files/{name}"]["get"]["responses"]["200"]["content"])
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    with urllib.request.urlopen(urllib.request.Request(srv.url + "/docs", headers={"Authorization": f"Bearer {TOKEN}"})) as r:
+        page = r.read().decode()
+        assert r.headers.get_content_type() == "text/html" and "SwaggerUIBundle" in page and '"/jobs/{jid}"' in page
+    # /health: the devices inference really runs on
+    h = ServerClient(srv.url, token=TOKEN).health()
+    assert h["cuda_available"] == torch.cuda.is_available() and len(h["gpus"]) == (torch.cuda.device_count() if h["cuda_available"] else 0)
+    [dev] = h["devices"]
+    assert dev["worker"] == "auto"
+    if torch.cuda.is_available():
+        assert dev["device"] == "cuda:0" and dev["name"] == torch.cuda.get_device_name(0)
+    else:
+        assert dev == {"worker": "auto", "device": "cpu", "name": "cpu"}
+    assert h["uploading"] == 0
+
+
+def _slow_upload(port: int, body_prefix: bytes, total: int) -> socket.socket:
+    """A raw POST /jobs that announces ``total`` body bytes and sends only ``body_prefix``."""
+    sk = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sk.sendall(b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=zzz\r\n"
+               + f"Content-Length: {total}\r\n\r\n".encode() + body_prefix)
+    return sk
+
+
+def _answer(sk: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            dict(l.split(b": ", 1) for l in data.split(b"\r\n\r\n")[0].split(b"\r\n")[1:] if b": " in l).get(b"content-length", b"0")):
+        chunk = sk.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_slow_uploads_neither_hold_the_queue_nor_stay_open(tmp_path, ct):
+    n_slow = 6
+    # a grace period no test run reaches: the slow uploads stay open until the test changes the limits
+    cfg = ServerConfig(devices=(), max_queued=2, max_uploads=n_slow + 2, upload_grace_s=3600.0, upload_min_rate=4096,
+                       work_dir=tmp_path / "w")
+    part = b"--zzz\r\nContent-Disposition: form-data; name=\"CT\"; filename=\"ct.nii.gz\"\r\n\r\n" + b"\x1f\x8b"
+    with InferenceServer(cfg) as s:
+        c = ServerClient(s.url)
+        slow = [_slow_upload(s.port, part, 1 << 20) for _ in range(n_slow)]
+        try:
+            t0 = time.time()
+            while c.health()["uploading"] < n_slow:  # wait until the server is receiving every one of them
+                assert time.time() - t0 < 30, c.health()
+                time.sleep(0.02)
+            # real uploads are accepted meanwhile (the slow ones hold no queue slot) up to the queue's limit
+            jobs = [c.submit([ct]), c.submit([ct])]
+            h = c.health()
+            assert (h["queued"], h["uploading"]) == (2, n_slow)
+            with pytest.raises(ServerError) as e:
+                c.submit([ct])
+            assert e.value.status == 429
+            # a trickle is no better than a stall: past the grace period, the next byte below the rate ends it
+            cfg.upload_grace_s, cfg.upload_min_rate = 0.0, 1e12
+            for sk in slow:
+                sk.sendall(b"\x00")
+                code, body = _answer(sk)
+                assert code == 408 and "upload too slow" in body["error"] and "KiB/s" in body["error"] and body["fix"], body
+        finally:
+            for sk in slow:
+                sk.close()
+        h = c.health()
+        assert h["uploading"] == 0 and h["queued"] == 2
+        assert _job_dirs(s) == set(jobs)  # nothing left from the cut-off uploads
+    # a stalled client is cut off by the rate after the grace period, and by the body deadline
+    for limits, words in ((dict(upload_grace_s=0.2, upload_timeout_s=3600.0), "upload too slow"),
+                          (dict(upload_grace_s=3600.0, upload_timeout_s=0.2), "not complete after")):
+        with InferenceServer(dataclasses.replace(cfg, work_dir=tmp_path / "w2", upload_min_rate=4096, **limits)) as s2:
+            sk = _slow_upload(s2.port, part, 1 << 20)
+            try:
+                code, body = _answer(sk)
+            finally:
+                sk.close()
+            assert code == 408 and words in body["error"], body
+
+
+def test_uploads_beyond_max_uploads_get_503(tmp_path, ct):
+    cfg = ServerConfig(devices=(), max_uploads=1, upload_grace_s=3600.0, work_dir=tmp_path / "w")
+    part = b"--zzz\r\nContent-Disposition: form-data; name=\"CT\"; filename=\"ct.nii.gz\"\r\n\r\n" + b"\x1f\x8b"
+    with InferenceServer(cfg) as s:
+        c = ServerClient(s.url)
+        sk = _slow_upload(s.port, part, 1 << 20)
+        try:
+            t0 = time.time()
+            while c.health()["uploading"] < 1:
+                assert time.time() - t0 < 30
+                time.sleep(0.02)
+            with pytest.raises(ServerError, match="receiving 1 uploads") as e:
+                c.submit([ct])
+            assert e.value.status == 503
+        finally:
+            sk.close()  # the client goes away: its upload ends and its folder is removed
+        t0 = time.time()
+        while c.health()["uploading"]:
+            assert time.time() - t0 < 30
+            time.sleep(0.02)
+        assert c.submit([ct]) and len(_job_dirs(s)) == 1

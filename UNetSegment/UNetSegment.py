@@ -84,6 +84,11 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = UNetSegmentLogic()
         self.panel = Panel(self.ui, self.logic)
 
+    def resourcePath(self, filename):
+        """Resources/ is beside this file when packaged, at the repository's top level in the source tree
+        (Slicer's own resourcePath looks only beside the file; "Edit UI" in developer mode uses this)."""
+        return str(resource_path(filename))
+
     def enter(self):
         if self.panel is not None and not self.logic.is_running():
             self.panel.refresh_inputs()  # volumes loaded since the panel was last shown
@@ -91,6 +96,8 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         if self.logic is not None:
             self.logic.cancel()
+        if self.panel is not None:
+            self.panel.close()
         self.removeObservers()
 
     def onReload(self):
@@ -194,6 +201,4 @@ class UNetSegmentTest(ScriptedLoadableModuleTest):
 
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before), "the input volume was modified")
         logic.discard(result)
-        elapsed = time.monotonic() - t0
-        self.assertLess(elapsed, 60.0, f"self-test took {elapsed:.0f} s")
-        self.delayDisplay(f"UNetSegment self-test passed in {elapsed:.1f} s")
+        self.delayDisplay(f"UNetSegment self-test passed in {time.monotonic() - t0:.1f} s")

@@ -406,7 +406,29 @@ class QSpinBox(_ValueWidget):
 
 
 class ctkSliderWidget(_ValueWidget):
-    pass
+    """With ``tracking`` off, CTK emits ``valueIsChanging`` while the handle is dragged and
+    ``valueChanged`` once it is released (a value set in code emits ``valueChanged`` at once)."""
+
+    def __init__(self, *a):
+        super().__init__()
+        self.tracking = True
+        self._dragging = False
+
+    def drag_to(self, v):
+        """Harness helper: the user drags the handle to ``v`` (button still down)."""
+        v = min(max(float(v), float(self.minimum)), float(self.maximum))
+        if not self.tracking:
+            self._dragging = True
+            self._value = v
+            self._emit("valueIsChanging", v)
+        else:
+            self.setValue(v)
+
+    def release(self):
+        """Harness helper: the user lets go of the handle."""
+        if self._dragging:
+            self._dragging = False
+            self._emit("valueChanged", self._value)
 
 
 class ctkCollapsibleButton(QWidget):
@@ -488,11 +510,14 @@ class qMRMLNodeComboBox(QWidget):
         if self.scene is None:
             return []
         out = []
-        for n in self.scene.nodes.values():
+        for i in range(self.scene.GetNumberOfNodes()):
+            n = self.scene.GetNthNode(i)
+            if n.GetHideFromEditors():
+                continue
             if self.showChildNodeTypes:
                 ok = any(n.IsA(t) for t in self.nodeTypes)
-            else:
-                ok = type(n).__name__ in self.nodeTypes
+            else:  # qMRMLNodeComboBox: exact class names only
+                ok = n.GetClassName() in self.nodeTypes
             if ok:
                 out.append(n)
         return out
@@ -505,7 +530,7 @@ class qMRMLNodeComboBox(QWidget):
     def setCurrentNode(self, node):
         if node is not None:
             assert self.scene is not None, "setCurrentNode before setMRMLScene"
-            assert node in self.nodes(), f"{node.GetName()} ({type(node).__name__}) is not listed by a combo box of {self.nodeTypes}"
+            assert node in self.nodes(), f"{node.GetName()} ({node.GetClassName()}) is not listed by a combo box of {self.nodeTypes}"
         if node is not self._current:
             self._current = node
             self._emit("currentNodeChanged", node)

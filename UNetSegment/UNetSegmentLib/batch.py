@@ -599,6 +599,7 @@ def _run_on_dask(todo, out, model_arg, params, record, cancel, scheduler, worker
     else:
         threads = _threads_by_worker(client) if processes else None
     pdict = params.as_dict()
+    settled = False  # every case has ended: no worker is writing any more
     try:
         n_workers = len(client.scheduler_info().get("workers", {}))
         futures = {}
@@ -624,9 +625,49 @@ def _run_on_dask(todo, out, model_arg, params, record, cancel, scheduler, worker
                            "error": f"the case's worker failed: {type(e).__name__}: {e}", "output_dir": "",
                            "inputs": ";".join(c.inputs)}
                 record(key, row)
+        settled = not pending
         return n_workers
     finally:
         if own:
             client.close()
             if cluster is not None:
-                cluster.close()
+                cluster.close()  # a local cluster's workers are gone after this, with the cases they were writing
+                settled = True
+        if settled:  # partial outputs of workers killed mid-case (SIGTERM, out of memory): none stay behind
+            remove_dead_staging([out / c.case_id for _key, c, _redo in todo])
+
+
+def remove_dead_staging(case_dirs: Sequence[Path]) -> int:
+    """Remove the staging folders (partial outputs) that workers killed mid-case left in ``case_dirs``;
+    a staging folder of a live process is kept. Returns how many were removed."""
+    import shutil
+
+    from .outputs import STAGING_PREFIX
+
+    n = 0
+    for d in case_dirs:
+        try:
+            stages = [p for p in d.iterdir() if p.name.startswith(STAGING_PREFIX) and p.is_dir()]
+        except OSError:
+            continue
+        for p in stages:
+            pid = p.name[len(STAGING_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+        try:
+            d.rmdir()  # a case folder the run created and left empty
+        except OSError:
+            pass
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

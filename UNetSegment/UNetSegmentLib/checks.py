@@ -6,6 +6,7 @@ prints and records in ``summary.json``.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -83,23 +84,67 @@ def check_for_model(img: Image, name: str, spec: dict, dimensions: str, anatomy:
         if dimensions == "3d":
             raise InputError(f"input {name} holds a single slice; this model is 3D", "give the whole volume, or use a 2D model")
         warnings.append(f"input {name} holds a single slice; processed as one 2D image")
-    rng = spec.get("expected_range")
-    if rng is not None:
-        arr = img.array
-        finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
-        if finite.size:
-            lo, hi = np.percentile(finite, [0.5, 99.5])
-            span = rng[1] - rng[0]
-            if hi < rng[0] + 0.1 * span or lo > rng[1] - 0.1 * span or (spec.get("modality", "").upper() == "CT" and lo > -500):
-                warnings.append(
-                    f"input {name}: intensities {lo:.0f}…{hi:.0f} do not look like {spec.get('modality', 'the expected modality')} "
-                    f"(model expects about {rng[0]:g}…{rng[1]:g}); check the input is the right series and in the right units"
-                )
+    w = _intensity_warning(img, name, spec)
+    if w:
+        warnings.append(w)
     if anatomy and spec.get("modality", "").upper() == "CT":
         w = _anatomy_warning(img, name, anatomy)
         if w:
             warnings.append(w)
     return warnings
+
+
+def _intensity_warning(img: Image, name: str, spec: dict) -> str | None:
+    """Intensities unlike the channel's, judged per channel from the bundle's input spec.
+
+    CT (``modality`` CT): the 0.5–99.5th percentiles must reach into ``expected_range`` and show air
+    (0.5th percentile ≤ −500 HU). Other channels: the 99.5th percentile must not exceed
+    ``expected_range`` by more than 10 % of its span (e.g. seconds given in ms), the 0.5th not lie
+    below it by as much, and every percentile of the channel's ``signature`` (e.g. ``{"p99.5":
+    [0.3, 40]}`` for Tmax: a normal map, brain 0–2 s, passes; null = unbounded) must lie in its range.
+    """
+    rng, signature = spec.get("expected_range"), spec.get("signature") or {}
+    if rng is None and not signature:
+        return None
+    arr = img.array
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    if not finite.size:
+        return None
+    wanted = sorted({0.5, 99.5} | {float(k[1:]) for k in signature})
+    at = dict(zip(wanted, (float(v) for v in np.percentile(finite, wanted))))
+    if not (_off_range(at, rng, spec.get("modality", "").upper() == "CT") or _off_signature(at, signature)):
+        return None
+    expect = [f"about {rng[0]:g}…{rng[1]:g}"] if rng is not None else []
+    expect += [f"{k[1:]}th percentile {'' if a is None else f'{a:g}'}…{'' if b is None else f'{b:g}'}"
+               for k, (a, b) in signature.items()]
+    unit = f" {spec['unit']}" if spec.get("unit") else ""
+    what = spec.get("modality", "the expected modality") + (f" {name}" if name != spec.get("modality") else "")
+    return (f"input {name}: intensities {_num(at[0.5])}…{_num(at[99.5])}{unit} do not look like {what} "
+            f"(model expects {', '.join(expect)}); check the input is the right series and in the right units")
+
+
+def _off_range(at: dict[float, float], rng, is_ct: bool) -> bool:
+    """CT: no air or no overlap with the range; other maps: beyond the range by over 10 % of its span."""
+    if rng is None:
+        return False
+    lo, hi, span = at[0.5], at[99.5], rng[1] - rng[0]
+    if is_ct:
+        return hi < rng[0] + 0.1 * span or lo > rng[1] - 0.1 * span or lo > -500
+    return hi > rng[1] + 0.1 * span or lo < rng[0] - 0.1 * span
+
+
+def _off_signature(at: dict[float, float], signature: dict) -> bool:
+    """Any percentile of the signature outside its [low, high] (None: unbounded)."""
+    for key, (a, b) in signature.items():
+        v = at[float(key[1:])]
+        if (a is not None and v < a) or (b is not None and v > b):
+            return True
+    return False
+
+
+def _num(v: float) -> str:
+    """−1024 or 1.45: whole numbers where large, three digits where small."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def _anatomy_warning(img: Image, name: str, anatomy: dict) -> str | None:
@@ -127,6 +172,22 @@ def check_memory(n_voxels: int, n_classes: int) -> None:
             f"this volume needs about {need / 2**30:.1f} GiB of memory, more than {LIMITS.memory_fraction:.0%} of the "
             f"{avail / 2**30:.1f} GiB available",
             "crop the volume to the region of interest or run on a machine with more memory",
+        )
+
+
+def check_read_memory(size: tuple[int, ...], bytes_per_voxel: int, name: str) -> None:
+    """Refuse a file whose header declares more voxels than memory can hold, before reading any of them.
+
+    Reading holds the voxels twice (ITK's buffer and the NumPy copy); the model's own, larger estimate
+    (:func:`check_memory`) is applied by the caller where the model is known.
+    """
+    need = 2 * math.prod(size) * bytes_per_voxel
+    avail = _available_memory()
+    if avail and need > LIMITS.memory_fraction * avail:
+        raise InputError(
+            f"{name} declares {' × '.join(str(n) for n in size)} voxels: reading it needs about {need / 2**30:.1f} GiB "
+            f"of memory, more than {LIMITS.memory_fraction:.0%} of the {avail / 2**30:.1f} GiB available",
+            "check the file's header (its sizes may be wrong), crop the volume, or use a machine with more memory",
         )
 
 

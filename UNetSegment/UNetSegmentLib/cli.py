@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from . import __version__
-from .errors import UNetSegmentError
+from .errors import UNetSegmentError, require_extra
 from .inference import CancelToken
 from .params import ENGINES, HELP, SegmentParams
 
@@ -61,23 +63,28 @@ def _ml_list(text: str) -> list[float]:
     return vals
 
 
+def _help(name: str) -> str:
+    """``HELP[name]`` for argparse, which reads ``%`` as a format code (``99.99 %`` would crash ``--help``)."""
+    return HELP[name].replace("%", "%%")
+
+
 def add_segment_options(p: argparse.ArgumentParser) -> None:
     """The run parameters as flags (shared with batch); defaults come from :class:`SegmentParams`."""
     d = SegmentParams()
     p.add_argument("--model", default=None, help="model name (see `models list`) or bundle folder/zip; default: the bundled default model")
-    p.add_argument("--device", default=d.device, help=HELP["device"])
-    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "fp16", "bf16"], help=HELP["precision"])
-    p.add_argument("--threshold", type=_prob, default=d.threshold, help=HELP["threshold"])
-    p.add_argument("--min-lesion-ml", type=_nonneg, default=d.min_lesion_ml, help=HELP["min_lesion_ml"])
-    p.add_argument("--connectivity", type=int, choices=[6, 26], default=d.connectivity, help=HELP["connectivity"])
-    p.add_argument("--overlap", type=_overlap, default=d.overlap, help=HELP["overlap"])
-    p.add_argument("--batch-size", type=_posint, default=d.batch_size, help=HELP["batch_size"])
-    p.add_argument("--tta", action="store_true", default=d.tta, help=HELP["tta"])
-    p.add_argument("--heatmap", type=_heatmaps, default=d.heatmaps, help=HELP["heatmaps"])
-    p.add_argument("--threads", type=_posint, default=d.threads, help=HELP["threads"])
-    p.add_argument("--gradcam-layer", default=d.gradcam_layer, help=HELP["gradcam_layer"])
-    p.add_argument("--cam-method", default=d.cam_method, choices=["hirescam", "gradcam"], help=HELP["cam_method"])
-    p.add_argument("--engine", default=d.engine, choices=list(ENGINES), help=HELP["engine"])
+    p.add_argument("--device", default=d.device, help=_help("device"))
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "fp16", "bf16"], help=_help("precision"))
+    p.add_argument("--threshold", type=_prob, default=d.threshold, help=_help("threshold"))
+    p.add_argument("--min-lesion-ml", type=_nonneg, default=d.min_lesion_ml, help=_help("min_lesion_ml"))
+    p.add_argument("--connectivity", type=int, choices=[6, 26], default=d.connectivity, help=_help("connectivity"))
+    p.add_argument("--overlap", type=_overlap, default=d.overlap, help=_help("overlap"))
+    p.add_argument("--batch-size", type=_posint, default=d.batch_size, help=_help("batch_size"))
+    p.add_argument("--tta", action="store_true", default=d.tta, help=_help("tta"))
+    p.add_argument("--heatmap", type=_heatmaps, default=d.heatmaps, help=_help("heatmaps"))
+    p.add_argument("--threads", type=_posint, default=d.threads, help=_help("threads"))
+    p.add_argument("--gradcam-layer", default=d.gradcam_layer, help=_help("gradcam_layer"))
+    p.add_argument("--cam-method", default=d.cam_method, choices=["hirescam", "gradcam"], help=_help("cam_method"))
+    p.add_argument("--engine", default=d.engine, choices=list(ENGINES), help=_help("engine"))
 
 
 def params_from_args(a: argparse.Namespace) -> SegmentParams:
@@ -107,7 +114,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="unetsegment", description="U-Net lesion segmentation with lesion statistics and heatmaps.")
-    ap.add_argument("--version", action="version", version=f"unetsegment {__version__}")
+    ap.add_argument("-V", "--version", action="version", version=f"unetsegment {__version__}")
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -130,11 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("model")
 
     f = sub.add_parser("fetch-sample", help="get the sample head CT (Debian invesalius-examples) as NIfTI")
-    f.add_argument("--cache-dir", default=None)
+    f.add_argument("--cache-dir", default=None, help="folder for head_ct.nii.gz (default: .cache/unetsegment in a checkout, "
+                   "else ~/.cache/unetsegment, or $UNETSEGMENT_CACHE)")
+    f.add_argument("--source", default=None, metavar="DEB_OR_INV3",
+                   help="build it from an already downloaded invesalius-examples .deb or its Cranium.inv3 (no apt-get)")
 
-    d = sub.add_parser("demo", help="segment the sample head CT with a synthetic hemorrhage")
+    d = sub.add_parser("demo", help="segment a demo case: the sample head CT with a synthetic hemorrhage (CT models) "
+                                    "or synthetic perfusion maps with an infarct core (perfusion models)")
     d.add_argument("--output-dir", "-o", default="demo-output")
-    d.add_argument("--model", default=None)
+    d.add_argument("--model", default=None, help="any bundled model (see `models list`); default: the default model")
     d.add_argument("--cache-dir", default=None)
 
     b = sub.add_parser("batch", help="segment a cohort (folder of cases or CSV list) on a Dask cluster")
@@ -157,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cases", required=True, help="folder of case folders (label.nii.gz + image.nii.gz or <CHANNEL>.nii.gz)")
     e.add_argument("--output", default=None, help="write the full results as JSON here")
     e.add_argument("--no-baseline", action="store_true", help="skip the HU-threshold baseline")
-    e.add_argument("--device", default="auto", help=HELP["device"])
-    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help=HELP["precision"])
+    e.add_argument("--device", default="auto", help=_help("device"))
+    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help=_help("precision"))
     e.add_argument("--min-lesion-sweep", type=_ml_list, default=None, metavar="ML,ML,...",
                    help="instead: the figures for each smallest-lesion size, and the smallest meeting the default-model "
                         "targets (use a tuning split, not the cases you report)")
@@ -166,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="run the inference server (HTTP API for Slicer seats and scripts)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--token-file", default=None, help="file holding the bearer token every request must carry")
-    v.add_argument("--work-dir", default=None, help="folder for uploads and job outputs (default: a private temporary folder)")
+    v.add_argument("--token-file", default=None, help="file holding the bearer token every request must carry (mode 600)")
+    v.add_argument("--work-dir", default=None, help="folder for uploads and job outputs (default: a private folder under "
+                                                     "~/.cache/unetsegment/server, removed on exit; those of killed servers go at the next start)")
     v.add_argument("--max-upload-mb", type=_nonneg, default=2048.0, help="largest upload per job (HTTP 413 above)")
     v.add_argument("--max-queued", type=_posint, default=32, help="jobs allowed to wait (HTTP 429 above)")
     v.add_argument("--retention-min", type=_nonneg, default=60.0, help="minutes a finished job's files are kept")
@@ -178,29 +190,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
-    """tqdm bar on a terminal; silent otherwise."""
+    """Per-stage progress on stderr.
 
-    def __init__(self, enabled: bool):
+    On a terminal: a tqdm bar per stage with the percentage, the time spent and the engine's ETA (no
+    rate: the engine reports fractions, not items, so a tqdm rate would be meaningless). Otherwise
+    (a log, CI, a pipe): one line per stage with the time elapsed since the start, so a long run is
+    never silent. The first line comes once the inputs are read: a refused input stays a one-line error.
+    """
+
+    #: the engine says "done" when its work ends; what follows is writing the files
+    _RENAMED = {"done": "write"}
+    _BAR_FORMAT = "{desc:<12}{percentage:3.0f}%|{bar}| {elapsed}{postfix}"
+
+    def __init__(self, enabled: bool, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.bar = None
-        self.enabled = enabled and sys.stderr.isatty()
-        self.stage = None
+        self.stage: str | None = None
+        self.t0 = time.perf_counter()
 
     def __call__(self, stage: str, fraction: float, message: str = "") -> None:
         if not self.enabled:
             return
+        stage = self._RENAMED.get(stage, stage)
+        if stage != self.stage:
+            self.stage = stage
+            if not self.tty:
+                print(f"[{time.perf_counter() - self.t0:7.1f} s] {stage}", file=self.stream, flush=True)
+            else:
+                self._new_bar(stage)
+        if self.bar is not None:
+            self.bar.n = int(round(max(0.0, min(1.0, fraction)) * 100))
+            self.bar.set_postfix_str(message if message.startswith("ETA") else "", refresh=False)
+            self.bar.refresh()
+
+    def _new_bar(self, stage: str) -> None:
         from tqdm import tqdm
 
-        if stage != self.stage:
-            if self.bar is not None:
-                self.bar.close()
-            self.bar = tqdm(total=100, desc=stage, unit="%", leave=False, file=sys.stderr)
-            self.stage = stage
-        self.bar.n = int(round(fraction * 100))
-        self.bar.refresh()
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(total=100, desc=stage, bar_format=self._BAR_FORMAT, leave=False, file=self.stream,
+                        dynamic_ncols=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _cmd_segment(a: argparse.Namespace, cancel: CancelToken) -> int:
@@ -216,6 +252,8 @@ def _cmd_segment(a: argparse.Namespace, cancel: CancelToken) -> int:
 
 
 def _print_result(summary: dict, out_dir) -> None:
+    from .lesions import dropped_note
+
     out = Path(out_dir)
     print(f"model {summary['model']['name']} {summary['model']['version']} on {summary['device']} ({summary['precision']}), "
           f"{summary['timings_s'].get('total_s', 0):.1f} s")
@@ -224,15 +262,28 @@ def _print_result(summary: dict, out_dir) -> None:
     les = summary.get("lesions")
     if les is not None:
         print(f"{len(les)} lesion(s), total {summary.get('total_volume_ml', 0):.2f} mL")
+        dropped = dropped_note(summary.get("dropped_small_lesions"), float(summary.get("min_lesion_ml") or 0.0))
+        if dropped:
+            print(f"note: {dropped} — lower --min-lesion-ml to keep them")
         if les:
-            print(f"{'#':>3} {'label':<14}{'volume mL':>10} {'slice':>6} {'diam mm':>8} {'side':>8}  centroid RAS")
-            for r in les[:20]:
-                print(f"{r['lesion']:>3} {r['label']:<14}{r['volume_ml']:>10.2f} {r['slice_axis']}={r['slice_index']:<4} "
-                      f"{r['max_inplane_diameter_mm']:>8.1f} {r['side']:>8}  "
-                      f"({r['centroid_r']:.1f}, {r['centroid_a']:.1f}, {r['centroid_s']:.1f})")
+            _print_lesions(les[:20])
     print("outputs:")
     for f in sorted(p.name for p in out.iterdir() if not p.name.startswith(".")):
         print(f"  {out / f}")
+
+
+def _print_lesions(les: list[dict]) -> None:
+    """The lesion rows, naming the two slices apart (and the DICOM image numbers for a series input)."""
+    dicom = any(r.get("dicom_instance_number") is not None for r in les)
+    extra = f" {'DICOM image (centroid/largest)':>31}" if dicom else ""
+    print(f"{'#':>3} {'label':<14}{'volume mL':>10} {'centroid slice':>15} {'largest-area slice':>19} {'diam mm':>8} "
+          f"{'side':>8}{extra}  centroid RAS")
+    for r in les:
+        ax = r["slice_axis"]
+        extra = f" {str(r.get('dicom_instance_number')) + '/' + str(r.get('dicom_largest_instance_number')):>31}" if dicom else ""
+        print(f"{r['lesion']:>3} {r['label']:<14}{r['volume_ml']:>10.2f} {ax + '=' + str(r['slice_index']):>15} "
+              f"{ax + '=' + str(r['largest_area_slice']):>19} {r['max_inplane_diameter_mm']:>8.1f} {r['side'] or '–':>8}{extra}  "
+              f"({r['centroid_r']:.1f}, {r['centroid_a']:.1f}, {r['centroid_s']:.1f})")
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
@@ -247,7 +298,9 @@ def _cmd_models(a: argparse.Namespace) -> int:
         for name, path in models.items():
             try:
                 b = load_bundle(path)
-                desc = f"{b.version:<8} {b.dimensions:<5} {'/'.join(b.channel_names):<20} {b.meta.get('title', b.meta['description'])[:60]}"
+                width = max(40, shutil.get_terminal_size((120, 24)).columns - 61)  # 61: the columns before it
+                title = textwrap.shorten(b.meta.get("title", b.meta["description"]), width, placeholder=" …")
+                desc = f"{b.version:<8} {b.dimensions:<5} {'/'.join(b.channel_names):<20} {title}"
             except UNetSegmentError as e:
                 desc = f"INVALID: {e}"
             print(f"{name:<22}{'*' if name == default else ' '} {desc}")
@@ -272,7 +325,7 @@ def _cmd_models(a: argparse.Namespace) -> int:
 def _cmd_fetch_sample(a: argparse.Namespace) -> int:
     from .io.sample import fetch_sample
 
-    print(fetch_sample(Path(a.cache_dir) if a.cache_dir else None))
+    print(fetch_sample(Path(a.cache_dir) if a.cache_dir else None, Path(a.source) if a.source else None))
     return 0
 
 
@@ -285,6 +338,7 @@ def _cmd_demo(a: argparse.Namespace, cancel: CancelToken) -> int:
 
 
 def _cmd_batch(a: argparse.Namespace, cancel: CancelToken) -> int:
+    require_extra("batch", "`unetsegment batch`")
     from .batch import BATCH_PARTIAL_EXIT, CohortProgress, run_cohort
 
     prog = CohortProgress(enabled=not a.quiet)
@@ -302,6 +356,7 @@ def _cmd_batch(a: argparse.Namespace, cancel: CancelToken) -> int:
 
 
 def _cmd_serve(a: argparse.Namespace) -> int:
+    require_extra("serve", "`unetsegment serve`")
     from .bundle import default_model_name, load_bundle
     from .server import ServerConfig, read_token_file, serve
 
@@ -357,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "batch":
             return _cmd_batch(a, cancel)
         if a.command == "train":
+            require_extra("train", "`unetsegment train`")
             from .training.trainer import train
 
             train(Path(a.config), Path(a.output_dir))

@@ -5,6 +5,7 @@ import datetime as _dt
 import os
 import platform
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,14 @@ from . import __version__
 from .bundle import Bundle, default_model_name, load_bundle
 from .errors import InputError, OutputError, UsageError
 from .inference import CancelToken, ProgressFn, resolve_device, resolve_precision
-from .io.readers import read_image
-from .lesions import analyze_lesions, remove_small_lesions
+from .checks import check_memory
+from .io.readers import HeaderCheck, VolumeHeader, dicom_slice_refs, read_image
+from .lesions import analyze_lesions, split_small_lesions
 from .io.dicom_seg import write_dicom_seg
 from .io.writers import write_image, write_json, write_seg_nrrd
-from .outputs import StagedOutput
-from .report import render_report
+from .outputs import StagedOutput, file_digests
+from .report import percentile_window, render_report
+from .terminology import label_codes, label_terminology
 from .params import HEATMAP_KINDS, SegmentParams
 from .pipeline import SegmentResult, segment
 
@@ -76,16 +79,22 @@ def segment_files(
     bundle = load_bundle(model or default_model_name())
     paths = map_inputs(inputs, bundle.channel_names)
     t = time.perf_counter()
-    images = [read_image(p) for p in paths]
+    budget = _memory_budget(len(paths), 1 + len(bundle.labels))
+    images = [read_image(p, before_pixels=budget) for p in paths]
     t_read = time.perf_counter() - t
     stage = StagedOutput(output_dir, overwrite)
     stage.check()  # refuse before the heavy work
     result = segment(images, bundle, params, progress=progress, cancel=cancel)
     result.timings = {"read_s": t_read, **result.timings}
+    # a stop asked after the last window is honoured too (exit 130, no outputs), not silently ignored
+    if cancel is not None:
+        cancel.check()
     try:
         with stage:
             summary = write_outputs(stage.path, result, bundle, params, paths)
             summary["timings_s"]["total_s"] = round(time.perf_counter() - t_all, 4)
+            if cancel is not None:
+                cancel.check()  # the last moment before the commit: the staged files are dropped
             write_json(summary, stage.path / "summary.json")
     except (OSError, RuntimeError) as e:  # disk full, quota, permissions changed mid-run: nothing is left behind
         reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1][:200]
@@ -96,26 +105,41 @@ def segment_files(
     return summary
 
 
+def _memory_budget(n_inputs: int, n_classes: int) -> HeaderCheck:
+    """Refuse, from the headers alone, inputs whose run would not fit in memory (the pipeline's estimate:
+    the first volume's voxels once per channel), before any voxel is read."""
+    declared: list[int] = []
+
+    def check(header: VolumeHeader) -> None:
+        declared.append(header.voxels)
+        check_memory(max(sum(declared), declared[0] * n_inputs), n_classes)
+
+    return check
+
+
 def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: SegmentParams, paths: Sequence[Path]) -> dict:
     """Write every volume/table/report of one result into ``folder``; return the summary dict."""
     t = time.perf_counter()
-    min_ml = params.min_lesion_ml if params.min_lesion_ml is not None else bundle.inference_default("min_lesion_ml", 0.0)
-    ref = remove_small_lesions(result.labels, min_ml, params.connectivity)
+    min_ml = resolved_min_lesion_ml(params, bundle)
+    ref, dropped_ml = split_small_lesions(result.labels, min_ml, params.connectivity)
+    show = display_channel(bundle)  # the channel a reader expects (e.g. Tmax): report and intensity columns
+    dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
     table = analyze_lesions(
         ref,
-        intensity=result.inputs[0],
+        intensity=result.inputs[show],
         probability=result.class_probabilities,
         label_names={l["value"]: l["name"] for l in bundle.labels},
         connectivity=params.connectivity,
         min_lesion_ml=min_ml,
-        modality=bundle.meta["inputs"][0]["modality"],
+        modality=bundle.meta["inputs"][show]["modality"],
+        intensity_channel=bundle.channel_names[show],
+        intensity_unit=channel_unit(bundle, show),
+        dicom_slices=dicom_refs,
     )
+    table.dropped_ml = dropped_ml
     table.write_csv(folder / "lesions.csv")
     table.write_tsv(folder / "lesions.tsv")
-    segments = [
-        {"value": l["value"], "name": l["name"], "color": l["color"], "terminology": l.get("terminology")}
-        for l in bundle.labels
-    ]
+    segments = [segment_meta(l) for l in bundle.labels]  # one terminology per label for every file
     write_seg_nrrd(ref, segments, folder / "segmentation.seg.nrrd")
     write_image(ref, folder / "segmentation.nii.gz")
     d = ref.direction
@@ -128,7 +152,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     dicom_seg = None
     if Path(paths[0]).is_dir():  # DICOM series input: also a DICOM SEG referencing it
         try:
-            absent = write_dicom_seg(ref, Path(paths[0]), bundle.labels, folder / "segmentation.dcm",
+            absent = write_dicom_seg(ref, Path(paths[0]), segments, folder / "segmentation.dcm",
                                      model_name=bundle.name, model_version=bundle.version)
         except Exception as e:  # noqa: BLE001 - the SEG is an extra; never lose the run over it
             absent = f"DICOM SEG could not be written: {e}"
@@ -137,7 +161,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     render_report(
         folder / "report.png",
-        image=result.inputs[0],
+        image=result.inputs[show],
         labels=ref,
         probability=result.probability,
         gradcam=result.heatmaps.get("gradcam"),
@@ -146,18 +170,76 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
         model_version=bundle.version,
         input_name=", ".join(Path(p).name for p in paths),
         created=created,
-        window=tuple(bundle.meta.get("display", {}).get("window", (0, 80))),
+        window=display_window(bundle, result.inputs[show]),
         label_colors={l["value"]: tuple(l["color"]) for l in bundle.labels},
         parameters={**params.as_dict(), "threshold": result.extra.get("threshold"), "min_lesion_ml": min_ml},
-        modality=bundle.meta["inputs"][0]["modality"],
+        modality=bundle.meta["inputs"][show]["modality"],
+        intensity_label=_intensity_label(bundle, show),
     )
     timings = dict(result.timings)
     timings["write_s"] = time.perf_counter() - t
     summary = build_summary(result, bundle, params, paths, timings, created)
+    summary["parameters"]["min_lesion_ml"] = min_ml  # the value used, like threshold (None meant "the model's")
     summary.update(table.summary_dict())
+    summary["segments"] = [{"value": s["value"], "name": s["name"], "category": s["category"], "code": s["code"],
+                            "terminology": s["terminology"]} for s in segments]
     if dicom_seg is not None:
         summary["dicom_seg"] = dicom_seg
+    summary["files_sha256"] = file_digests(folder)  # ties every file to this summary (and its run_id)
     return summary
+
+
+def segment_meta(label: dict) -> dict:
+    """A bundle label as the writers take it, with its codes from :func:`.terminology.label_codes`."""
+    category, code = label_codes(label)
+    return {"value": label["value"], "name": label["name"], "color": label["color"], "category": category, "code": code,
+            "terminology": label_terminology(label)}
+
+
+def display_channel(bundle: Bundle) -> int:
+    """Index of the channel the report shows and the intensity columns describe: ``display.channel``, else 0."""
+    name = bundle.meta.get("display", {}).get("channel")
+    return bundle.channel_names.index(name) if name in bundle.channel_names else 0
+
+
+def channel_unit(bundle: Bundle, index: int) -> str | None:
+    """A channel's unit: its ``unit`` in model.json, else HU for CT, else None."""
+    spec = bundle.meta["inputs"][index]
+    return spec.get("unit") or ("HU" if spec.get("modality", "").upper() == "CT" else None)
+
+
+def display_window(bundle: Bundle, image) -> tuple[float, float]:
+    """``display.window`` when fixed; with ``display.window_percentiles`` the image's own percentiles."""
+    display = bundle.meta.get("display", {})
+    if "window_percentiles" in display:
+        return percentile_window(image, display["window_percentiles"])
+    return tuple(float(v) for v in display.get("window", (0, 80)))
+
+
+def _intensity_label(bundle: Bundle, index: int) -> str:
+    """'HU' for a CT model, else e.g. 'Tmax s': what the report's intensity figures are."""
+    unit = channel_unit(bundle, index)
+    if len(bundle.channel_names) == 1 and unit:
+        return unit
+    return " ".join(x for x in (bundle.channel_names[index], unit) if x)
+
+
+def _dicom_refs(labels, path, warnings: list[str]) -> list | None:
+    """Per-k DICOM references of a series input (None for files; a warning when they cannot be matched)."""
+    if not Path(path).is_dir():
+        return None
+    try:
+        return dicom_slice_refs(path, labels)
+    except (InputError, ImportError) as e:  # an extra: never lose the run over it (ImportError: no pydicom)
+        warnings.append(f"DICOM references not added to the lesion table: {e}")
+        return None
+
+
+def resolved_min_lesion_ml(params: SegmentParams, bundle: Bundle) -> float:
+    """The minimum lesion size a run uses: the parameter, else the model's default, else 0."""
+    if params.min_lesion_ml is not None:
+        return float(params.min_lesion_ml)
+    return float(bundle.inference_default("min_lesion_ml", 0.0) or 0.0)
 
 
 def build_summary(result: SegmentResult, bundle: Bundle, params: SegmentParams, paths: Sequence[Path], timings: dict,
@@ -165,6 +247,7 @@ def build_summary(result: SegmentResult, bundle: Bundle, params: SegmentParams, 
     ref = result.labels
     return {
         "unetsegment_version": __version__,
+        "run_id": uuid.uuid4().hex,
         "created": created,
         "research_use_only": "Research use only — not for diagnosis.",
         "inputs": [

@@ -15,8 +15,9 @@ Conventions (all coordinates are RAS, millimetres; see :mod:`.image`):
 * **Volumes** are ``voxels × |det(ijk_to_ras[:3, :3])|`` (mm³; mL = mm³ / 1000).
 * **Slices.** ``slice_axis`` is the voxel axis closest to superior–inferior
   (:func:`.image.slice_axis`); all ``slice_*`` indices are 0-based along that axis.
-  ``slice_index`` is the centroid's coordinate on that axis rounded half-up.
-  ``largest_area_slice`` is the slice with most lesion voxels (ties: lowest index);
+  Two different slices are reported, always under these names: the **centroid slice**
+  (``slice_index``: the centroid's coordinate on that axis rounded half-up) and the
+  **largest-area slice** (``largest_area_slice``: the slice with most lesion voxels, ties: lowest index);
   ``largest_area_mm2`` = voxel count × in-plane voxel area (norm of the cross product of the two
   other axes' direction×spacing columns, so sheared grids are handled).
 * **Inside point** (``inside_r/a/s``): the lesion voxel on its largest-area slice nearest (in mm)
@@ -32,6 +33,9 @@ Conventions (all coordinates are RAS, millimetres; see :mod:`.image`):
   :data:`CT_AUTODETECT_MIN`, i.e. one that contains air in HU) and for other modalities voxels
   at or above the 10th percentile of the non-zero voxels (≥, so that a uniform head still counts).
   With neither an intensity image nor ``midline_x_ras``, ``side`` is empty (None).
+* **DICOM** (series input only): ``dicom_*`` name the source image (InstanceNumber,
+  SOPInstanceUID) holding the centroid and the one holding the inside point, matched to k by position.
+* **Units** of every column: :data:`COLUMN_DOCS` (also in ``summary.json`` and docs/lesion-table.md).
 * **Sorting.** Rows are sorted by volume descending, ties by label value, then by the first voxel
   in array (k, j, i) scan order; they are numbered 1..n in ``lesion``.
 """
@@ -42,15 +46,16 @@ import io
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .errors import InputError, OutputError, UsageError
 from .image import Image, slice_axis as _slice_axis
 
-COLUMNS: tuple[str, ...] = (
+#: The 32 columns of the ``segment`` contract, in this order (other tools read them by name).
+CONTRACT_COLUMNS: tuple[str, ...] = (
     "lesion",
     "label",
     "voxels",
@@ -84,6 +89,99 @@ COLUMNS: tuple[str, ...] = (
     "side",
     "touches_border",
 )
+#: DICOM series input only (empty otherwise): the source image holding the centroid slice and the
+#: one holding the largest-area slice (see :data:`COLUMN_DOCS`).
+DICOM_COLUMNS: tuple[str, ...] = (
+    "dicom_instance_number",
+    "dicom_sop_instance_uid",
+    "dicom_largest_instance_number",
+    "dicom_largest_sop_instance_uid",
+)
+#: Every column of ``lesions.csv``/``.tsv`` and of ``summary.json``'s lesions, in order. Columns
+#: appended after the 32 keep this order: abc2_ml, abc2_a_mm, abc2_b_mm, abc2_c_mm, compartment,
+#: perilesional_oedema_ml, then the DICOM columns (a column not implemented is simply absent).
+COLUMNS: tuple[str, ...] = CONTRACT_COLUMNS + DICOM_COLUMNS
+
+#: stands for the intensity channel's unit in :data:`COLUMN_DOCS` (HU for CT; see :func:`column_docs`)
+INTENSITY_UNIT = "{intensity_unit}"
+_SLICE = "slice index (0-based)"
+_RAS = "mm (RAS)"
+
+#: Unit and meaning of every column: the one definition behind ``summary.json``'s ``columns`` and
+#: docs/lesion-table.md (a test checks that the document lists every column with this unit).
+COLUMN_DOCS: dict[str, tuple[str, str]] = {
+    "lesion": ("", "lesion number 1..n, largest volume first; the last row is 'total' (sums and pooled statistics)"),
+    "label": ("", "segment name of the model label the lesion belongs to (e.g. hemorrhage)"),
+    "voxels": ("voxels", "number of voxels of the lesion (one connected component of one label)"),
+    "volume_mm3": ("mm³", "voxels × voxel volume"),
+    "volume_ml": ("mL", "volume_mm3 / 1000"),
+    "centroid_r": (_RAS, "centroid (mean of the voxel centres), R coordinate: + toward the patient's right"),
+    "centroid_a": (_RAS, "centroid, A coordinate: + toward anterior"),
+    "centroid_s": (_RAS, "centroid, S coordinate: + toward superior"),
+    "centroid_i": ("voxel index (0-based, fractional)", "centroid along the array axis i (columns)"),
+    "centroid_j": ("voxel index (0-based, fractional)", "centroid along the array axis j (rows)"),
+    "centroid_k": ("voxel index (0-based, fractional)", "centroid along the array axis k (slices as stored)"),
+    "inside_r": (_RAS, "inside point, R: the lesion voxel on the largest-area slice nearest to that slice's 2D "
+                       "centroid (always inside the lesion, unlike the centroid of a crescent)"),
+    "inside_a": (_RAS, "inside point, A coordinate"),
+    "inside_s": (_RAS, "inside point, S coordinate"),
+    "slice_axis": ("", "voxel axis (i, j or k) closest to superior–inferior; every slice_* column and n_slices count "
+                       "along it"),
+    "slice_index": (_SLICE, "centroid slice: the centroid's index on slice_axis, rounded half up (the CLI's "
+                            "'centroid slice')"),
+    "slice_first": (_SLICE, "first slice holding lesion voxels"),
+    "slice_last": (_SLICE, "last slice holding lesion voxels"),
+    "n_slices": ("slices", "slice_last − slice_first + 1"),
+    "largest_area_slice": (_SLICE, "largest-area slice: the slice with the most lesion voxels (ties: the lowest "
+                                   "index); the report's panels show it"),
+    "largest_area_mm2": ("mm²", "lesion area on the largest-area slice (voxels × in-plane voxel area)"),
+    "max_inplane_diameter_mm": ("mm", "largest distance between voxel centres of the lesion on its largest-area slice "
+                                      "(Feret diameter; equals SimpleITK's FeretDiameter on that slice)"),
+    "extent_r_mm": ("mm", "max − min of the voxel-centre R coordinates (no voxel added: one voxel gives 0)"),
+    "extent_a_mm": ("mm", "max − min of the voxel-centre A coordinates"),
+    "extent_s_mm": ("mm", "max − min of the voxel-centre S coordinates"),
+    "mean_intensity": (INTENSITY_UNIT, "mean of the intensity channel (summary.json: intensity_channel) over the "
+                                       "lesion's voxels, original values"),
+    "std_intensity": (INTENSITY_UNIT, "population standard deviation (ddof = 0) of the intensity channel; "
+                                      "SimpleITK's LabelIntensityStatisticsImageFilter reports the sample std (ddof = 1)"),
+    "max_intensity": (INTENSITY_UNIT, "maximum of the intensity channel over the lesion's voxels"),
+    "mean_probability": ("probability 0–1", "mean model probability of the lesion's label over its voxels"),
+    "max_probability": ("probability 0–1", "maximum model probability of the lesion's label over its voxels"),
+    "side": ("", "'right', 'left' or 'midline' (the patient's side: centroid R vs the mid-sagittal plane, 'midline' "
+                 "within 5 mm; summary.json: side_method); empty when it cannot be determined"),
+    "touches_border": ("true/false", "the lesion reaches the edge of the volume (it may extend beyond the scan)"),
+    "dicom_instance_number": ("", "DICOM input only: InstanceNumber (0020,0013) of the source image holding the "
+                                  "centroid (its k index rounded half up; for axial series the centroid slice)"),
+    "dicom_sop_instance_uid": ("", "DICOM input only: SOPInstanceUID (0008,0018) of that image"),
+    "dicom_largest_instance_number": ("", "DICOM input only: InstanceNumber of the source image holding the "
+                                          "inside point (for axial series the largest-area slice)"),
+    "dicom_largest_sop_instance_uid": ("", "DICOM input only: SOPInstanceUID of that image"),
+}
+
+
+def columns_markdown() -> str:
+    """The column table of docs/lesion-table.md, from :data:`COLUMN_DOCS` (``python -m UNetSegmentLib.lesions``)."""
+    lines = ["| # | column | unit | meaning |", "|---|---|---|---|"]
+    for n, c in enumerate(COLUMNS, start=1):
+        unit, desc = COLUMN_DOCS[c]
+        unit = "unit of the intensity channel" if unit == INTENSITY_UNIT else unit
+        lines.append(f"| {n} | `{c}` | {unit or '–'} | {desc.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def column_docs(intensity_unit: str | None = None, intensity_channel: str | None = None) -> dict[str, dict[str, str]]:
+    """``{column: {"unit", "description"}}`` for :data:`COLUMNS`, with the intensity channel's unit filled in."""
+    unit = intensity_unit or "intensity unit of the input"
+    out = {}
+    for c in COLUMNS:
+        u, d = COLUMN_DOCS[c]
+        if u == INTENSITY_UNIT:
+            u = unit
+            if intensity_channel:
+                d = d.replace("the intensity channel", f"the intensity channel ({intensity_channel})", 1)
+        out[c] = {"unit": u, "description": d}
+    return out
+
 
 #: |R − midline| below this (mm) → side 'midline'.
 MIDLINE_TOLERANCE_MM = 5.0
@@ -113,6 +211,12 @@ class LesionTable:
     min_lesion_ml: float = 0.0
     #: with ``analyze_lesions(..., lesion_map=True)``: int32 K,J,I map, voxel value = row's ``lesion`` number
     lesion_map: np.ndarray | None = field(default=None, repr=False)
+    #: the input channel the intensity columns describe, and its unit (e.g. "CT", "HU"; "Tmax", "s")
+    intensity_channel: str | None = None
+    intensity_unit: str | None = None
+    #: volumes (mL, largest first) of the components dropped for being under ``min_lesion_ml``
+    #: (set by the caller that removed them, see :func:`split_small_lesions`)
+    dropped_ml: tuple[float, ...] = ()
 
     @property
     def n_lesions(self) -> int:
@@ -151,17 +255,37 @@ class LesionTable:
             lesions.append(d)
         return {
             "coordinate_system": "RAS",
-            "columns": list(COLUMNS),
+            "columns": column_docs(self.intensity_unit, self.intensity_channel),
+            "intensity_channel": self.intensity_channel,
+            "intensity_unit": self.intensity_unit,
             "n_lesions": self.n_lesions,
             "total_volume_ml": self.total_volume_ml,
             "connectivity": int(self.connectivity),
             "min_lesion_ml": float(self.min_lesion_ml),
+            "dropped_small_lesions": dropped_summary(self.dropped_ml),
             "side_method": self.midline.get("method", ""),
             "midline_r": _json_value(self.midline.get("midline_r")),
             "midline_tolerance_mm": MIDLINE_TOLERANCE_MM,
             "lesions": lesions,
             "total": {c: _json_value(self.total.get(c)) for c in COLUMNS},
         }
+
+
+def dropped_summary(volumes_ml) -> dict:
+    """``summary.json``'s account of the components removed by the minimum lesion size."""
+    v = sorted((float(x) for x in volumes_ml), reverse=True)
+    return {"count": len(v), "largest_ml": round(v[0], 6) if v else None, "total_ml": round(sum(v), 6)}
+
+
+def dropped_note(dropped: Mapping | None, min_lesion_ml: float) -> str:
+    """One sentence on the components under the minimum size ('' when none were dropped)."""
+    n = int((dropped or {}).get("count") or 0)
+    if n == 0:
+        return ""
+    what = "1 component" if n == 1 else f"{n} components"
+    size = (f"{dropped['largest_ml']:.3g} mL" if n == 1
+            else f"largest {dropped['largest_ml']:.3g} mL, {dropped['total_ml']:.3g} mL in all")
+    return f"{what} under the {min_lesion_ml:g} mL minimum lesion size {'was' if n == 1 else 'were'} dropped ({size})"
 
 
 def _ras_to_lps(r, a, s) -> list[float]:
@@ -218,6 +342,9 @@ def analyze_lesions(
     *,
     modality: str | None = None,
     lesion_map: bool = False,
+    intensity_channel: str | None = None,
+    intensity_unit: str | None = None,
+    dicom_slices: Sequence[Any] | None = None,
 ) -> LesionTable:
     """Connected components of each label value of ``labels``, measured (see module docstring).
 
@@ -227,6 +354,10 @@ def analyze_lesions(
     probability columns). ``label_names`` maps label values to segment names (default: the value
     as text). ``modality`` ('CT' or other) only steers the midline estimate; None auto-detects.
     ``lesion_map`` also returns the map of lesion numbers (for matching lesions, e.g. in evaluation).
+    ``intensity_channel``/``intensity_unit`` name what ``intensity`` is (recorded in the table).
+    ``dicom_slices`` — for a DICOM series on this grid, one reference per k index (objects with
+    ``instance_number`` and ``sop_instance_uid``, see :func:`.io.readers.dicom_slice_refs`): fills
+    the :data:`DICOM_COLUMNS`.
     """
     if connectivity not in (6, 18, 26):
         raise UsageError(f"connectivity must be 6 or 26, got {connectivity!r}", "use 6 (faces) or 26 (faces, edges, corners)")
@@ -257,6 +388,7 @@ def analyze_lesions(
 
     # --- connected components per label value (one full-volume pass per value) ------------
     comp, comp_value = _components(lab, connectivity)
+    dropped: tuple[float, ...] = ()
     flat = np.flatnonzero(comp)
     ids = comp.reshape(-1)[flat].astype(np.int64) - 1
     del comp
@@ -270,6 +402,7 @@ def analyze_lesions(
         if min_lesion_ml > 0:
             keep = counts * voxel_mm3 / 1000.0 >= min_lesion_ml * (1 - 1e-12)
             if not keep.all():
+                dropped = tuple(sorted((float(c) * voxel_mm3 / 1000.0 for c in counts[~keep]), reverse=True))
                 newid = np.cumsum(keep) - 1
                 vmask = keep[ids]
                 flat, ids = flat[vmask], newid[ids[vmask]]
@@ -278,8 +411,11 @@ def analyze_lesions(
                 n = len(comp_value)
     else:
         counts = np.zeros(0, np.int64)
+    if dicom_slices is not None and len(dicom_slices) != shape[0]:
+        raise UsageError(f"dicom_slices has {len(dicom_slices)} entries for {shape[0]} slices (k)", "give one reference per k index")
     if n == 0:
-        return _empty_table(intensity, prob_images, midline, connectivity, min_lesion_ml)
+        return replace(_empty_table(intensity, prob_images, midline, connectivity, min_lesion_ml), dropped_ml=dropped,
+                       intensity_channel=intensity_channel, intensity_unit=intensity_unit)
 
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     kk, jj, ii = np.unravel_index(flat, shape)
@@ -434,6 +570,7 @@ def analyze_lesions(
         "max_probability": prob_col("max_probability"),
         "side": [side[c] for c in o.tolist()],
         "touches_border": col(touches),
+        **_dicom_columns(dicom_slices, col(np.floor(cen_ijk[:, 2] + 0.5).astype(np.int64)), col(inside_ijk[:, 2].astype(np.int64))),
     }
     assert tuple(cols) == COLUMNS
     rows = [dict(zip(COLUMNS, vals)) for vals in zip(*cols.values())]
@@ -445,25 +582,55 @@ def analyze_lesions(
         rank[order] = np.arange(1, n + 1, dtype=np.int32)
         lmap = np.zeros(shape, np.int32)
         lmap.reshape(-1)[flat] = rank[ids]
-    return LesionTable(rows, total, midline, int(connectivity), min_lesion_ml, lmap)
+    return LesionTable(rows, total, midline, int(connectivity), min_lesion_ml, lmap, dropped_ml=dropped,
+                       intensity_channel=intensity_channel, intensity_unit=intensity_unit)
+
+
+def _dicom_columns(refs: Sequence[Any] | None, centroid_k: list[int], inside_k: list[int]) -> dict[str, list]:
+    """The :data:`DICOM_COLUMNS` per row: the source image of the centroid's and of the inside point's k."""
+    if refs is None:
+        none = [None] * len(centroid_k)
+        return {c: none for c in DICOM_COLUMNS}
+    last = len(refs) - 1
+    cen = [refs[min(max(k, 0), last)] for k in centroid_k]
+    big = [refs[k] for k in inside_k]
+    return {
+        "dicom_instance_number": [r.instance_number for r in cen],
+        "dicom_sop_instance_uid": [r.sop_instance_uid for r in cen],
+        "dicom_largest_instance_number": [r.instance_number for r in big],
+        "dicom_largest_sop_instance_uid": [r.sop_instance_uid for r in big],
+    }
 
 
 def remove_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int = 26) -> Image:
     """The label map without connected lesions smaller than ``min_lesion_ml`` (same components as the table)."""
+    return split_small_lesions(labels, min_lesion_ml, connectivity)[0]
+
+
+def split_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int = 26) -> tuple[Image, tuple[float, ...]]:
+    """:func:`remove_small_lesions` and the volumes (mL, largest first) of the components it dropped.
+
+    A run whose every component is under the minimum reports "no lesion" although the model found
+    something; the dropped volumes let the outputs say so.
+    """
     if min_lesion_ml <= 0:
-        return labels
+        return labels, ()
     lab = _label_array(labels)
     box = _nonzero_box(lab)
     if box is None:
-        return labels
+        return labels, ()
     sub = lab[box]  # components only where there are labels: a 512×512×300 scan's lesions fill a small box
     comp, _ = _components(sub, connectivity)
     counts = np.bincount(comp.reshape(-1))
-    keep = counts * labels.voxel_volume_mm3 / 1000.0 >= min_lesion_ml
+    vol_ml = counts * labels.voxel_volume_mm3 / 1000.0
+    keep = vol_ml >= min_lesion_ml
     keep[0] = False
+    dropped = tuple(sorted((float(v) for v in vol_ml[1:][~keep[1:]]), reverse=True))
+    if not dropped:
+        return labels, ()
     out = np.array(lab, dtype=labels.array.dtype, copy=True)
     out[box] = np.where(keep[comp], sub, 0)
-    return labels.with_array(out)
+    return labels.with_array(out), dropped
 
 
 def _nonzero_box(a: np.ndarray) -> tuple[slice, ...] | None:
@@ -662,3 +829,7 @@ def _total_row(voxels: int, voxel_mm3: float, total_int, total_prob) -> dict:
 
 def _empty_table(intensity, prob, midline, connectivity, min_lesion_ml) -> LesionTable:
     return LesionTable([], _total_row(0, 0.0, (None,) * 3, (None,) * 2), midline, int(connectivity), float(min_lesion_ml))
+
+
+if __name__ == "__main__":  # regenerate the table of docs/lesion-table.md
+    print(columns_markdown(), end="")

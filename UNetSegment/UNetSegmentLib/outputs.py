@@ -6,12 +6,21 @@ contract files are never replaced without ``overwrite``; other files in the fold
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import OutputError
+
+try:  # POSIX advisory locks; Windows has none on folders (see lock_output_dir)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 #: every file the ``segment`` contract may write (optional ones included)
 CONTRACT_FILES = (
@@ -39,6 +48,54 @@ def ensure_output_dir(d: Path) -> None:
         raise OutputError(f"cannot create output folder {d}: {e.strerror}", "choose a writable --output-dir") from None
     if not os.access(d, os.W_OK | os.X_OK):
         raise OutputError(f"output folder {d} is not writable", "choose a writable --output-dir or fix its permissions")
+
+
+@contextlib.contextmanager
+def lock_output_dir(d: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the folder ``d`` itself, or raise :class:`OutputError` at once.
+
+    ``flock`` on the folder's own descriptor: no lock file exists, so none can be left behind, and
+    the kernel drops the lock when the holder exits in any way (a killed run never blocks the folder).
+    Windows cannot lock a folder; there the commit runs unlocked, with a warning.
+    """
+    if fcntl is None:  # pragma: no cover - Windows
+        warnings.warn(f"cannot lock {d} on this platform: do not run two jobs into the same folder", RuntimeWarning,
+                      stacklevel=2)
+        yield
+        return
+    try:
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise OutputError(f"cannot open output folder {d}: {e.strerror}", "choose a readable, writable --output-dir") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"another unetsegment run is writing its outputs into {d} right now",
+                "wait for it to finish, or give each run its own --output-dir; no output of this run was kept",
+            ) from None
+        except OSError as e:  # a file system without locks (some network mounts): go on, as on Windows
+            warnings.warn(f"cannot lock {d} ({e.strerror}): do not run two jobs into the same folder", RuntimeWarning,
+                          stacklevel=2)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every contract file in ``folder`` (``summary.json`` aside): what ``summary.json`` records, so a
+    reader can check that the files beside it come from the same run."""
+    out = {}
+    for f in CONTRACT_FILES:
+        p = folder / f
+        if f != "summary.json" and p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[f] = h.hexdigest()
+    return out
 
 
 def _pid_alive(pid: int) -> bool:
@@ -100,10 +157,15 @@ class StagedOutput:
         unknown = sorted(set(os.listdir(self.path)) - set(CONTRACT_FILES))
         if unknown:
             raise OutputError(f"internal: unexpected staged files {unknown}", "report this as a bug")
-        # re-check: another run may have written here meanwhile
+        with lock_output_dir(self.out_dir):  # one commit at a time: never a mix of two runs' files
+            self._move_into_place(written)
+
+    def _move_into_place(self, written: list[str]) -> None:
+        # re-check under the lock: another run may have written here meanwhile
         clash = [f for f in CONTRACT_FILES if (self.out_dir / f).exists()]
         if clash and not self.overwrite:
-            raise OutputError(f"{self.out_dir} gained outputs during the run ({', '.join(clash)})", "pass --overwrite or use another folder")
+            raise OutputError(f"another run wrote outputs into {self.out_dir} while this one was running ({', '.join(clash)})",
+                              "pass --overwrite to replace them, or give each run its own --output-dir")
         try:
             # the old summary.json goes first: while files are swapped, no summary claims the set is complete
             for f in sorted(clash, key=lambda f: f != "summary.json"):

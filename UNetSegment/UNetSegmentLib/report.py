@@ -36,7 +36,7 @@ import numpy as np
 
 from .errors import InputError, OutputError, UsageError
 from .image import Image, slice_axis as _slice_axis
-from .lesions import CT_AUTODETECT_MIN, LesionTable
+from .lesions import CT_AUTODETECT_MIN, LesionTable, dropped_note, dropped_summary
 from .preprocess import canonical_grid
 
 RESEARCH_NOTE = "Research use only — not for diagnosis"
@@ -119,6 +119,8 @@ class ReportLayout:
     #: (fraction of width from the left, fraction of height from the top)
     panel_points: tuple[tuple[float, float], ...] = ()
     max_probability: float | None = None
+    #: the negative page's sentence on components dropped under the minimum lesion size ('' if none)
+    dropped_note: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +297,22 @@ def _unit(image: Image, modality: str | None) -> str:
     return "HU" if a.size and float(a.min()) < CT_AUTODETECT_MIN else "intensity"
 
 
+def _wnum(v: float) -> str:
+    """A window bound: whole HU (−1000, 80) or three digits for small map values (0.249, 9.82)."""
+    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
+
+
+def _intensity_fmt(unit: str) -> str:
+    """HU to the unit; other maps (e.g. Tmax in s, CBF) to 3 significant digits."""
+    return ".0f" if unit in ("HU", "intensity") else ".3g"
+
+
+def _mean_text(value, unit: str) -> str:
+    """'mean 62 HU' or, for a named channel ('Tmax s'), 'mean Tmax 9.8 s'."""
+    name, _, u = unit.partition(" ") if " " in unit else ("", "", unit)
+    return " ".join(x for x in ("mean", name, _f(value, _intensity_fmt(unit)), u) if x)
+
+
 def _rgb(c) -> tuple[float, float, float]:
     c = tuple(float(x) for x in tuple(c)[:3])
     if max(c) > 1.0:
@@ -312,7 +330,7 @@ def _param_lines(parameters: Mapping[str, Any] | None, window) -> list[str]:
         elif isinstance(v, (list, tuple)):
             v = ", ".join(str(x) for x in v) if v else "none"
         items.append(f"{k} = {v}")
-    items.append(f"display window = {window[0]:g}…{window[1]:g}")
+    items.append(f"display window = {_wnum(window[0])}…{_wnum(window[1])}")
     lines, cur = [], ""
     for it in items:
         if cur and len(cur) + len(it) + 5 > 190:
@@ -345,6 +363,7 @@ def render_report(
     max_rows: int = 20,
     parameters: Mapping[str, Any] | None = None,
     modality: str | None = None,
+    intensity_label: str | None = None,
 ) -> ReportLayout:
     """Write the report PNG to ``path`` (atomically) and return what was drawn.
 
@@ -352,7 +371,8 @@ def render_report(
     was computed from; ``probability`` — foreground probability 0–1; ``gradcam`` — 0–1 heat map or
     None. All on the same grid. ``label_colors`` maps label values to RGB (0–1 or 0–255).
     ``parameters`` (optional) — run parameters printed in the footer; ``modality`` — 'CT' gives
-    intensities in HU (None: auto, like :func:`.lesions.analyze_lesions`).
+    intensities in HU (None: auto, like :func:`.lesions.analyze_lesions`); ``intensity_label`` names
+    the shown channel and its unit instead (e.g. "Tmax s" for a perfusion model).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -360,7 +380,7 @@ def render_report(
 
     _check_inputs(image, labels, probability, gradcam, window, max_lesions, max_rows)
     window = (float(window[0]), float(window[1]))
-    unit = _unit(image, modality)
+    unit = intensity_label or _unit(image, modality)
 
     canon_img, _ = canonical_grid(image)
     canon_lab = canonical_grid(labels)[0]
@@ -417,8 +437,10 @@ def render_report(
     fig.add_artist(_hline(fig, (H - y + 0.08) / H, W, H))
 
     panel_points: list[tuple[float, float]] = []
+    dropped = ""
     if negative:
-        y = _draw_negative(fig, box, text, y, image, canon_img, canon_prob, window, pmax, pmax_ras, colormaps)
+        dropped = dropped_note(dropped_summary(table.dropped_ml), table.min_lesion_ml)
+        y = _draw_negative(fig, box, text, y, image, canon_img, canon_prob, window, pmax, pmax_ras, colormaps, dropped)
     else:
         colors = {int(k): _rgb(v) for k, v in (label_colors or {}).items()}
         comp_cache: dict = {}
@@ -453,7 +475,7 @@ def render_report(
         path=os.fspath(path), width_px=wpx, height_px=hpx, negative=negative, n_lesions=len(rows),
         n_lesion_panels=n_panels, n_table_rows=0 if negative else n_table, more_note=bool(n_more) and not negative,
         n_more=max(0, n_more), gradcam=gradcam is not None and not negative, panel_points=tuple(panel_points),
-        max_probability=pmax,
+        max_probability=pmax, dropped_note=dropped,
     )
 
 
@@ -489,6 +511,19 @@ def _orig_slice(image: Image, ras) -> str:
     ax = _slice_axis(image.ijk_to_ras)
     idx = int(math.floor(float(image.ras_to_ijk_points(ras)[0][ax]) + 0.5))
     return f"{'ijk'[ax]}={idx}"
+
+
+def percentile_window(image: Image, percentiles=(1.0, 99.0)) -> tuple[float, float]:
+    """Display window from the image's own percentiles of its non-zero finite voxels (maps are 0 outside
+    the brain); a flat image gets a unit-wide window so that it still renders."""
+    a = np.asarray(image.array)
+    v = a[np.isfinite(a) & (a != 0)] if a.dtype.kind == "f" else a[a != 0]
+    if v.size == 0:
+        return (0.0, 1.0)
+    if v.size > 2_000_000:  # a strided subsample is plenty for two percentiles
+        v = v[:: v.size // 1_000_000]
+    lo, hi = (float(x) for x in np.percentile(v, [float(percentiles[0]), float(percentiles[1])]))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
 def _max_probability(probability: Image | None) -> tuple[float | None, np.ndarray | None]:
@@ -545,15 +580,10 @@ def _draw_lesion_row(fig, box, text, y, row, *, labels, canon_img, canon_lab, ca
     color = colors.get(value, _ALL_LESIONS_COLOR)
 
     # --- title ------------------------------------------------------------------------------
-    axis = row.get("slice_axis") or "k"
     diam = row.get("max_inplane_diameter_mm")
-    side = row.get("side") or "side n/a"
-    text(_MARGIN_L, y,
-         f"Lesion {row['lesion']} — {row['label']}, {_f(row['volume_ml'], '.2f')} mL, largest on slice {axis}={row['largest_area_slice']} "
-         f"(spans {row['slice_first']}–{row['slice_last']}), diameter {_f(diam)} mm, {side}",
-         fontsize=13.5, fontweight="bold")
+    text(_MARGIN_L, y, lesion_heading(row), fontsize=13.5, fontweight="bold")
     text(_MARGIN_L, y + 0.3,
-         f"mean {_f(row.get('mean_intensity'), '.0f')} {unit}   ·   mean probability {_f(row.get('mean_probability'), '.2f')}"
+         f"{_mean_text(row.get('mean_intensity'), unit)}   ·   mean probability {_f(row.get('mean_probability'), '.2f')}"
          f"   ·   max probability {_f(row.get('max_probability'), '.2f')}   ·   inside point RAS "
          f"({_f(p[0])}, {_f(p[1])}, {_f(p[2])}) mm   ·   {row.get('n_slices', '–')} slice(s)",
          fontsize=10.5, color="#333333")
@@ -584,7 +614,7 @@ def _draw_lesion_row(fig, box, text, y, row, *, labels, canon_img, canon_lab, ca
     ax.add_patch(Rectangle((x0, yt), x1 - x0, yb - yt, fill=False, ec="white", lw=0.9, ls="--", zorder=5))
     _set_view(ax, ax_view.extent)
     _style_axes(ax, ax_view)
-    ax.set_title(f"Axial, window {window[0]:g}–{window[1]:g}", fontsize=fs)
+    ax.set_title(f"Axial, window {_wnum(window[0])}–{_wnum(window[1])}", fontsize=fs)
     x += _PANEL + _GAP
     # (b) zoom: image + contour
     ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
@@ -649,6 +679,21 @@ def _draw_lesion_row(fig, box, text, y, row, *, labels, canon_img, canon_lab, ca
     return y, ax_view.point_fraction
 
 
+def lesion_heading(row: Mapping[str, Any]) -> str:
+    """A lesion panel's title. It names the shown slice as the *largest-area* slice, apart from the
+    *centroid* slice of the table and CLI (and, for DICOM input, the source image numbers)."""
+    axis = row.get("slice_axis") or "k"
+    big = f"largest-area slice {axis}={row['largest_area_slice']}"
+    cen = f"centroid slice {axis}={row.get('slice_index')}"
+    if row.get("dicom_largest_instance_number") is not None:
+        big += f" (DICOM image {row['dicom_largest_instance_number']})"
+    if row.get("dicom_instance_number") is not None:
+        cen += f" (DICOM image {row['dicom_instance_number']})"
+    return (f"Lesion {row['lesion']} — {row['label']}, {_f(row['volume_ml'], '.2f')} mL, {big}; {cen}; "
+            f"spans {row['slice_first']}–{row['slice_last']}, diameter {_f(row.get('max_inplane_diameter_mm'))} mm, "
+            f"{row.get('side') or 'side n/a'}")
+
+
 def _arrow(ax, view: SliceView, color=_HIGHLIGHT_COLOR) -> None:
     l, r, b, t = view.extent
     size = max(r - l, b - t)
@@ -665,7 +710,7 @@ def _arrow(ax, view: SliceView, color=_HIGHLIGHT_COLOR) -> None:
 def _draw_table(fig, box, text, y, rows, total, unit, n_more):
     text(_MARGIN_L, y + 0.05, "Lesion table", fontsize=14, fontweight="bold")
     y += _TABLE_TITLE_H
-    header = ["#", "label", "volume\nmL", "slice\n(axis=index)", "slice range", "largest-area\nslice",
+    header = ["#", "label", "volume\nmL", "centroid\nslice", "slice range", "largest-area\nslice",
               "diameter\nmm", "side", f"mean\n{unit}", "mean\nprobability", "centroid RAS (mm)"]
     cells = []
     for r in rows:
@@ -673,12 +718,12 @@ def _draw_table(fig, box, text, y, rows, total, unit, n_more):
         cells.append([
             str(r["lesion"]), _ellipsize(r.get("label", ""), 22), _f(r.get("volume_ml"), ".2f"),
             f"{ax_name}={r.get('slice_index')}", f"{r.get('slice_first')}–{r.get('slice_last')}",
-            str(r.get("largest_area_slice")), _f(r.get("max_inplane_diameter_mm")), r.get("side") or "–",
-            _f(r.get("mean_intensity"), ".0f"), _f(r.get("mean_probability"), ".2f"),
+            f"{ax_name}={r.get('largest_area_slice')}", _f(r.get("max_inplane_diameter_mm")), r.get("side") or "–",
+            _f(r.get("mean_intensity"), _intensity_fmt(unit)), _f(r.get("mean_probability"), ".2f"),
             f"({_f(r.get('centroid_r'))}, {_f(r.get('centroid_a'))}, {_f(r.get('centroid_s'))})",
         ])
     cells.append(["total", "", _f(total.get("volume_ml"), ".2f"), "", "", "", "", "",
-                  _f(total.get("mean_intensity"), ".0f"), _f(total.get("mean_probability"), ".2f"), ""])
+                  _f(total.get("mean_intensity"), _intensity_fmt(unit)), _f(total.get("mean_probability"), ".2f"), ""])
     widths = np.array([0.6, 1.7, 0.9, 1.1, 1.0, 1.1, 0.9, 0.8, 0.8, 1.0, 2.3])
     tw = float(widths.sum())
     nrows = len(cells) + 1
@@ -713,12 +758,14 @@ def _draw_table(fig, box, text, y, rows, total, unit, n_more):
     return y + 0.15
 
 
-def _draw_negative(fig, box, text, y, image, canon_img, canon_prob, window, pmax, pmax_ras, colormaps):
+def _draw_negative(fig, box, text, y, image, canon_img, canon_prob, window, pmax, pmax_ras, colormaps, dropped=""):
     text(_MARGIN_L, y + 0.1, "No lesion found", fontsize=24, fontweight="bold", color=_GREEN)
     pm = "not available" if pmax is None else f"{pmax:.3f}"
     where = "" if pmax_ras is None else f" at RAS ({_f(pmax_ras[0])}, {_f(pmax_ras[1])}, {_f(pmax_ras[2])}) mm"
+    # a high maximum beside "No lesion found" needs its reason: components under the minimum size
+    why = f"\n{dropped[0].upper()}{dropped[1:]}." if dropped else ""
     text(_MARGIN_L, y + 0.62, f"Maximum lesion probability in the volume: {pm}{where}.   "
-         "A negative result does not exclude disease.", fontsize=12.5, color="#222222")
+         f"A negative result does not exclude disease.{why}", fontsize=12.5, color="#222222")
     y += _NEG_TITLE_H
     K, J, I = canon_img.array.shape
     mid = np.array([(I - 1) / 2, (J - 1) / 2, (K - 1) / 2])

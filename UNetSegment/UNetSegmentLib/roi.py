@@ -19,14 +19,24 @@ Box = tuple[slice, slice, slice]  # k, j, i
 def box_from_ras_bounds(image: Image, ras_bounds: Sequence[float]) -> Box:
     """Smallest K,J,I box of ``image`` holding every voxel centre inside ``ras_bounds``.
 
-    ``ras_bounds`` is (r_min, r_max, a_min, a_max, s_min, s_max) as Slicer's ``GetRASBounds`` gives.
-    The box is found from the 8 corners of the RAS box mapped to IJK, so an oblique grid gets the
-    box that covers the whole RAS box. Raises :class:`InputError` if the box misses the volume.
+    ``ras_bounds`` is (r_min, r_max, a_min, a_max, s_min, s_max) in ``image``'s RAS frame.
+    Raises :class:`InputError` if the bounds are invalid or the box misses the volume.
     """
     b = np.asarray(ras_bounds, dtype=np.float64).reshape(3, 2)
     if not np.all(np.isfinite(b)) or np.any(b[:, 1] < b[:, 0]):
         raise InputError(f"invalid ROI bounds {list(ras_bounds)}", "place the ROI box over the volume")
-    corners = np.array([[r, a, s] for r in b[0] for a in b[1] for s in b[2]])
+    return box_from_ras_corners(image, np.array([[r, a, s] for r in b[0] for a in b[1] for s in b[2]]))
+
+
+def box_from_ras_corners(image: Image, corners: np.ndarray) -> Box:
+    """Smallest K,J,I box of ``image`` covering the points ``corners`` (N×3, ``image``'s RAS frame).
+
+    Given the 8 corners of a (possibly rotated) ROI box, an oblique grid gets the box that covers
+    the whole ROI. Raises :class:`InputError` if the box misses the volume.
+    """
+    corners = np.asarray(corners, dtype=np.float64).reshape(-1, 3)
+    if not np.all(np.isfinite(corners)):
+        raise InputError("the ROI has no valid corners", "place the ROI box over the volume")
     ijk = image.ras_to_ijk_points(corners)
     lo = np.ceil(ijk.min(axis=0) - 1e-6).astype(int)
     hi = np.floor(ijk.max(axis=0) + 1e-6).astype(int)

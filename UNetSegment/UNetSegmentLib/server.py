@@ -2,7 +2,9 @@
 
 Endpoints (JSON; errors are ``{"error": problem, "fix": fix}``):
 
-* ``GET /health`` — status, version, devices, queue length and the server's limits.
+* ``GET /health`` — status, version, the devices inference runs on (``cuda:0`` and its name, or
+  ``cpu``), queued/running jobs, uploads in progress and the server's limits.
+* ``GET /openapi.json``, ``GET /docs`` — the OpenAPI schema and its browsable page (token required).
 * ``GET /models`` — models clients may name, and the default.
 * ``POST /jobs`` — ``multipart/form-data``: one file per model channel, as a field named after the
   channel (``CT``, ``CBF`` …) or as repeated ``input`` fields in the bundle's channel order; files
@@ -10,23 +12,36 @@ Endpoints (JSON; errors are ``{"error": problem, "fix": fix}``):
   series. Other fields are run parameters named like the ``segment`` flags (``model``,
   ``threshold``, ``min-lesion-ml`` or ``min_lesion_ml``, ``heatmap``, ``tta`` …), parsed by the
   same argparse definitions; ``device`` and ``threads`` belong to the server. → ``202 {"id", …}``.
-* ``GET /jobs/{id}`` — ``status`` (queued, running, done, failed, cancelled), ``stage``, ``fraction``,
-  ``message``, ``error``, ``queue_position``, and when done ``files``, ``n_lesions``, ``total_volume_ml``.
-* ``GET /jobs/{id}/files/{name}`` — one file of the ``segment`` file set (only those names).
+* ``GET /jobs/{id}`` — ``status`` (queued, running, done, failed, cancelled), ``stage``, ``stages`` (every
+  stage the job has been through, in order), ``fraction``, ``message``, ``error``, ``queue_position``,
+  and when done ``files``, ``n_lesions``, ``total_volume_ml``.
+* ``GET /jobs/{id}/files/{name}`` — one file of the ``segment`` file set (only those names), as
+  ``text/csv``, ``image/png``, ``application/json`` … by its kind.
 * ``DELETE /jobs/{id}`` — cancels a queued or running job (the run stops between windows) or
   deletes a finished one; its files are removed.
 
-Design: uploads are streamed to disk under a byte cap (413); a bounded queue (429 when full) feeds
-one inference thread per device, each running :func:`.job.segment_files` with a
-:class:`.inference.CancelToken`; a cleanup thread removes finished jobs after the retention time.
+Design: uploads are streamed to disk under a byte cap (413), a deadline for the whole body and a
+minimum rate after a grace period (408: a stalled or trickling client is cut off); a queue slot is
+taken only once an upload is complete, and a bounded queue (429 when full) feeds one inference
+thread per device, each running :func:`.job.segment_files` with a :class:`.inference.CancelToken`;
+a cleanup thread removes finished jobs after the retention time.
+
+Storage: without ``--work-dir`` the server works in a per-process folder under
+``$XDG_CACHE_HOME/unetsegment/server`` (``~/.cache/…``) holding ``server.lock``, an advisory lock
+(``flock``) held for the server's life with its pid inside; on start, folders whose lock nobody
+holds (a killed server) are removed with their uploads. Folders are 0700 and uploads 0600: the
+scans are patient data. Errors and the served ``summary.json`` never show server-side paths.
 With a token file every request must carry ``Authorization: Bearer TOKEN`` (compared in constant
 time). The server binds to 127.0.0.1 unless told otherwise, and refuses other addresses without a
 token. Client file names never reach the file system: uploads are stored as ``inputN.<suffix>``.
 """
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
+import json
+import logging
 import os
 import queue
 import re
@@ -37,9 +52,15 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; stale folders of killed servers are then left for the admin
+    fcntl = None  # type: ignore[assignment]
 
 from . import __version__
 from .errors import CancelledError, InputError, ModelError, UNetSegmentError, UsageError
@@ -57,6 +78,17 @@ MAX_FORM_PARTS = 64
 MAX_FIELD_BYTES = 4096
 MAX_ZIP_MEMBERS = 20000
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+#: the advisory lock file a live server holds in its work folder
+LOCK_NAME = "server.lock"
+#: prefix of the per-process work folders under :func:`server_cache_root`
+WORK_PREFIX = "srv-"
+#: a lock-less work folder younger than this may belong to a server that is starting
+STARTING_GRACE_S = 60.0
+#: media types of the served files (the rest are application/octet-stream)
+MEDIA_TYPES = {".csv": "text/csv; charset=utf-8", ".tsv": "text/tab-separated-values; charset=utf-8", ".png": "image/png",
+               ".json": "application/json", ".dcm": "application/dicom"}
+_ABS_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:\\|/)(?:[^\s'\"/\\:]+[/\\])+([^\s'\"/\\:]*)")
+log = logging.getLogger("unetsegment.server")
 
 
 @dataclass
@@ -73,9 +105,22 @@ class ServerConfig:
     devices: tuple[str, ...] = ("auto",)
     cleanup_interval_s: float | None = None
     limit_concurrency: int = 512
+    #: uploads read at the same time (503 beyond); they hold no queue slot until complete
+    max_uploads: int = 64
+    #: a request body must arrive within this time …
+    upload_timeout_s: float = 3600.0
+    #: … and, after ``upload_grace_s``, at this average rate or faster (bytes/s); else 408
+    upload_min_rate: float = 16 << 10
+    upload_grace_s: float = 30.0
+    #: time spent reading (and dropping) a refused body so the client sees the answer
+    drain_timeout_s: float = 5.0
 
 
 class HTTPProblem(Exception):
+    """An answer ``{"error": problem, "fix": fix}`` with ``status``; ``drained``: the request body needs no more reading."""
+
+    drained = False
+
     def __init__(self, status: int, problem: str, fix: str = "", headers: dict | None = None):
         super().__init__(problem)
         self.status, self.problem, self.fix, self.headers = status, problem, fix, headers or {}
@@ -92,8 +137,12 @@ class Job:
     params: SegmentParams
     inputs: list[Path]
     channels: list[str]
+    #: the client's file name of each input (what the served summary.json shows instead of server paths)
+    client_names: list[str] = field(default_factory=list)
     status: str = "queued"
     stage: str = ""
+    #: every stage the job went through, in order (a poller may miss short ones; this does not)
+    stages: list[str] = field(default_factory=list)
     fraction: float = 0.0
     message: str = ""
     error: str = ""
@@ -112,7 +161,7 @@ class Job:
         return self.dir / "out"
 
     def public(self, queue_position: int | None) -> dict:
-        d = {"id": self.id, "status": self.status, "stage": self.stage, "fraction": round(self.fraction, 4),
+        d = {"id": self.id, "status": self.status, "stage": self.stage, "stages": list(self.stages), "fraction": round(self.fraction, 4),
              "message": self.message, "error": self.error, "error_type": self.error_type, "model": self.model,
              "channels": self.channels, "device": self.device, "created": self.created, "started": self.started,
              "finished": self.finished, "queue_position": queue_position}
@@ -122,25 +171,130 @@ class Job:
         return d
 
 
+# --------------------------------------------------------------------------------------------
+# The work folder: owned, locked, private
+# --------------------------------------------------------------------------------------------
+def server_cache_root() -> Path:
+    """Parent of the servers' own work folders: ``$XDG_CACHE_HOME/unetsegment/server`` (``~/.cache/…``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "unetsegment" / "server"
+
+
+class DirLock:
+    """``flock`` on ``DIR/server.lock`` (with the pid inside, for people): held while the server lives,
+    released by the kernel when it dies however it dies — unlike a pid, which can be reused."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True when this process now holds the lock; False when another live process does."""
+        if fcntl is None:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _private_dir(path: Path) -> Path:
+    """``path`` created as 0700 (patient data inside); an existing folder is left as it is."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def remove_stale_work_dirs(root: Path) -> list[Path]:
+    """Remove the work folders under ``root`` whose server is gone (nobody holds their lock); returns them."""
+    removed = []
+    if fcntl is None or not root.is_dir():
+        return removed
+    for d in root.iterdir():
+        if not d.name.startswith(WORK_PREFIX) or not d.is_dir() or d.is_symlink():
+            continue
+        lock = DirLock(d)
+        if not lock.path.exists():  # a server between creating its folder and locking it, or killed right there
+            try:
+                if time.time() - d.stat().st_mtime < STARTING_GRACE_S:
+                    continue
+            except OSError:
+                continue
+        try:
+            if not lock.acquire():
+                continue  # a live server
+        except OSError:
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            lock.release()
+    return removed
+
+
+def _claim_work_dir(given: Path | None) -> tuple[Path, DirLock, bool]:
+    """(work folder, its held lock, whether the server owns it and removes it at the end)."""
+    if given is None:
+        root = _private_dir(server_cache_root())
+        removed = remove_stale_work_dirs(root)
+        if removed:
+            log.warning("removed %d work folder(s) of servers that are gone (with their uploads) in %s", len(removed), root)
+        d = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=root))  # 0700
+        lock = DirLock(d)
+        lock.acquire()
+        return d, lock, True
+    d = Path(given)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"work folder {d} exists and is not a folder", "give a folder path for --work-dir")
+    try:
+        _private_dir(d)
+    except OSError as e:
+        raise UsageError(f"cannot create the work folder {d}: {e.strerror}", "give a writable --work-dir") from None
+    lock = DirLock(d)
+    try:
+        held = lock.acquire()
+    except OSError as e:
+        raise UsageError(f"cannot lock the work folder {d}: {e.strerror}", "give a writable --work-dir") from None
+    if not held:
+        raise UsageError(f"another unetsegment server uses the work folder {d}",
+                         "give each server its own --work-dir, or leave it out (each server then gets its own)")
+    return d, lock, False
+
+
 class JobManager:
     """Bounded queue + one inference thread per device + a retention cleanup thread."""
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
-        self._own_work_dir = cfg.work_dir is None
-        self.work_dir = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="unetsegment-serve-"))
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_dir, self._dir_lock, self._own_work_dir = _claim_work_dir(Path(cfg.work_dir) if cfg.work_dir else None)
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.queue: queue.Queue[str] = queue.Queue()
-        self._reserved = 0
+        self._uploading = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._bundles: dict[str, Any] = {}
+        self._devices: list[dict] | None = None
+        self._hardware: dict | None = None
+        #: called with (job, stage) when a job starts ("started") and at every progress report, on its
+        #: inference thread; for metrics, embedding, and tests that must hold a job at a known point
+        self.on_stage: Callable[[Job, str], None] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._remove_stale_dirs()
+        self.devices(), self.hardware()  # torch's device probe once, not inside a request
         try:
             self.bundle(self.default_model())  # load and verify once, not in the first request
         except (UNetSegmentError, HTTPProblem):
@@ -162,6 +316,7 @@ class JobManager:
             t.join(timeout=30)
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+        self._dir_lock.release()
 
     def _remove_stale_dirs(self) -> None:
         """Job folders left by an earlier server in a given --work-dir."""
@@ -198,29 +353,49 @@ class JobManager:
 
     # --- queue -------------------------------------------------------------------------------
     def new_job_dir(self) -> tuple[str, Path]:
+        """A fresh job folder (0700) with its private ``inputs`` and ``out`` folders."""
         jid = secrets.token_hex(16)
         d = self.work_dir / jid
-        (d / "inputs").mkdir(parents=True)
+        d.mkdir(mode=0o700)
+        (d / "inputs").mkdir(mode=0o700)
+        (d / "out").mkdir(mode=0o700)
         return jid, d
 
-    def reserve(self) -> None:
-        """Take a queue slot before reading an upload; 429 when the queue is full."""
-        with self.lock:
-            waiting = sum(j.status == "queued" for j in self.jobs.values()) + self._reserved
-            if waiting >= self.cfg.max_queued:
-                raise HTTPProblem(429, f"the server has {waiting} jobs waiting (limit {self.cfg.max_queued})",
-                                  "retry later (see Retry-After)", {"Retry-After": "30"})
-            self._reserved += 1
+    def _queue_full(self) -> HTTPProblem | None:
+        waiting = sum(j.status == "queued" for j in self.jobs.values())
+        if waiting >= self.cfg.max_queued:
+            return HTTPProblem(429, f"the server has {waiting} jobs waiting (limit {self.cfg.max_queued})",
+                               "retry later (see Retry-After)", {"Retry-After": "30"})
+        return None
 
-    def release(self) -> None:
+    def check_room(self) -> None:
+        """Refuse before reading an upload when the queue is full now (no slot is held: see :meth:`enqueue`)."""
         with self.lock:
-            self._reserved -= 1
+            problem = self._queue_full()
+        if problem is not None:
+            raise problem
+
+    def begin_upload(self) -> None:
+        """Count an upload in progress; 503 when ``max_uploads`` are already being read."""
+        with self.lock:
+            if self._uploading >= self.cfg.max_uploads:
+                raise HTTPProblem(503, f"the server is receiving {self._uploading} uploads (limit {self.cfg.max_uploads})",
+                                  "retry later (see Retry-After)", {"Retry-After": "10"})
+            self._uploading += 1
+
+    def end_upload(self) -> None:
+        with self.lock:
+            self._uploading -= 1
 
     def enqueue(self, job: Job) -> int:
+        """Take a queue slot for a completely received job (429 when the queue filled meanwhile)."""
         with self.lock:
-            self._reserved -= 1
-            self.jobs[job.id] = job
-            pos = self._position(job)
+            problem = self._queue_full()
+            if problem is None:
+                self.jobs[job.id] = job
+                pos = self._position(job)
+        if problem is not None:
+            raise problem
         self.queue.put(job.id)
         return pos
 
@@ -255,11 +430,35 @@ class JobManager:
         return {"id": jid, "status": "deleted"}
 
     def counts(self) -> dict:
+        """Jobs by status, and ``uploading``: uploads being received."""
         with self.lock:
-            c: dict[str, int] = {}
+            c: dict[str, int] = {"uploading": self._uploading}
             for j in self.jobs.values():
                 c[j.status] = c.get(j.status, 0) + 1
         return c
+
+    def hardware(self) -> dict:
+        """``{"cuda_available", "gpus"}`` of this machine (see :func:`cuda_report`)."""
+        if self._hardware is None:
+            self._hardware = cuda_report()
+        return self._hardware
+
+    def devices(self) -> list[dict]:
+        """What each inference thread really runs on: ``{"worker", "device", "name"}`` (``cpu`` without CUDA)."""
+        if self._devices is None:
+            self._devices = [describe_device(d) for d in self.cfg.devices]
+        return self._devices
+
+    def redact(self, text: str, job: Job | None = None) -> str:
+        """``text`` without server-side paths: job files by their own names, bundles by model name, the rest by base name."""
+        pairs = []
+        if job is not None:
+            pairs += [(str(job.dir / "inputs") + os.sep, ""), (str(job.dir) + os.sep, ""), (str(job.dir), "job folder")]
+        pairs += [(str(b.root), b.name) for b in list(self._bundles.values())]
+        pairs.append((str(self.work_dir), "work folder"))
+        for old, new in sorted(pairs, key=lambda p: -len(p[0])):
+            text = text.replace(old, new)
+        return _ABS_PATH.sub(lambda m: m.group(1) or "…", text)
 
     # --- threads -----------------------------------------------------------------------------
     def _worker(self, device: str) -> None:
@@ -278,13 +477,20 @@ class JobManager:
 
             def progress(stage: str, fraction: float, message: str = "", job=job) -> None:
                 job.stage, job.fraction, job.message = stage, float(fraction), message
+                if not job.stages or job.stages[-1] != stage:
+                    job.stages.append(stage)
+                if self.on_stage is not None:
+                    self.on_stage(job, stage)
 
             status, error, etype = "failed", "", ""
             try:
-                inputs = [str(_prepare_input(p, self.cfg.max_upload_bytes)) for p in job.inputs]
+                if self.on_stage is not None:
+                    self.on_stage(job, "started")
                 job.cancel.check()
-                summary = segment_files(inputs, job.out_dir, job.model, dataclasses.replace(job.params, device=device),
-                                        overwrite=False, progress=progress, cancel=job.cancel)
+                summary = segment_files([str(p) for p in job.inputs], job.out_dir, job.model,
+                                        dataclasses.replace(job.params, device=device), overwrite=False, progress=progress,
+                                        cancel=job.cancel)
+                self._publishable_summary(job)
                 job.files = [f for f in CONTRACT_FILES if (job.out_dir / f).is_file()]
                 job.result = {"n_lesions": int(summary["n_lesions"]), "total_volume_ml": float(summary["total_volume_ml"]),
                               "warnings": list(summary.get("warnings", [])), "timings_s": summary.get("timings_s", {})}
@@ -292,9 +498,10 @@ class JobManager:
             except CancelledError:
                 status = "cancelled"
             except UNetSegmentError as e:
-                error, etype = str(e), type(e).__name__
+                error, etype = self.redact(str(e), job), type(e).__name__
             except Exception as e:  # noqa: BLE001 - a job's crash must not kill the worker
-                error, etype = f"internal error: {type(e).__name__}: {e}", "InternalError"
+                log.exception("job %s failed", job.id)
+                error, etype = self.redact(f"internal error: {type(e).__name__}: {e}", job), "InternalError"
             finally:
                 shutil.rmtree(job.dir / "inputs", ignore_errors=True)
                 if job.cancel.cancelled:  # DELETE or shutdown while it ran: its files go, even if it just finished
@@ -306,6 +513,29 @@ class JobManager:
                     remove = status == "cancelled" or job.deleted
                 if remove:
                     shutil.rmtree(job.dir, ignore_errors=True)
+
+    def _publishable_summary(self, job: Job) -> None:
+        """Rewrite the job's summary.json for its client: inputs by the client's file names, the model by
+        name, no other server path (the local ``segment`` records real paths; they mean nothing remotely)."""
+        path = job.out_dir / "summary.json"
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        for i, entry in enumerate(summary.get("inputs", [])):
+            entry["path"] = job.client_names[i] if i < len(job.client_names) else Path(entry.get("path", "")).name
+        if isinstance(summary.get("model"), dict):
+            summary["model"]["path"] = summary["model"].get("name", "")
+
+        def clean(v):
+            if isinstance(v, str):
+                return self.redact(v, job)
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return v
+
+        from .io.writers import write_json
+
+        write_json(clean(summary), path)
 
     def _cleaner(self) -> None:
         interval = self.cfg.cleanup_interval_s or max(0.5, min(60.0, self.cfg.retention_s / 4))
@@ -331,40 +561,56 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def _prepare_input(p: Path, max_bytes: int) -> Path:
-    """Uploaded file → readable input: a .zip becomes its DICOM series folder (extracted safely)."""
+def _prepare_input(p: Path, max_bytes: int, label: str | None = None) -> Path:
+    """Uploaded file → readable input: a .zip becomes its DICOM series folder (extracted safely, 0600
+    files in 0700 folders). ``label`` names the upload in errors (the client's file name)."""
     if p.suffix.lower() != ".zip":
         return p
+    name = label or p.name
     dest = p.with_suffix("")
+    fix = "upload a .zip of one DICOM series folder"
     try:
         with zipfile.ZipFile(p) as z:
             members = [m for m in z.infolist() if not m.is_dir()]
+            if not members:
+                raise InputError(f"{name} is an empty zip (no files in it)", fix)
             if len(members) > MAX_ZIP_MEMBERS:
-                raise InputError(f"{p.name}: the zip holds {len(members)} files (limit {MAX_ZIP_MEMBERS})", "zip one DICOM series")
+                raise InputError(f"{name}: the zip holds {len(members)} files (limit {MAX_ZIP_MEMBERS})", "zip one DICOM series")
             if sum(m.file_size for m in members) > max_bytes:
-                raise InputError(f"{p.name}: the zip unpacks to more than {max_bytes} bytes", "zip one DICOM series")
+                raise InputError(f"{name}: the zip unpacks to more than {max_bytes} bytes", "zip one DICOM series")
+            _private_dir(dest)
             root = dest.resolve()
             written = 0
             for m in members:
                 parts = Path(m.filename.replace("\\", "/")).parts
                 if m.filename.startswith(("/", "\\")) or ".." in parts or not parts or ":" in parts[0]:
-                    raise InputError(f"{p.name} holds an unsafe path {m.filename[:80]!r}", "zip the series folder's files only")
+                    raise InputError(f"{name} holds an unsafe path {m.filename[:80]!r}", "zip the series folder's files only")
                 target = (dest / Path(*parts)).resolve()
                 if root not in target.parents:
-                    raise InputError(f"{p.name} holds an unsafe path {m.filename[:80]!r}", "zip the series folder's files only")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(m) as src, open(target, "wb") as dst:
+                    raise InputError(f"{name} holds an unsafe path {m.filename[:80]!r}", "zip the series folder's files only")
+                try:
+                    for d in reversed([q for q in target.parents if root in q.parents]):
+                        d.mkdir(mode=0o700, exist_ok=True)
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except OSError:  # a name that is a file and a folder, or a file twice
+                    raise InputError(f"{name} holds {m.filename[:80]!r} twice or as both a file and a folder",
+                                     "zip one DICOM series folder as it is on disk") from None
+                with z.open(m) as src, os.fdopen(fd, "wb") as dst:
                     while chunk := src.read(1 << 20):
                         written += len(chunk)
                         if written > max_bytes:
-                            raise InputError(f"{p.name} unpacks to more than {max_bytes} bytes", "zip one DICOM series")
+                            raise InputError(f"{name} unpacks to more than {max_bytes} bytes", "zip one DICOM series")
                         dst.write(chunk)
     except zipfile.BadZipFile as e:
-        raise InputError(f"{p.name} is not a valid zip ({e})", "upload a .zip of one DICOM series folder") from None
+        raise InputError(f"{name} is not a valid zip ({e})", fix) from None
+    except (zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, zlib.error) as e:  # encrypted, odd compression, corrupt data
+        raise InputError(f"{name} cannot be unpacked ({type(e).__name__}: {e})", fix + " (plain deflate, no password)") from None
     p.unlink(missing_ok=True)
     folder = dest
     while True:  # descend through single wrapper folders (series/…)
         entries = [e for e in folder.iterdir() if not e.name.startswith((".", "__MACOSX"))]
+        if not entries:
+            raise InputError(f"{name} holds only hidden or system files", fix)
         if len(entries) == 1 and entries[0].is_dir():
             folder = entries[0]
         else:
@@ -437,7 +683,7 @@ class _MultipartSink:
                 raise HTTPProblem(400, f"upload {client_name[:80]!r} ({self._cur[0]}) is not a supported file type",
                                   "upload NIfTI (.nii, .nii.gz), NRRD (.nrrd), MHA (.mha) or a .zip of one DICOM series")
             path = self.folder / f"input{len(self.files)}{suffix}"
-            self._fh = open(path, "wb")
+            self._fh = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")  # patient data
             self.files.append((self._cur[0], path, client_name))
 
     def _data(self, data: bytes, start: int, end: int) -> None:
@@ -465,8 +711,45 @@ class _MultipartSink:
             self._fh = None
 
 
-async def receive_multipart(request, folder: Path, max_bytes: int) -> _MultipartSink:
-    """Stream a multipart body into ``folder`` (files) and memory (fields), at most ``max_bytes``."""
+class UploadTooSlow(HTTPProblem):
+    """408: the body did not arrive in time; the connection is closed, nothing more is read."""
+
+    drained = True
+
+
+async def body_chunks(request, cfg: ServerConfig):
+    """``request.stream()`` under the body deadline: the whole body within ``upload_timeout_s``, and after
+    ``upload_grace_s`` at least ``upload_min_rate`` bytes/s on average — a stalled or trickling client
+    (slow loris) is cut off with :class:`UploadTooSlow` instead of holding the server."""
+    it = request.stream().__aiter__()
+    t0 = time.monotonic()
+    n = 0
+    while True:
+        by_rate = n / cfg.upload_min_rate if cfg.upload_min_rate > 0 else float("inf")
+        deadline = t0 + min(cfg.upload_timeout_s, max(cfg.upload_grace_s, by_rate))
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(it.__anext__(), timeout=left)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            elapsed = time.monotonic() - t0
+            if elapsed >= cfg.upload_timeout_s:
+                problem = f"upload not complete after {elapsed:.0f} s (limit {cfg.upload_timeout_s:.0f} s)"
+            else:
+                problem = (f"upload too slow: {n} bytes in {elapsed:.1f} s (the server needs at least "
+                           f"{cfg.upload_min_rate / 1024:.0f} KiB/s after the first {cfg.upload_grace_s:.0f} s)")
+            raise UploadTooSlow(408, problem, "send the whole request at once over a faster link (or ask the admin about the "
+                                              "upload limits)", {"Connection": "close"}) from None
+        n += len(chunk)
+        yield chunk
+
+
+async def receive_multipart(request, folder: Path, max_bytes: int, cfg: ServerConfig | None = None) -> _MultipartSink:
+    """Stream a multipart body into ``folder`` (files) and memory (fields), at most ``max_bytes``,
+    under ``cfg``'s body deadline (see :func:`body_chunks`)."""
     from python_multipart.multipart import MultipartParser, parse_options_header
     from starlette.requests import ClientDisconnect
 
@@ -478,7 +761,7 @@ async def receive_multipart(request, folder: Path, max_bytes: int) -> _Multipart
     problem: HTTPProblem | None = None
     total = drained = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, cfg or ServerConfig()):
             total += len(chunk)
             if problem is None:
                 if total > max_bytes:
@@ -494,6 +777,11 @@ async def receive_multipart(request, folder: Path, max_bytes: int) -> _Multipart
             problem = _feed(parser, None)
     except ClientDisconnect:
         problem = HTTPProblem(400, "the client disconnected during the upload", "send the whole request")
+    except UploadTooSlow:  # while draining a refused body: that refusal is the answer
+        if problem is None:
+            raise
+        problem.headers["Connection"] = "close"
+        problem.drained = True
     finally:
         sink.close()
     if problem is not None:
@@ -619,23 +907,115 @@ class BearerAuth:
         await resp(scope, receive, send)
 
 
+def describe_device(name: str) -> dict:
+    """``{"worker": name as configured, "device": what torch runs on, "name": the GPU's name or "cpu"}``."""
+    from .errors import DeviceError
+    from .inference import resolve_device
+
+    try:
+        dev = resolve_device(name)
+    except DeviceError as e:
+        return {"worker": name, "device": None, "name": None, "error": e.problem}
+    if dev.type == "cuda":
+        import torch
+
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        return {"worker": name, "device": f"cuda:{idx}", "name": torch.cuda.get_device_name(idx)}
+    return {"worker": name, "device": dev.type, "name": "Apple Metal (MPS)" if dev.type == "mps" else "cpu"}
+
+
+def cuda_report() -> dict:
+    """``{"cuda_available", "gpus": [names]}`` of this machine."""
+    import torch
+
+    ok = torch.cuda.is_available()
+    return {"cuda_available": ok, "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if ok else []}
+
+
+#: the ``fix`` of framework-made errors, by status
+_FIXES = {404: "see GET /docs (or /openapi.json) for the endpoints", 405: "use one of the methods in the Allow header",
+          422: "send the fields /openapi.json describes", 500: "the server's log has the details; report it if it persists"}
+
+_DOCS_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>UNetSegment API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head><body>
+<div id="ui"></div><script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({dom_id: "#ui", spec: %s});</script></body></html>"""
+
+_JOBS_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "additionalProperties": {"type": "string"},
+    "description": "one file per model channel (field named after the channel, or repeated 'input' fields in channel order: "
+                   ".nii, .nii.gz, .nrrd, .mha or a .zip of one DICOM series) and segment parameters named like the CLI flags "
+                   "(model, threshold, min-lesion-ml, heatmap, tta …)"}}}}}
+_FILE_TYPES = {"content": {t.split(";")[0]: {} for t in (*MEDIA_TYPES.values(), "application/octet-stream")}}
+
+
+def _problem_response(status: int, problem: str, fix: str, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": problem, "fix": fix}, status_code=status, headers=headers)
+
+
 def create_app(manager: JobManager):
     """The FastAPI app over ``manager`` (wrapped in bearer auth when the config has a token)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.openapi.utils import get_openapi
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg = manager.cfg
-    app = FastAPI(title="UNetSegment", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="UNetSegment", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  description=(__doc__ or "").split("Design:")[0])
 
     @app.exception_handler(HTTPProblem)
     async def _problem(request, exc: HTTPProblem):
-        return JSONResponse({"error": exc.problem, "fix": exc.fix}, status_code=exc.status, headers=exc.headers)
+        return _problem_response(exc.status, exc.problem, exc.fix, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            problem = f"no endpoint {request.url.path[:80]!r}"
+        elif exc.status_code == 405:
+            problem = f"{request.method} is not allowed on {request.url.path[:80]!r}"
+        else:
+            problem = str(exc.detail)
+        return _problem_response(exc.status_code, problem, _FIXES.get(exc.status_code, ""), dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return _problem_response(422, f"invalid request: {where}: {first.get('msg', 'invalid')}", _FIXES[422])
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _problem_response(500, f"internal error ({type(exc).__name__})", _FIXES[500])
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            if cfg.token is not None:
+                schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        # the schema is inlined: a page fetched with the token needs no second, token-less request
+        spec = json.dumps(openapi()).replace("</", "<\\/")
+        return HTMLResponse(_DOCS_HTML % spec)
 
     @app.get("/health")
     async def health():
         c = manager.counts()
-        return {"status": "ok", "version": __version__, "devices": list(cfg.devices), "queued": c.get("queued", 0),
-                "running": c.get("running", 0), "max_queued": cfg.max_queued, "max_upload_bytes": cfg.max_upload_bytes,
+        return {"status": "ok", "version": __version__, "devices": manager.devices(), **manager.hardware(),
+                "queued": c.get("queued", 0), "running": c.get("running", 0), "uploading": c["uploading"],
+                "max_queued": cfg.max_queued, "max_uploads": cfg.max_uploads, "max_upload_bytes": cfg.max_upload_bytes,
                 "retention_s": cfg.retention_s, "auth": cfg.token is not None}
 
     @app.get("/models")
@@ -657,43 +1037,31 @@ def create_app(manager: JobManager):
                         "description": b.meta.get("title", b.meta.get("description", ""))})
         return {"default": default, "models": out}
 
-    @app.post("/jobs", status_code=202)
+    @app.post("/jobs", status_code=202, openapi_extra=_JOBS_BODY)
     async def create_job(request: Request):
         try:
-            manager.reserve()
+            manager.check_room()  # full now: refuse before reading (no slot is held while the body arrives)
+            manager.begin_upload()
         except HTTPProblem:
-            await _drain(request, DRAIN_LIMIT)
+            await _drain(request, DRAIN_LIMIT, cfg.drain_timeout_s)
             raise
-        jid, jdir = None, None
         try:
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > cfg.max_upload_bytes:
-                await _drain(request, DRAIN_LIMIT)
-                raise HTTPProblem(413, f"upload of {_mb(int(declared))} is larger than the server's limit of {_mb(cfg.max_upload_bytes)}",
-                                  "send smaller volumes (e.g. cropped or compressed .nii.gz) or ask the admin to raise --max-upload-mb")
-            jid, jdir = manager.new_job_dir()
-            sink = await receive_multipart(request, jdir / "inputs", cfg.max_upload_bytes)
-            model, params = params_from_fields(sink.fields, manager.default_model(), cfg.params)
-            bundle = manager.bundle(model)
-            inputs = _map_uploads(sink.files, bundle.channel_names)
-            if not inputs:
-                raise HTTPProblem(400, "no files uploaded", "upload one file per channel: " + ", ".join(bundle.channel_names))
-            job = Job(id=jid, dir=jdir, model=model, params=params, inputs=inputs, channels=bundle.channel_names)
-        except BaseException:
-            manager.release()
-            await _drain(request, DRAIN_LIMIT)
-            if jdir is not None:
-                shutil.rmtree(jdir, ignore_errors=True)
+            job = await _receive_job(request, manager)
+        finally:
+            manager.end_upload()
+        try:
+            pos = manager.enqueue(job)  # the queue slot, now that the upload is complete
+        except HTTPProblem:
+            shutil.rmtree(job.dir, ignore_errors=True)
             raise
-        pos = manager.enqueue(job)
-        return JSONResponse({"id": jid, "status": "queued", "queue_position": pos, "model": model, "channels": job.channels},
-                            status_code=202, headers={"Location": f"/jobs/{jid}"})
+        return JSONResponse({"id": job.id, "status": "queued", "queue_position": pos, "model": job.model, "channels": job.channels},
+                            status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
     @app.get("/jobs/{jid}")
     async def job_status(jid: str):
         return manager.describe(manager.get(jid))
 
-    @app.get("/jobs/{jid}/files/{name}")
+    @app.get("/jobs/{jid}/files/{name}", responses={200: _FILE_TYPES})
     async def job_file(jid: str, name: str):
         job = manager.get(jid)
         if name not in CONTRACT_FILES:
@@ -702,7 +1070,7 @@ def create_app(manager: JobManager):
             raise HTTPProblem(409, f"job {jid} is {job.status}", "files can be fetched once its status is done")
         if name not in job.files or not (job.out_dir / name).is_file():
             raise HTTPProblem(404, f"job {jid} has no {name}", "ask for one of the names in the job's 'files'")
-        return FileResponse(job.out_dir / name, filename=name, media_type="application/octet-stream")
+        return FileResponse(job.out_dir / name, filename=name, media_type=media_type(name))
 
     @app.delete("/jobs/{jid}")
     async def job_delete(jid: str):
@@ -713,17 +1081,61 @@ def create_app(manager: JobManager):
     return app
 
 
-async def _drain(request, limit: int) -> None:
-    """Read (and drop) up to ``limit`` bytes of a refused body so the client sees the answer, not a reset."""
+async def _receive_job(request, manager: JobManager) -> Job:
+    """Read one ``POST /jobs`` body into a new job folder and make its :class:`Job` (not queued yet);
+    on any refusal the folder is removed and the rest of the body read (bounded) or dropped."""
+    from starlette.concurrency import run_in_threadpool
+
+    cfg = manager.cfg
+    jdir = None
+    try:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cfg.max_upload_bytes:
+            raise HTTPProblem(413, f"upload of {_mb(int(declared))} is larger than the server's limit of {_mb(cfg.max_upload_bytes)}",
+                              "send smaller volumes (e.g. cropped or compressed .nii.gz) or ask the admin to raise --max-upload-mb")
+        jid, jdir = manager.new_job_dir()
+        sink = await receive_multipart(request, jdir / "inputs", cfg.max_upload_bytes, cfg)
+        model, params = params_from_fields(sink.fields, manager.default_model(), cfg.params)
+        bundle = manager.bundle(model)
+        uploads = _map_uploads(sink.files, bundle.channel_names)
+        if not uploads:
+            raise HTTPProblem(400, "no files uploaded", "upload one file per channel: " + ", ".join(bundle.channel_names))
+        names = {path: Path(client).name or path.name for _field, path, client in sink.files}
+        try:  # a zip becomes its series folder now: a broken zip is the client's 400, not a failed job
+            inputs = [await run_in_threadpool(_prepare_input, p, cfg.max_upload_bytes, names[p]) for p in uploads]
+        except InputError as e:
+            raise HTTPProblem(400, manager.redact(e.problem), e.fix or "") from None
+        job = Job(id=jid, dir=jdir, model=model, params=params, inputs=inputs, channels=bundle.channel_names,
+                  client_names=[names[p] for p in uploads])
+    except BaseException as e:
+        if jdir is not None:
+            shutil.rmtree(jdir, ignore_errors=True)
+        if isinstance(e, Exception) and not getattr(e, "drained", False):
+            await _drain(request, DRAIN_LIMIT, cfg.drain_timeout_s)
+        raise
+    return job
+
+
+def media_type(name: str) -> str:
+    """The served media type of a contract file (``text/csv``, ``image/png``, ``application/json`` …)."""
+    return MEDIA_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+
+
+async def _drain(request, limit: int, timeout_s: float = 5.0) -> None:
+    """Read (and drop) up to ``limit`` bytes of a refused body, for at most ``timeout_s``, so the client
+    sees the answer rather than a reset connection (a stalled client gets the answer after the timeout)."""
     from starlette.requests import ClientDisconnect
 
-    n = 0
-    try:
+    async def read() -> None:
+        n = 0
         async for chunk in request.stream():
             n += len(chunk)
             if n > limit:
                 break
-    except (ClientDisconnect, RuntimeError):  # RuntimeError: already read to the end
+
+    try:
+        await asyncio.wait_for(read(), timeout=timeout_s)
+    except (ClientDisconnect, RuntimeError, asyncio.TimeoutError):  # RuntimeError: already read to the end
         pass
 
 
@@ -753,14 +1165,19 @@ def _map_uploads(files: list[tuple[str, Path, str]], channels: list[str]) -> lis
 # Running it
 # --------------------------------------------------------------------------------------------
 def read_token_file(path: str | os.PathLike) -> str:
+    """The bearer token in ``path``; refused, as ssh refuses a private key, when others may read the file."""
     p = Path(path)
     try:
+        mode = p.stat().st_mode
+        if os.name == "posix" and mode & 0o077:
+            raise UsageError(f"token file {p} is accessible by other users (mode {mode & 0o777:04o})",
+                             f"chmod 600 {p}")
         token = p.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read token file {p}: {e}", "give a readable text file holding the token") from None
     if len(token) < 16 or any(c.isspace() for c in token):
         raise UsageError(f"token file {p} must hold one token of at least 16 characters without spaces",
-                         "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > token.txt")
+                         "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > token.txt && chmod 600 token.txt")
     return token
 
 

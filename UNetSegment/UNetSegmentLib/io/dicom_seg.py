@@ -16,6 +16,9 @@ from ..image import Image
 from .writers import atomic_path
 
 NO_LESION = "no lesion: DICOM SEG needs at least one non-empty segment"
+#: oldest highdicom with what this writer uses (CIELabColor.from_rgb, SegmentDescription(display_color=));
+#: it needs pydicom >= 3, which 3D Slicer ships from 5.12 on (5.10 ships pydicom 2.4.4)
+MIN_HIGHDICOM = (0, 27)
 #: how far (in voxels) a source file's position may sit off the label grid
 GRID_TOLERANCE_VOXELS = 0.01
 SLICE_TOLERANCE_VOXELS = 0.1
@@ -34,16 +37,20 @@ def write_dicom_seg(
     """Write ``labels`` (integer ``array[k, j, i]``) as a DICOM SEG referencing the series in ``source_folder``.
 
     ``segments``: dicts with ``value`` (label value), ``name``, ``color`` (RGB 0..1) and optional
-    ``code`` ``{"scheme", "value", "meaning"}`` (default SCT 52988006 "Lesion"). Empty segments are
+    ``code`` ``{"scheme", "value", "meaning"}`` (default SCT 52988006 "Lesion") and ``category`` (default
+    SCT 49755003 "Morphologically Altered Structure"; see :mod:`..terminology`). Empty segments are
     left out (segment numbers are then 1..n in the order given). Returns ``None`` when written, or
-    the reason nothing was written (all segments empty). ``series_number`` defaults to the source's
-    SeriesNumber + 1000.
+    the reason nothing was written (all segments empty, or :func:`unavailable_reason`). ``series_number``
+    defaults to the source's SeriesNumber + 1000.
     """
+    absent = unavailable_reason()
+    if absent:
+        return absent
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     arr = np.asarray(labels.array)
-    category = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure")
+    default_category = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure")
     kept = [s for s in segments if np.any(arr == int(s["value"]))]
     if not kept:
         return NO_LESION
@@ -58,6 +65,8 @@ def write_dicom_seg(
         pixels[arr == int(s["value"])] = number
         c = s.get("code")
         prop = hd.sr.CodedConcept(c["value"], c["scheme"], c["meaning"]) if c else codes.SCT.Lesion
+        cat = s.get("category")
+        category = hd.sr.CodedConcept(cat["value"], cat["scheme"], cat["meaning"]) if cat else default_category
         rgb = [int(round(255 * min(max(float(v), 0.0), 1.0))) for v in s["color"]]
         descriptions.append(
             hd.seg.SegmentDescription(
@@ -93,6 +102,22 @@ def write_dicom_seg(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         seg.save_as(tmp)
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why no DICOM SEG can be written in this Python (highdicom missing or too old), else None."""
+    import importlib.metadata as md
+
+    try:
+        version = md.version("highdicom")
+    except md.PackageNotFoundError:
+        return ("DICOM SEG not written: highdicom is not installed (pip install 'highdicom>=0.27'; in 3D Slicer it "
+                "needs Slicer 5.12 or later, whose pydicom 3 it requires)")
+    have = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if have < MIN_HIGHDICOM:
+        return (f"DICOM SEG not written: highdicom {version} is older than "
+                f"{'.'.join(map(str, MIN_HIGHDICOM))} (pip install 'highdicom>=0.27', which needs pydicom 3)")
     return None
 
 

@@ -6,36 +6,73 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
+import re
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_read_memory
 from ..errors import InputError
 from ..image import LPS_TO_RAS, Image, from_sitk
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: relative tolerance on the spread of DICOM slice positions before we call a series incomplete
 DICOM_SPACING_TOLERANCE = 0.1
+#: a deflate stream expands at most 1032-fold: a .gz declaring more data than that is cut short
+MAX_DEFLATE_RATIO = 1032
+#: decompressed bytes read past what a NIfTI header declares before the completeness check stops
+GZIP_SLACK_BYTES = 1 << 20
 
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Read one 3D scalar volume (file or DICOM series folder) as an :class:`Image` in RAS."""
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What a volume's header declares, read without its voxels (see :func:`read_header`)."""
+
+    size: tuple[int, ...]  # voxels per axis, ITK order (i, j, k[, t]); a DICOM series: (columns, rows, frames)
+    bytes_per_voxel: int  # all components together, as stored
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.voxels * self.bytes_per_voxel
+
+
+#: called with a volume's header before its voxels are read; raises to refuse (e.g. a model's memory budget)
+HeaderCheck = Callable[[VolumeHeader], None]
+
+
+def read_image(path: str | os.PathLike, before_pixels: HeaderCheck | None = None) -> Image:
+    """Read one 3D scalar volume (file or DICOM series folder) as an :class:`Image` in RAS.
+
+    The header comes first: ``before_pixels`` and the reader's own memory check see the declared size
+    and refuse before any voxel is allocated or decompressed (a 1 KB header may claim 1200³ voxels).
+    """
     import SimpleITK as sitk
 
     p = Path(path)
     if not p.exists():
         raise InputError(f"input not found: {p}", "check the path and that the file exists")
     if p.is_dir():
-        img, tilt_step = _read_dicom_series(p)
+        files = _dicom_series_files(p)
+        _check_header(_dicom_header(files, p), p.name, before_pixels)
+        img, tilt_step = _read_dicom_series(p, files)
         image = _to_volume(img, p.name)
         if tilt_step is not None:  # gantry tilt: the exact, sheared geometry
             m = image.ijk_to_ras.copy()
             m[:3, 2] = LPS_TO_RAS[:3, :3] @ tilt_step
             image = Image(image.array, m)
         return image
-    _check_complete(p)
+    head = _read_head(p)
+    _check_header(read_header(p), p.name, before_pixels)
+    _check_complete(p, head)
     try:
         with _captured_stderr() as err:
             img = sitk.ReadImage(str(p))
@@ -46,6 +83,54 @@ def read_image(path: str | os.PathLike) -> Image:
             "check that it is a complete NIfTI, NRRD, MHA or DICOM file",
         ) from None
     return _to_volume(img, p.name)
+
+
+def read_header(path: str | os.PathLike) -> VolumeHeader:
+    """Sizes and voxel type of a volume file or DICOM series folder, without reading its voxels."""
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if p.is_dir():
+        return _dicom_header(_dicom_series_files(p), p)
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(p))
+    try:
+        with _captured_stderr() as err:
+            r.ReadImageInformation()
+    except RuntimeError as e:
+        reason = _itk_reason(str(e) + "\n" + err.text())
+        raise InputError(
+            f"cannot read {p.name}: corrupt, truncated or not a volume ({reason})",
+            "check that it is a complete NIfTI, NRRD, MHA or DICOM file",
+        ) from None
+    kind = sitk.GetPixelIDValueAsString(r.GetPixelID())
+    bits = re.search(r"(\d+)-bit", kind)
+    per_component = (int(bits.group(1)) // 8 if bits else 8) * (2 if kind.startswith("complex") else 1)
+    return VolumeHeader(tuple(int(n) for n in r.GetSize()), per_component * max(1, r.GetNumberOfComponents()))
+
+
+def _check_header(header: VolumeHeader, name: str, before_pixels: HeaderCheck | None) -> None:
+    if before_pixels is not None:
+        before_pixels(header)
+    check_read_memory(header.size, header.bytes_per_voxel, name)
+
+
+def _dicom_header(files: list[str], folder: Path) -> VolumeHeader:
+    """The series' declared size: rows × columns × frames summed over its files (pydicom, pixels not read)."""
+    import pydicom
+
+    rows = cols = frames = bpv = 0
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True, specific_tags=[
+                "Rows", "Columns", "NumberOfFrames", "BitsAllocated", "SamplesPerPixel"])
+            n = int(ds.get("NumberOfFrames", 1) or 1)
+            rows, cols = max(rows, int(ds.get("Rows", 0) or 0)), max(cols, int(ds.get("Columns", 0) or 0))
+            bpv = max(bpv, -(-int(ds.get("BitsAllocated", 16) or 16) // 8) * int(ds.get("SamplesPerPixel", 1) or 1))
+        except (OSError, ValueError, TypeError, pydicom.errors.InvalidDicomError) as e:
+            raise InputError(f"cannot read the DICOM header of {Path(f).name} in {folder}: {e}", "check the files") from None
+        frames += max(n, 1)
+    return VolumeHeader((cols, rows, frames), max(bpv, 1))
 
 
 class _Captured:
@@ -121,25 +206,44 @@ def _itk_reason(msg: str) -> str:
     return lines[-1][:200] if lines else "unknown reason"
 
 
-def _check_complete(p: Path) -> None:
+def _read_head(p: Path) -> bytes:
+    """The first bytes of a (gzipped) file, enough for a NIfTI-1/-2 header; a broken gzip is refused here."""
+    opener = gzip.open if p.name.lower().endswith(".gz") else open
+    try:
+        with opener(p, "rb") as f:
+            return f.read(544)
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        raise InputError(f"{p.name} is truncated or corrupt ({e})", "copy the file again from its source") from None
+
+
+def _check_complete(p: Path, head: bytes | None = None) -> None:
     """SimpleITK reads some truncated NIfTI files silently: check the data size the header promises.
 
-    For gzip files the whole stream is decompressed (which also catches a cut gzip stream).
+    A gzip stream is decompressed (streamed, which also catches a cut stream) up to the declared size
+    plus :data:`GZIP_SLACK_BYTES`, never further: a small file inflating to gigabytes costs no more
+    than its header declares (and that passed the memory check).
     """
     name = p.name.lower()
     if not (name.endswith(".gz") or name.endswith(".nii")):
         return
-    opener = gzip.open if name.endswith(".gz") else open
-    try:
-        with opener(p, "rb") as f:
-            head = f.read(544)
-            total = len(head)
-            while chunk := f.read(1 << 22):
-                total += len(chunk)
-    except (EOFError, OSError, gzip.BadGzipFile) as e:
-        raise InputError(f"{p.name} is truncated or corrupt ({e})", "copy the file again from its source") from None
+    head = _read_head(p) if head is None else head
+    need = _nifti_expected_size(head) if ".nii" in name else None
+    if not name.endswith(".gz"):
+        total = p.stat().st_size
+    else:
+        stored = p.stat().st_size
+        if need is not None and need > MAX_DEFLATE_RATIO * stored + len(head):
+            raise InputError(f"{p.name} is truncated: its header promises {need} bytes, more than {stored} compressed "
+                             "bytes can hold", "copy the file again from its source")
+        cap = None if need is None else need + GZIP_SLACK_BYTES
+        total = 0
+        try:
+            with gzip.open(p, "rb") as f:
+                while chunk := f.read(1 << 22 if cap is None else min(1 << 22, cap - total)):
+                    total += len(chunk)
+        except (EOFError, OSError, gzip.BadGzipFile) as e:
+            raise InputError(f"{p.name} is truncated or corrupt ({e})", "copy the file again from its source") from None
     if ".nii" in name:
-        need = _nifti_expected_size(head)
         if need is not None and total < need:
             raise InputError(
                 f"{p.name} is truncated: {total} bytes of image data where its header promises {need}",
@@ -170,8 +274,8 @@ def _nifti_expected_size(head: bytes) -> int | None:
     return None
 
 
-def _read_dicom_series(folder: Path):
-    """The series as a SimpleITK image plus its true slice step (LPS mm), which ITK drops for gantry tilt."""
+def _dicom_series_files(folder: Path) -> list[str]:
+    """The files of the folder's one DICOM series (refused: no series, several, or a single slice)."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -186,6 +290,14 @@ def _read_dicom_series(folder: Path):
     files = reader.GetGDCMSeriesFileNames(str(folder), ids[0])
     if len(files) < 2:
         raise InputError(f"the DICOM series in {folder} has a single slice", "give a 3D series")
+    return list(files)
+
+
+def _read_dicom_series(folder: Path, files: list[str]):
+    """The series as a SimpleITK image plus its true slice step (LPS mm), which ITK drops for gantry tilt."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         with _captured_stderr() as err:
@@ -229,3 +341,51 @@ def _slice_step(img, files, folder: Path) -> np.ndarray | None:
 
 def is_volume_path(p: Path) -> bool:
     return p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+# --- DICOM references per slice ------------------------------------------------------------------
+@dataclass(frozen=True)
+class DicomSliceRef:
+    """The source image behind one k index: what a PACS viewer calls "image N" of the series."""
+
+    instance_number: int | None  # (0020,0013); None when the file has none
+    sop_instance_uid: str  # (0008,0018)
+
+
+def dicom_slice_refs(folder: str | os.PathLike, image: Image) -> list[DicomSliceRef]:
+    """InstanceNumber and SOPInstanceUID of the file behind each k index of ``image`` (``folder`` as read).
+
+    Each file is placed by its ImagePositionPatient on ``image``'s grid — not by file name, file
+    order or InstanceNumber — so whatever sorting or flip lies between the files and the array
+    (ITK orders slices along the normal; a series may number them head-to-feet) is accounted for.
+    Raises :class:`InputError` when the files do not cover each k index exactly once.
+    """
+    import pydicom
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    reader = sitk.ImageSeriesReader()
+    ids = reader.GetGDCMSeriesIDs(str(folder))
+    if len(ids) != 1:
+        raise InputError(f"folder {folder} holds {len(ids)} DICOM series", "give a folder holding exactly one series")
+    files = reader.GetGDCMSeriesFileNames(str(folder), ids[0])
+    inv = np.linalg.inv(image.ijk_to_lps)
+    K = image.array.shape[0]
+    by_k: dict[int, DicomSliceRef] = {}
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True,
+                             specific_tags=["ImagePositionPatient", "InstanceNumber", "SOPInstanceUID"])
+        ipp = ds.get("ImagePositionPatient")
+        uid = ds.get("SOPInstanceUID")
+        if ipp is None or uid is None:
+            raise InputError(f"{Path(f).name} has no ImagePositionPatient or SOPInstanceUID", "export the series again")
+        z = float((inv[:3, :3] @ np.asarray(ipp, dtype=np.float64) + inv[:3, 3])[2])
+        k = int(round(z))
+        if abs(z - k) > 0.1 or not 0 <= k < K or k in by_k:
+            raise InputError(f"{Path(f).name} is not one of the {K} slices of the volume read from {folder}",
+                             "give a folder holding one complete series")
+        number = ds.get("InstanceNumber")
+        by_k[k] = DicomSliceRef(int(number) if number not in (None, "") else None, str(uid))
+    if len(by_k) != K:
+        raise InputError(f"the series in {folder} has {len(by_k)} images for {K} slices", "export the complete series again")
+    return [by_k[k] for k in range(K)]

@@ -45,6 +45,7 @@ import numpy as np
 from ..bundle import sha256_file
 from ..errors import InputError, OutputError
 from ..image import Image, make_ijk_to_ras
+from .writers import new_shared_file
 
 PACKAGE = "invesalius-examples"
 PACKAGE_VERSION = "3.1.99998-4"
@@ -58,8 +59,8 @@ SAMPLE_SHAPE_KJI = (108, 256, 256)
 SAMPLE_DIRECTION = np.array([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
 
 _MANUAL_FIX = (
-    f"download {PACKAGE}_{PACKAGE_VERSION}_all.deb from packages.debian.org (or "
-    f"Cranium.inv3 from it) by hand and pass it as `source`"
+    f"download {PACKAGE}_{PACKAGE_VERSION}_all.deb from packages.debian.org by hand and run "
+    f"`unetsegment fetch-sample --source {PACKAGE}_{PACKAGE_VERSION}_all.deb` (or give it the Cranium.inv3 inside)"
 )
 
 
@@ -98,7 +99,7 @@ def fetch_sample(cache_dir: Path | None = None, source: Path | None = None) -> P
         else:
             source = Path(source).expanduser()
             if not source.is_file():
-                raise InputError(f"sample source {source} does not exist", "pass the path of the .deb or .inv3 file")
+                raise InputError(f"sample source {source} does not exist", "give --source the path of the .deb or of Cranium.inv3")
             inv3 = _inv3_from_deb(source, tmpdir) if source.suffix == ".deb" else source
         image = read_inv3(inv3)
     _write_nifti_atomic(image, out)
@@ -213,7 +214,7 @@ def _apt_download(workdir: Path) -> Path:
 def _inv3_from_deb(deb: Path, workdir: Path) -> Path:
     """Unpack ``deb`` with ``dpkg -x`` under ``workdir``; the path of Cranium.inv3 inside."""
     if shutil.which("dpkg") is None:
-        raise InputError(f"dpkg not found: cannot unpack {deb}", "install dpkg, or pass Cranium.inv3 itself as `source`")
+        raise InputError(f"dpkg not found: cannot unpack {deb}", "install dpkg, or give the Cranium.inv3 inside it: `unetsegment fetch-sample --source Cranium.inv3`")
     dest = workdir / "deb"
     dest.mkdir()
     proc = _run(["dpkg", "-x", str(Path(deb).resolve()), str(dest)], workdir)
@@ -232,13 +233,11 @@ def _write_nifti_atomic(image: Image, out: Path) -> None:
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".head_ct.", suffix=".nii.gz", dir=out.parent)
-        os.close(fd)
+        tmp = str(new_shared_file(out.parent, ".head_ct.", ".nii.gz"))
     except OSError as exc:
         raise OutputError(f"cannot write in {out.parent}: {exc}", "set UNETSEGMENT_CACHE or pass cache_dir") from exc
     try:
         sitk.WriteImage(to_sitk(image), tmp, True)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         os.replace(tmp, out)
     except BaseException:
         try:

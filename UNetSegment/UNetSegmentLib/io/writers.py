@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,13 +20,30 @@ import numpy as np
 from ..image import Image, to_sitk
 
 
+def new_shared_file(directory: str | os.PathLike, prefix: str, suffix: str) -> Path:
+    """Create a new, empty, uniquely named file with the mode a plain ``open()`` gives (0666 & ~umask).
+
+    ``tempfile.mkstemp`` makes 0600 files, which would leave results private to whoever ran the tool
+    (colleagues, a shared cluster file system or a PACS account could not read them); the kernel
+    applies the umask here, so nothing reads or changes the process-wide umask (threads are safe).
+    """
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = Path(directory) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(path, flags, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, f"no free temporary name in {directory}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path``."""
+    """Yield a temporary path beside ``path``; on success move it onto ``path`` (mode 0666 & ~umask)."""
     dest = Path(path)
     suffix = "".join(dest.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=suffix, dir=dest.parent)
-    os.close(fd)
+    tmp = new_shared_file(dest.parent, f".{dest.stem}.", suffix)
     try:
         yield Path(tmp)
         os.replace(tmp, dest)

@@ -21,16 +21,18 @@ from ..bundle import Bundle, available_models, import_model, load_bundle
 from ..errors import InputError
 from ..image import Image
 from ..io.writers import write_image
+from ..job import display_channel
+from ..preprocess import align_inputs
 from ..lesions import LesionTable
 from ..params import SegmentParams
 from ..rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
-from ..roi import Box, box_from_ras_bounds, crop, uncrop
+from ..roi import Box, box_from_ras_corners, crop, uncrop
 from ..server_client import ServerClient
 from ..worker import error_event
 from . import scene
 from .process import ProcessProtocol, ServerProcess, WorkerProcess
 from .signals import Signal
-from .volumes import image_from_volume
+from .volumes import image_from_volume, roi_corners_in_frame
 
 HEATMAP_ORDER = ("probability", "gradcam", "uncertainty")
 #: seconds one HTTP request to a server may take (uploads and downloads have their own, longer limit)
@@ -70,6 +72,13 @@ class RunResult:
     def reference_volume(self):
         return self.request.input_nodes[0]
 
+    @property
+    def intensity_image(self) -> Image:
+        """The channel the intensity columns describe (the model card's ``display.channel``, e.g. Tmax),
+        on the first input's grid, as the CLI measures it."""
+        show = display_channel(self.bundle)
+        return align_inputs(self.inputs, self.bundle.channel_names)[show] if show else self.inputs[0]
+
 
 class SegmentationLogicProtocol(Protocol):
     """What the panel needs from a logic (tests hand it a fake)."""
@@ -87,7 +96,7 @@ class SegmentationLogicProtocol(Protocol):
     def start(self, request: RunRequest) -> None: ...
     def cancel(self) -> None: ...
     def is_running(self) -> bool: ...
-    def set_threshold(self, result: RunResult, threshold: float) -> None: ...
+    def set_threshold(self, result: RunResult, threshold: float, surfaces: bool = True) -> None: ...
     def show_heatmap(self, result: RunResult, kind: str, opacity: float) -> None: ...
     def set_overlay_opacity(self, opacity: float) -> None: ...
     def jump_to_table_row(self, result: RunResult, row: int): ...
@@ -165,12 +174,11 @@ class SegmentationLogic:
         # whether the server answers is found out by the process's background thread)
         client = (ServerClient(request.server_url, token_file=request.server_token_file or None, timeout=SERVER_TIMEOUT_S)
                   if request.server_url else None)
+        scene.check_output_segmentation(request.output_segmentation)  # before anything is written
         images = [image_from_volume(n) for n in nodes]
         box = None
-        if request.roi_node is not None:
-            bounds = [0.0] * 6
-            request.roi_node.GetRASBounds(bounds)
-            box = box_from_ras_bounds(images[0], bounds)
+        if request.roi_node is not None:  # the ROI's corners in the input's local frame (both may be transformed)
+            box = box_from_ras_corners(images[0], roi_corners_in_frame(request.roi_node, nodes[0]))
         work = Path(slicer.util.tempDirectory("UNetSegment-"))
         paths = []
         for i, (img, ch) in enumerate(zip(images, channels)):
@@ -254,7 +262,7 @@ class SegmentationLogic:
                 heatmaps={k: uncrop(v, full, box) for k, v in run.heatmaps.items()})
         result = RunResult(request, bundle, run, images, paths, work, box, threshold=run.threshold, summary=run.summary)
         if box is not None:  # the worker's table indexes the crop: measure again on the full grid
-            derived = rederive_run(run, bundle, run.threshold, intensity=full)
+            derived = rederive_run(run, bundle, run.threshold, intensity=result.intensity_image)
             labels, lesions = derived.labels, derived.table
         else:
             labels, lesions = run.labels, table_from_summary(run.summary)
@@ -295,18 +303,22 @@ class SegmentationLogic:
         seg.SetNodeReferenceID(scene.REF_ROLE.format("table"), table.GetID())
         for node in [seg, table, *result.heatmaps.values()]:
             scene.place_in_study(node, ref)
-        for node in [seg, *result.heatmaps.values()]:
+        for node in result.heatmaps.values():  # the segmentation got its frame in update_segmentation
             scene.follow_input_transform(node, ref)
         result.segmentation, result.table, result.lesions = seg, table, lesions
         scene.show_overlay(ref, result.heatmaps["probability"], 0.5)
         scene.show_table(table)
 
     # --- after a run ----------------------------------------------------------------------------
-    def set_threshold(self, result: RunResult, threshold: float) -> None:
-        """Re-derive segmentation and table from the probability map at ``threshold`` (no new run)."""
-        derived = rederive_run(result.run, result.bundle, float(threshold), intensity=result.inputs[0])
+    def set_threshold(self, result: RunResult, threshold: float, surfaces: bool = True) -> None:
+        """Re-derive segmentation and table from the probability map at ``threshold`` (no new run).
+
+        Segments are updated in place (their display settings stay); ``surfaces=False`` skips the 3D
+        surfaces (slider still moving), which the next call with ``surfaces=True`` rebuilds.
+        """
+        derived = rederive_run(result.run, result.bundle, float(threshold), intensity=result.intensity_image)
         scene.update_segmentation(result.segmentation, derived.labels, result.bundle.labels, result.reference_volume,
-                                  result.segmentation.GetName())
+                                  result.segmentation.GetName(), surfaces=surfaces)
         scene.update_table(result.table, derived.table, result.table.GetName())
         result.lesions, result.threshold = derived.table, float(threshold)
 

@@ -33,46 +33,83 @@ def segment_id(label_value: int) -> str:
 
 
 # --- segmentation -----------------------------------------------------------------------------
-def update_segmentation(seg_node, labels: Image, labels_meta: Sequence[dict], reference_volume, name: str):
+#: Slicer's names of the two segmentation representations this module uses (vtkSegmentationConverter)
+BINARY_LABELMAP = "Binary labelmap"
+CLOSED_SURFACE = "Closed surface"
+
+
+def check_output_segmentation(seg_node) -> None:
+    """Refuse, before anything is changed, a chosen output node whose segments are not label maps.
+
+    A segmentation whose source representation is a closed surface (e.g. loaded from STL/OBJ) cannot
+    take a label-map import: Slicer would fail after this module had already edited the node.
+    """
+    if seg_node is None or seg_node.GetSegmentation().GetNumberOfSegments() == 0:
+        return
+    source = seg_node.GetSegmentation().GetSourceRepresentationName()
+    if source != BINARY_LABELMAP:
+        from ..errors import InputError
+
+        raise InputError(f"the output segmentation {seg_node.GetName()} stores its segments as '{source}', "
+                         "not as label maps", "pick another output segmentation, or none to create a new one")
+
+
+def update_segmentation(seg_node, labels: Image, labels_meta: Sequence[dict], reference_volume, name: str,
+                        surfaces: bool = True):
     """Create (``seg_node`` None) or update the segmentation holding one segment per model label.
 
     Segment names, colours and terminology come from the model card. Segments the user added to
-    a chosen existing node are left alone; this module's segments are replaced.
+    a chosen existing node are left alone; this module's segments are updated in place (their
+    display settings stay). ``labels`` lie on ``reference_volume``'s grid, in its local frame: a new
+    node takes the volume's parent transform *before* its reference geometry is set (else the
+    transform would be applied twice), and the temporary label map gets the same parent, so the
+    import resamples through the right transform whatever frame a chosen node is in.
+    ``surfaces=False`` drops the 3D closed surface instead of rebuilding it (live threshold while the
+    slider moves); call :func:`show_surfaces` afterwards.
     """
     import slicer
     import vtk
 
+    check_output_segmentation(seg_node)
     if seg_node is None:
         seg_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(name))
         seg_node.CreateDefaultDisplayNodes()
+        follow_input_transform(seg_node, reference_volume)
     seg_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
     segmentation = seg_node.GetSegmentation()
+    if not surfaces:
+        seg_node.RemoveClosedSurfaceRepresentation()
     values = [int(l["value"]) for l in labels_meta]
     ids = vtk.vtkStringArray()
     for meta in labels_meta:
         sid = segment_id(meta["value"])
-        if segmentation.GetSegment(sid) is not None:
-            segmentation.RemoveSegment(sid)  # cleared, then refilled by the import below
-        segmentation.AddEmptySegment(sid, meta["name"], [float(c) for c in meta["color"]])
-        segment = segmentation.GetSegment(sid)
-        if meta.get("terminology"):
-            segment.SetTag(segment.GetTerminologyEntryTagName(), meta["terminology"])
+        if segmentation.GetSegment(sid) is None:
+            segmentation.AddEmptySegment(sid, meta["name"], [float(c) for c in meta["color"]])
+            segment = segmentation.GetSegment(sid)
+            if meta.get("terminology"):
+                segment.SetTag(segment.GetTerminologyEntryTagName(), meta["terminology"])
         ids.InsertNextValue(sid)
     # ImportLabelmapToSegmentationNode maps label value v to ids[v-1]: renumber the labels 1..n
     lut = np.zeros(max(values + [int(np.max(labels.array, initial=0))]) + 1, np.uint16)
     for n, v in enumerate(values, start=1):
         lut[v] = n
     compact = lut[np.asarray(labels.array, dtype=np.int64)]
-    if compact.any():
-        tmp = labelmap_node_without_display(labels.with_array(compact))
-        try:
-            ok = slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(tmp, seg_node, ids)
-        finally:
-            slicer.mrmlScene.RemoveNode(tmp)
-        if ok is False:
-            raise RuntimeError("Slicer could not import the label map into the segmentation")
-    seg_node.CreateClosedSurfaceRepresentation()
+    tmp = labelmap_node_without_display(labels.with_array(compact))
+    try:
+        follow_input_transform(tmp, reference_volume)
+        ok = slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(tmp, seg_node, ids)
+    finally:
+        slicer.mrmlScene.RemoveNode(tmp)
+    if ok is False:
+        raise RuntimeError("Slicer could not import the label map into the segmentation")
+    if surfaces:
+        show_surfaces(seg_node)
     return seg_node
+
+
+def show_surfaces(seg_node) -> None:
+    """Build (or rebuild) the closed surfaces the 3D views show."""
+    seg_node.CreateClosedSurfaceRepresentation()
 
 
 def place_in_study(node, input_volume) -> None:
@@ -82,14 +119,21 @@ def place_in_study(node, input_volume) -> None:
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     if sh is None:
         return
-    parent = sh.GetItemParent(sh.GetItemByDataNode(input_volume))
-    sh.SetItemParent(sh.GetItemByDataNode(node), parent)
+    input_item = sh.GetItemByDataNode(input_volume)
+    if not input_item:
+        return
+    parent = sh.GetItemParent(input_item)
+    item = sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, parent)
+    else:  # Slicer's Qt plugin logic adds items for new nodes; without it (or before it ran) make one
+        sh.CreateItem(parent, node)
 
 
 def follow_input_transform(node, input_volume) -> None:
     """Outputs live in the input's local frame: give them the input's parent transform too."""
     tid = input_volume.GetTransformNodeID()
-    if tid:
+    if tid and node.GetTransformNodeID() != tid:
         node.SetAndObserveTransformNodeID(tid)
 
 

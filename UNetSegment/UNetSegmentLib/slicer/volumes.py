@@ -65,15 +65,37 @@ def labelmap_node_without_display(image: Image, name: str = "UNetSegment tempora
     return node
 
 
-def to_world(node, ras) -> tuple[float, float, float]:
-    """A point in ``node``'s local RAS frame mapped through its parent transforms to world RAS."""
+def _transform_between(source_node, target_node):
+    """The general transform from ``source_node``'s local frame to ``target_node``'s (None: world)."""
     import slicer
     import vtk
 
-    p = tuple(float(v) for v in ras)
-    parent = node.GetParentTransformNode() if node is not None else None
-    if parent is None:
-        return p
     t = vtk.vtkGeneralTransform()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(parent, None, t)
-    return tuple(float(v) for v in t.TransformPoint(p))
+    source = source_node.GetParentTransformNode() if source_node is not None else None
+    target = target_node.GetParentTransformNode() if target_node is not None else None
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, t)
+    return t
+
+
+def to_world(node, ras) -> tuple[float, float, float]:
+    """A point in ``node``'s local RAS frame mapped through its parent transforms to world RAS."""
+    p = tuple(float(v) for v in ras)
+    if node is None or node.GetParentTransformNode() is None:
+        return p
+    return tuple(float(v) for v in _transform_between(node, None).TransformPoint(p))
+
+
+def roi_corners_in_frame(roi_node, frame_node) -> np.ndarray:
+    """The 8 corners (8×3) of a markups ROI box in ``frame_node``'s local RAS frame.
+
+    The ROI may be rotated (its object-to-node matrix) and both nodes may have parent transforms;
+    ``GetRASBounds`` would give world bounds, which are not the input's frame once either is transformed.
+    """
+    import slicer
+
+    b = [0.0] * 6
+    roi_node.GetObjectBounds(b)
+    obj_to_node = slicer.util.arrayFromVTKMatrix(roi_node.GetObjectToNodeMatrix())
+    corners = np.array([[x, y, z, 1.0] for x in b[0:2] for y in b[2:4] for z in b[4:6]]) @ obj_to_node.T
+    t = _transform_between(roi_node, frame_node)
+    return np.array([t.TransformPoint(tuple(float(v) for v in c[:3])) for c in corners])

@@ -19,6 +19,7 @@ from ..outputs import CONTRACT_FILES
 from ..acceleration import usable_cores
 from ..params import HEATMAP_KINDS, HELP, SegmentParams
 from ..worker import STAGES, error_event
+from . import install
 from .logic import RunRequest, RunResult, SegmentationLogicProtocol
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -46,6 +47,19 @@ def write_setting(key: str, value: str) -> None:
     import qt
 
     qt.QSettings().setValue(key, value)
+
+
+#: what a channel selector lists: exactly this class (no labelmaps, vector, tensor or DTI volumes)
+CHANNEL_NODE_CLASS = "vtkMRMLScalarVolumeNode"
+
+
+def selectable_volumes() -> list:
+    """The volumes a channel selector offers (``qMRMLNodeComboBox`` with ``showChildNodeTypes`` off
+    lists nodes of exactly its class that are not hidden from editors): guesses come from these only."""
+    import slicer
+
+    return [n for n in slicer.util.getNodesByClass(CHANNEL_NODE_CLASS)
+            if n.GetClassName() == CHANNEL_NODE_CLASS and not n.GetHideFromEditors()]
 
 
 def guess_channel_volumes(channels: Sequence[str], volumes: Sequence) -> list:
@@ -93,6 +107,19 @@ class Dialogs:
         return str(Path(path).parent) if path.endswith("model.json") else path
 
 
+def load_panel_model(logic: SegmentationLogicProtocol, key: str):
+    """The model's bundle for the panel. On a fresh Slicer, before the Python packages are installed
+    (no jsonschema), its model.json is checked without them (:func:`.install.preview_bundle`); the
+    worker checks the bundle in full before every run."""
+    try:
+        return logic.load_model(key)
+    except ModuleNotFoundError:
+        folder = logic.available_models().get(key)
+        if folder is None:
+            raise
+        return install.preview_bundle(folder)
+
+
 class Panel:
     def __init__(self, ui, logic: SegmentationLogicProtocol, dialogs: Dialogs | None = None):
         self.ui = ui
@@ -111,7 +138,58 @@ class Panel:
         logic.finished.connect(self.on_finished)
         logic.failed.connect(self.on_failed)
         logic.cancelled.connect(self.on_cancelled)
+        self._installer_ids = (install.INSTALLER.log.connect(self.on_install_log),
+                               install.INSTALLER.finished.connect(self.on_dependencies_checked))
+        if getattr(ui, "installDependenciesButton", None) is not None:
+            ui.installDependenciesButton.connect("clicked()", self.on_install_dependencies)
+        self.dependencies = install.check_dependencies()
         self.refresh_models()
+        self.on_dependencies_checked(self.dependencies)
+
+    def close(self) -> None:
+        """Disconnect from the module-wide installer (call from the widget's cleanup)."""
+        install.INSTALLER.log.disconnect(self._installer_ids[0])
+        install.INSTALLER.finished.disconnect(self._installer_ids[1])
+
+    # --- Python packages ------------------------------------------------------------------------
+    def on_dependencies_checked(self, report: install.DependencyReport) -> None:
+        """Show what is missing with the way to install it, or that everything is there."""
+        self.dependencies = report
+        installing = install.INSTALLER.is_running()
+        button = getattr(self.ui, "installDependenciesButton", None)
+        if button is not None:
+            button.visible = not report.ok
+            button.enabled = not installing and not report.blocked
+        notes = " ".join(report.notes())
+        if installing:
+            text = "Installing Python packages in the background (progress in the log)…"
+        elif report.blocked:
+            text = f"This Slicer's own Python packages are too old ({report.text()}): use Slicer 5.10 or later."
+        elif not report.ok:
+            text = f"Python packages missing: {report.text()}. Click 'Install dependencies' (or Segment) to install them."
+        else:
+            text = self.ui.statusLabel.text if not str(self.ui.statusLabel.text).startswith(("Python packages", "Installing")) \
+                else "Python packages installed: ready to segment."
+        self.ui.statusLabel.text = text
+        self.ui.statusLabel.toolTip = notes
+        if notes:
+            self.append_log("warning", notes)
+        self.update_state()
+
+    def on_install_log(self, level: str, line: str) -> None:
+        """A line of pip's output: into the log, and the latest step into the status line."""
+        self.append_log(level, line)
+        if install.INSTALLER.is_running() and line.strip():
+            self.ui.statusLabel.text = f"Installing Python packages: {line.strip()[:100]}"
+
+    def on_install_dependencies(self) -> None:
+        """Ask, then install the missing packages (torch through the PyTorch extension; the rest in the background)."""
+        try:
+            ready = self.logic.ensure_dependencies()
+        except Exception as e:  # noqa: BLE001 - e.g. no PyTorch extension, or Slicer's own packages too old
+            self.show_error(str(e))
+            return
+        self.on_dependencies_checked(install.check_dependencies() if ready else self.dependencies)
 
     # --- setup --------------------------------------------------------------------------------
     def _setup_controls(self) -> None:
@@ -155,7 +233,10 @@ class Panel:
         ui.serverTokenFilePathLineEdit.connect("currentPathChanged(QString)", self.on_server_changed)
         ui.heatmapComboBox.connect("currentIndexChanged(int)", self.on_heatmap_changed)
         ui.opacitySlider.connect("valueChanged(double)", self.on_opacity_changed)
-        ui.liveThresholdSlider.connect("valueChanged(double)", self.on_live_threshold_changed)
+        # tracking off: ctkSliderWidget emits valueIsChanging while dragged, valueChanged once released
+        ui.liveThresholdSlider.tracking = False
+        ui.liveThresholdSlider.connect("valueIsChanging(double)", self.on_live_threshold_changed)
+        ui.liveThresholdSlider.connect("valueChanged(double)", self.on_live_threshold_released)
         ui.lesionTableView.connect("selectionChanged()", lambda: self.on_table_selection(self.ui.lesionTableView))
         ui.exportTableButton.connect("clicked()", self.on_export_table)
         ui.exportAllButton.connect("clicked()", self.on_export_all)
@@ -211,7 +292,7 @@ class Panel:
         self.bundle = None
         if 0 <= index < len(self.model_keys):
             try:
-                self.bundle = self.logic.load_model(self.model_keys[index])
+                self.bundle = load_panel_model(self.logic, self.model_keys[index])
             except UNetSegmentError as e:
                 self.show_error(str(e))
         self._build_channel_selectors()
@@ -227,12 +308,11 @@ class Panel:
         self.channel_selectors = []
         if self.bundle is None:
             return
-        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
-        guesses = guess_channel_volumes(self.bundle.channel_names, volumes)
+        guesses = guess_channel_volumes(self.bundle.channel_names, selectable_volumes())
         for spec, guess in zip(self.bundle.meta["inputs"], guesses):
             combo = slicer.qMRMLNodeComboBox()
-            combo.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-            combo.showChildNodeTypes = False  # no labelmaps
+            combo.nodeTypes = [CHANNEL_NODE_CLASS]
+            combo.showChildNodeTypes = False  # no labelmaps, vector or tensor volumes (see selectable_volumes)
             combo.noneEnabled = True
             combo.addEnabled = False
             combo.removeEnabled = False
@@ -245,11 +325,9 @@ class Panel:
 
     def refresh_inputs(self) -> None:
         """Fill channel selectors that are still empty from the scene (e.g. volumes loaded meanwhile)."""
-        import slicer
-
         if self.bundle is None:
             return
-        volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        volumes = selectable_volumes()
         taken = [c.currentNode() for c in self.channel_selectors if c.currentNode() is not None]
         free = [v for v in volumes if all(v is not t for t in taken)]
         empty = [(ch, c) for ch, c in zip(self.bundle.channel_names, self.channel_selectors) if c.currentNode() is None]
@@ -318,6 +396,8 @@ class Panel:
         """Why Segment cannot be clicked now ('' when it can)."""
         if self.logic.is_running():
             return ""
+        if install.INSTALLER.is_running():
+            return "Installing Python packages (progress in the log); Segment is available when it is done."
         if self.bundle is None:
             return "Choose a model (or import one with 'Import model…')."
         missing = [ch for ch, c in zip(self.bundle.channel_names, self.channel_selectors) if c.currentNode() is None]
@@ -356,7 +436,10 @@ class Panel:
         try:
             if not self.logic.ensure_dependencies():
                 self.append_log("warning", "required Python packages are not installed; nothing was run")
-                self.ui.statusLabel.text = "Packages missing: click Segment again to install them."
+                self.ui.statusLabel.text = ("Installing Python packages in the background (progress in the log)…"
+                                            if install.INSTALLER.is_running() else
+                                            "Packages missing: click Segment (or 'Install dependencies') to install them.")
+                self.update_state()
                 return
         except Exception as e:  # noqa: BLE001 - e.g. no PyTorch extension
             self.show_error(str(e))
@@ -476,7 +559,7 @@ class Panel:
             self.logic.set_overlay_opacity(float(value))
 
     def on_live_threshold_changed(self, value: float) -> None:
-        """Coalesce slider moves: re-derive once the slider rests for a moment."""
+        """While the slider is dragged: coalesce moves, then update the 2D label maps only."""
         import qt
 
         if self.result is None:
@@ -485,15 +568,21 @@ class Panel:
             self._live_timer = qt.QTimer()
             self._live_timer.setSingleShot(True)
             self._live_timer.setInterval(LIVE_THRESHOLD_DELAY_MS)
-            self._live_timer.connect("timeout()", self.apply_live_threshold)
+            self._live_timer.connect("timeout()", lambda: self.apply_live_threshold(surfaces=False))
         self._live_timer.start()
 
-    def apply_live_threshold(self) -> None:
+    def on_live_threshold_released(self, value: float) -> None:
+        """Slider released (or a value typed): label maps and the 3D surfaces, at once."""
+        if self._live_timer is not None:
+            self._live_timer.stop()
+        self.apply_live_threshold(surfaces=True)
+
+    def apply_live_threshold(self, surfaces: bool = True) -> None:
         if not self._result_alive():
             return
         value = round(float(self.ui.liveThresholdSlider.value), 4)
         try:
-            self.logic.set_threshold(self.result, value)
+            self.logic.set_threshold(self.result, value, surfaces=surfaces)
         except Exception as e:  # noqa: BLE001
             self.show_error(f"Could not re-derive the segmentation: {e}")
             return

@@ -98,9 +98,9 @@ def _check_resolution(resolution_mm) -> float:
 def _nilearn_datasets():
     try:
         from nilearn import datasets
-    except ImportError as exc:  # pragma: no cover - nilearn is a dependency
+    except ImportError as exc:  # the [train] extra
         raise UsageError("nilearn is not installed (it ships the MNI152 templates)",
-                         "pip install 'nilearn>=0.10'") from exc
+                         "pip install 'unetsegment[train]'") from exc
     return datasets
 
 

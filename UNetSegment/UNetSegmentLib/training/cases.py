@@ -261,6 +261,9 @@ def main() -> None:
     """Write a config's validation (or training) cases as NIfTI case folders for ``unetsegment evaluate``."""
     import argparse
 
+    from ..errors import require_extra
+
+    require_extra("train", "writing training cases")
     import yaml
 
     ap = argparse.ArgumentParser(description=main.__doc__)

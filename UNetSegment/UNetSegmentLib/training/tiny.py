@@ -120,7 +120,7 @@ def train(output_dir: Path, steps: int = 500, seed: int = 0, batch_size: int = 1
         "patch_size": [PATCH, PATCH],
         "labels": [{"value": 1, "name": "blob", "color": [0.9, 0.2, 0.2],
                     "code": {"scheme": "SCT", "value": "52988006", "meaning": "Lesion"},
-                    "terminology": "Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered Structure~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~^^~^^"}],
+                    "terminology": "Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion~^^~Anatomic codes - DICOM master list~^^~^^"}],
         "threshold": 0.5,
         "inference": {"overlap": 0.25, "batch_size": 8, "tta": False, "min_lesion_ml": 0.0},
         "anatomy": {"name": "head", "extent_mm": [90, 330]},
