@@ -31,9 +31,10 @@ slicer-test: sample gl-libs
 	$(BIN)/python -m pytest -q -s Testing/test_slicer_views.py \
 	  "Testing/test_slicer_module.py::test_module_metadata_and_selftest_pass_on_slicer_code"
 
-# Offscreen VTK needs Mesa's GL libraries: installed from Debian where they are missing (as root).
+# Offscreen VTK loads Mesa's GL libraries at run time: installed from Debian where they are missing (as root).
 gl-libs: setup
-	@$(BIN)/python -c "import vtkmodules.vtkRenderingOpenGL2" 2>/dev/null || { \
+	@{ ldconfig -p | grep -q 'libGL\.so\.1 ' && ldconfig -p | grep -q 'libEGL\.so\.1 ' && \
+	   ldconfig -p | grep -q 'libXt\.so\.6 ' && ldconfig -p | grep -q 'libXrender\.so\.1 '; } || { \
 	  apt-get update -qq && apt-get install -y -qq libgl1 libegl1 libgl1-mesa-dri libxrender1 && \
 	  { apt-get install -y -qq libxt6t64 || apt-get install -y -qq libxt6; }; }
 

@@ -128,6 +128,17 @@ def blob_in_world(image: Image, blob: np.ndarray, to_world: np.ndarray):
     return image.ijk_to_ras_points(np.argwhere(blob)[:, ::-1]) @ to_world[:3, :3].T + to_world[:3, 3], grid
 
 
+def reference_geometry(seg) -> np.ndarray:
+    """The segmentation's "Reference image geometry" parameter as a 4×4 IJK→RAS (its own frame)."""
+    conv = slicer.vtkSegmentationConverter
+    geometry = slicer.vtkOrientedImageData()
+    assert conv.DeserializeImageGeometry(
+        seg.GetSegmentation().GetConversionParameter(conv.GetReferenceImageGeometryParameterName()), geometry)
+    m = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
 def dice(a, b) -> float:
     return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
@@ -270,12 +281,16 @@ def test_clicking_a_row_jumps_slices_and_3d_to_the_inside_point_in_ras(oblique_r
 
 
 def test_jump_goes_through_the_input_parent_transform(oblique_run):
-    r, logic = oblique_run["result"], oblique_run["logic"]
+    """Lesion points are in the input's frame: the jump follows the input's transform, not the output's."""
+    r, logic, node = oblique_run["result"], oblique_run["logic"], oblique_run["node"]
     tnode, _ = add_transform(0.0, (10.0, -5.0, 2.5), "shift")
-    r.segmentation.SetAndObserveTransformNodeID(tnode.GetID())
+    other, _ = add_transform(30.0, (-40.0, 8.0, 0.0), "a frame of the user's output node")
+    node.SetAndObserveTransformNodeID(tnode.GetID())
+    r.segmentation.SetAndObserveTransformNodeID(other.GetID())
     try:
         point = logic.jump_to_lesion(r, 1)
     finally:
+        node.SetAndObserveTransformNodeID(None)
         r.segmentation.SetAndObserveTransformNodeID(None)
     row = r.lesions.rows[0]
     assert point == pytest.approx((row["inside_r"] + 10.0, row["inside_a"] - 5.0, row["inside_s"] + 2.5))
@@ -853,6 +868,7 @@ def test_transformed_input_segmentation_rerun_and_live_threshold_lie_on_the_lesi
     logic, r, node, image, blob, to_world = run_transformed()
     seg = r.segmentation
     assert seg.GetTransformNodeID() == node.GetTransformNodeID()
+    assert np.allclose(reference_geometry(seg), image.ijk_to_ras, atol=1e-4)  # in the input's frame, once
     assert_segment_on_the_blob_in_world(seg, image, blob, to_world)
     core = read_image(r.run.folder / "segmentation.nii.gz")
     # in the input's own frame the segment is the core's label map, voxel for voxel
@@ -863,6 +879,7 @@ def test_transformed_input_segmentation_rerun_and_live_threshold_lie_on_the_lesi
     again = run_logic(logic, RunRequest([node], "tiny-blob", SegmentParams(device="cpu", heatmaps=()),
                                         output_segmentation=seg))["result"]  # re-run into the same node
     assert again.segmentation is seg
+    assert np.allclose(reference_geometry(seg), image.ijk_to_ras, atol=1e-4)
     assert_segment_on_the_blob_in_world(seg, image, blob, to_world)
     # the row click lands on the lesion in world coordinates
     point = logic.jump_to_table_row(again, 0)
@@ -957,6 +974,7 @@ def test_live_threshold_updates_segments_in_place_and_builds_surfaces_on_release
     voxels = column(panel.result.table, "voxels")[0]
     assert ui.liveThresholdSlider.tracking is False
     ui.liveThresholdSlider.drag_to(0.95)
+    assert ui.liveThresholdSlider.value != 0.95  # CTK: the value before the drag until the release
     assert STANDIN.run_until(lambda: panel.result.threshold == 0.95, 5)  # updated while dragging…
     assert not has_surface(seg)  # …without the 3D surfaces
     assert column(panel.result.table, "voxels")[0] < voxels
@@ -967,3 +985,9 @@ def test_live_threshold_updates_segments_in_place_and_builds_surfaces_on_release
     assert np.array_equal(mask, (expected.labels.array > 0).astype(np.uint8))
     assert not removed  # the segment stayed: the user's display settings with it
     assert display.GetSegmentOpacity2DFill(sid) == pytest.approx(0.15) and not display.GetSegmentVisibility3D(sid)
+    # dragged away and back to where it started: CTK emits no valueChanged, the surfaces come back once it rests
+    ui.liveThresholdSlider.drag_to(0.6)
+    assert STANDIN.run_until(lambda: panel.result.threshold == 0.6 and not has_surface(seg), 5)
+    ui.liveThresholdSlider.drag_to(0.95)
+    ui.liveThresholdSlider.release()
+    assert STANDIN.run_until(lambda: panel.result.threshold == 0.95 and has_surface(seg), 5)

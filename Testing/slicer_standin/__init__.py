@@ -369,7 +369,15 @@ def _build(standin: StandIn) -> dict:
             pass
 
         def getParameterNode(self):
-            return standin.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+            """One parameter node per module, tagged with its name (as Slicer's)."""
+            name = type(self).__name__.removesuffix("Logic")
+            node = standin.scene.GetSingletonNode(name, "vtkMRMLScriptedModuleNode")
+            if node is None:
+                node = slicer.vtkMRMLScriptedModuleNode()
+                node.SetSingletonTag(name)
+                node.SetAttribute("ModuleName", name)
+                node = standin.scene.AddNode(node)
+            return node
 
     class ScriptedLoadableModuleTest(unittest.TestCase):
         def __init__(self, methodName="runTest"):

@@ -406,29 +406,51 @@ class QSpinBox(_ValueWidget):
 
 
 class ctkSliderWidget(_ValueWidget):
-    """With ``tracking`` off, CTK emits ``valueIsChanging`` while the handle is dragged and
-    ``valueChanged`` once it is released (a value set in code emits ``valueChanged`` at once)."""
+    """CTK's behaviour with ``tracking`` off (ctkSliderWidget.cpp): while the handle is dragged it
+    emits ``valueIsChanging`` and ``value`` still returns the value from before the drag; on release
+    ``valueChanged`` is emitted only if the value changed. A value set in code emits both at once."""
 
     def __init__(self, *a):
         super().__init__()
         self.tracking = True
         self._dragging = False
+        self._changing_to = None
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, v):
+        self.setValue(v)
+
+    def setValue(self, v):
+        v = min(max(float(v), float(self.minimum)), float(self.maximum))
+        if v != self._value:
+            if not self.tracking:
+                self._emit("valueIsChanging", v)
+            self._value = v
+            self._emit("valueChanged", v)
 
     def drag_to(self, v):
         """Harness helper: the user drags the handle to ``v`` (button still down)."""
         v = min(max(float(v), float(self.minimum)), float(self.maximum))
-        if not self.tracking:
-            self._dragging = True
-            self._value = v
-            self._emit("valueIsChanging", v)
-        else:
+        if self.tracking:
             self.setValue(v)
+            return
+        self._dragging = True
+        self._changing_to = v
+        self._emit("valueIsChanging", v)
 
     def release(self):
         """Harness helper: the user lets go of the handle."""
-        if self._dragging:
-            self._dragging = False
-            self._emit("valueChanged", self._value)
+        if not self._dragging:
+            return
+        self._dragging = False
+        v, self._changing_to = self._changing_to, None
+        if v != self._value:
+            self._value = v
+            self._emit("valueChanged", v)
 
 
 class ctkCollapsibleButton(QWidget):

@@ -47,7 +47,7 @@ from typing import Callable, Sequence
 from .errors import CancelledError, OutputError, UNetSegmentError, UsageError
 from .inference import CancelToken
 from .lesions import COLUMNS, _fmt
-from .outputs import CONTRACT_FILES, ensure_output_dir
+from .outputs import CONTRACT_FILES, ensure_output_dir, pid_alive
 from .params import SegmentParams
 
 #: columns of ``cohort_summary.csv``
@@ -652,7 +652,7 @@ def remove_dead_staging(case_dirs: Sequence[Path]) -> int:
             continue
         for p in stages:
             pid = p.name[len(STAGING_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                 continue
             shutil.rmtree(p, ignore_errors=True)
             n += 1
@@ -663,11 +663,3 @@ def remove_dead_staging(case_dirs: Sequence[Path]) -> int:
     return n
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -98,7 +98,8 @@ def file_digests(folder: Path) -> dict[str, str]:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +149,7 @@ class StagedOutput:
     def _remove_stale_staging(self) -> None:
         for p in self.out_dir.glob(f"{STAGING_PREFIX}*"):
             pid = p.name[len(STAGING_PREFIX):].split("-", 1)[0]
-            if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+            if not pid.isdigit() or not pid_alive(int(pid)) or int(pid) == os.getpid():
                 shutil.rmtree(p, ignore_errors=True)
 
     def _commit(self) -> None:

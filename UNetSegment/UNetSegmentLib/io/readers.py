@@ -73,16 +73,23 @@ def read_image(path: str | os.PathLike, before_pixels: HeaderCheck | None = None
     head = _read_head(p)
     _check_header(read_header(p), p.name, before_pixels)
     _check_complete(p, head)
+    with _itk_read_errors(p.name):
+        img = sitk.ReadImage(str(p))
+    return _to_volume(img, p.name)
+
+
+@contextlib.contextmanager
+def _itk_read_errors(name: str):
+    """An ITK read failure (with what ITK printed) as one :class:`InputError` naming the file."""
     try:
         with _captured_stderr() as err:
-            img = sitk.ReadImage(str(p))
+            yield
     except RuntimeError as e:
         reason = _itk_reason(str(e) + "\n" + err.text())
         raise InputError(
-            f"cannot read {p.name}: corrupt, truncated or not a volume ({reason})",
+            f"cannot read {name}: corrupt, truncated or not a volume ({reason})",
             "check that it is a complete NIfTI, NRRD, MHA or DICOM file",
         ) from None
-    return _to_volume(img, p.name)
 
 
 def read_header(path: str | os.PathLike) -> VolumeHeader:
@@ -94,15 +101,8 @@ def read_header(path: str | os.PathLike) -> VolumeHeader:
         return _dicom_header(_dicom_series_files(p), p)
     r = sitk.ImageFileReader()
     r.SetFileName(str(p))
-    try:
-        with _captured_stderr() as err:
-            r.ReadImageInformation()
-    except RuntimeError as e:
-        reason = _itk_reason(str(e) + "\n" + err.text())
-        raise InputError(
-            f"cannot read {p.name}: corrupt, truncated or not a volume ({reason})",
-            "check that it is a complete NIfTI, NRRD, MHA or DICOM file",
-        ) from None
+    with _itk_read_errors(p.name):
+        r.ReadImageInformation()
     kind = sitk.GetPixelIDValueAsString(r.GetPixelID())
     bits = re.search(r"(\d+)-bit", kind)
     per_component = (int(bits.group(1)) // 8 if bits else 8) * (2 if kind.startswith("complex") else 1)

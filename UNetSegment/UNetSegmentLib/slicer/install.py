@@ -48,7 +48,6 @@ SLICER_OWNED_WHERE_SHIPPED = ("highdicom",)
 #: optional requirement -> (Slicer-owned distribution it needs, minimum version, what is lost without it)
 OPTIONAL = {"highdicom": ("pydicom", "3.0.1", "DICOM SEG export (segmentation.dcm)")}
 TORCH_REQUIREMENT = ">=2.2"
-POLL_MS = 100
 
 
 def _norm(name: str) -> str:
@@ -238,7 +237,7 @@ def _launch(command: list[str]):
 class InstallProcess:
     """One pip process: a reader thread queues its lines; :meth:`poll` (GUI thread) delivers them.
 
-    In Slicer a ``qt.QTimer`` calls :meth:`poll` every :data:`POLL_MS` ms (:meth:`start` with
+    In Slicer a ``qt.QTimer`` calls :meth:`poll` every :data:`~.process.POLL_MS` ms (:meth:`start` with
     ``use_timer=True``), so the GUI never waits. Scripts and tests call :meth:`wait` instead.
     """
 
@@ -255,23 +254,12 @@ class InstallProcess:
         self._timer = None
 
     def start(self, use_timer: bool = True) -> None:
+        from .process import poll_timer, read_lines_in_background
+
         self.proc = self.launch(self.command)
-        self._reader = threading.Thread(target=self._read, args=(self.proc, self._queue), daemon=True,
-                                        name="unetsegment-pip-reader")
-        self._reader.start()
+        self._queue, self._reader = read_lines_in_background(self.proc, "unetsegment-pip-reader")
         if use_timer:
-            import qt
-
-            self._timer = qt.QTimer()
-            self._timer.setInterval(POLL_MS)
-            self._timer.connect("timeout()", self.poll)
-            self._timer.start()
-
-    @staticmethod
-    def _read(proc, q: queue.Queue) -> None:
-        for line in iter(proc.stdout.readline, ""):
-            q.put(line)
-        q.put(None)  # end of output
+            self._timer = poll_timer(self.poll)
 
     def is_running(self) -> bool:
         return self.proc is not None and self.code is None

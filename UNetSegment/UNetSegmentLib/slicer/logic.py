@@ -330,7 +330,7 @@ class SegmentationLogic:
 
     def jump_to_lesion(self, result: RunResult, lesion_id: int):
         p = scene.lesion_point(result.lesions, lesion_id)
-        return None if p is None else scene.jump_to(p, result.segmentation)
+        return None if p is None else scene.jump_to(p, result.reference_volume)  # points are in the input's frame
 
     def jump_to_table_row(self, result: RunResult, row: int):
         lesion_id = scene.lesion_id_of_row(result.table, row)

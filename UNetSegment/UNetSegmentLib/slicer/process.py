@@ -31,6 +31,32 @@ KILL_AFTER_S = 1.5
 PYTHON_SETTING = "UNetSegment/PythonExecutable"
 
 
+def read_lines_in_background(proc, name: str) -> tuple[queue.Queue, threading.Thread]:
+    """Queue ``proc``'s output lines from a daemon thread (``None`` once the output ends); the GUI
+    thread only drains the queue, so it never waits on the process."""
+    q: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_queue_lines, args=(proc, q), daemon=True, name=name)
+    reader.start()
+    return q, reader
+
+
+def _queue_lines(proc, q: queue.Queue) -> None:
+    for line in iter(proc.stdout.readline, ""):
+        q.put(line)
+    q.put(None)  # end of output
+
+
+def poll_timer(callback: Callable[[], None]):
+    """A started, repeating ``qt.QTimer`` that calls ``callback`` on the GUI thread every :data:`POLL_MS` ms."""
+    import qt
+
+    timer = qt.QTimer()
+    timer.setInterval(POLL_MS)
+    timer.connect("timeout()", callback)
+    timer.start()
+    return timer
+
+
 def parse_line(line: str) -> dict:
     """One worker output line as an event; anything that is not a JSON event becomes a log event."""
     text = line.rstrip("\r\n")
@@ -86,28 +112,15 @@ class WorkerProcess:
         return [self.python or worker_python(), "-m", "UNetSegmentLib.worker", "--request", str(request_path)]
 
     def start(self, request_path: str, stop_file: str) -> None:
-        import qt
         import slicer
 
         if self.is_running():
             raise RuntimeError("a segmentation is already running")
         self.stop_file = Path(stop_file)
         self.stop_requested_at = None
-        self._queue = queue.Queue()
         self.proc = slicer.util.launchConsoleProcess(self.command(request_path), cwd=str(package_parent()))
-        self._reader = threading.Thread(target=self._read, args=(self.proc, self._queue), daemon=True,
-                                        name="unetsegment-worker-reader")
-        self._reader.start()
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_MS)
-        self._timer.connect("timeout()", self.poll)
-        self._timer.start()
-
-    @staticmethod
-    def _read(proc, q: queue.Queue) -> None:
-        for line in iter(proc.stdout.readline, ""):
-            q.put(line)
-        q.put(None)  # end of output
+        self._queue, self._reader = read_lines_in_background(self.proc, "unetsegment-worker-reader")
+        self._timer = poll_timer(self.poll)
 
     def is_running(self) -> bool:
         return self.proc is not None and self._timer is not None
@@ -155,13 +168,8 @@ class ServerProcess(RemoteProcess):
         self._timer = None
 
     def start(self, request_path: str, stop_file: str | None = None) -> None:
-        import qt
-
         super().start(request_path, stop_file)
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_MS)
-        self._timer.connect("timeout()", self._tick)
-        self._timer.start()
+        self._timer = poll_timer(self._tick)
 
     def _tick(self) -> None:
         try:

@@ -71,6 +71,9 @@ def update_segmentation(seg_node, labels: Image, labels_meta: Sequence[dict], re
     import vtk
 
     check_output_segmentation(seg_node)
+    if seg_node is not None and seg_node.GetSegmentation().GetNumberOfSegments() == 0:
+        # an empty node keeps whatever source representation it had (e.g. from an emptied model import)
+        seg_node.GetSegmentation().SetSourceRepresentationName(BINARY_LABELMAP)
     if seg_node is None:
         seg_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(name))
         seg_node.CreateDefaultDisplayNodes()
@@ -131,9 +134,10 @@ def place_in_study(node, input_volume) -> None:
 
 
 def follow_input_transform(node, input_volume) -> None:
-    """Outputs live in the input's local frame: give them the input's parent transform too."""
+    """Outputs this module owns live in the input's local frame: give them the input's parent
+    transform (or none, once the input has none any more)."""
     tid = input_volume.GetTransformNodeID()
-    if tid and node.GetTransformNodeID() != tid:
+    if node.GetTransformNodeID() != tid:
         node.SetAndObserveTransformNodeID(tid)
 
 

@@ -25,6 +25,8 @@ from .logic import RunRequest, RunResult, SegmentationLogicProtocol
 DEVICES = ("auto", "cpu", "cuda", "mps")
 CONNECTIVITIES = (26, 6)
 LIVE_THRESHOLD_DELAY_MS = 150
+#: surfaces left out while the live-threshold slider moved are rebuilt once it rests this long
+LIVE_SURFACES_DELAY_MS = 1000
 LOG_MAX_LINES = 500
 HEATMAP_TITLES = {"probability": "Probability", "gradcam": "Grad-CAM", "uncertainty": "Uncertainty"}
 #: "Run on" choices: (settings value, combo box text)
@@ -132,6 +134,9 @@ class Panel:
         self.last_request: RunRequest | None = None
         self.layout_table_view = None
         self._live_timer = None
+        self._surface_timer = None
+        self._live_value = 0.5
+        self._surfaces_stale = False
         self._setup_controls()
         logic.progress.connect(self.on_progress)
         logic.log.connect(self.append_log)
@@ -559,33 +564,50 @@ class Panel:
             self.logic.set_overlay_opacity(float(value))
 
     def on_live_threshold_changed(self, value: float) -> None:
-        """While the slider is dragged: coalesce moves, then update the 2D label maps only."""
+        """While the slider is dragged: coalesce moves, then update the 2D label maps only.
+
+        The value comes from the signal: with tracking off, CTK's ``value`` still holds the value from
+        before the drag until the handle is released.
+        """
         import qt
 
         if self.result is None:
             return
+        self._live_value = float(value)
         if self._live_timer is None:
             self._live_timer = qt.QTimer()
             self._live_timer.setSingleShot(True)
             self._live_timer.setInterval(LIVE_THRESHOLD_DELAY_MS)
-            self._live_timer.connect("timeout()", lambda: self.apply_live_threshold(surfaces=False))
+            self._live_timer.connect("timeout()", lambda: self.apply_live_threshold(self._live_value, surfaces=False))
+            # a drag that ends where it started emits no valueChanged: rebuild the surfaces once it rests
+            self._surface_timer = qt.QTimer()
+            self._surface_timer.setSingleShot(True)
+            self._surface_timer.setInterval(LIVE_SURFACES_DELAY_MS)
+            self._surface_timer.connect("timeout()", self.rebuild_stale_surfaces)
         self._live_timer.start()
+        self._surface_timer.start()
 
     def on_live_threshold_released(self, value: float) -> None:
         """Slider released (or a value typed): label maps and the 3D surfaces, at once."""
-        if self._live_timer is not None:
-            self._live_timer.stop()
-        self.apply_live_threshold(surfaces=True)
+        for timer in (self._live_timer, self._surface_timer):
+            if timer is not None:
+                timer.stop()
+        self.apply_live_threshold(float(value), surfaces=True)
 
-    def apply_live_threshold(self, surfaces: bool = True) -> None:
+    def rebuild_stale_surfaces(self) -> None:
+        if self._surfaces_stale and self._result_alive():
+            self.apply_live_threshold(self.result.threshold, surfaces=True)
+
+    def apply_live_threshold(self, value: float, surfaces: bool = True) -> None:
         if not self._result_alive():
             return
-        value = round(float(self.ui.liveThresholdSlider.value), 4)
+        value = round(float(value), 4)
         try:
             self.logic.set_threshold(self.result, value, surfaces=surfaces)
         except Exception as e:  # noqa: BLE001
             self.show_error(f"Could not re-derive the segmentation: {e}")
             return
+        self._surfaces_stale = not surfaces
         self._show_summary()
 
     def on_table_selection(self, view) -> None:
