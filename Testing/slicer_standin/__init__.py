@@ -167,8 +167,13 @@ class StandIn:
         def on_node_added(scene, event, node):
             self._add_subject_hierarchy_item(scene, node)
 
-        self._on_node_added = on_node_added  # kept alive with the handle
+        @vtk.calldata_type(vtk.VTK_OBJECT)
+        def on_node_about_to_be_removed(scene, event, node):
+            self._remove_subject_hierarchy_item(scene, node)
+
+        self._observers = (on_node_added, on_node_about_to_be_removed)  # kept alive with the handle
         self.scene.AddObserver(self.scene.NodeAddedEvent, on_node_added)
+        self.scene.AddObserver(self.scene.NodeAboutToBeRemovedEvent, on_node_about_to_be_removed)
         self.app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
         self.views = {}
         for name, layout in (("axial", ViewLayoutDefinition.axial_view()), ("sagittal", ViewLayoutDefinition.sagittal_view()),
@@ -182,7 +187,7 @@ class StandIn:
         self.layout_manager = LayoutManager(self.views, self.scene)
 
     def _add_subject_hierarchy_item(self, scene, node):
-        """qSlicerSubjectHierarchyPluginLogic (Qt) gives every new data node an item under the scene."""
+        """qSlicerSubjectHierarchyPluginLogic (Qt) gives every new data node an item under the scene …"""
         import slicer
 
         if node.GetHideFromEditors() or not any(node.IsA(c) for c in _SH_DATA_CLASSES):
@@ -190,6 +195,17 @@ class StandIn:
         sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
         if sh is not None and not sh.GetItemByDataNode(node):
             sh.CreateItem(sh.GetSceneItemID(), node)
+
+    def _remove_subject_hierarchy_item(self, scene, node):
+        """… and removes a data node's item when the node leaves the scene (the item, not its children)."""
+        import slicer
+
+        if node is None or node.IsA("vtkMRMLSubjectHierarchyNode"):
+            return
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+        item = sh.GetItemByDataNode(node) if sh is not None else 0
+        if item:
+            sh.RemoveItem(item, False, False)
 
     def reset(self):
         """A closed scene, as File → Close scene leaves it (singletons such as views and colours stay)."""

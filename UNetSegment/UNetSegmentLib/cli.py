@@ -262,7 +262,9 @@ def _print_result(summary: dict, out_dir) -> None:
     les = summary.get("lesions")
     if les is not None:
         print(f"{len(les)} lesion(s), total {summary.get('total_volume_ml', 0):.2f} mL")
-        dropped = dropped_note(summary.get("dropped_small_lesions"), float(summary.get("min_lesion_ml") or 0.0))
+        # "no lesion" while the probability map has bright specks: say what the minimum size dropped
+        # (with lesions found, the count of sub-minimum specks is in summary.json, not on screen)
+        dropped = "" if les else dropped_note(summary.get("dropped_small_lesions"), float(summary.get("min_lesion_ml") or 0.0))
         if dropped:
             print(f"note: {dropped} — lower --min-lesion-ml to keep them")
         if les:
