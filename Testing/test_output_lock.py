@@ -103,15 +103,21 @@ def _hold_lock(out_dir: str, locked, release) -> None:
         release.wait(60)
 
 
-def test_a_commit_while_another_run_holds_the_folder_exits_6_and_writes_nothing(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
+def _start_holder(out: Path):
+    """Another process that holds ``out``'s lock until the returned event is set."""
     ctx = _ctx()
     locked, release = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold_lock, args=(str(out), locked, release))
     holder.start()
+    assert locked.wait(60)
+    return holder, release
+
+
+def test_a_commit_while_another_run_holds_the_folder_exits_6_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder, release = _start_holder(out)
     try:
-        assert locked.wait(60)
         with pytest.raises(OutputError, match="another unetsegment run is writing its outputs into") as e:
             with StagedOutput(out, overwrite=True) as stage:
                 (stage.path / "summary.json").write_text("{}")
@@ -125,11 +131,7 @@ def test_a_commit_while_another_run_holds_the_folder_exits_6_and_writes_nothing(
 def test_the_lock_of_a_killed_run_is_released_by_the_kernel(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    ctx = _ctx()
-    locked, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(out), locked, release))
-    holder.start()
-    assert locked.wait(60)
+    holder, _ = _start_holder(out)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join(60)
     assert holder.exitcode == -signal.SIGKILL

@@ -416,14 +416,6 @@ class ctkSliderWidget(_ValueWidget):
         self._dragging = False
         self._changing_to = None
 
-    @property
-    def value(self):
-        return self._value
-
-    @value.setter
-    def value(self, v):
-        self.setValue(v)
-
     def setValue(self, v):
         v = min(max(float(v), float(self.minimum)), float(self.maximum))
         if v != self._value:
