@@ -166,13 +166,8 @@ def _anatomy_warning(img: Image, name: str, anatomy: dict) -> str | None:
 def check_memory(n_voxels: int, n_classes: int) -> None:
     """Refuse before swapping the machine to death."""
     need = n_voxels * (LIMITS.bytes_per_voxel_estimate + 8 * max(0, n_classes - 2))
-    avail = _available_memory()
-    if avail and need > LIMITS.memory_fraction * avail:
-        raise InputError(
-            f"this volume needs about {need / 2**30:.1f} GiB of memory, more than {LIMITS.memory_fraction:.0%} of the "
-            f"{avail / 2**30:.1f} GiB available",
-            "crop the volume to the region of interest or run on a machine with more memory",
-        )
+    _refuse_beyond_memory(need, "this volume needs", "crop the volume to the region of interest or run on a machine "
+                          "with more memory")
 
 
 def check_read_memory(size: tuple[int, ...], bytes_per_voxel: int, name: str) -> None:
@@ -182,13 +177,17 @@ def check_read_memory(size: tuple[int, ...], bytes_per_voxel: int, name: str) ->
     (:func:`check_memory`) is applied by the caller where the model is known.
     """
     need = 2 * math.prod(size) * bytes_per_voxel
+    _refuse_beyond_memory(need, f"{name} declares {' × '.join(str(n) for n in size)} voxels: reading it needs",
+                          "check the file's header (its sizes may be wrong), crop the volume, or use a machine with "
+                          "more memory")
+
+
+def _refuse_beyond_memory(need: int, what: str, fix: str) -> None:
+    """:class:`InputError` "<what> about N GiB of memory, more than F of the A GiB available" when it does not fit."""
     avail = _available_memory()
     if avail and need > LIMITS.memory_fraction * avail:
-        raise InputError(
-            f"{name} declares {' × '.join(str(n) for n in size)} voxels: reading it needs about {need / 2**30:.1f} GiB "
-            f"of memory, more than {LIMITS.memory_fraction:.0%} of the {avail / 2**30:.1f} GiB available",
-            "check the file's header (its sizes may be wrong), crop the volume, or use a machine with more memory",
-        )
+        raise InputError(f"{what} about {need / 2**30:.1f} GiB of memory, more than {LIMITS.memory_fraction:.0%} of "
+                         f"the {avail / 2**30:.1f} GiB available", fix)
 
 
 def _available_memory() -> int | None:
