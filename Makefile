@@ -43,16 +43,16 @@ bench: setup
 	$(BIN)/python bench/scaling_and_memory.py
 
 evaluate: sample
-	$(BIN)/python -m UNetSegmentLib.training.cases --config Resources/Training/ct-hemorrhage.yaml --split val --output-dir .cache/eval-ct-hemorrhage
+	$(BIN)/python -m UNetSegmentLib.models.training.cases --config Resources/Training/ct-hemorrhage.yaml --split val --output-dir .cache/eval-ct-hemorrhage
 	$(BIN)/unetsegment evaluate --model ct-hemorrhage --cases .cache/eval-ct-hemorrhage --output .cache/eval-ct-hemorrhage.json
-	$(BIN)/python -m UNetSegmentLib.training.cases --config Resources/Training/mr-perfusion-lesion.yaml --split val --output-dir .cache/eval-mr-perfusion
+	$(BIN)/python -m UNetSegmentLib.models.training.cases --config Resources/Training/mr-perfusion-lesion.yaml --split val --output-dir .cache/eval-mr-perfusion
 	$(BIN)/unetsegment evaluate --model mr-perfusion-lesion --cases .cache/eval-mr-perfusion --output .cache/eval-mr-perfusion-lesion.json
 
 # early fusion vs one encoder per modality, trained on the same cases (≈ 35 min on 2 cores), then evaluated
 compare-perfusion: sample
 	$(BIN)/unetsegment train --config Resources/Training/mr-perfusion-lesion.yaml --output-dir .cache/models/mr-perfusion-early
 	$(BIN)/unetsegment train --config Resources/Training/mr-perfusion-lesion-multipath.yaml --output-dir .cache/models/mr-perfusion-multipath
-	$(BIN)/python -m UNetSegmentLib.training.cases --config Resources/Training/mr-perfusion-lesion.yaml --split val --output-dir .cache/eval-mr-perfusion
+	$(BIN)/python -m UNetSegmentLib.models.training.cases --config Resources/Training/mr-perfusion-lesion.yaml --split val --output-dir .cache/eval-mr-perfusion
 	$(BIN)/unetsegment evaluate --model .cache/models/mr-perfusion-early --cases .cache/eval-mr-perfusion --output .cache/eval-mr-perfusion-early.json
 	$(BIN)/unetsegment evaluate --model .cache/models/mr-perfusion-multipath --cases .cache/eval-mr-perfusion --output .cache/eval-mr-perfusion-multipath.json
 

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "UNetSegment"))
 
-from UNetSegmentLib.bundle import sha256_file  # noqa: E402
+from UNetSegmentLib.models.bundle import sha256_file  # noqa: E402
 from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
 from UNetSegmentLib.phantom import head_with_blob  # noqa: E402
 
@@ -37,7 +37,7 @@ def write_bundle(folder: Path, *, channels=("CT",), dims="2d", patch=(32, 32), b
     import torch
     from safetensors.torch import save_file
 
-    from UNetSegmentLib.networks import build_network
+    from UNetSegmentLib.models.networks import build_network
 
     torch.manual_seed(seed)
     in_ch = len(channels) * (2 * context + 1 if dims == "2.5d" else 1)

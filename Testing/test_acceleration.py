@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from UNetSegmentLib import acceleration as acc
-from UNetSegmentLib.heatmaps import gradcam
-from UNetSegmentLib.inference import sliding_window
-from UNetSegmentLib.networks import build_network
+from UNetSegmentLib.engine import acceleration as acc
+from UNetSegmentLib.engine.heatmaps import gradcam
+from UNetSegmentLib.engine.inference import sliding_window
+from UNetSegmentLib.models.networks import build_network
 
 
 def _bn_net(dims: int = 2, in_ch: int = 3, seed: int = 0, arch: str = "unet", **kw):

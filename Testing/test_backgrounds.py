@@ -15,8 +15,8 @@ from scipy import ndimage
 from UNetSegmentLib import synth
 from UNetSegmentLib.errors import UsageError
 from UNetSegmentLib.image import Image
-from UNetSegmentLib.training import backgrounds as bg
-from UNetSegmentLib.training import perfusion as pf
+from UNetSegmentLib.models.training import backgrounds as bg
+from UNetSegmentLib.models.training import perfusion as pf
 
 MNI2_SHAPE_KJI = (95, 117, 99)
 MNI1_SHAPE_KJI = (189, 233, 197)

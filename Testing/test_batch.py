@@ -13,15 +13,15 @@ import SimpleITK as sitk
 from conftest import ct_phantom, write_bundle
 from dicom_utils import write_ct_series
 
-from UNetSegmentLib import batch
-from UNetSegmentLib.batch import COHORT_LESIONS, COHORT_SUMMARY, discover_cases, run_cohort
+from UNetSegmentLib.serving import batch
+from UNetSegmentLib.serving.batch import COHORT_LESIONS, COHORT_SUMMARY, discover_cases, run_cohort
 from UNetSegmentLib.cli import main
 from UNetSegmentLib.errors import UsageError
 from UNetSegmentLib.image import to_sitk
 from UNetSegmentLib.io.readers import read_image
-from UNetSegmentLib.job import segment_files
-from UNetSegmentLib.lesions import COLUMNS
-from UNetSegmentLib.outputs import STAGING_PREFIX
+from UNetSegmentLib.serving.job import segment_files
+from UNetSegmentLib.analysis.lesions import COLUMNS
+from UNetSegmentLib.io.outputs import STAGING_PREFIX
 from UNetSegmentLib.params import SegmentParams
 
 PARAMS = SegmentParams(heatmaps=(), threads=1)
@@ -268,7 +268,7 @@ def test_sigterm_to_batch_leaves_no_staging_folders(tmp_path):
 def test_a_stop_after_the_last_window_is_honoured(tmp_path):
     """SIGTERM (the cancel token) after inference finished: exit 130 and no outputs, not a silent exit 0."""
     from UNetSegmentLib.errors import CancelledError
-    from UNetSegmentLib.inference import CancelToken
+    from UNetSegmentLib.engine.inference import CancelToken
 
     img, _ = ct_phantom(shape_kji=(6, 32, 32), seed=1)
     vol = _write(img, tmp_path / "ct.nii.gz")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import write_bundle
 
-from UNetSegmentLib.bundle import available_models, import_model, load_bundle, sha256_file
+from UNetSegmentLib.models.bundle import available_models, import_model, load_bundle, sha256_file
 from UNetSegmentLib.errors import ModelError
 
 

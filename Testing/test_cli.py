@@ -15,7 +15,7 @@ from conftest import REPO, ct_phantom, oblique_direction, write_bundle
 from UNetSegmentLib.cli import main
 from UNetSegmentLib.image import to_sitk
 from UNetSegmentLib.io.readers import read_image
-from UNetSegmentLib.outputs import STAGING_PREFIX
+from UNetSegmentLib.io.outputs import STAGING_PREFIX
 
 CLI = [sys.executable, "-m", "UNetSegmentLib.cli"]
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from UNetSegmentLib.bundle import load_bundle
-from UNetSegmentLib.evaluate import score_case
+from UNetSegmentLib.models.bundle import load_bundle
+from UNetSegmentLib.analysis.evaluate import score_case
 from UNetSegmentLib.image import Image
 from UNetSegmentLib.params import SegmentParams
-from UNetSegmentLib.pipeline import segment
+from UNetSegmentLib.engine.pipeline import segment
 from UNetSegmentLib.synth import make_demo_case
-from UNetSegmentLib.training.cases import Settings, reslice
+from UNetSegmentLib.models.training.cases import Settings, reslice
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_fast_engine_matches_the_plain_engine_on_the_real_ct(case, bundle):
 def test_perfusion_model_finds_an_unseen_infarct_core():
     """The shipped 4-channel model on a synthetic perfusion case from a seed used neither in training
     (2000–2099) nor in validation (950000–950019)."""
-    from UNetSegmentLib.training.perfusion import CHANNELS, synthesize_perfusion_case
+    from UNetSegmentLib.models.training.perfusion import CHANNELS, synthesize_perfusion_case
 
     maps, label = synthesize_perfusion_case(np.random.default_rng(424242), lesion=True)
     b = load_bundle("mr-perfusion-lesion")

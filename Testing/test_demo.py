@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UNetSegmentLib import job
-from UNetSegmentLib.bundle import available_models, bundled_models_dir, load_bundle
-from UNetSegmentLib.checks import check_for_model
+from UNetSegmentLib.serving import job
+from UNetSegmentLib.models.bundle import available_models, bundled_models_dir, load_bundle
+from UNetSegmentLib.engine.checks import check_for_model
 from UNetSegmentLib.cli import build_parser, main
 from UNetSegmentLib.demo import demo_inputs, run_demo
 from UNetSegmentLib.io import sample
 from UNetSegmentLib.params import SegmentParams
 from UNetSegmentLib.phantom import PERFUSION_CHANNELS, perfusion_phantom
-from UNetSegmentLib.report import percentile_window
+from UNetSegmentLib.analysis.report import percentile_window
 
 BUNDLED = sorted(p.name for p in bundled_models_dir().iterdir() if (p / "model.json").is_file())
 CHEAP = SegmentParams(heatmaps=(), device="cpu")  # no Grad-CAM: the demos' own figures are what is checked
@@ -74,7 +74,7 @@ def test_perfusion_demo_from_the_command_line(tmp_path, capsys, monkeypatch):
 def test_demo_refuses_a_model_without_a_demo_case(tmp_path):
     from conftest import write_bundle
 
-    from UNetSegmentLib.bundle import load_bundle as load
+    from UNetSegmentLib.models.bundle import load_bundle as load
     from UNetSegmentLib.errors import UsageError
 
     b = load(write_bundle(tmp_path / "b", channels=("T1", "FLAIR")))

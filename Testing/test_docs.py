@@ -12,9 +12,9 @@ import yaml
 from conftest import REPO, ct_phantom
 from UNetSegmentLib import __version__
 from UNetSegmentLib.io.writers import write_image
-from UNetSegmentLib.job import segment_files
-from UNetSegmentLib.lesions import COLUMN_DOCS, INTENSITY_UNIT, columns_markdown
-from UNetSegmentLib.outputs import CONTRACT_FILES
+from UNetSegmentLib.serving.job import segment_files
+from UNetSegmentLib.analysis.lesions import COLUMN_DOCS, INTENSITY_UNIT, columns_markdown
+from UNetSegmentLib.io.outputs import CONTRACT_FILES
 from UNetSegmentLib.params import SegmentParams
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -55,7 +55,7 @@ def test_every_column_of_a_real_table_is_documented_with_its_unit(real_run):
 
 def test_the_doc_table_is_generated_from_the_code():
     block = TABLE_DOC.split("<!-- columns:", 1)[1].split("-->", 1)[1].split("<!-- end columns -->", 1)[0]
-    assert block.strip() == columns_markdown().strip(), "regenerate: python -m UNetSegmentLib.lesions"
+    assert block.strip() == columns_markdown().strip(), "regenerate: python -m UNetSegmentLib.analysis.lesions"
 
 
 def test_doc_states_the_conventions():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from UNetSegmentLib.fallback import Attempt, is_out_of_memory, run_with_fallback
+from UNetSegmentLib.engine.fallback import Attempt, is_out_of_memory, run_with_fallback
 
 
 class FakeCuda:

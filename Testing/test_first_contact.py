@@ -18,7 +18,7 @@ from UNetSegmentLib import __version__
 from UNetSegmentLib.cli import _Progress, build_parser, main
 from UNetSegmentLib.errors import EXTRAS
 from UNetSegmentLib.image import to_sitk
-from UNetSegmentLib.outputs import CONTRACT_FILES
+from UNetSegmentLib.io.outputs import CONTRACT_FILES
 
 
 def _env() -> dict:
@@ -143,7 +143,7 @@ def test_progress_bar_on_a_terminal_shows_the_eta_and_no_rate():
 # Item 9: one resolved min_lesion_ml; dropped components explained; models list; -V
 # --------------------------------------------------------------------------------------------
 def test_summary_resolves_min_lesion_ml_once_and_explains_dropped_components(ct_file, tmp_path, capsys):
-    from UNetSegmentLib.bundle import load_bundle
+    from UNetSegmentLib.models.bundle import load_bundle
 
     default = load_bundle("tiny-blob").inference_default("min_lesion_ml", 0.0)
     out = tmp_path / "default"
@@ -170,8 +170,8 @@ def test_summary_resolves_min_lesion_ml_once_and_explains_dropped_components(ct_
 def test_negative_report_names_the_dropped_components(tmp_path):
     import numpy as np
 
-    from UNetSegmentLib.lesions import analyze_lesions
-    from UNetSegmentLib.report import render_report
+    from UNetSegmentLib.analysis.lesions import analyze_lesions
+    from UNetSegmentLib.analysis.report import render_report
 
     img, mask = ct_phantom(shape_kji=(12, 48, 40))
     lab = img.with_array(mask.astype(np.uint8))

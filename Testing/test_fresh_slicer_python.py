@@ -80,7 +80,8 @@ def test_panel_code_works_without_packages_slicer_does_not_ship():
     code = POISON.format(blocked=blocked) + textwrap.dedent("""
         from UNetSegmentLib.slicer import install, widget  # the panel's module imports
         # what the self-test (UNetSegment.py: UNetSegmentTest) imports and builds before its run starts
-        from UNetSegmentLib import outputs, params, phantom
+        from UNetSegmentLib import params, phantom
+        from UNetSegmentLib.io import outputs
         from UNetSegmentLib.slicer import logic as _logic, scene
         phantom.head_with_blob()
         from UNetSegmentLib.slicer.logic import SegmentationLogic
@@ -140,7 +141,7 @@ def _mutations(meta: dict) -> list[tuple[str, dict]]:
 def test_schema_check_without_jsonschema_agrees_with_jsonschema(model):
     import jsonschema
 
-    from UNetSegmentLib.bundle import SCHEMA_PATH
+    from UNetSegmentLib.models.bundle import SCHEMA_PATH
     from UNetSegmentLib.slicer.install import schema_errors
 
     schema = json.loads(SCHEMA_PATH.read_text())

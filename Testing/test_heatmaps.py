@@ -6,13 +6,13 @@ import pytest
 from conftest import ct_phantom
 from scipy import ndimage
 
-from UNetSegmentLib.bundle import load_bundle
+from UNetSegmentLib.models.bundle import load_bundle
 from UNetSegmentLib.errors import ModelError
-from UNetSegmentLib.heatmaps import cam_layer_name, entropy_map, gradcam
+from UNetSegmentLib.engine.heatmaps import cam_layer_name, entropy_map, gradcam
 from UNetSegmentLib.image import Image, make_ijk_to_ras
 from UNetSegmentLib.params import SegmentParams
-from UNetSegmentLib.pipeline import segment
-from UNetSegmentLib.preprocess import normalize
+from UNetSegmentLib.engine.pipeline import segment
+from UNetSegmentLib.engine.preprocess import normalize
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from UNetSegmentLib.errors import CancelledError, DeviceError
-from UNetSegmentLib.inference import (
+from UNetSegmentLib.engine.inference import (
     CancelToken,
     gaussian_importance,
     resolve_device,

@@ -11,14 +11,14 @@ import pytest
 
 from conftest import REPO
 from dicom_utils import write_ct_series
-from UNetSegmentLib.bundle import load_bundle, validate_meta
+from UNetSegmentLib.models.bundle import load_bundle, validate_meta
 from UNetSegmentLib.errors import InputError, ModelError, UsageError
 from UNetSegmentLib.image import Image
 from UNetSegmentLib.io.readers import dicom_slice_refs, read_image
-from UNetSegmentLib.lesions import DICOM_COLUMNS, analyze_lesions
+from UNetSegmentLib.analysis.lesions import DICOM_COLUMNS, analyze_lesions
 from UNetSegmentLib.phantom import head_with_blob
-from UNetSegmentLib.report import lesion_heading
-from UNetSegmentLib.terminology import label_codes, label_terminology, parse_terminology
+from UNetSegmentLib.analysis.report import lesion_heading
+from UNetSegmentLib.models.terminology import label_codes, label_terminology, parse_terminology
 
 #: left-handed grid (every axis flipped): the reader orders the slices along the normal, so the
 #: array's k runs opposite to the files' InstanceNumber (1..K in the writer's k order)
@@ -98,7 +98,7 @@ def test_segment_on_a_dicom_series_fills_the_columns_and_keeps_one_code_everywhe
     import slicerio
 
     from UNetSegmentLib.cli import _print_result
-    from UNetSegmentLib.job import segment_files
+    from UNetSegmentLib.serving.job import segment_files
     from UNetSegmentLib.params import SegmentParams
 
     img, _ = head_with_blob(direction=FLIPPED)  # the phantom tiny-blob finds

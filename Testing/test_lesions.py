@@ -1,4 +1,4 @@
-"""Tests for UNetSegmentLib.lesions (per-lesion statistics)."""
+"""Tests for UNetSegmentLib.analysis.lesions (per-lesion statistics)."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from UNetSegmentLib.errors import InputError, UsageError
 from UNetSegmentLib.image import Image, make_ijk_to_ras, to_sitk
-from UNetSegmentLib.lesions import (COLUMN_DOCS, COLUMNS, CONTRACT_COLUMNS, DICOM_COLUMNS, MIDLINE_TOLERANCE_MM,
+from UNetSegmentLib.analysis.lesions import (COLUMN_DOCS, COLUMNS, CONTRACT_COLUMNS, DICOM_COLUMNS, MIDLINE_TOLERANCE_MM,
                                     LesionTable, analyze_lesions)
 
 CONTRACT_32 = (

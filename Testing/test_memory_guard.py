@@ -20,7 +20,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO, ct_phantom
 
-from UNetSegmentLib.checks import LIMITS
+from UNetSegmentLib.engine.checks import LIMITS
 from UNetSegmentLib.errors import InputError
 from UNetSegmentLib.image import to_sitk
 from UNetSegmentLib.io import readers
@@ -111,7 +111,7 @@ HOSTILE = {
 
 def readers_available() -> int | None:
     """Available memory as the CLI sees it."""
-    from UNetSegmentLib.checks import _available_memory
+    from UNetSegmentLib.engine.checks import _available_memory
 
     return _available_memory()
 
@@ -179,7 +179,7 @@ def test_headers_are_read_without_the_voxels(tmp_path):
 
 def test_reader_refuses_a_declared_size_beyond_memory_without_a_model(tmp_path, monkeypatch):
     """The reader's own check (every caller: rethreshold, evaluate, the Slicer worker), here with 8 GiB free."""
-    from UNetSegmentLib import checks
+    from UNetSegmentLib.engine import checks
 
     monkeypatch.setattr(checks, "_available_memory", lambda: 8 << 30)
     with pytest.raises(InputError, match=r"big.nrrd declares 1200 × 1200 × 1200 voxels: reading it needs about 12.9 GiB"):
@@ -240,8 +240,8 @@ def test_server_jobs_refuse_through_the_same_reader(tmp_path):
     from test_server import TOKEN, raw
 
     from UNetSegmentLib.params import SegmentParams
-    from UNetSegmentLib.server import InferenceServer, ServerConfig
-    from UNetSegmentLib.server_client import ServerClient
+    from UNetSegmentLib.serving.server import InferenceServer, ServerConfig
+    from UNetSegmentLib.serving.client import ServerClient
 
     cfg = ServerConfig(token=TOKEN, max_upload_bytes=1 << 20, max_queued=2, retention_s=3600,
                        params=SegmentParams(heatmaps=(), threads=1), work_dir=tmp_path / "work")

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from conftest import ct_phantom, write_bundle
 from test_memory_guard import MAX_RSS_MB, run_cli_measured
 
-from UNetSegmentLib.bundle import (MAX_PATCH_ACTIVATION_BYTES, MAX_PARAMETERS, bundled_models_dir, load_bundle,
+from UNetSegmentLib.models.bundle import (MAX_PATCH_ACTIVATION_BYTES, MAX_PARAMETERS, bundled_models_dir, load_bundle,
                                    patch_activation_bytes, sha256_file)
 from UNetSegmentLib.errors import ModelError
 from UNetSegmentLib.image import to_sitk

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from UNetSegmentLib.networks import (
+from UNetSegmentLib.models.networks import (
     NETWORKS,
     UNet,
     UNetPlusPlus,
@@ -208,7 +208,7 @@ def test_bad_values_are_value_errors(kwargs: dict, match: str) -> None:
 def test_multipath_keeps_modalities_apart_until_fusion() -> None:
     """Each path sees only its group of input channels: a change in group 2 reaches path 2's encoder
     features and no other path's, and the fused output does change."""
-    from UNetSegmentLib.networks import MultiPathUNet
+    from UNetSegmentLib.models.networks import MultiPathUNet
 
     net = MultiPathUNet(2, 12, 2, base_channels=8, depth=2, paths=4).eval()
     feats: dict[int, torch.Tensor] = {}
@@ -226,7 +226,7 @@ def test_multipath_keeps_modalities_apart_until_fusion() -> None:
 
 
 def test_multipath_defaults_and_errors() -> None:
-    from UNetSegmentLib.networks import MultiPathUNet
+    from UNetSegmentLib.models.networks import MultiPathUNet
 
     assert MultiPathUNet(2, 4, 2, base_channels=8, depth=2).paths == 4, "default: one path per input channel"
     with pytest.raises(ValueError, match="paths must be a positive divisor"):

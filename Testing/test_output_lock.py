@@ -20,7 +20,7 @@ from conftest import REPO, ct_phantom
 
 from UNetSegmentLib.errors import OutputError
 from UNetSegmentLib.image import to_sitk
-from UNetSegmentLib.outputs import CONTRACT_FILES, StagedOutput, file_digests, lock_output_dir
+from UNetSegmentLib.io.outputs import CONTRACT_FILES, StagedOutput, file_digests, lock_output_dir
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX advisory locks")
 

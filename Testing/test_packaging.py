@@ -111,7 +111,7 @@ NOT_NEEDED_IN_SLICER = {
     "dask": "batch runs on a cluster (unetsegment batch), not used by the module",
     "fastapi": "inference server only", "uvicorn": "inference server only", "python-multipart": "inference server only",
     "psutil": "server/batch resource checks only",
-    "nilearn": "training backgrounds (UNetSegmentLib.training) only",
+    "nilearn": "training backgrounds (UNetSegmentLib.models.training) only",
     "pydicom": "Slicer ships it (and pins it): never installed or upgraded by the module",
 }
 
@@ -151,7 +151,7 @@ def test_core_never_imports_slicer_qt_vtk_or_the_adapters():
 
 
 def test_resources_resolve_in_the_source_tree():
-    from UNetSegmentLib.bundle import bundled_models_dir
+    from UNetSegmentLib.models.bundle import bundled_models_dir
     from UNetSegmentLib.resources import resources_dir
 
     assert resources_dir() == REPO / "Resources" and bundled_models_dir() == REPO / "Resources" / "Models"
@@ -252,7 +252,7 @@ def test_packaged_layout_finds_resources_and_loads_ui_and_models(tmp_path, layou
     assert slicer_resource_path(mods / "UNetSegment.py", "UI/UNetSegment.ui").is_file()  # developer mode "Edit UI"
     code = ("import sys, json, xml.etree.ElementTree as ET; sys.path.insert(0, sys.argv[1]);"
             "from UNetSegmentLib.resources import resources_dir, resource_path;"
-            "from UNetSegmentLib.bundle import available_models, load_bundle;"
+            "from UNetSegmentLib.models.bundle import available_models, load_bundle;"
             "ui = ET.parse(resource_path('UI', 'UNetSegment.ui')).getroot();"
             "b = load_bundle('tiny-blob');"
             "print(json.dumps([str(resources_dir()), ui.find('class').text, str(b.root), sorted(available_models()),"

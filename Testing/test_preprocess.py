@@ -9,7 +9,7 @@ from conftest import ct_phantom, oblique_direction
 
 from UNetSegmentLib.errors import InputError
 from UNetSegmentLib.image import Image, make_ijk_to_ras, resample
-from UNetSegmentLib.preprocess import align_inputs, canonical_grid, network_grid, normalize
+from UNetSegmentLib.engine.preprocess import align_inputs, canonical_grid, network_grid, normalize
 
 
 def _all_orientations():

@@ -1,4 +1,4 @@
-"""Tests for UNetSegmentLib.report (the PNG report)."""
+"""Tests for UNetSegmentLib.analysis.report (the PNG report)."""
 from __future__ import annotations
 
 import math
@@ -11,8 +11,8 @@ from scipy import ndimage
 
 from UNetSegmentLib.errors import InputError, OutputError, UsageError
 from UNetSegmentLib.image import Image, make_ijk_to_ras
-from UNetSegmentLib.lesions import analyze_lesions
-from UNetSegmentLib.report import (
+from UNetSegmentLib.analysis.lesions import analyze_lesions
+from UNetSegmentLib.analysis.report import (
     RESEARCH_NOTE,
     ReportLayout,
     radiological_axial,

@@ -6,17 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from UNetSegmentLib.bundle import load_bundle
+from UNetSegmentLib.models.bundle import load_bundle
 from UNetSegmentLib.errors import InputError
 from UNetSegmentLib.image import Image
 from UNetSegmentLib.io.readers import read_image
 from UNetSegmentLib.io.writers import write_image
-from UNetSegmentLib.job import segment_files
-from UNetSegmentLib.outputs import CONTRACT_FILES
+from UNetSegmentLib.serving.job import segment_files
+from UNetSegmentLib.io.outputs import CONTRACT_FILES
 from UNetSegmentLib.params import SegmentParams
 from UNetSegmentLib.phantom import head_with_blob
-from UNetSegmentLib.rethreshold import export_run, labels_at_threshold, load_run, rederive_run, table_from_summary
-from UNetSegmentLib.roi import box_from_ras_bounds, crop, uncrop
+from UNetSegmentLib.analysis.rethreshold import export_run, labels_at_threshold, load_run, rederive_run, table_from_summary
+from UNetSegmentLib.engine.roi import box_from_ras_bounds, crop, uncrop
 
 from conftest import oblique_direction
 

@@ -1,7 +1,7 @@
 """The bad-input matrix: every row is refused (typed error, exit code, one line naming problem and fix)
 or accepted with a warning (processed, warning printed and in summary.json). Every row also checks
 that the input files are byte-identical afterwards, that no partial output is left and that the CLI
-printed no traceback. Thresholds: ``UNetSegmentLib.checks.LIMITS``."""
+printed no traceback. Thresholds: ``UNetSegmentLib.engine.checks.LIMITS``."""
 from __future__ import annotations
 
 import errno
@@ -24,11 +24,11 @@ import torch
 from conftest import REPO, ct_phantom, write_bundle
 from dicom_utils import write_ct_series
 
-from UNetSegmentLib import checks
-from UNetSegmentLib.bundle import sha256_file
+from UNetSegmentLib.engine import checks
+from UNetSegmentLib.models.bundle import sha256_file
 from UNetSegmentLib.cli import main
 from UNetSegmentLib.image import Image, make_ijk_to_ras, to_sitk
-from UNetSegmentLib.outputs import CONTRACT_FILES, STAGING_PREFIX
+from UNetSegmentLib.io.outputs import CONTRACT_FILES, STAGING_PREFIX
 
 HEAD = {"anatomy": {"name": "head", "extent_mm": [60, 330]}}
 CT_RANGE = {"expected_range": [-1100, 3100]}
@@ -368,7 +368,7 @@ def test_bad_input_matrix(row, tmp_path, capsys, monkeypatch):
     if row.setup is r_memory:
         monkeypatch.setattr(checks, "_available_memory", lambda: 1 << 20)
     if row.setup is r_disk_full:
-        import UNetSegmentLib.job as job
+        import UNetSegmentLib.serving.job as job
 
         real = job.write_image
         calls = []

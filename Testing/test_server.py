@@ -22,15 +22,15 @@ import SimpleITK as sitk
 from conftest import REPO, ct_phantom, write_bundle
 from dicom_utils import write_ct_series
 
-from UNetSegmentLib.bundle import default_model_name
+from UNetSegmentLib.models.bundle import default_model_name
 from UNetSegmentLib.errors import InputError, UsageError
 from UNetSegmentLib.image import to_sitk
 from UNetSegmentLib.io.readers import read_image
-from UNetSegmentLib.job import segment_files
+from UNetSegmentLib.serving.job import segment_files
 from UNetSegmentLib.params import SegmentParams
-from UNetSegmentLib.server import (LOCK_NAME, DirLock, InferenceServer, JobManager, ServerConfig, _prepare_input, check_bind,
+from UNetSegmentLib.serving.server import (LOCK_NAME, DirLock, InferenceServer, JobManager, ServerConfig, _prepare_input, check_bind,
                                    read_token_file, server_cache_root)
-from UNetSegmentLib.server_client import RemoteProcess, ServerClient, ServerError, _MultipartBody
+from UNetSegmentLib.serving.client import RemoteProcess, ServerClient, ServerError, _MultipartBody
 
 TOKEN = "test-token-" + "x" * 24
 PARAMS = SegmentParams(heatmaps=(), threads=1)

@@ -26,16 +26,16 @@ import vtk  # noqa: E402
 
 from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
-from UNetSegmentLib.lesions import COLUMNS  # noqa: E402
-from UNetSegmentLib.outputs import CONTRACT_FILES  # noqa: E402
+from UNetSegmentLib.analysis.lesions import COLUMNS  # noqa: E402
+from UNetSegmentLib.io.outputs import CONTRACT_FILES  # noqa: E402
 from UNetSegmentLib.params import HELP, SegmentParams  # noqa: E402
 from UNetSegmentLib.phantom import head_with_blob  # noqa: E402
-from UNetSegmentLib.rethreshold import load_run, rederive_run  # noqa: E402
-from UNetSegmentLib.bundle import load_bundle  # noqa: E402
+from UNetSegmentLib.analysis.rethreshold import load_run, rederive_run  # noqa: E402
+from UNetSegmentLib.models.bundle import load_bundle  # noqa: E402
 from UNetSegmentLib.slicer import scene as sc  # noqa: E402
 from UNetSegmentLib.slicer.logic import RunRequest, SegmentationLogic  # noqa: E402
 from UNetSegmentLib.slicer.widget import Panel, guess_channel_volumes  # noqa: E402
-from UNetSegmentLib.worker import STAGES  # noqa: E402
+from UNetSegmentLib.serving.worker import STAGES  # noqa: E402
 from UNetSegmentLib.resources import resource_path  # noqa: E402
 
 CPU = SegmentParams(device="cpu", heatmaps=("gradcam",))
@@ -724,7 +724,7 @@ def test_segment_on_a_live_server_gives_the_same_nodes_as_the_local_run(tmp_path
     import threading
     import urllib.request
 
-    from UNetSegmentLib.server import InferenceServer, ServerConfig
+    from UNetSegmentLib.serving.server import InferenceServer, ServerConfig
 
     node, _, _ = add_head()
     panel, ui, logic = make_panel()

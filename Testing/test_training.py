@@ -9,11 +9,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from UNetSegmentLib.bundle import load_bundle
-from UNetSegmentLib.evaluate import evaluate, format_table, hu_baseline, score_case
+from UNetSegmentLib.models.bundle import load_bundle
+from UNetSegmentLib.analysis.evaluate import evaluate, format_table, hu_baseline, score_case
 from UNetSegmentLib.image import Image, make_ijk_to_ras
-from UNetSegmentLib.training import trainer
-from UNetSegmentLib.training.cases import build_cache, phantom_case, write_case_folder
+from UNetSegmentLib.models.training import trainer
+from UNetSegmentLib.models.training.cases import build_cache, phantom_case, write_case_folder
 
 
 def _config(tmp: Path, steps=6) -> Path:
@@ -114,7 +114,7 @@ def test_3d_and_multipath_configs_train_to_valid_bundles(tmp_path):
 
 
 def test_choose_min_lesion_prefers_sensitivity():
-    from UNetSegmentLib.evaluate import choose_min_lesion
+    from UNetSegmentLib.analysis.evaluate import choose_min_lesion
 
     row = lambda ml, fp, sens: {"min_lesion_ml": ml, "false_lesions_per_scan": fp, "sensitivity_ge_0.5ml": sens}  # noqa: E731
     assert choose_min_lesion([row(0.1, 0.5, 1.0), row(0.2, 0.1, 1.0), row(0.3, 0.0, 1.0)]) == 0.2, "smallest meeting both"

@@ -13,9 +13,9 @@ import pytest
 
 from UNetSegmentLib.io.readers import read_image
 from UNetSegmentLib.io.writers import write_image
-from UNetSegmentLib.outputs import CONTRACT_FILES, STAGING_PREFIX
+from UNetSegmentLib.io.outputs import CONTRACT_FILES, STAGING_PREFIX
 from UNetSegmentLib.phantom import head_with_blob
-from UNetSegmentLib.worker import STAGES, ProgressReporter, error_event
+from UNetSegmentLib.serving.worker import STAGES, ProgressReporter, error_event
 
 PKG_PARENT = Path(__file__).resolve().parents[1] / "UNetSegment"
 
@@ -27,7 +27,7 @@ def spawn(tmp_path, image, params=None, stop=True, name="req"):
            "params": params or {"device": "cpu"}, "overwrite": False,
            "stop_file": str(tmp_path / f"{name}.stop") if stop else None}
     (tmp_path / f"{name}.json").write_text(json.dumps(req))
-    proc = subprocess.Popen([sys.executable, "-m", "UNetSegmentLib.worker", "--request", str(tmp_path / f"{name}.json")],
+    proc = subprocess.Popen([sys.executable, "-m", "UNetSegmentLib.serving.worker", "--request", str(tmp_path / f"{name}.json")],
                             cwd=str(PKG_PARENT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, req
 
@@ -121,7 +121,7 @@ def test_worker_input_error_is_one_event_with_the_cli_exit_code(tmp_path):
     write_image(image, ct)
     req = {"inputs": [str(ct), str(ct)], "output_dir": str(tmp_path / "out"), "model": "tiny-blob", "params": {}}
     (tmp_path / "r.json").write_text(json.dumps(req))
-    p = subprocess.run([sys.executable, "-m", "UNetSegmentLib.worker", "--request", str(tmp_path / "r.json")],
+    p = subprocess.run([sys.executable, "-m", "UNetSegmentLib.serving.worker", "--request", str(tmp_path / "r.json")],
                        cwd=str(PKG_PARENT), capture_output=True, text=True, timeout=120)
     last = events_of(p.stdout)[-1]
     assert p.returncode == 3 and last["event"] == "error" and last["kind"] == "InputError" and last["exit_code"] == 3
@@ -131,7 +131,7 @@ def test_worker_input_error_is_one_event_with_the_cli_exit_code(tmp_path):
 def test_worker_rejects_unknown_parameters(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"inputs": ["x.nrrd"], "output_dir": str(tmp_path / "o"),
                                                  "params": {"treshold": 0.3}}))
-    p = subprocess.run([sys.executable, "-m", "UNetSegmentLib.worker", "--request", str(tmp_path / "r.json")],
+    p = subprocess.run([sys.executable, "-m", "UNetSegmentLib.serving.worker", "--request", str(tmp_path / "r.json")],
                        cwd=str(PKG_PARENT), capture_output=True, text=True, timeout=60)
     last = events_of(p.stdout)[-1]
     assert p.returncode == 2 and last["kind"] == "UsageError" and "treshold" in last["message"]

@@ -153,7 +153,7 @@ class UNetSegmentTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
-        from UNetSegmentLib.outputs import CONTRACT_FILES
+        from UNetSegmentLib.io.outputs import CONTRACT_FILES
         from UNetSegmentLib.params import SegmentParams
         from UNetSegmentLib.phantom import head_with_blob
         from UNetSegmentLib.slicer import scene

@@ -41,7 +41,7 @@ def main() -> int:
     import SimpleITK as sitk
     from conftest import ct_phantom
 
-    from UNetSegmentLib.batch import local_cluster_size
+    from UNetSegmentLib.serving.batch import local_cluster_size
     from UNetSegmentLib.image import to_sitk
 
     work = Path(tempfile.mkdtemp(prefix="unetsegment-batch-bench-"))

@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 
 
 def prepare(out: Path, model: str | None) -> None:
-    from UNetSegmentLib.bundle import default_model_name, load_bundle
+    from UNetSegmentLib.models.bundle import default_model_name, load_bundle
     from UNetSegmentLib.demo import demo_case
-    from UNetSegmentLib.inference import sliding_window
-    from UNetSegmentLib.acceleration import prepare_network
+    from UNetSegmentLib.engine.inference import sliding_window
+    from UNetSegmentLib.engine.acceleration import prepare_network
     from UNetSegmentLib.io.readers import read_image
-    from UNetSegmentLib.preprocess import canonical_grid, network_grid, to_network_input
+    from UNetSegmentLib.engine.preprocess import canonical_grid, network_grid, to_network_input
     import torch
 
     b = load_bundle(model or default_model_name())
@@ -65,11 +65,11 @@ def run(d: Path, device: str = "cuda") -> None:
     import torch
     from safetensors.torch import load_file
 
-    from UNetSegmentLib.acceleration import prepare_network
-    from UNetSegmentLib.fallback import Attempt, run_with_fallback
-    from UNetSegmentLib.heatmaps import gradcam
-    from UNetSegmentLib.inference import sliding_window
-    from UNetSegmentLib.networks import build_network
+    from UNetSegmentLib.engine.acceleration import prepare_network
+    from UNetSegmentLib.engine.fallback import Attempt, run_with_fallback
+    from UNetSegmentLib.engine.heatmaps import gradcam
+    from UNetSegmentLib.engine.inference import sliding_window
+    from UNetSegmentLib.models.networks import build_network
 
     meta = json.loads((d / "model.json").read_text())
     vol = np.load(d / "volume.npz")["volume"]

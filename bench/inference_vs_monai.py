@@ -33,14 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 
-from UNetSegmentLib.bundle import default_model_name, load_bundle  # noqa: E402
+from UNetSegmentLib.models.bundle import default_model_name, load_bundle  # noqa: E402
 from UNetSegmentLib.demo import demo_case  # noqa: E402
 from UNetSegmentLib.image import Image, resample  # noqa: E402
-from UNetSegmentLib.inference import resolve_precision  # noqa: E402
+from UNetSegmentLib.engine.inference import resolve_precision  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.params import SegmentParams  # noqa: E402
-from UNetSegmentLib.pipeline import segment  # noqa: E402
-from UNetSegmentLib.preprocess import canonical_grid, network_grid, to_network_input  # noqa: E402
+from UNetSegmentLib.engine.pipeline import segment  # noqa: E402
+from UNetSegmentLib.engine.preprocess import canonical_grid, network_grid, to_network_input  # noqa: E402
 
 
 def monai_pipeline(image: Image, bundle, net) -> np.ndarray:
@@ -172,8 +172,8 @@ def counted_flops(fn) -> float:
 
 def ablation(case: Path, bundle, net, repeats: int) -> None:
     """The engine's speed-ups one at a time, on the network-grid volume of ``case`` (engine time only)."""
-    from UNetSegmentLib.acceleration import prepare_network
-    from UNetSegmentLib.inference import sliding_window
+    from UNetSegmentLib.engine.acceleration import prepare_network
+    from UNetSegmentLib.engine.inference import sliding_window
 
     canon, _ = canonical_grid(read_image(case))
     grid = network_grid(canon, bundle.meta["target_spacing"], in_plane_only=bundle.dimensions != "3d")
@@ -211,8 +211,8 @@ def ablation(case: Path, bundle, net, repeats: int) -> None:
 
 def compare_lesions(cases_dir: Path, bundle, net, ours_fn, monai_fn) -> None:
     """Ours (defaults) vs MONAI on every case folder: Dice vs truth and the true lesions ≥ 0.5 mL each finds."""
-    from UNetSegmentLib.evaluate import score_case
-    from UNetSegmentLib.lesions import remove_small_lesions
+    from UNetSegmentLib.analysis.evaluate import score_case
+    from UNetSegmentLib.analysis.lesions import remove_small_lesions
 
     thr = float(bundle.meta["threshold"])
     rows, same = [], True

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "UNetSegment"))
 
 from UNetSegmentLib.image import Image, make_ijk_to_ras, to_sitk  # noqa: E402
-from UNetSegmentLib.lesions import analyze_lesions  # noqa: E402
+from UNetSegmentLib.analysis.lesions import analyze_lesions  # noqa: E402
 
 
 def build(n_lesions: int, shape=(128, 256, 256), seed=0):

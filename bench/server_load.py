@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "UNetSegment"))
 sys.path.insert(0, str(REPO / "Testing"))
 
-from UNetSegmentLib.server_client import ServerClient, ServerError  # noqa: E402
+from UNetSegmentLib.serving.client import ServerClient, ServerError  # noqa: E402
 
 
 def pct(values, q) -> float:

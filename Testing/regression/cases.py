@@ -68,7 +68,7 @@ def _demo_perfusion() -> dict[str, Image]:
 
 def _val_ct(seed: int) -> Callable[[], dict[str, Image]]:
     def make() -> dict[str, Image]:
-        from UNetSegmentLib.training.cases import VALIDATION, ct_hemorrhage_case
+        from UNetSegmentLib.models.training.cases import VALIDATION, ct_hemorrhage_case
 
         (ct,), _ = ct_hemorrhage_case(seed, VALIDATION)
         return {"CT": ct}
@@ -78,7 +78,7 @@ def _val_ct(seed: int) -> Callable[[], dict[str, Image]]:
 
 def _val_perfusion(seed: int) -> Callable[[], dict[str, Image]]:
     def make() -> dict[str, Image]:
-        from UNetSegmentLib.training.cases import VALIDATION, perfusion_case
+        from UNetSegmentLib.models.training.cases import VALIDATION, perfusion_case
 
         maps, _ = perfusion_case(seed, VALIDATION)
         return dict(zip(("CBF", "CBV", "MTT", "Tmax"), maps))
@@ -116,7 +116,7 @@ def _array_record(a: np.ndarray) -> dict:
 
 def run_case(case: Case, work: Path) -> dict:
     """Segment one case through ``segment_files`` (the CLI's path) and record what it produced."""
-    from UNetSegmentLib.job import segment_files
+    from UNetSegmentLib.serving.job import segment_files
     from UNetSegmentLib.params import SegmentParams
 
     vols = case.volumes()

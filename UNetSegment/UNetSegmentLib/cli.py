@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import UNetSegmentError, require_extra
-from .inference import CancelToken
+from .engine.inference import CancelToken
 from .params import ENGINES, HELP, SegmentParams
 
 
@@ -240,7 +240,7 @@ class _Progress:
 
 
 def _cmd_segment(a: argparse.Namespace, cancel: CancelToken) -> int:
-    from .job import segment_files
+    from .serving.job import segment_files
 
     prog = _Progress(not a.quiet)
     try:
@@ -252,7 +252,7 @@ def _cmd_segment(a: argparse.Namespace, cancel: CancelToken) -> int:
 
 
 def _print_result(summary: dict, out_dir) -> None:
-    from .lesions import dropped_note
+    from .analysis.lesions import dropped_note
 
     out = Path(out_dir)
     print(f"model {summary['model']['name']} {summary['model']['version']} on {summary['device']} ({summary['precision']}), "
@@ -289,7 +289,7 @@ def _print_lesions(les: list[dict]) -> None:
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
-    from .bundle import available_models, default_model_name, import_model, load_bundle
+    from .models.bundle import available_models, default_model_name, import_model, load_bundle
 
     if a.models_command == "list":
         models = available_models()
@@ -315,7 +315,7 @@ def _cmd_models(a: argparse.Namespace) -> int:
         print(f"imported {b.name} {b.version} into {b.root}")
         return 0
     if a.models_command == "verify":
-        from .networks import count_parameters
+        from .models.networks import count_parameters
 
         b = load_bundle(a.model)
         net = b.build_network()
@@ -341,7 +341,7 @@ def _cmd_demo(a: argparse.Namespace, cancel: CancelToken) -> int:
 
 def _cmd_batch(a: argparse.Namespace, cancel: CancelToken) -> int:
     require_extra("batch", "`unetsegment batch`")
-    from .batch import BATCH_PARTIAL_EXIT, CohortProgress, run_cohort
+    from .serving.batch import BATCH_PARTIAL_EXIT, CohortProgress, run_cohort
 
     prog = CohortProgress(enabled=not a.quiet)
     try:
@@ -359,8 +359,8 @@ def _cmd_batch(a: argparse.Namespace, cancel: CancelToken) -> int:
 
 def _cmd_serve(a: argparse.Namespace) -> int:
     require_extra("serve", "`unetsegment serve`")
-    from .bundle import default_model_name, load_bundle
-    from .server import ServerConfig, read_token_file, serve
+    from .models.bundle import default_model_name, load_bundle
+    from .serving.server import ServerConfig, read_token_file, serve
 
     token = read_token_file(a.token_file) if a.token_file else None
     model = a.model or default_model_name()
@@ -415,12 +415,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_batch(a, cancel)
         if a.command == "train":
             require_extra("train", "`unetsegment train`")
-            from .training.trainer import train
+            from .models.training.trainer import train
 
             train(Path(a.config), Path(a.output_dir))
             return 0
         if a.command == "evaluate":
-            from .evaluate import main_evaluate
+            from .analysis.evaluate import main_evaluate
 
             main_evaluate(a.model, Path(a.cases), Path(a.output) if a.output else None,
                           SegmentParams(device=a.device, precision=a.precision, heatmaps=()), baseline=not a.no_baseline,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import Bundle, default_model_name, load_bundle
+from .models.bundle import Bundle, default_model_name, load_bundle
 from .errors import UsageError
-from .inference import CancelToken, ProgressFn
+from .engine.inference import CancelToken, ProgressFn
 from .io.readers import read_image
 from .io.sample import default_cache_dir, fetch_sample
 from .io.writers import write_image
-from .job import segment_files
+from .serving.job import segment_files
 from .params import SegmentParams
 from .phantom import PERFUSION_CHANNELS, PERFUSION_PHANTOM_VERSION, perfusion_phantom
 

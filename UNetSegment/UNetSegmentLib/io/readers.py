@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checks import check_read_memory
+from ..engine.checks import check_read_memory
 from ..errors import InputError
 from ..image import LPS_TO_RAS, Image, from_sitk
 

@@ -42,7 +42,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..bundle import sha256_file
+from ..models.bundle import sha256_file
 from ..errors import InputError, OutputError
 from ..image import Image, make_ijk_to_ras
 from .writers import new_shared_file

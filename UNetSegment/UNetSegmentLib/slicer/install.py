@@ -500,7 +500,7 @@ _KNOWN = {"type"} | {k for keys, _ in _GROUPS for k in keys}
 
 @lru_cache(maxsize=1)
 def _bundle_schema() -> dict:
-    from ..bundle import SCHEMA_PATH
+    from ..models.bundle import SCHEMA_PATH
 
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
@@ -512,7 +512,7 @@ def preview_bundle(folder: str | os.PathLike):
     the bundle schema by :func:`schema_errors` and the weights file must exist. The worker loads
     the bundle with the full check (jsonschema, cross-field rules, sha256) before every run.
     """
-    from ..bundle import Bundle
+    from ..models.bundle import Bundle
     from ..errors import ModelError
 
     root = Path(folder)

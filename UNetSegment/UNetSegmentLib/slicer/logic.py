@@ -17,18 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..bundle import Bundle, available_models, import_model, load_bundle
+from ..models.bundle import Bundle, available_models, import_model, load_bundle
 from ..errors import InputError
 from ..image import Image
 from ..io.writers import write_image
-from ..job import display_channel
-from ..preprocess import align_inputs
-from ..lesions import LesionTable
+from ..serving.job import display_channel
+from ..engine.preprocess import align_inputs
+from ..analysis.lesions import LesionTable
 from ..params import SegmentParams
-from ..rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
-from ..roi import Box, box_from_ras_corners, crop, uncrop
-from ..server_client import ServerClient
-from ..worker import error_event
+from ..analysis.rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
+from ..engine.roi import Box, box_from_ras_corners, crop, uncrop
+from ..serving.client import ServerClient
+from ..serving.worker import error_event
 from . import scene
 from .process import ProcessProtocol, ServerProcess, WorkerProcess
 from .signals import Signal

@@ -1,6 +1,6 @@
-"""Client side of the JSON-lines worker (:mod:`UNetSegmentLib.worker`), polled from the GUI thread.
+"""Client side of the JSON-lines worker (:mod:`UNetSegmentLib.serving.worker`), polled from the GUI thread.
 
-The worker runs as ``<python> -m UNetSegmentLib.worker --request request.json`` started with
+The worker runs as ``<python> -m UNetSegmentLib.serving.worker --request request.json`` started with
 ``slicer.util.launchConsoleProcess`` (stdout and stderr merged). A reader thread only queues lines;
 a ``qt.QTimer`` drains the queue on the main thread every :data:`POLL_MS` ms and calls back, so
 MRML and widgets are only touched from the GUI thread and the GUI never waits in a loop.
@@ -8,7 +8,7 @@ Stopping creates the request's stop file (the worker exits within a second); a p
 alive :data:`KILL_AFTER_S` later is killed.
 
 :class:`ServerProcess` is the same for a run on a UNetSegment server (``unetsegment serve``): the
-HTTP calls happen in :class:`~UNetSegmentLib.server_client.RemoteProcess`'s background thread and
+HTTP calls happen in :class:`~UNetSegmentLib.serving.client.RemoteProcess`'s background thread and
 the same kind of timer delivers its events on the GUI thread.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..server_client import RemoteProcess
+from ..serving.client import RemoteProcess
 
 POLL_MS = 100
 KILL_AFTER_S = 1.5
@@ -109,7 +109,7 @@ class WorkerProcess:
         self._timer = None
 
     def command(self, request_path: str) -> list[str]:
-        return [self.python or worker_python(), "-m", "UNetSegmentLib.worker", "--request", str(request_path)]
+        return [self.python or worker_python(), "-m", "UNetSegmentLib.serving.worker", "--request", str(request_path)]
 
     def start(self, request_path: str, stop_file: str) -> None:
         import slicer
@@ -160,7 +160,7 @@ class WorkerProcess:
 
 class ServerProcess(RemoteProcess):
     """A run on a server with :class:`WorkerProcess`'s interface and events: a ``qt.QTimer`` calls
-    :meth:`~UNetSegmentLib.server_client.RemoteProcess.poll` every :data:`POLL_MS` ms, so callbacks
+    :meth:`~UNetSegmentLib.serving.client.RemoteProcess.poll` every :data:`POLL_MS` ms, so callbacks
     run on the GUI thread while uploads, polling and downloads stay in the background thread."""
 
     def __init__(self, on_event: Callable[[dict], None], on_finished: Callable[[int], None], client, poll_s: float = 0.5):

@@ -1,7 +1,7 @@
 """Build and update the MRML nodes that show a result: segmentation, heatmap overlays, lesion table.
 
 Every function takes core values (:class:`~UNetSegmentLib.image.Image`, the bundle's ``labels``,
-:class:`~UNetSegmentLib.lesions.LesionTable`) and touches only nodes this module created or the
+:class:`~UNetSegmentLib.analysis.lesions.LesionTable`) and touches only nodes this module created or the
 user chose as output. Input volumes are read, never changed.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..image import Image
-from ..lesions import COLUMNS, LesionTable
+from ..analysis.lesions import COLUMNS, LesionTable
 from .volumes import add_volume, labelmap_node_without_display, to_world, update_volume
 
 #: colour table per heatmap kind (IDs Slicer adds to every scene; see slicer_conventions.md §5)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UNetSegmentError
-from ..inference import PRECISIONS
-from ..outputs import CONTRACT_FILES
-from ..acceleration import usable_cores
+from ..engine.inference import PRECISIONS
+from ..io.outputs import CONTRACT_FILES
+from ..engine.acceleration import usable_cores
 from ..params import HEATMAP_KINDS, HELP, SegmentParams
-from ..worker import STAGES, error_event
+from ..serving.worker import STAGES, error_event
 from . import install
 from .logic import RunRequest, RunResult, SegmentationLogicProtocol
 

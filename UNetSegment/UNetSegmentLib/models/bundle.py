@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from ..errors import ModelError
 
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "model.schema.json"
 #: models looked up by name, in this order: user-imported, then bundled with the extension
@@ -33,7 +33,7 @@ MAX_PATCH_ACTIVATION_BYTES = 8 << 30
 
 def bundled_models_dir() -> Path:
     """``Resources/Models`` of the source tree or of the packaged extension (see :mod:`.resources`)."""
-    from .resources import resource_path
+    from ..resources import resource_path
 
     return resource_path("Models")
 

@@ -5,7 +5,7 @@ quality. Training data are 2D axial phantoms made on the fly: an elliptical head
 ≈ 700–1500 HU, brain 20–45 HU, darker CSF spots), air outside, 0–3 hyperdense blobs (50–90 HU)
 inside the brain, Gaussian noise and slight blur.
 
-Run: ``python -m UNetSegmentLib.training.tiny --output-dir Resources/Models/tiny-blob``
+Run: ``python -m UNetSegmentLib.models.training.tiny --output-dir Resources/Models/tiny-blob``
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from ..bundle import sha256_file
 from ..networks import build_network, count_parameters
-from ..preprocess import normalize
+from ...engine.preprocess import normalize
 
 SPACING_MM = 1.5
 PATCH = 160
@@ -126,7 +126,7 @@ def train(output_dir: Path, steps: int = 500, seed: int = 0, batch_size: int = 1
         "anatomy": {"name": "head", "extent_mm": [90, 330]},
         "display": {"window": [0, 80]},
         "weights": {"file": wfile.name, "sha256": sha256_file(wfile)},
-        "training": {"data": "on-the-fly 2D head phantoms (UNetSegmentLib.training.tiny)", "steps": steps,
+        "training": {"data": "on-the-fly 2D head phantoms (UNetSegmentLib.models.training.tiny)", "steps": steps,
                      "batch_size": batch_size, "seed": seed, "minutes_cpu": round((time.time() - t0) / 60, 1)},
         "metrics": {"validation_dice_phantoms": round(dice, 4), "validation_cases": "48 phantom slices, seed 10000+seed"},
         "license": "Apache-2.0",

@@ -35,8 +35,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from ..errors import UsageError
-from ..image import LPS_TO_RAS, Image, to_sitk
+from ...errors import UsageError
+from ...image import LPS_TO_RAS, Image, to_sitk
 
 AIR_HU = -1000.0
 HU_CLIP = (-1024.0, 3071.0)

@@ -51,8 +51,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, OutputError, UsageError
-from .image import Image, slice_axis as _slice_axis
+from ..errors import InputError, OutputError, UsageError
+from ..image import Image, slice_axis as _slice_axis
 
 #: The 32 columns of the ``segment`` contract, in this order (other tools read them by name).
 CONTRACT_COLUMNS: tuple[str, ...] = (
@@ -160,7 +160,7 @@ COLUMN_DOCS: dict[str, tuple[str, str]] = {
 
 
 def columns_markdown() -> str:
-    """The column table of docs/lesion-table.md, from :data:`COLUMN_DOCS` (``python -m UNetSegmentLib.lesions``)."""
+    """The column table of docs/lesion-table.md, from :data:`COLUMN_DOCS` (``python -m UNetSegmentLib.analysis.lesions``)."""
     lines = ["| # | column | unit | meaning |", "|---|---|---|---|"]
     for n, c in enumerate(COLUMNS, start=1):
         unit, desc = COLUMN_DOCS[c]
@@ -317,7 +317,7 @@ def _fmt(v) -> str:
 
 
 def _atomic_write(path, text: str) -> str:
-    from .io.writers import atomic_path
+    from ..io.writers import atomic_path
 
     try:
         with atomic_path(path) as tmp:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
-from .image import Image
+from ..errors import InputError
+from ..image import Image
 
 
 @dataclass(frozen=True)

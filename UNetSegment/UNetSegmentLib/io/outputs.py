@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from ..errors import OutputError
 
 try:  # POSIX advisory locks; Windows has none on folders (see lock_output_dir)
     import fcntl

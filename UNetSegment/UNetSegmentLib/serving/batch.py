@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import CancelledError, OutputError, UNetSegmentError, UsageError
-from .inference import CancelToken
-from .lesions import COLUMNS, _fmt
-from .outputs import CONTRACT_FILES, ensure_output_dir, pid_alive
-from .params import SegmentParams
+from ..errors import CancelledError, OutputError, UNetSegmentError, UsageError
+from ..engine.inference import CancelToken
+from ..analysis.lesions import COLUMNS, _fmt
+from ..io.outputs import CONTRACT_FILES, ensure_output_dir, pid_alive
+from ..params import SegmentParams
 
 #: columns of ``cohort_summary.csv``
 SUMMARY_COLUMNS = ("case_id", "status", "n_lesions", "total_volume_ml", "time_s", "error", "output_dir", "inputs")
@@ -500,7 +500,7 @@ def run_cohort(
     used by the tests). ``client`` reuses an open :class:`distributed.Client` (then ``scheduler`` and
     ``workers`` are ignored).
     """
-    from .bundle import default_model_name, load_bundle
+    from ..models.bundle import default_model_name, load_bundle
 
     if scheduler and workers:
         raise UsageError("--workers sizes the local cluster; it does nothing with --scheduler",
@@ -642,7 +642,7 @@ def remove_dead_staging(case_dirs: Sequence[Path]) -> int:
     a staging folder of a live process is kept. Returns how many were removed."""
     import shutil
 
-    from .outputs import STAGING_PREFIX
+    from ..io.outputs import STAGING_PREFIX
 
     n = 0
     for d in case_dirs:

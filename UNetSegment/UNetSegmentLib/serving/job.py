@@ -11,20 +11,20 @@ from pathlib import Path
 import numpy as np
 from typing import Sequence
 
-from . import __version__
-from .bundle import Bundle, default_model_name, load_bundle
-from .errors import InputError, OutputError, UsageError
-from .inference import CancelToken, ProgressFn, resolve_device, resolve_precision
-from .checks import check_memory
-from .io.readers import HeaderCheck, VolumeHeader, dicom_slice_refs, read_image
-from .lesions import analyze_lesions, split_small_lesions
-from .io.dicom_seg import write_dicom_seg
-from .io.writers import write_image, write_json, write_seg_nrrd
-from .outputs import StagedOutput, file_digests
-from .report import percentile_window, render_report
-from .terminology import label_codes, label_terminology
-from .params import HEATMAP_KINDS, SegmentParams
-from .pipeline import SegmentResult, segment
+from .. import __version__
+from ..models.bundle import Bundle, default_model_name, load_bundle
+from ..errors import InputError, OutputError, UsageError
+from ..engine.inference import CancelToken, ProgressFn, resolve_device, resolve_precision
+from ..engine.checks import check_memory
+from ..io.readers import HeaderCheck, VolumeHeader, dicom_slice_refs, read_image
+from ..analysis.lesions import analyze_lesions, split_small_lesions
+from ..io.dicom_seg import write_dicom_seg
+from ..io.writers import write_image, write_json, write_seg_nrrd
+from ..io.outputs import StagedOutput, file_digests
+from ..analysis.report import percentile_window, render_report
+from ..models.terminology import label_codes, label_terminology
+from ..params import HEATMAP_KINDS, SegmentParams
+from ..engine.pipeline import SegmentResult, segment
 
 
 def map_inputs(tokens: Sequence[str], channels: Sequence[str]) -> list[Path]:

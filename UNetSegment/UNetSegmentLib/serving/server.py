@@ -62,11 +62,11 @@ try:
 except ImportError:  # Windows: no flock; stale folders of killed servers are then left for the admin
     fcntl = None  # type: ignore[assignment]
 
-from . import __version__
-from .errors import CancelledError, InputError, ModelError, UNetSegmentError, UsageError
-from .inference import CancelToken
-from .outputs import CONTRACT_FILES
-from .params import SegmentParams
+from .. import __version__
+from ..errors import CancelledError, InputError, ModelError, UNetSegmentError, UsageError
+from ..engine.inference import CancelToken
+from ..io.outputs import CONTRACT_FILES
+from ..params import SegmentParams
 
 #: suffixes accepted for uploads (detached headers like .nhdr/.mhd cannot come as one file)
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
@@ -327,7 +327,7 @@ class JobManager:
     # --- models ------------------------------------------------------------------------------
     def bundle(self, name: str):
         """A loaded bundle by model name (clients may only name models; the server's --model may be a path)."""
-        from .bundle import available_models, load_bundle
+        from ..models.bundle import available_models, load_bundle
 
         allowed = dict(available_models())
         default = self.default_model()
@@ -347,7 +347,7 @@ class JobManager:
         return b
 
     def default_model(self) -> str:
-        from .bundle import default_model_name
+        from ..models.bundle import default_model_name
 
         return self.cfg.model or default_model_name()
 
@@ -533,7 +533,7 @@ class JobManager:
                 return {k: clean(x) for k, x in v.items()}
             return v
 
-        from .io.writers import write_json
+        from ..io.writers import write_json
 
         write_json(clean(summary), path)
 
@@ -812,7 +812,7 @@ def _mb(n: int) -> str:
 def _param_parser():
     import argparse
 
-    from .cli import add_segment_options
+    from ..cli import add_segment_options
 
     class P(argparse.ArgumentParser):
         def error(self, message):  # noqa: D401 - argparse hook
@@ -842,7 +842,7 @@ SERVER_OWNED = ("device", "threads")
 
 def params_from_fields(fields: list[tuple[str, str]], default_model: str, defaults: SegmentParams) -> tuple[str, SegmentParams]:
     """(model, parameters) from form fields, over the server's defaults."""
-    from .cli import params_from_args
+    from ..cli import params_from_args
 
     flags = _flag_names()
     argv: list[str] = []
@@ -909,8 +909,8 @@ class BearerAuth:
 
 def describe_device(name: str) -> dict:
     """``{"worker": name as configured, "device": what torch runs on, "name": the GPU's name or "cpu"}``."""
-    from .errors import DeviceError
-    from .inference import resolve_device
+    from ..errors import DeviceError
+    from ..engine.inference import resolve_device
 
     try:
         dev = resolve_device(name)
@@ -1020,7 +1020,7 @@ def create_app(manager: JobManager):
 
     @app.get("/models")
     async def models():
-        from .bundle import available_models
+        from ..models.bundle import available_models
 
         out = []
         names = list(available_models())

@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from ..image import Image, make_ijk_to_ras, resample
-from ..preprocess import canonical_grid, network_grid, to_network_input
+from ...image import Image, make_ijk_to_ras, resample
+from ...engine.preprocess import canonical_grid, network_grid, to_network_input
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,8 @@ def intensity_augment(ct: Image, rng: np.random.Generator, s: Settings) -> Image
 
 
 def ct_hemorrhage_case(seed: int, s: Settings = TRAINING) -> tuple[list[Image], Image]:
-    from ..io.sample import load_sample
-    from ..synth import KINDS, brain_mask, synthesize_hemorrhage
+    from ...io.sample import load_sample
+    from ...synth import KINDS, brain_mask, synthesize_hemorrhage
 
     rng = np.random.default_rng(seed)
     real = _cached_sample(load_sample)
@@ -203,7 +203,7 @@ def to_network_grid(channels: list[Image], label: Image, meta: dict) -> tuple[np
 
 def write_case_folder(folder: Path, channels: list[Image], label: Image, names: list[str]) -> None:
     """A case as ``evaluate`` reads it: image.nii.gz (or <CHANNEL>.nii.gz) + label.nii.gz."""
-    from ..io.writers import write_image
+    from ...io.writers import write_image
 
     folder.mkdir(parents=True, exist_ok=True)
     if len(channels) == 1:
@@ -261,7 +261,7 @@ def main() -> None:
     """Write a config's validation (or training) cases as NIfTI case folders for ``unetsegment evaluate``."""
     import argparse
 
-    from ..errors import require_extra
+    from ...errors import require_extra
 
     require_extra("train", "writing training cases")
     import yaml

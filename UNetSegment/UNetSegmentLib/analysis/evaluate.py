@@ -24,13 +24,13 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import Bundle
-from .errors import InputError
-from .image import Image
-from .io.readers import read_image
+from ..models.bundle import Bundle
+from ..errors import InputError
+from ..image import Image
+from ..io.readers import read_image
 from .lesions import analyze_lesions, remove_small_lesions
-from .params import SegmentParams
-from .pipeline import segment
+from ..params import SegmentParams
+from ..engine.pipeline import segment
 
 BINS = (("<0.5 mL", 0.0, 0.5), ("0.5-5 mL", 0.5, 5.0), (">5 mL", 5.0, np.inf))
 BASELINE_HU = (50.0, 90.0)
@@ -97,7 +97,7 @@ def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0) -> Ca
 
 def hu_baseline(ct: Image) -> Image:
     """50–90 HU inside the brain mask, components < 0.1 mL removed."""
-    from .synth import brain_mask
+    from ..synth import brain_mask
 
     arr = ct.array
     lab = ((arr >= BASELINE_HU[0]) & (arr <= BASELINE_HU[1]) & brain_mask(ct)).astype(np.uint8)
@@ -226,14 +226,14 @@ def format_table(result: dict) -> str:
 
 
 def write_result(result: dict, path: Path) -> None:
-    from .io.writers import write_json
+    from ..io.writers import write_json
 
     write_json(result, path)
 
 
 def main_evaluate(model: str, cases: Path, out_json: Path | None, params: SegmentParams, baseline: bool = True,
                   min_lesion_sweep: list[float] | None = None) -> dict:
-    from .bundle import load_bundle
+    from ..models.bundle import load_bundle
 
     if min_lesion_sweep:
         rows = sweep_min_lesion(load_bundle(model), cases, min_lesion_sweep, params, progress=print)

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 
 from .acceleration import default_threads, prepare_network
-from .bundle import Bundle
+from ..models.bundle import Bundle
 from .checks import check_for_model, check_memory, check_volume
-from .errors import InputError, UsageError
+from ..errors import InputError, UsageError
 from .fallback import Attempt, run_with_fallback
-from .image import Image, resample
+from ..image import Image, resample
 from .heatmaps import cam_layer_name, entropy_map, gradcam
 from .inference import CancelToken, ProgressFn, resolve_device, resolve_precision, sliding_window
-from .params import ENGINES, SegmentParams
+from ..params import ENGINES, SegmentParams
 from .preprocess import align_inputs, canonical_grid, network_grid, to_network_input
 
 

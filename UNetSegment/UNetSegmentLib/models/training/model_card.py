@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..evaluate import format_table
+from ...analysis.evaluate import format_table
 
 
 NOT_FOR = {
@@ -75,7 +75,7 @@ def render(meta: dict, evaluation: dict | None, extra: str = "") -> str:
 
 
 def main() -> None:
-    """``python -m UNetSegmentLib.training.model_card BUNDLE [EVALUATION.json [EXTRA.md]]``"""
+    """``python -m UNetSegmentLib.models.training.model_card BUNDLE [EVALUATION.json [EXTRA.md]]``"""
     bundle = Path(sys.argv[1])
     evaluation = json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) > 2 else None
     extra = Path(sys.argv[3]).read_text(encoding="utf-8").strip() if len(sys.argv) > 3 else ""

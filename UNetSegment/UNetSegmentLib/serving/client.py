@@ -27,8 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from .errors import UNetSegmentError
-from .params import SegmentParams
+from ..errors import UNetSegmentError
+from ..params import SegmentParams
 
 #: SegmentParams fields never sent: the server owns its devices and threads
 _SERVER_OWNED = ("device", "threads")
@@ -214,7 +214,7 @@ class ServerClient:
     def download(self, job_id: str, output_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
         """The done job's file set into ``output_dir``, with ``segment``'s guarantees: staged, then moved
         into place together; existing outputs are refused unless ``overwrite``."""
-        from .outputs import StagedOutput
+        from ..io.outputs import StagedOutput
 
         st = self.status(job_id)
         if st["status"] != "done":
@@ -396,7 +396,7 @@ class RemoteProcess:
 
 
 def _exit_code(kind: str) -> int:
-    from . import errors
+    from .. import errors
 
     cls = getattr(errors, kind, None)
     return int(getattr(cls, "exit_code", 1)) if isinstance(cls, type) else 1

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
-from .image import Image, make_ijk_to_ras, resample
+from ..errors import InputError
+from ..image import Image, make_ijk_to_ras, resample
 
 #: canonical RAS direction of the i, j, k axes: i → left (−R), j → posterior (−A), k → superior
 CANONICAL_AXES = np.array([-1.0, -1.0, 1.0])

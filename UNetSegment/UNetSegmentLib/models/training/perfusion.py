@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ..errors import OutputError, UsageError
-from ..image import Image, to_sitk
+from ...errors import OutputError, UsageError
+from ...image import Image, to_sitk
 from .backgrounds import head_centre_ras, load_mni_tissues, random_transform, smooth_noise, warp_many
 
 CHANNELS = ("CBF", "CBV", "MTT", "Tmax")

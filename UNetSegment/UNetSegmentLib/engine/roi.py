@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .image import Image
+from ..errors import InputError
+from ..image import Image
 
 Box = tuple[slice, slice, slice]  # k, j, i
 

@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 
 from ..bundle import sha256_file, validate_meta
-from ..errors import UsageError
-from ..inference import autocast_dtype, resolve_device, resolve_precision, sliding_window
+from ...errors import UsageError
+from ...engine.inference import autocast_dtype, resolve_device, resolve_precision, sliding_window
 from ..networks import build_network, count_parameters
 from .cases import TRAINING, VALIDATION, build_cache
 

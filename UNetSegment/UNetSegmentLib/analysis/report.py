@@ -34,10 +34,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import InputError, OutputError, UsageError
-from .image import Image, slice_axis as _slice_axis
+from ..errors import InputError, OutputError, UsageError
+from ..image import Image, slice_axis as _slice_axis
 from .lesions import CT_AUTODETECT_MIN, LesionTable, dropped_note, dropped_summary
-from .preprocess import canonical_grid
+from ..engine.preprocess import canonical_grid
 
 RESEARCH_NOTE = "Research use only — not for diagnosis"
 #: probability / Grad-CAM values below this are fully transparent in the overlays
@@ -837,7 +837,7 @@ def _write_png(fig, f) -> None:
 
 
 def _save_png(fig, path) -> tuple[int, int]:
-    from .io.writers import atomic_path
+    from ..io.writers import atomic_path
 
     try:
         with atomic_path(path) as tmp:

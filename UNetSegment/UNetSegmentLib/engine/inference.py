@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import CancelledError, DeviceError
+from ..errors import CancelledError, DeviceError
 
 ProgressFn = Callable[[str, float, str], None]
 

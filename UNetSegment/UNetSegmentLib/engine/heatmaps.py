@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
 from .acceleration import memory_format, plan_content
 from .inference import CancelToken, ProgressFn, autocast_dtype, blend_windows
 

@@ -1,6 +1,6 @@
 """JSON-lines worker: one ``segment`` run in its own process, for the Slicer module (and later a server).
 
-Run as ``python -m UNetSegmentLib.worker --request request.json`` (or ``PythonSlicer -m ...`` with
+Run as ``python -m UNetSegmentLib.serving.worker --request request.json`` (or ``PythonSlicer -m ...`` with
 the folder holding ``UNetSegmentLib`` as working directory). ``request.json``::
 
     {"inputs": ["ct.nrrd"], "output_dir": "out", "model": "tiny-blob" | "/path/bundle" | null,
@@ -36,10 +36,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__
-from .errors import CancelledError, UNetSegmentError, UsageError
-from .fallback import is_out_of_memory
-from .params import SegmentParams
+from .. import __version__
+from ..errors import CancelledError, UNetSegmentError, UsageError
+from ..engine.fallback import is_out_of_memory
+from ..params import SegmentParams
 
 # Nothing imported at module level may start threads (numpy's BLAS pool does): main() must block
 # SIGTERM before any thread exists, see _watch_sigterm. The core's heavier modules load in run().
@@ -185,7 +185,7 @@ class StopWatcher:
             time.sleep(POLL_S)
 
     def _hard_exit(self) -> None:
-        from .outputs import STAGING_PREFIX
+        from ..io.outputs import STAGING_PREFIX
 
         if self.emitter.emit("error", final=True, kind="CancelledError", exit_code=CancelledError.exit_code,
                              message=f"run cancelled ({self.reason}) — no outputs were written",
@@ -245,7 +245,7 @@ def _block_sigterm() -> None:
 
 def run(request: dict, emitter: Emitter, stdin_cancel: bool = False) -> int:
     """Do one request; emit its events; return the exit status."""
-    from .inference import CancelToken
+    from ..engine.inference import CancelToken
 
     t0 = time.perf_counter()
     token = CancelToken()
@@ -286,7 +286,7 @@ def run(request: dict, emitter: Emitter, stdin_cancel: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m UNetSegmentLib.worker", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m UNetSegmentLib.serving.worker", description=__doc__.split("\n\n")[0])
     ap.add_argument("--request", required=True, help="request.json (see the module docstring)")
     ap.add_argument("--stdin-cancel", action="store_true", help="also stop on a 'cancel' line on stdin")
     a = ap.parse_args(argv)

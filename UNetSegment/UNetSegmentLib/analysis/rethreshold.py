@@ -21,15 +21,15 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import Bundle
-from .errors import InputError
-from .image import Image
-from .io.readers import read_image
-from .io.writers import write_json
+from ..models.bundle import Bundle
+from ..errors import InputError
+from ..image import Image
+from ..io.readers import read_image
+from ..io.writers import write_json
 from .lesions import LesionTable, analyze_lesions, remove_small_lesions
-from .outputs import CONTRACT_FILES, StagedOutput
-from .params import HEATMAP_KINDS, SegmentParams
-from .pipeline import SegmentResult, _labels_from_probabilities
+from ..io.outputs import CONTRACT_FILES, StagedOutput
+from ..params import HEATMAP_KINDS, SegmentParams
+from ..engine.pipeline import SegmentResult, _labels_from_probabilities
 
 
 @dataclass
@@ -151,7 +151,7 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
             return run.summary
         if bundle is None or not inputs:
             raise InputError("re-deriving the outputs needs the model and the input volumes", "pass bundle and inputs")
-        from .job import write_outputs
+        from ..serving.job import write_outputs
 
         raw = labels_at_threshold(run.probability, float(threshold), [l["value"] for l in bundle.labels], run.labels)
         s = run.summary
