@@ -1,5 +1,5 @@
 """CUDA out-of-memory fallback: halve the batch, then training-size windows, then the CPU (no GPU needed:
-the device is a stand-in with type 'cuda' and the run raises torch's out-of-memory error)."""
+the device is the string "cuda:0" and the run raises torch's out-of-memory error)."""
 from __future__ import annotations
 
 import pytest
@@ -8,11 +8,11 @@ import torch
 from UNetSegmentLib.engine.fallback import Attempt, is_out_of_memory, run_with_fallback
 
 
-class FakeCuda:
-    type = "cuda"
+GPU = "cuda:0"  # only a name here: nothing is sent to a GPU
 
-    def __str__(self) -> str:
-        return "cuda:0"
+
+def _kind(device: str) -> str:
+    return device.split(":", 1)[0]
 
 
 def _oom():
@@ -29,8 +29,8 @@ def test_halves_the_batch_until_it_fits():
         return "ok"
 
     warnings: list[str] = []
-    out, used = run_with_fallback(run, Attempt(FakeCuda(), "fp16", 8, True), lambda: "fp32", warnings)
-    assert out == "ok" and used.batch_size == 2 and used.device.type == "cuda"
+    out, used = run_with_fallback(run, Attempt(GPU, "fp16", 8, True), lambda: "fp32", warnings)
+    assert out == "ok" and used.batch_size == 2 and _kind(used.device) == "cuda"
     assert tried == [(8, True), (4, True), (2, True)]
     assert len(warnings) == 2 and "batch size 8" in warnings[0]
 
@@ -39,14 +39,14 @@ def test_then_patch_windows_then_the_cpu():
     tried = []
 
     def run(a: Attempt):
-        tried.append((a.device.type, a.batch_size, a.fit_window, a.precision))
-        if a.device.type == "cuda":
+        tried.append((_kind(a.device), a.batch_size, a.fit_window, a.precision))
+        if _kind(a.device) == "cuda":
             raise _oom()
         return "cpu result"
 
     warnings: list[str] = []
-    out, used = run_with_fallback(run, Attempt(FakeCuda(), "fp16", 2, True), lambda: "bf16", warnings)
-    assert out == "cpu result" and used.device.type == "cpu" and used.precision == "bf16"
+    out, used = run_with_fallback(run, Attempt(GPU, "fp16", 2, True), lambda: "bf16", warnings)
+    assert out == "cpu result" and used.device == "cpu" and used.precision == "bf16"
     assert tried == [("cuda", 2, True, "fp16"), ("cuda", 1, True, "fp16"), ("cuda", 2, False, "fp16"),
                      ("cuda", 1, False, "fp16"), ("cpu", 2, True, "bf16")]
     assert "CPU" in warnings[-1]
@@ -57,13 +57,13 @@ def test_other_errors_and_cpu_out_of_memory_are_not_swallowed():
         raise ValueError("bad input")
 
     with pytest.raises(ValueError):
-        run_with_fallback(boom, Attempt(FakeCuda(), "fp16", 4, True), lambda: "fp32", [])
+        run_with_fallback(boom, Attempt(GPU, "fp16", 4, True), lambda: "fp32", [])
 
     def cpu_oom(a):
         raise _oom()
 
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        run_with_fallback(cpu_oom, Attempt(torch.device("cpu"), "fp32", 4, True), lambda: "fp32", [])
+        run_with_fallback(cpu_oom, Attempt("cpu", "fp32", 4, True), lambda: "fp32", [])
 
 
 def test_is_out_of_memory_recognises_torch_and_message_forms():
@@ -77,16 +77,41 @@ def test_host_memory_errors_on_a_gpu_run_are_not_retried_as_gpu_ones():
         raise MemoryError("cannot allocate 3 GiB")
 
     with pytest.raises(MemoryError):
-        run_with_fallback(host_oom, Attempt(FakeCuda(), "fp16", 4, True), lambda: "fp32", [])
+        run_with_fallback(host_oom, Attempt(GPU, "fp16", 4, True), lambda: "fp32", [])
 
 
 def test_the_caller_releases_the_gpu_before_the_cpu_attempt():
     released = []
 
     def run(a):
-        if a.device.type == "cuda":
+        if _kind(a.device) == "cuda":
             raise _oom()
         return released[:]
 
-    out, _ = run_with_fallback(run, Attempt(FakeCuda(), "fp16", 1, False), lambda: "fp32", [], on_cpu=released.append)
-    assert len(out) == 1 and str(out[0]) == "cuda:0"
+    out, _ = run_with_fallback(run, Attempt(GPU, "fp16", 1, False), lambda: "fp32", [], on_cpu=released.append)
+    assert out == ["cuda:0"]
+
+
+@pytest.mark.parametrize("device", ["mps", "cpu"])
+def test_only_cuda_devices_fall_back(device):
+    tried = []
+
+    def run(a):
+        tried.append(a.device)
+        raise _oom()
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_with_fallback(run, Attempt(device, "fp32", 4, True), lambda: "fp32", [])
+    assert tried == [device]
+
+
+def test_any_cuda_index_falls_back_and_reports_which_gpu_to_release():
+    released = []
+
+    def run(a):
+        if a.device.startswith("cuda"):
+            raise _oom()
+        return a.device
+
+    out, used = run_with_fallback(run, Attempt("cuda:1", "fp16", 1, False), lambda: "fp32", [], on_cpu=released.append)
+    assert out == "cpu" and used.precision == "fp32" and released == ["cuda:1"]

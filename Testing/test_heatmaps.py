@@ -9,6 +9,9 @@ from scipy import ndimage
 from UNetSegmentLib.models.bundle import load_bundle
 from UNetSegmentLib.errors import ModelError
 from UNetSegmentLib.engine.heatmaps import cam_layer_name, entropy_map, gradcam
+from UNetSegmentLib.engine.inference import sliding_window, softmax_predictor
+from UNetSegmentLib.engine.windows import WindowPlan, plan_windows
+from UNetSegmentLib.errors import UsageError
 from UNetSegmentLib.image import Image, make_ijk_to_ras
 from UNetSegmentLib.params import SegmentParams
 from UNetSegmentLib.engine.pipeline import segment
@@ -37,6 +40,12 @@ def two_blob_slices(n=3, size=160):
     return normalize(vol, spec)[None], np.broadcast_to(a, (n, size, size)), np.broadcast_to(b, (n, size, size))
 
 
+def _plain_plan(vol, bundle, overlap=0.25) -> WindowPlan:
+    """The plain engine's 2D plan with the model's training patch (what the old API ran)."""
+    return plan_windows(vol, spatial_dims=2, patch=bundle.meta["patch_size"], context=0, overlap=overlap, fast=False,
+                        size_divisor=16)
+
+
 def _near(mask, px=6):
     return ndimage.binary_dilation(mask, iterations=px)
 
@@ -44,9 +53,10 @@ def _near(mask, px=6):
 def test_gradcam_concentrates_on_the_targeted_lesion(blob_model):
     bundle, net = blob_model
     vol, a, b = two_blob_slices()
-    kw = dict(layer=cam_layer_name(net, bundle.meta), spatial_dims=2, overlap=0.25, batch_size=4)
-    cam_a = gradcam(vol, net, bundle.meta["patch_size"], a, **kw)
-    cam_b = gradcam(vol, net, bundle.meta["patch_size"], b, **kw)
+    kw = dict(layer=cam_layer_name(net, bundle.meta), batch_size=4)
+    plan = _plain_plan(vol, bundle)
+    cam_a = gradcam(vol, net, plan, a, **kw)
+    cam_b = gradcam(vol, net, plan, b, **kw)
     assert cam_a.max() == pytest.approx(1.0) and cam_a.min() >= 0
     mass_a_near_a = cam_a[_near(a)].sum()
     mass_a_near_b = cam_a[_near(b)].sum()
@@ -64,11 +74,19 @@ def test_channel_averaged_gradcam_is_not_instance_discriminative(blob_model):
     """Why hirescam is the default: Selvaraju's averaged weights also paint the other lesion."""
     bundle, net = blob_model
     vol, a, b = two_blob_slices(n=1)
-    cam = gradcam(vol, net, bundle.meta["patch_size"], a, layer="decoder.0", method="gradcam", spatial_dims=2)
+    cam = gradcam(vol, net, _plain_plan(vol, bundle), a, layer="decoder.0", method="gradcam")
     assert cam.max() == pytest.approx(1.0)
     assert cam[_near(b)].sum() > 0.5 * cam[_near(a)].sum()
-    with pytest.raises(ValueError, match="unknown CAM method"):
-        gradcam(vol, net, bundle.meta["patch_size"], a, layer="decoder.0", method="nope", spatial_dims=2)
+    with pytest.raises(UsageError, match="cam_method='nope' is not allowed"):
+        SegmentParams(cam_method="nope")
+
+
+def test_gradcam_refuses_an_unknown_method(blob_model):
+    """The method is checked against the one parameter definition, before any window is run."""
+    bundle, net = blob_model
+    vol, a, _ = two_blob_slices(n=1)
+    with pytest.raises(UsageError, match="cam_method='nope' is not allowed"):
+        gradcam(vol, net, _plain_plan(vol, bundle), a, layer="decoder.0", method="nope")
 
 
 def test_default_layer_is_deep_and_not_a_copy_of_the_probability(blob_model):
@@ -79,7 +97,7 @@ def test_default_layer_is_deep_and_not_a_copy_of_the_probability(blob_model):
 
     with torch.no_grad():
         prob = torch.softmax(net(torch.from_numpy(vol[:, 0][None])), 1)[0, 1].numpy()
-    cam = gradcam(vol, net, bundle.meta["patch_size"], a | b, layer="decoder.0", spatial_dims=2)[0]
+    cam = gradcam(vol, net, _plain_plan(vol, bundle), a | b, layer="decoder.0")[0]
     corr = np.corrcoef(cam.ravel(), prob.ravel())[0, 1]
     assert corr < 0.95  # a deep stage gives a coarser, different map than the output
     with pytest.raises(ModelError, match="does not exist"):
@@ -89,8 +107,14 @@ def test_default_layer_is_deep_and_not_a_copy_of_the_probability(blob_model):
 def test_gradcam_without_target_is_zero_and_runs_no_window(blob_model):
     bundle, net = blob_model
     vol, a, _ = two_blob_slices(n=2)
-    cam = gradcam(vol, net, bundle.meta["patch_size"], np.zeros_like(a), layer="decoder.0", spatial_dims=2)
+    calls = []
+    handle = net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        cam = gradcam(vol, net, _plain_plan(vol, bundle), np.zeros_like(a), layer="decoder.0")
+    finally:
+        handle.remove()
     assert cam.shape == a.shape and not cam.any()
+    assert calls == [], "no window is run"
 
 
 def test_entropy_map_bounds():
@@ -134,3 +158,57 @@ def test_gradcam_runs_for_2p5d_and_3d_models(tmp_path, dims, patch):
     cam = r.heatmaps["gradcam"]
     assert cam.same_grid(img) and 0 <= cam.array.min() and cam.array.max() <= 1
     assert (cam.array > 0).any() == bool(r.labels.array.any())
+
+
+class _Recording:
+    """Wraps a network (same layer names under ``net.``) and records every window it is run on."""
+
+    def __new__(cls, net):
+        import torch
+
+        class Recording(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net, self.seen = net, []
+
+            def forward(self, x):
+                self.seen += [w.detach().float().cpu().numpy().tobytes() for w in x]
+                return self.net(x)
+
+        return Recording()
+
+
+@pytest.mark.parametrize("dims,context,patch", [("2.5d", 1, (32, 32)), ("3d", 0, (8, 32, 32))])
+def test_gradcam_runs_the_windows_inference_ran(dims, context, patch):
+    """One plan: Grad-CAM's windows are exactly the inference windows that hold a target voxel (same
+    boxes, same fitted sizes, same 2.5D context), none re-planned."""
+    import torch
+
+    from UNetSegmentLib.models.networks import build_network
+
+    torch.manual_seed(0)
+    spatial = 3 if dims == "3d" else 2
+    net = build_network("unet", spatial_dims=spatial, in_channels=2 * context + 1, out_channels=2, base_channels=4,
+                        depth=2).eval()
+    rng = np.random.default_rng(5)
+    vol = np.full((1, 20, 72, 80), -1.5, np.float32)
+    vol[0, 3:17, 10:60, 12:70] = rng.normal(size=(14, 50, 58))  # a body of noise: every window's content differs
+    target = np.zeros(vol.shape[1:], bool)
+    target[8:11, 20:30, 30:40] = True
+    plan = plan_windows(vol, spatial_dims=spatial, patch=patch, context=context, overlap=0.25, fast=True,
+                        size_divisor=net.size_divisor)
+    rec = _Recording(net)
+    sliding_window(vol, softmax_predictor(rec, 2), plan, batch_size=3)
+    inference_windows = list(rec.seen)
+    rec.seen.clear()
+    cam = gradcam(vol, rec, plan, target, layer="net.decoder.0", batch_size=2)
+    assert cam.max() == pytest.approx(1.0)
+
+    def has_target(region, start):
+        k, j, i = start
+        r = region.roi_kji(spatial)
+        return bool(target[region.box][k : k + r[0], j : j + r[1], i : i + r[2]].any())
+
+    assert len(inference_windows) == plan.n_windows() + 1, "the plan's windows and one uniform background window"
+    assert 0 < len(rec.seen) == plan.n_windows(has_target) < plan.n_windows()
+    assert len(set(rec.seen)) == len(rec.seen) and set(rec.seen) <= set(inference_windows)

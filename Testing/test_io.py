@@ -9,10 +9,10 @@ import pytest
 import SimpleITK as sitk
 from conftest import oblique_direction
 
-from UNetSegmentLib.errors import InputError
+from UNetSegmentLib.errors import InputError, OutputError
 from UNetSegmentLib.image import Image, from_sitk, make_ijk_to_ras, resample, slice_axis, to_sitk
-from UNetSegmentLib.io.readers import read_image
-from UNetSegmentLib.io.writers import write_image, write_json, write_seg_nrrd
+from UNetSegmentLib.io.readers import quiet_itk, read_image
+from UNetSegmentLib.io.writers import write_image, write_json, write_seg_nrrd, write_text
 
 GEOMETRIES = {
     "axial": (np.eye(3), (0.8, 0.8, 2.5)),
@@ -138,3 +138,27 @@ def test_write_json_is_atomic_and_handles_numpy(tmp_path):
     write_json({"a": np.float32(1.5), "b": np.arange(3)}, tmp_path / "x.json")
     assert (tmp_path / "x.json").read_text().startswith("{")
     assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_write_text_is_the_one_atomic_text_writer(tmp_path):
+    """Lesion and cohort tables go through write_text: umask mode, line ends kept, no temporary left,
+    and a one-line OutputError naming the file when the folder is missing."""
+    old = os.umask(0o027)
+    try:
+        assert write_text(tmp_path / "t.csv", "a,b\r\n1,2\n") == str(tmp_path / "t.csv")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "t.csv").read_bytes() == b"a,b\r\n1,2\n"
+    assert ((tmp_path / "t.csv").stat().st_mode & 0o777) == 0o640 and os.listdir(tmp_path) == ["t.csv"]
+    with pytest.raises(OutputError, match="cannot write .*missing.*t.csv"):
+        write_text(tmp_path / "missing" / "t.csv", "x")
+
+
+def test_quiet_itk_turns_off_itk_warnings():
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    try:
+        sitk.ProcessObject.SetGlobalWarningDisplay(True)
+        quiet_itk()
+        assert sitk.ProcessObject.GetGlobalWarningDisplay() is False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)

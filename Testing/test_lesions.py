@@ -15,7 +15,8 @@ from scipy import ndimage
 from UNetSegmentLib.errors import InputError, UsageError
 from UNetSegmentLib.image import Image, make_ijk_to_ras, to_sitk
 from UNetSegmentLib.analysis.lesions import (COLUMN_DOCS, COLUMNS, CONTRACT_COLUMNS, DICOM_COLUMNS, MIDLINE_TOLERANCE_MM,
-                                    LesionTable, analyze_lesions)
+                                    LesionTable, analyze_lesions, remove_small_lesions, small_lesion_filter,
+                                    split_small_lesions)
 
 CONTRACT_32 = (
     "lesion,label,voxels,volume_mm3,volume_ml,centroid_r,centroid_a,centroid_s,centroid_i,centroid_j,"
@@ -349,6 +350,23 @@ def test_min_lesion_ml_filter():
     assert t.rows == [] and t.total["voxels"] == 0
     with pytest.raises(UsageError):
         analyze_lesions(_three_blobs(), None, None, {}, min_lesion_ml=-1)
+
+
+def test_one_small_lesion_rule_keeps_a_lesion_of_exactly_the_minimum():
+    """0.7 mm voxels: 1000 of them are 0.343 mL, but the float voxel volume is 0.3429999… mm³. The
+    label map the outputs are made from (split_small_lesions) and the table agree: the cube is kept."""
+    lab = np.zeros((14, 14, 14), np.uint8)
+    lab[1:11, 1:11, 1:11] = 1  # 1000 voxels = 0.343 mL
+    lab[12, 12, 12:14] = 1  # 2 voxels: dropped
+    img = Image(lab, make_ijk_to_ras((0.7, 0.7, 0.7)))
+    assert 1000 * img.voxel_volume_mm3 / 1000.0 < 0.343  # a plain ≥ would drop the cube
+    kept, dropped = split_small_lesions(img, 0.343)
+    assert int(np.count_nonzero(kept.array)) == 1000 and remove_small_lesions(img, 0.343).same_grid(img)
+    table = analyze_lesions(img, min_lesion_ml=0.343)
+    assert [r["voxels"] for r in table.rows] == [1000] and table.dropped_ml == dropped
+    assert dropped == pytest.approx((2 * 0.343 / 1000,))
+    keep, volumes = small_lesion_filter(np.array([1000, 2]), img.voxel_volume_mm3, 0.343)
+    assert keep.tolist() == [True, False] and volumes == dropped
 
 
 def test_connectivity_6_vs_26():

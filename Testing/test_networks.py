@@ -163,6 +163,30 @@ def test_grad_cam_hooks_on_decoder_layer() -> None:
     assert grads and grads[0].shape[1] == model.channels[model.depth - 1]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_blocks_name_their_conv_norm_pairs_for_folding(arch: str) -> None:
+    """Every conv → norm pair a block lists (the hook BatchNorm folding uses) exists, in that order of
+    computation, and every BatchNorm of a block that lists pairs is covered."""
+    model = build_network(arch, spatial_dims=2, in_channels=1, out_channels=2, norm="batch", **SMALL)
+    blocks = [m for m in model.modules() if callable(getattr(m, "conv_norm_pairs", None))]
+    assert blocks, "the network's convolution blocks name their pairs"
+    for block in blocks:
+        named = {n for pair in block.conv_norm_pairs() for n in pair}
+        for conv_name, norm_name in block.conv_norm_pairs():
+            conv, norm = getattr(block, conv_name), getattr(block, norm_name)
+            assert isinstance(conv, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d)
+            assert norm.num_features == conv.out_channels
+        direct = {n for n, m in block.named_children() if isinstance(m, torch.nn.BatchNorm2d)}
+        assert direct <= named
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_size_divisor_is_two_to_the_depth(depth: int) -> None:
+    model = UNet(2, 1, 2, depth=depth, **SMALL)
+    assert model.size_divisor == 2**depth
+    assert model(torch.randn(1, 1, 2**depth, 3 * 2**depth)).shape == (1, 2, 2**depth, 3 * 2**depth)
+
+
 # --- argument and input errors ---------------------------------------------------------------
 @pytest.mark.parametrize("cls", [UNet, UNetPlusPlus])
 def test_indivisible_input_size_is_a_clear_error(cls: type) -> None:

@@ -28,8 +28,11 @@ from UNetSegmentLib.image import to_sitk
 from UNetSegmentLib.io.readers import read_image
 from UNetSegmentLib.serving.job import segment_files
 from UNetSegmentLib.params import SegmentParams
-from UNetSegmentLib.serving.server import (LOCK_NAME, DirLock, InferenceServer, JobManager, ServerConfig, _prepare_input, check_bind,
-                                   read_token_file, server_cache_root)
+from UNetSegmentLib.serving.auth import check_bind, read_token_file
+from UNetSegmentLib.serving.dicom_zip import prepare_input as _prepare_input
+from UNetSegmentLib.serving.jobs import JobManager
+from UNetSegmentLib.serving.server import InferenceServer, ServerConfig
+from UNetSegmentLib.serving.workdir import LOCK_NAME, DirLock, server_cache_root
 from UNetSegmentLib.serving.client import RemoteProcess, ServerClient, ServerError, _MultipartBody
 
 TOKEN = "test-token-" + "x" * 24

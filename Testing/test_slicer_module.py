@@ -28,13 +28,14 @@ from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.analysis.lesions import COLUMNS  # noqa: E402
 from UNetSegmentLib.io.outputs import CONTRACT_FILES  # noqa: E402
-from UNetSegmentLib.params import HELP, SegmentParams  # noqa: E402
+from UNetSegmentLib.params import FIELD, HELP, SegmentParams  # noqa: E402
+from UNetSegmentLib.settings import resolve  # noqa: E402
 from UNetSegmentLib.phantom import head_with_blob  # noqa: E402
 from UNetSegmentLib.analysis.rethreshold import load_run, rederive_run  # noqa: E402
 from UNetSegmentLib.models.bundle import load_bundle  # noqa: E402
 from UNetSegmentLib.slicer import scene as sc  # noqa: E402
 from UNetSegmentLib.slicer.logic import RunRequest, SegmentationLogic  # noqa: E402
-from UNetSegmentLib.slicer.widget import Panel, guess_channel_volumes  # noqa: E402
+from UNetSegmentLib.slicer.widget import PARAMETER_WIDGETS, Panel, guess_channel_volumes  # noqa: E402
 from UNetSegmentLib.serving.worker import STAGES  # noqa: E402
 from UNetSegmentLib.resources import resource_path  # noqa: E402
 
@@ -334,7 +335,7 @@ def test_cancel_stops_within_a_second_and_leaves_the_scene_as_it_was(tmp_path):
     logic.progress.connect(lambda ev: state.update(inference=True) if ev["stage"] == "inference" and ev["fraction"] > 0 else None)
     logic.cancelled.connect(lambda: state.setdefault("cancelled", time.monotonic()))
     logic.start(RunRequest([node], "tiny-blob", SegmentParams(device="cpu", heatmaps=())))
-    work = logic._pending[-1]
+    work = logic._pending.work
     assert STANDIN.run_until(lambda: state.get("inference"), 120)
     t0 = time.monotonic()
     logic.cancel()
@@ -431,15 +432,40 @@ def test_panel_defaults_and_tooltips_come_from_the_core_and_the_model_card():
     d, b = SegmentParams(), load_bundle("tiny-blob")
     assert ui.modelComboBox.currentText in panel.model_keys and panel.bundle is not None
     panel.refresh_models(select="tiny-blob")
+    s = resolve(d, b, hardware=False)  # what a CLI run without these flags uses
     assert ui.deviceComboBox.currentText == d.device and ui.precisionComboBox.currentText == d.precision
     assert ui.connectivityComboBox.currentText == str(d.connectivity)
-    assert ui.thresholdSlider.value == b.meta["threshold"] and ui.overlapSlider.value == b.meta["inference"]["overlap"]
-    assert ui.minLesionSpinBox.value == b.meta["inference"]["min_lesion_ml"] and ui.ttaCheckBox.checked == d.tta
+    for name in ("precision", "connectivity"):
+        combo = getattr(ui, PARAMETER_WIDGETS[name])
+        assert [combo.itemText(i) for i in range(combo.count())] == [str(c) for c in FIELD[name].choices]
+    assert (s.threshold, s.overlap, s.min_lesion_ml, s.tta) == (b.meta["threshold"], b.meta["inference"]["overlap"],
+                                                                 b.meta["inference"]["min_lesion_ml"], b.meta["inference"]["tta"])
+    assert ui.thresholdSlider.value == s.threshold and ui.overlapSlider.value == s.overlap
+    assert ui.minLesionSpinBox.value == s.min_lesion_ml and ui.ttaCheckBox.checked is s.tta
     assert ui.gradcamCheckBox.checked == ("gradcam" in d.heatmaps) and ui.uncertaintyCheckBox.checked == ("uncertainty" in d.heatmaps)
-    assert ui.thresholdSlider.toolTip == HELP["threshold"] and ui.deviceComboBox.toolTip == HELP["device"]
+    for name, widget in PARAMETER_WIDGETS.items():
+        assert getattr(ui, widget).toolTip == HELP[name] == FIELD[name].help, name
+    assert ui.gradcamCheckBox.toolTip == HELP["heatmaps"]
     p = panel.parameters()
-    assert (p.device, p.precision, p.threshold, p.overlap, p.connectivity, p.tta, p.heatmaps) == \
-           (d.device, d.precision, b.meta["threshold"], b.meta["inference"]["overlap"], d.connectivity, d.tta, d.heatmaps)
+    assert (p.device, p.precision, p.threshold, p.overlap, p.min_lesion_ml, p.connectivity, p.tta, p.heatmaps) == \
+           (d.device, d.precision, s.threshold, s.overlap, s.min_lesion_ml, d.connectivity, s.tta, d.heatmaps)
+
+
+def test_panel_shows_each_model_s_own_defaults_including_tta(tmp_path, monkeypatch):
+    """The model card's threshold, overlap, minimum lesion size and TTA, as the CLI resolves them."""
+    from conftest import write_bundle
+
+    monkeypatch.setenv("UNETSEGMENT_MODELS", str(tmp_path / "models"))
+    inference = {"overlap": 0.5, "batch_size": 2, "tta": True, "min_lesion_ml": 0.25}
+    bundle = write_bundle(tmp_path / "b", extra_meta={"threshold": 0.3, "inference": inference})
+    panel, ui, logic = make_panel(dialogs=ScriptedDialogs([str(bundle)]))
+    ui.importModelButton.click()
+    s = resolve(SegmentParams(), logic.load_model("test-model"), hardware=False)
+    assert (s.threshold, s.overlap, s.min_lesion_ml, s.tta) == (0.3, 0.5, 0.25, True)
+    assert (ui.thresholdSlider.value, ui.overlapSlider.value, ui.minLesionSpinBox.value, ui.ttaCheckBox.checked) == \
+           (0.3, 0.5, 0.25, True)
+    p = panel.parameters()
+    assert (p.threshold, p.overlap, p.min_lesion_ml, p.tta) == (0.3, 0.5, 0.25, True)
 
 
 def test_panel_builds_one_selector_per_channel_titled_from_the_card_and_auto_filled():
@@ -602,6 +628,19 @@ def test_errors_show_a_dialog_and_go_to_the_log():
     for _ in range(600):
         panel.append_log("info", "line")
     assert len(ui.logTextEdit.lines) == 500  # capped
+
+
+def test_a_bad_panel_value_is_an_error_dialog_and_nothing_runs():
+    add_head()
+    logic, dialogs = FakeLogic([]), ScriptedDialogs()
+    panel, ui, _ = make_panel(logic, dialogs)
+    panel.refresh_models(select="tiny-blob")
+    ui.thresholdSlider.maximum = 1.0  # the .ui file stops at 0.99; a threshold of 1 would label nothing
+    ui.thresholdSlider.value = 1.0
+    ui.segmentButton.click()
+    assert logic.requests == [] and len(dialogs.errors) == 1
+    assert "threshold=1.0 is out of range" in dialogs.errors[0] and "< 1" in dialogs.errors[0]
+    assert "[error]" in ui.logTextEdit.toPlainText()
 
 
 def test_missing_dependencies_ask_before_anything_runs():

@@ -13,7 +13,7 @@ from UNetSegmentLib.models.bundle import load_bundle
 from UNetSegmentLib.analysis.evaluate import evaluate, format_table, hu_baseline, score_case
 from UNetSegmentLib.image import Image, make_ijk_to_ras
 from UNetSegmentLib.models.training import trainer
-from UNetSegmentLib.models.training.cases import build_cache, phantom_case, write_case_folder
+from UNetSegmentLib.models.training.cases import phantom_case, write_case_folder
 
 
 def _config(tmp: Path, steps=6) -> Path:
@@ -121,3 +121,35 @@ def test_choose_min_lesion_prefers_sensitivity():
     # none meets both: the fewest false lesions that keeps the sensitivity (here 0.2, not 0.3)
     assert choose_min_lesion([row(0.1, 0.6, 1.0), row(0.2, 0.25, 1.0), row(0.3, 0.08, 0.93)]) == 0.2
     assert choose_min_lesion([row(0.1, 0.6, 0.9)]) is None
+
+
+def test_validation_scores_sampled_slices_as_full_inference_would(tmp_path):
+    """``trainer.validate`` runs only the sampled slices (``WindowPlan.on_slices``, with their 2.5D
+    context) yet scores exactly what a whole-volume run with the threshold rule gives on them."""
+    from conftest import ct_phantom, write_bundle
+
+    from UNetSegmentLib.engine.inference import sliding_window, softmax_predictor
+    from UNetSegmentLib.engine.labels import labels_from_probabilities
+    from UNetSegmentLib.engine.preprocess import normalize
+    from UNetSegmentLib.engine.windows import plan_windows
+    from UNetSegmentLib.params import SegmentParams
+    from UNetSegmentLib.settings import resolve
+
+    b = load_bundle(write_bundle(tmp_path / "b", dims="2.5d", context=1, patch=(32, 32)))
+    s = resolve(SegmentParams(device="cpu", precision="fp32", threshold=0.3), b)
+    net = b.build_network().eval()
+    img, mask = ct_phantom(shape_kji=(13, 40, 40))
+    x = normalize(img.array, b.meta["inputs"][0]["normalization"])[None]
+    np.savez(tmp_path / "case.npz", x=x, y=mask.astype(np.uint8))
+    score = trainer.validate(net, [tmp_path / "case.npz"], s, every=6)
+
+    m = s.model
+    plan = plan_windows(x, spatial_dims=m.spatial_dims, patch=m.patch, context=m.context, overlap=s.overlap, fast=False,
+                        size_divisor=net.size_divisor)
+    probs = sliding_window(x, softmax_predictor(net, m.out_channels), plan, batch_size=s.batch_size)
+    ks = sorted({0, 6, 12} | set(np.flatnonzero(mask.any(axis=(1, 2))).tolist()))
+    pred = labels_from_probabilities({1: probs[1]}, 0.3)[ks] > 0
+    truth = mask[ks]
+    expected = 1.0 if pred.sum() + truth.sum() == 0 else 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert len(ks) < mask.shape[0], "validation really samples"
+    assert score == pytest.approx(expected, abs=1e-6)

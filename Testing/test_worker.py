@@ -15,7 +15,9 @@ from UNetSegmentLib.io.readers import read_image
 from UNetSegmentLib.io.writers import write_image
 from UNetSegmentLib.io.outputs import CONTRACT_FILES, STAGING_PREFIX
 from UNetSegmentLib.phantom import head_with_blob
-from UNetSegmentLib.serving.worker import STAGES, ProgressReporter, error_event
+from UNetSegmentLib.errors import UsageError
+from UNetSegmentLib.params import SegmentParams
+from UNetSegmentLib.serving.worker import STAGES, ProgressReporter, error_event, params_from_request
 
 PKG_PARENT = Path(__file__).resolve().parents[1] / "UNetSegment"
 
@@ -135,6 +137,19 @@ def test_worker_rejects_unknown_parameters(tmp_path):
                        cwd=str(PKG_PARENT), capture_output=True, text=True, timeout=60)
     last = events_of(p.stdout)[-1]
     assert p.returncode == 2 and last["kind"] == "UsageError" and "treshold" in last["message"]
+
+
+def test_request_params_are_read_through_the_one_definition():
+    """What the Slicer logic writes (``as_dict``: JSON lists, nulls) comes back as the same parameters."""
+    sent = SegmentParams(device="cpu", threshold=0.4, heatmaps=("gradcam", "uncertainty"), tta=True)
+    assert params_from_request(json.loads(json.dumps(sent.as_dict()))) == sent
+    assert params_from_request(None) == params_from_request({}) == SegmentParams()
+    with pytest.raises(UsageError, match="threshold=1.5 is out of range"):
+        params_from_request({"threshold": 1.5})
+    with pytest.raises(UsageError, match="unknown heatmap kind 'saliency'"):
+        params_from_request({"heatmaps": ["saliency"]})
+    with pytest.raises(UsageError, match="not an object"):
+        params_from_request(["cpu"])
 
 
 def test_error_event_out_of_memory_offers_cpu():

@@ -22,43 +22,53 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from UNetSegmentLib.settings import RunSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 
 
 def prepare(out: Path, model: str | None) -> None:
-    from UNetSegmentLib.models.bundle import default_model_name, load_bundle
     from UNetSegmentLib.demo import demo_case
-    from UNetSegmentLib.engine.inference import sliding_window
     from UNetSegmentLib.engine.acceleration import prepare_network
+    from UNetSegmentLib.engine.preprocess import prepare_inputs
     from UNetSegmentLib.io.readers import read_image
-    from UNetSegmentLib.engine.preprocess import canonical_grid, network_grid, to_network_input
-    import torch
+    from UNetSegmentLib.models.bundle import default_model_name, load_bundle
 
     b = load_bundle(model or default_model_name())
-    canon, _ = canonical_grid(read_image(demo_case()[0]))
-    grid = network_grid(canon, b.meta["target_spacing"], in_plane_only=b.dimensions != "3d")
-    vol = np.stack([to_network_input(canon, b.meta["inputs"][0]["normalization"], grid)])
+    s = _settings(b.meta, "cpu", "fp32", "fast")
+    vol = prepare_inputs([read_image(demo_case()[0])], s.model).volume
     out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "volume.npz", volume=vol)
-    net = b.build_network().eval()
-    probs, _ = sliding_window(vol, prepare_network(net, 2 if b.dimensions != "3d" else 3, torch.device("cpu")),
-                              b.meta["patch_size"], **_engine_kw(b.meta), precision="fp32",
-                              crop_to_content=True, fit_window=True, channels_last=True)
+    probs = _infer(vol, prepare_network(b.build_network().eval(), s.model.spatial_dims, "cpu"), s)
     np.savez_compressed(out / "reference.npz", foreground=probs[1:].sum(0).astype(np.float32))
     shutil.copy(b.root / "model.json", out / "model.json")
     shutil.copy(b.root / b.meta["weights"]["file"], out / b.meta["weights"]["file"])
     print(f"prepared {out}: volume {vol.shape}, model {b.name} {b.version}")
 
 
-def _engine_kw(meta: dict) -> dict:
-    dims = 3 if meta["dimensions"] == "3d" else 2
-    ctx = int(meta.get("context_slices", 0)) if meta["dimensions"] == "2.5d" else 0
-    return dict(spatial_dims=dims, context=ctx, out_channels=1 + len(meta["labels"]),
-                overlap=float(meta.get("inference", {}).get("overlap", 0.25)),
-                batch_size=int(meta.get("inference", {}).get("batch_size", 4)))
+def _settings(meta: dict, device: str, precision: str, engine: str) -> "RunSettings":
+    """The run settings of one variant: the model's defaults (overlap, batch size, …) as a run resolves them."""
+    from UNetSegmentLib.params import SegmentParams
+    from UNetSegmentLib.settings import resolve
+
+    return resolve(SegmentParams(device=device, precision=precision, engine=engine, tta=False), meta)
+
+
+def _infer(vol: np.ndarray, network, s: "RunSettings", *, fitted: bool = True, batch_size: int | None = None) -> np.ndarray:
+    """Class probabilities [out_channels, K, J, I] of ``network`` (on ``s.device``) on ``vol``, on the plan of ``s``'s
+    engine (``fitted=False``: the fast plan's training-size windows, the out-of-memory fallback's second step)."""
+    from UNetSegmentLib.engine.inference import sliding_window, softmax_predictor
+    from UNetSegmentLib.engine.pipeline import plan_for
+
+    plan = plan_for(vol, s, network)
+    return sliding_window(vol, softmax_predictor(network, s.model.out_channels, s.precision),
+                          plan if fitted else plan.without_fitted_windows(), batch_size=batch_size or s.batch_size,
+                          device=s.device)
 
 
 def run(d: Path, device: str = "cuda") -> None:
@@ -67,8 +77,8 @@ def run(d: Path, device: str = "cuda") -> None:
 
     from UNetSegmentLib.engine.acceleration import prepare_network
     from UNetSegmentLib.engine.fallback import Attempt, run_with_fallback
-    from UNetSegmentLib.engine.heatmaps import gradcam
-    from UNetSegmentLib.engine.inference import sliding_window
+    from UNetSegmentLib.engine.heatmaps import cam_layer_name, gradcam
+    from UNetSegmentLib.engine.pipeline import plan_for
     from UNetSegmentLib.models.networks import build_network
 
     meta = json.loads((d / "model.json").read_text())
@@ -77,16 +87,17 @@ def run(d: Path, device: str = "cuda") -> None:
     arch = meta["architecture"]
     net = build_network(arch["name"], **arch["kwargs"])
     net.load_state_dict(load_file(str(d / meta["weights"]["file"])))
-    dev = torch.device(device)
-    half = "fp16" if dev.type == "cuda" else "fp32"  # a CPU dry run checks the script, not the GPU
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "none (CPU dry run)"
+    on_gpu = device != "cpu"
+    half = "fp16" if on_gpu else "fp32"  # a CPU dry run checks the script, not the GPU
+    plain32, plain16, fast16 = (_settings(meta, device, p, e) for p, e in (("fp32", "plain"), (half, "plain"), (half, "fast")))
+    dev = plain32.device  # "cuda:0", or "cpu"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    name = torch.cuda.get_device_name(dev) if on_gpu else "none (CPU dry run)"
     print(f"GPU {name}, torch {torch.__version__}, volume {vol.shape}, model {meta['name']} {meta['version']}")
     plain_net = net.to(dev).eval()
-    dims = 3 if meta["dimensions"] == "3d" else 2
+    dims = plain32.model.spatial_dims
     fast_net = prepare_network(plain_net, dims, dev)
-    kw = _engine_kw(meta)
-    thr = float(meta["threshold"])
+    thr = plain32.threshold
 
     def timed(fn, n=3):
         fn()
@@ -103,36 +114,30 @@ def run(d: Path, device: str = "cuda") -> None:
         s = a.sum() + b.sum()
         return 1.0 if s == 0 else float(2 * (a & b).sum() / s)
 
-    variants = {
-        "plain fp32": lambda: sliding_window(vol, plain_net, meta["patch_size"], **kw, device=dev, precision="fp32")[0],
-        "plain fp16": lambda: sliding_window(vol, plain_net, meta["patch_size"], **kw, device=dev, precision=half)[0],
-        "fast fp16": lambda: sliding_window(vol, fast_net, meta["patch_size"], **kw, device=dev, precision=half,
-                                            crop_to_content=True, fit_window=True, channels_last=True)[0],
-        "fast fp16 batch 32": lambda: sliding_window(vol, fast_net, meta["patch_size"], **{**kw, "batch_size": 32}, device=dev,
-                                                     precision=half, crop_to_content=True, fit_window=True, channels_last=True)[0],
-    }
+    variants = {"plain fp32": lambda: _infer(vol, plain_net, plain32)}
+    if half != "fp32":  # (a CPU dry run has no second plain variant)
+        variants[f"plain {half}"] = lambda: _infer(vol, plain_net, plain16)
+    variants[f"fast {half}"] = lambda: _infer(vol, fast_net, fast16)
+    variants[f"fast {half} batch 32"] = lambda: _infer(vol, fast_net, fast16, batch_size=32)
     results = {}
-    for name, fn in variants.items():
+    for label, fn in variants.items():
         t, p = timed(fn)
-        results[name] = p
-        print(f"{name:>20}: {t:6.3f} s   max |Δp| vs CPU fp32 {np.abs(p[1:].sum(0) - ref).max():.2e}   "
+        results[label] = p
+        print(f"{label:>20}: {t:6.3f} s   max |Δp| vs CPU fp32 {np.abs(p[1:].sum(0) - ref).max():.2e}   "
               f"label Dice vs CPU {dice(p[1:].sum(0) >= thr, ref >= thr):.5f}")
-    target = results["fast fp16"][1:].sum(0) >= thr
-    t, cam = timed(lambda: gradcam(vol, fast_net, meta["patch_size"], target, layer=arch.get("cam_layer", "decoder.0"),
-                                   spatial_dims=kw["spatial_dims"], context=kw["context"], overlap=kw["overlap"],
-                                   batch_size=kw["batch_size"], device=dev, crop_to_content=True, fit_window=True,
-                                   channels_last=True), n=2)
+    target = results[f"fast {half}"][1:].sum(0) >= thr
+    layer, plan = cam_layer_name(fast_net, meta), plan_for(vol, fast16, fast_net)  # the windows "fast" ran
+    t, cam = timed(lambda: gradcam(vol, fast_net, plan, target, layer=layer, batch_size=fast16.batch_size, device=dev), n=2)
     print(f"{'Grad-CAM (fast)':>20}: {t:6.3f} s   peak {cam.max():.2f}, on {int(target.sum())} lesion voxels")
 
-    if dev.type != "cuda":
+    if not on_gpu:
         return
     # out-of-memory fallback, for real: cap this process's GPU memory, then ask for more than fits
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(dev).total_memory
 
     def attempt(a: Attempt):
-        n = fast_net if a.device.type == "cuda" else prepare_network(net.cpu(), dims, a.device)
-        return sliding_window(vol, n, meta["patch_size"], **{**kw, "batch_size": a.batch_size}, device=a.device,
-                              precision=a.precision, crop_to_content=True, fit_window=a.fit_window, channels_last=True)[0]
+        n = fast_net if a.device.startswith("cuda") else prepare_network(net.cpu(), dims, a.device)
+        return _infer(vol, n, _settings(meta, a.device, a.precision, "fast"), fitted=a.fit_window, batch_size=a.batch_size)
 
     for cap_mib, batch, fit in ((256, 128, False), (4, 8, True)):
         torch.cuda.empty_cache()

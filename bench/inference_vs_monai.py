@@ -35,40 +35,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 
 from UNetSegmentLib.models.bundle import default_model_name, load_bundle  # noqa: E402
 from UNetSegmentLib.demo import demo_case  # noqa: E402
-from UNetSegmentLib.image import Image, resample  # noqa: E402
-from UNetSegmentLib.engine.inference import resolve_precision  # noqa: E402
+from UNetSegmentLib.image import Image  # noqa: E402
+from UNetSegmentLib.engine.inference import slice_with_context  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.params import SegmentParams  # noqa: E402
 from UNetSegmentLib.engine.pipeline import segment  # noqa: E402
-from UNetSegmentLib.engine.preprocess import canonical_grid, network_grid, to_network_input  # noqa: E402
+from UNetSegmentLib.engine.preprocess import prepare_inputs  # noqa: E402
+from UNetSegmentLib.settings import RunSettings, resolve  # noqa: E402
 
 
-def monai_pipeline(image: Image, bundle, net) -> np.ndarray:
+def monai_pipeline(image: Image, settings: RunSettings, net) -> np.ndarray:
     """Foreground probability on the input grid, with MONAI doing the windowed inference."""
     from monai.inferers import SliceInferer, sliding_window_inference
 
-    canon, amap = canonical_grid(image)
-    grid = network_grid(canon, bundle.meta["target_spacing"], in_plane_only=bundle.dimensions != "3d")
-    x = to_network_input(canon, bundle.meta["inputs"][0]["normalization"], grid)
-    g = grid if grid is not None else canon
-    ctx = int(bundle.meta.get("context_slices", 0)) if bundle.dimensions == "2.5d" else 0
-    if ctx:  # 2.5D as a MONAI user builds it: neighbouring slices stacked as channels, then SliceInferer
-        K = x.shape[0]
-        x = np.stack([x[np.clip(np.arange(K) + d, 0, K - 1)] for d in range(-ctx, ctx + 1)])
-    else:
-        x = x[None]
+    m = settings.model
+    prep = prepare_inputs([image], m)
+    x = prep.volume  # [C, K, J, I] on the network grid
+    if m.context:  # 2.5D as a MONAI user builds it: neighbouring slices stacked as channels, then SliceInferer
+        x = np.stack([slice_with_context(x, k, m.context) for k in range(x.shape[1])], axis=1)
     xt = torch.from_numpy(np.ascontiguousarray(x))[None]  # B, C, K, J, I
-    bs = bundle.inference_default("batch_size", 4)
-    patch = list(bundle.meta["patch_size"])
     with torch.inference_mode():
-        if bundle.dimensions == "3d":
-            logits = sliding_window_inference(xt, patch, bs, net)
+        if m.spatial_dims == 3:
+            logits = sliding_window_inference(xt, list(m.patch), settings.batch_size, net)
         else:
-            logits = SliceInferer(roi_size=patch, sw_batch_size=bs, spatial_dim=0, progress=False)(xt, net)
+            logits = SliceInferer(roi_size=list(m.patch), sw_batch_size=settings.batch_size, spatial_dim=0, progress=False)(xt, net)
         fg = 1.0 - torch.softmax(logits.float(), 1)[0, 0].numpy()
-    if fg.shape != canon.array.shape or grid is not None:
-        fg = resample(Image(fg, g.ijk_to_ras), canon.array.shape, canon.ijk_to_ras, order=1, fill=0.0).array
-    return np.clip(amap.invert(fg), 0, 1)
+    return prep.mapping.to_input(fg, floor=0.0).array  # MONAI's map as it comes: no probability floor
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -107,21 +99,22 @@ def main() -> int:
     bundle = load_bundle(a.model or default_model_name())
     case = Path(a.case) if a.case else demo_case()[0]
     net = bundle.build_network()
-    threshold = float(bundle.meta["threshold"])
-    print(f"model {bundle.name} {bundle.version} ({bundle.dimensions}, patch {bundle.meta['patch_size']}), case {case}")
+    defaults = resolve(SegmentParams(heatmaps=()), bundle)  # ours at its defaults; MONAI gets the same batch size
+    threshold = defaults.threshold
+    print(f"model {bundle.name} {bundle.version} ({bundle.dimensions}, patch {list(defaults.model.patch)}), case {case}")
     print(f"CPU {cpu_name()}, torch {torch.__version__} threads {torch.get_num_threads()}, MONAI {monai.__version__}")
 
-    def ours(params: SegmentParams):
+    def ours(settings: RunSettings):
         img = read_image(case)
-        return segment([img], bundle, params, network=net)
+        return segment([img], bundle, network=net, settings=settings)
 
     def theirs():
         img = read_image(case)
-        return monai_pipeline(img, bundle, net)
+        return monai_pipeline(img, defaults, net)
 
     t_monai, p_monai = timed(theirs, a.repeats)
-    t_ours, r_ours = timed(lambda: ours(SegmentParams(heatmaps=())), a.repeats)
-    eq = SegmentParams(precision="fp32", overlap=0.25, heatmaps=(), engine="plain")
+    t_ours, r_ours = timed(lambda: ours(defaults), a.repeats)
+    eq = resolve(SegmentParams(precision="fp32", overlap=0.25, heatmaps=(), engine="plain"), bundle)
     t_eq, r_eq = timed(lambda: ours(eq), a.repeats)
     p_ours = r_ours.probability.array
     d_prob = float(np.abs(p_ours - p_monai).max())
@@ -137,13 +130,13 @@ def main() -> int:
         gt = read_image(truth).array > 0
         d1, d2 = dice(p_ours >= threshold, gt), dice(p_monai >= threshold, gt)
         print(f"Dice vs truth: ours {d1:.4f}, MONAI {d2:.4f}, ΔDice {d1 - d2:+.4f}")
-    t_cam, r_cam = timed(lambda: ours(SegmentParams()), 1)
+    t_cam, r_cam = timed(lambda: ours(resolve(SegmentParams(), bundle)), 1)
     print(f"ours with Grad-CAM ({r_cam.extra.get('cam_method')}): inference {r_cam.timings['inference_s']:.2f} s, "
           f"Grad-CAM {r_cam.timings.get('gradcam_s', 0):.2f} s (×{r_cam.timings.get('gradcam_s', 0) / r_cam.timings['inference_s']:.2f} of inference)")
     ablation(case, bundle, net, a.repeats)
     if a.cases:
-        compare_lesions(a.cases, bundle, net, lambda img: segment([img], bundle, SegmentParams(heatmaps=()), network=net),
-                        lambda img: monai_pipeline(img, bundle, net))
+        compare_lesions(a.cases, defaults, lambda img: segment([img], bundle, network=net, settings=defaults),
+                        lambda img: monai_pipeline(img, defaults, net))
     print(f"precision of ours: {r_ours.precision}; threads: {torch.get_num_threads()}")
     print(f"ratio at equal precision and windows: {t_monai / t_eq:.2f}")
     print(f"ratio: {t_monai / t_ours:.2f}")
@@ -171,56 +164,60 @@ def counted_flops(fn) -> float:
 
 
 def ablation(case: Path, bundle, net, repeats: int) -> None:
-    """The engine's speed-ups one at a time, on the network-grid volume of ``case`` (engine time only)."""
+    """The engine's speed-ups one at a time, on the network-grid volume of ``case`` (engine time only, CPU,
+    MONAI's overlap 0.25 throughout)."""
     from UNetSegmentLib.engine.acceleration import prepare_network
-    from UNetSegmentLib.engine.inference import sliding_window
+    from UNetSegmentLib.engine.inference import sliding_window, softmax_predictor
+    from UNetSegmentLib.engine.pipeline import plan_for
 
-    canon, _ = canonical_grid(read_image(case))
-    grid = network_grid(canon, bundle.meta["target_spacing"], in_plane_only=bundle.dimensions != "3d")
-    vol = np.stack([to_network_input(canon, bundle.meta["inputs"][0]["normalization"], grid)])
-    dims = 3 if bundle.dimensions == "3d" else 2
-    ctx = int(bundle.meta.get("context_slices", 0)) if bundle.dimensions == "2.5d" else 0
-    bs = bundle.inference_default("batch_size", 4)
-    kw = dict(spatial_dims=dims, context=ctx, out_channels=1 + len(bundle.labels), overlap=0.25)
-    fast_net = prepare_network(net, dims, torch.device("cpu"))
-    bf16 = "bf16" if resolve_precision("auto", torch.device("cpu")) == "bf16" else "fp32"
-    fast = dict(crop_to_content=True, fit_window=True, channels_last=True)
+    plain = resolve(SegmentParams(device="cpu", precision="fp32", overlap=0.25, tta=False, engine="plain"), bundle)
+    fast = resolve(SegmentParams(device="cpu", overlap=0.25, tta=False, engine="fast"), bundle)
+    m, bs, auto = plain.model, plain.batch_size, fast.precision  # auto: bf16 on CPUs with AMX/AVX512-BF16, else fp32
+    vol = prepare_inputs([read_image(case)], m).volume
+    fast_net = prepare_network(net, m.spatial_dims, "cpu")
+    plain_plan, fast_plan = plan_for(vol, plain, net), plan_for(vol, fast, fast_net)
+
+    def engine(network, precision: str, plan, batch_size: int = bs):
+        predictor = softmax_predictor(network, m.out_channels, precision)
+        return lambda: sliding_window(vol, predictor, plan, batch_size=batch_size)
+
+    fitted = fast_plan.fitted_windows()  # 2D/2.5D: one window per slice, sized to the slab's body
     steps = [
-        ("plain engine, fp32 (MONAI's windows)", net, dict(precision="fp32", batch_size=bs)),
-        (f"+ {bf16} autocast", net, dict(precision=bf16, batch_size=bs)),
-        ("+ folded BatchNorm, channels-last", fast_net, dict(precision=bf16, batch_size=bs, channels_last=True)),
-        ("+ body crop, fitted windows (= fast)", fast_net, dict(precision=bf16, batch_size=bs, **fast)),
-    ] + [(f"  fast, batch {b}", fast_net, dict(precision=bf16, batch_size=b, **fast)) for b in (1, 8, 16) if b != bs]
+        ("plain engine, fp32 (MONAI's windows)", engine(net, "fp32", plain_plan)),
+        (f"+ {auto} autocast", engine(net, auto, plain_plan)),
+        ("+ folded BatchNorm, channels-last", engine(fast_net, auto, plain_plan)),
+        ("+ body crop" + ("" if fitted else " (= fast)"), engine(fast_net, auto, fast_plan.without_fitted_windows())),
+    ] + ([("+ fitted windows per slab (= fast)", engine(fast_net, auto, fast_plan))] if fitted else []) \
+      + [(f"  fast, batch {b}", engine(fast_net, auto, fast_plan, b)) for b in (1, 8, 16) if b != bs]
     print(f"ablation (engine only, network-grid volume {vol.shape[1:]}, best of {repeats}):")
     base = None
-    for name, n, opts in steps:
-        t, _ = timed(lambda: sliding_window(vol, n, bundle.meta["patch_size"], **kw, **opts), repeats)
+    for name, fn in steps:
+        t, _ = timed(fn, repeats)
         base = base or t
         print(f"  {name:<42} {t:6.2f} s  ×{base / t:4.2f}")
     fp32_tf, bf16_tf = matmul_tflops(torch.float32), matmul_tflops(torch.bfloat16)
-    opts = dict(precision=bf16, batch_size=bs, **fast)
-    t_fast, _ = timed(lambda: sliding_window(vol, fast_net, bundle.meta["patch_size"], **kw, **opts), 1)
-    flops = counted_flops(lambda: sliding_window(vol, fast_net, bundle.meta["patch_size"], **kw, **opts))
-    t_plain, _ = timed(lambda: sliding_window(vol, net, bundle.meta["patch_size"], **kw, precision="fp32", batch_size=bs), 1)
-    flops_plain = counted_flops(lambda: sliding_window(vol, net, bundle.meta["patch_size"], **kw, precision="fp32", batch_size=bs))
-    print(f"forward pass: fast engine {flops / 1e9:.0f} GFLOP in {t_fast:.2f} s = {flops / t_fast / 1e9:.0f} GFLOP/s ({bf16}); "
+    fast_run, plain_run = engine(fast_net, auto, fast_plan), engine(net, "fp32", plain_plan)
+    t_fast, _ = timed(fast_run, 1)
+    flops = counted_flops(fast_run)
+    t_plain, _ = timed(plain_run, 1)
+    flops_plain = counted_flops(plain_run)
+    print(f"forward pass: fast engine {flops / 1e9:.0f} GFLOP in {t_fast:.2f} s = {flops / t_fast / 1e9:.0f} GFLOP/s ({auto}); "
           f"plain fp32 {flops_plain / 1e9:.0f} GFLOP in {t_plain:.2f} s = {flops_plain / t_plain / 1e9:.0f} GFLOP/s")
     print(f"this CPU's matmul throughput (2048², {torch.get_num_threads()} threads): fp32 {fp32_tf * 1e3:.0f} GFLOP/s, "
           f"bf16 {bf16_tf * 1e3:.0f} GFLOP/s")
 
 
-def compare_lesions(cases_dir: Path, bundle, net, ours_fn, monai_fn) -> None:
+def compare_lesions(cases_dir: Path, settings: RunSettings, ours_fn, monai_fn) -> None:
     """Ours (defaults) vs MONAI on every case folder: Dice vs truth and the true lesions ≥ 0.5 mL each finds."""
     from UNetSegmentLib.analysis.evaluate import score_case
     from UNetSegmentLib.analysis.lesions import remove_small_lesions
 
-    thr = float(bundle.meta["threshold"])
+    thr, min_ml = settings.threshold, settings.min_lesion_ml  # as `unetsegment evaluate` does, for both
     rows, same = [], True
     for c in sorted(p for p in cases_dir.iterdir() if (p / "image.nii.gz").exists()):
         img, truth = read_image(c / "image.nii.gz"), read_image(c / "label.nii.gz")
         r = ours_fn(img)
         p_monai = monai_fn(img)
-        min_ml = float(bundle.inference_default("min_lesion_ml", 0.0))  # as `unetsegment evaluate` does, for both
         ours_lab = remove_small_lesions(r.labels, min_ml)
         monai_lab = remove_small_lesions(Image((p_monai >= thr).astype(np.uint8), img.ijk_to_ras), min_ml)
         so, sm = score_case(c.name, truth, ours_lab), score_case(c.name, truth, monai_lab)

@@ -17,26 +17,7 @@ from pathlib import Path
 from . import __version__
 from .errors import UNetSegmentError, require_extra
 from .engine.inference import CancelToken
-from .params import ENGINES, HELP, SegmentParams
-
-
-def _heatmaps(text: str) -> tuple[str, ...]:
-    items = tuple(t.strip().lower() for t in text.split(",") if t.strip())
-    return () if items in ((), ("none",)) else items
-
-
-def _prob(text: str) -> float:
-    v = float(text)
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1)")
-    return v
-
-
-def _overlap(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
-    return v
+from .params import SegmentParams, add_arguments, params_from_args
 
 
 def _nonneg(text: str) -> float:
@@ -63,46 +44,10 @@ def _ml_list(text: str) -> list[float]:
     return vals
 
 
-def _help(name: str) -> str:
-    """``HELP[name]`` for argparse, which reads ``%`` as a format code (``99.99 %`` would crash ``--help``)."""
-    return HELP[name].replace("%", "%%")
-
-
 def add_segment_options(p: argparse.ArgumentParser) -> None:
-    """The run parameters as flags (shared with batch); defaults come from :class:`SegmentParams`."""
-    d = SegmentParams()
+    """``--model`` and the run parameters as flags (segment, batch, serve), generated from :data:`.params.FIELDS`."""
     p.add_argument("--model", default=None, help="model name (see `models list`) or bundle folder/zip; default: the bundled default model")
-    p.add_argument("--device", default=d.device, help=_help("device"))
-    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "fp16", "bf16"], help=_help("precision"))
-    p.add_argument("--threshold", type=_prob, default=d.threshold, help=_help("threshold"))
-    p.add_argument("--min-lesion-ml", type=_nonneg, default=d.min_lesion_ml, help=_help("min_lesion_ml"))
-    p.add_argument("--connectivity", type=int, choices=[6, 26], default=d.connectivity, help=_help("connectivity"))
-    p.add_argument("--overlap", type=_overlap, default=d.overlap, help=_help("overlap"))
-    p.add_argument("--batch-size", type=_posint, default=d.batch_size, help=_help("batch_size"))
-    p.add_argument("--tta", action="store_true", default=d.tta, help=_help("tta"))
-    p.add_argument("--heatmap", type=_heatmaps, default=d.heatmaps, help=_help("heatmaps"))
-    p.add_argument("--threads", type=_posint, default=d.threads, help=_help("threads"))
-    p.add_argument("--gradcam-layer", default=d.gradcam_layer, help=_help("gradcam_layer"))
-    p.add_argument("--cam-method", default=d.cam_method, choices=["hirescam", "gradcam"], help=_help("cam_method"))
-    p.add_argument("--engine", default=d.engine, choices=list(ENGINES), help=_help("engine"))
-
-
-def params_from_args(a: argparse.Namespace) -> SegmentParams:
-    return SegmentParams(
-        device=a.device,
-        precision=a.precision,
-        threshold=a.threshold,
-        min_lesion_ml=a.min_lesion_ml,
-        connectivity=a.connectivity,
-        overlap=a.overlap,
-        batch_size=a.batch_size,
-        tta=a.tta,
-        heatmaps=a.heatmap,
-        threads=a.threads,
-        gradcam_layer=a.gradcam_layer,
-        cam_method=a.cam_method,
-        engine=a.engine,
-    )
+    add_arguments(p)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cases", required=True, help="folder of case folders (label.nii.gz + image.nii.gz or <CHANNEL>.nii.gz)")
     e.add_argument("--output", default=None, help="write the full results as JSON here")
     e.add_argument("--no-baseline", action="store_true", help="skip the HU-threshold baseline")
-    e.add_argument("--device", default="auto", help=_help("device"))
-    e.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help=_help("precision"))
+    add_arguments(e, only=("device", "precision"))
     e.add_argument("--min-lesion-sweep", type=_ml_list, default=None, metavar="ML,ML,...",
                    help="instead: the figures for each smallest-lesion size, and the smallest meeting the default-model "
                         "targets (use a tuning split, not the cases you report)")
@@ -360,7 +304,8 @@ def _cmd_batch(a: argparse.Namespace, cancel: CancelToken) -> int:
 def _cmd_serve(a: argparse.Namespace) -> int:
     require_extra("serve", "`unetsegment serve`")
     from .models.bundle import default_model_name, load_bundle
-    from .serving.server import ServerConfig, read_token_file, serve
+    from .serving.auth import read_token_file
+    from .serving.server import ServerConfig, serve
 
     token = read_token_file(a.token_file) if a.token_file else None
     model = a.model or default_model_name()
@@ -379,16 +324,6 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 COOPERATIVE_COMMANDS = ("segment", "demo", "batch", "serve")
 
 
-def _quiet_itk() -> None:
-    """ITK prints its own warnings to stderr; our errors already say what is wrong, in one line."""
-    try:
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
@@ -400,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt  # e.g. training: stop now; the last checkpoint is intact
 
     signal.signal(signal.SIGTERM, _on_term)
-    _quiet_itk()
+    from .io.readers import quiet_itk
+
+    quiet_itk()
     t0 = time.perf_counter()
     try:
         if a.command == "segment":

@@ -30,6 +30,7 @@ from ..image import Image
 from ..io.readers import read_image
 from .lesions import analyze_lesions, remove_small_lesions
 from ..params import SegmentParams
+from ..settings import RunSettings, resolve
 from ..engine.pipeline import segment
 
 BINS = (("<0.5 mL", 0.0, 0.5), ("0.5-5 mL", 0.5, 5.0), (">5 mL", 5.0, np.inf))
@@ -130,21 +131,25 @@ def summarize(results: list[CaseResult]) -> dict:
     }
 
 
+def _settings(bundle: Bundle, params: SegmentParams | None) -> RunSettings:
+    """The run settings every case of an evaluation uses (resolved once; default: no heatmaps)."""
+    return resolve(params or SegmentParams(heatmaps=()), bundle)
+
+
 def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = None, baseline: bool = True,
              progress: Callable[[str], None] | None = None) -> dict:
-    params = params or SegmentParams(heatmaps=())
+    s = _settings(bundle, params)
     cases = find_cases(cases_dir, bundle.channel_names)
     network = bundle.build_network()
     model_results, base_results = [], []
-    min_ml = params.min_lesion_ml if params.min_lesion_ml is not None else bundle.inference_default("min_lesion_ml", 0.0)
     for i, case in enumerate(cases):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
         truth = read_image(case / "label.nii.gz")
         if not truth.same_grid(images[0], atol=1e-4):
             raise InputError(f"case {case.name}: label.nii.gz is not on the image's grid", "write the label on the image's grid")
         t = time.perf_counter()
-        res = segment(images, bundle, params, network=network)
-        pred = remove_small_lesions(res.labels, min_ml, params.connectivity)
+        res = segment(images, bundle, network=network, settings=s)
+        pred = remove_small_lesions(res.labels, s.min_lesion_ml, s.connectivity)
         model_results.append(score_case(case.name, truth, pred, time.perf_counter() - t))
         if baseline and bundle.meta["inputs"][0]["modality"].upper() == "CT":
             t = time.perf_counter()
@@ -168,16 +173,16 @@ def sweep_min_lesion(bundle: Bundle, cases_dir: Path, candidates: list[float], p
 
     For choosing the bundle's ``min_lesion_ml`` on a *tuning* split (``--split tune`` of the training
     cases module: validation settings, other seeds), never on the cases the model card reports."""
-    params = params or SegmentParams(heatmaps=())
+    s = _settings(bundle, params)
     cases = find_cases(cases_dir, bundle.channel_names)
     network = bundle.build_network()
     per: dict[float, list[CaseResult]] = {c: [] for c in candidates}
     for i, case in enumerate(cases):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
         truth = read_image(case / "label.nii.gz")
-        res = segment(images, bundle, params, network=network)
+        res = segment(images, bundle, network=network, settings=s)
         for c in candidates:
-            per[c].append(score_case(case.name, truth, remove_small_lesions(res.labels, c, params.connectivity)))
+            per[c].append(score_case(case.name, truth, remove_small_lesions(res.labels, c, s.connectivity)))
         if progress:
             progress(f"[{i + 1}/{len(cases)}] {case.name}")
     return [{"min_lesion_ml": c, **summarize(per[c])} for c in candidates]

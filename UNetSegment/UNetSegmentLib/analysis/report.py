@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import InputError, OutputError, UsageError
+from ..errors import InputError, UsageError
 from ..image import Image, slice_axis as _slice_axis
 from .lesions import CT_AUTODETECT_MIN, LesionTable, dropped_note, dropped_summary
-from ..engine.preprocess import canonical_grid
+from ..engine.grid import canonical_grid
 
 RESEARCH_NOTE = "Research use only — not for diagnosis"
 #: probability / Grad-CAM values below this are fully transparent in the overlays
@@ -71,6 +70,7 @@ _FOOT_LINE_H = 0.2
 _NEG_TITLE_H = 1.35
 #: zoomed panels show voxels as blocks (also keeps the PNG small: noise is incompressible)
 _ZOOM_INTERP = "nearest"
+_PANEL_FS = 10.5  # panel titles
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,109 +374,183 @@ def render_report(
     intensities in HU (None: auto, like :func:`.lesions.analyze_lesions`); ``intensity_label`` names
     the shown channel and its unit instead (e.g. "Tmax s" for a perfusion model).
     """
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     _check_inputs(image, labels, probability, gradcam, window, max_lesions, max_rows)
     window = (float(window[0]), float(window[1]))
     unit = intensity_label or _unit(image, modality)
-
-    canon_img, _ = canonical_grid(image)
-    canon_lab = canonical_grid(labels)[0]
-    canon_prob = canonical_grid(probability)[0] if probability is not None else None
-    canon_cam = canonical_grid(gradcam)[0] if gradcam is not None else None
-
+    canon = _Canonical.of(image, labels, probability, gradcam)
     pmax, pmax_ras = _max_probability(probability)
     rows = list(table.rows)
-    negative = len(rows) == 0
-    n_panels = 0 if negative else min(max_lesions, len(rows))
-    n_table = min(max_rows, len(rows))
-    n_more = len(rows) - n_table
+    counts = _Counts.of(len(rows), max_lesions, max_rows)
     params = _param_lines(parameters, window)
 
-    # --- figure height from the content -------------------------------------------------------
-    foot_lines = len(params) + 2
-    if negative:
-        body_h = _NEG_TITLE_H + _PANEL + 0.35
-    else:
-        body_h = n_panels * (_ROW_TITLE_H + _PANEL + _ROW_GAP)
-        if len(rows) > n_panels:
-            body_h += 0.3
-        body_h += _TABLE_TITLE_H + (n_table + 2) * _TABLE_ROW_H + (0.3 if n_more else 0) + 0.25
-    fig_h = _MARGIN_TOP + _HEADER_H + body_h + foot_lines * _FOOT_LINE_H + 0.25
-    fig = Figure(figsize=(_FIG_W, fig_h), dpi=DPI, facecolor="white")
-    FigureCanvasAgg(fig)
-    W, H = _FIG_W, fig_h
-
-    def box(x, y_top, w, h):  # inches from the top-left → figure fraction rect
-        return [x / W, (H - y_top - h) / H, w / W, h / H]
-
-    def text(x, y_top, s, **kw):
-        kw.setdefault("va", "top")
-        return fig.text(x / W, (H - y_top) / H, s, **kw)
-
-    # --- header ---------------------------------------------------------------------------------
-    y = _MARGIN_TOP
-    text(_MARGIN_L, y, "UNetSegment report", fontsize=22, fontweight="bold")
-    text(W - _MARGIN_L, y + 0.02, f"  {RESEARCH_NOTE}  ", ha="right", fontsize=15, fontweight="bold", color="white",
-         bbox=dict(boxstyle="round,pad=0.4", fc=_RED, ec=_RED))
-    text(_MARGIN_L, y + 0.5,
-         f"Model: {_ellipsize(model_name, 50)}  v{model_version}      Input: {_ellipsize(input_name, 70)}      "
-         f"Date: {created}", fontsize=12)
-    if negative:
-        summary = "0 lesions   ·   total volume 0.00 mL"
-    else:
-        n = len(rows)
-        summary = f"{n} lesion{'s' if n != 1 else ''}   ·   total volume {_f(table.total_volume_ml, '.2f')} mL"
-    text(_MARGIN_L, y + 0.82, summary, fontsize=15, fontweight="bold", color=_RED if not negative else _GREEN)
-    text(_MARGIN_L, y + 1.17,
-         "Images in radiological convention: patient's LEFT on the image RIGHT, anterior at the top (axial), "
-         "superior at the top (coronal). Coordinates: RAS, mm.", fontsize=10, color="#444444")
-    y += _HEADER_H
-    fig.add_artist(_hline(fig, (H - y + 0.08) / H, W, H))
-
+    page = _Page.new(_figure_height(counts, len(params)))
+    y = _draw_header(page, counts, table.total_volume_ml, model_name=model_name, model_version=model_version,
+                     input_name=input_name, created=created)
     panel_points: list[tuple[float, float]] = []
     dropped = ""
-    if negative:
+    if counts.negative:
         dropped = dropped_note(dropped_summary(table.dropped_ml), table.min_lesion_ml)
-        y = _draw_negative(fig, box, text, y, image, canon_img, canon_prob, window, pmax, pmax_ras, colormaps, dropped)
+        y = _draw_negative(page, y, image, canon, window, pmax, pmax_ras, dropped)
     else:
         colors = {int(k): _rgb(v) for k, v in (label_colors or {}).items()}
-        comp_cache: dict = {}
-        for row in rows[:n_panels]:
-            y, frac = _draw_lesion_row(
-                fig, box, text, y, row, labels=labels, canon_img=canon_img, canon_lab=canon_lab,
-                canon_prob=canon_prob, canon_cam=canon_cam, window=window, colors=colors, colormaps=colormaps,
-                unit=unit, connectivity=table.connectivity, cache=comp_cache,
-            )
-            panel_points.append(frac)
-        if len(rows) > n_panels:
-            note = (f"Panels shown for the {n_panels} largest of {len(rows)} lesions" if n_panels else
-                    "Lesion panels not drawn (max_lesions = 0)")
-            text(_MARGIN_L, y, f"{note}; all lesions are listed in lesions.csv.", fontsize=11, style="italic",
-                 color="#444444")
-            y += 0.3
-        y = _draw_table(fig, box, text, y, rows[:n_table], table.total, unit, n_more)
+        y, panel_points = _draw_lesion_panels(page, y, rows, counts, labels=labels, canon=canon, window=window,
+                                              colors=colors, unit=unit, connectivity=table.connectivity)
+        y = _draw_table(page, y, rows[: counts.n_table], table.total, unit, counts.n_more)
+    _draw_footer(page, y, params)
 
-    # --- footer -----------------------------------------------------------------------------------
-    fig.add_artist(_hline(fig, (H - y - 0.05) / H, W, H))
-    y += 0.15
-    text(_MARGIN_L, y, "Parameters:", fontsize=10, fontweight="bold", color="#333333")
-    y += _FOOT_LINE_H
-    for line in params:
-        text(_MARGIN_L, y, line, fontsize=9.5, color="#333333", family="DejaVu Sans Mono")
-        y += _FOOT_LINE_H
-    text(_MARGIN_L, y + 0.02, f"{RESEARCH_NOTE}. Automated output of an experimental model; verify every finding "
-         "on the original images.", fontsize=10, fontweight="bold", color=_RED)
-
-    wpx, hpx = _save_png(fig, path)
+    wpx, hpx = _save_png(page.fig, path)
     return ReportLayout(
-        path=os.fspath(path), width_px=wpx, height_px=hpx, negative=negative, n_lesions=len(rows),
-        n_lesion_panels=n_panels, n_table_rows=0 if negative else n_table, more_note=bool(n_more) and not negative,
-        n_more=max(0, n_more), gradcam=gradcam is not None and not negative, panel_points=tuple(panel_points),
+        path=os.fspath(path), width_px=wpx, height_px=hpx, negative=counts.negative, n_lesions=counts.n_rows,
+        n_lesion_panels=counts.n_panels, n_table_rows=0 if counts.negative else counts.n_table,
+        more_note=bool(counts.n_more) and not counts.negative, n_more=max(0, counts.n_more),
+        gradcam=gradcam is not None and not counts.negative, panel_points=tuple(panel_points),
         max_probability=pmax, dropped_note=dropped,
     )
+
+
+@dataclass(frozen=True)
+class _Canonical:
+    """The input volumes viewed through :func:`canonical_grid` (display axes; no resampling)."""
+
+    image: Image
+    labels: Image
+    probability: Image | None
+    gradcam: Image | None
+
+    @classmethod
+    def of(cls, image: Image, labels: Image, probability: Image | None, gradcam: Image | None) -> "_Canonical":
+        return cls(
+            canonical_grid(image)[0],
+            canonical_grid(labels)[0],
+            canonical_grid(probability)[0] if probability is not None else None,
+            canonical_grid(gradcam)[0] if gradcam is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """How many lesions get panels and table rows (the rest: a "… and N more" note)."""
+
+    n_rows: int  # lesions in the table
+    n_panels: int
+    n_table: int
+    n_more: int
+
+    @property
+    def negative(self) -> bool:
+        return self.n_rows == 0
+
+    @classmethod
+    def of(cls, n_rows: int, max_lesions: int, max_rows: int) -> "_Counts":
+        n_panels = 0 if n_rows == 0 else min(max_lesions, n_rows)
+        n_table = min(max_rows, n_rows)
+        return cls(n_rows, n_panels, n_table, n_rows - n_table)
+
+
+@dataclass(frozen=True)
+class _Page:
+    """The figure, laid out in inches measured from its top-left corner (matplotlib counts from the
+    bottom-left in figure fractions: :meth:`box` and :meth:`text` convert)."""
+
+    fig: Any
+    width: float
+    height: float
+
+    @classmethod
+    def new(cls, height: float) -> "_Page":
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(_FIG_W, height), dpi=DPI, facecolor="white")
+        FigureCanvasAgg(fig)
+        return cls(fig, _FIG_W, height)
+
+    def box(self, x: float, y_top: float, w: float, h: float) -> list[float]:
+        """Figure-fraction rect of the ``w``×``h`` box whose top-left corner is at (x, y_top)."""
+        W, H = self.width, self.height
+        return [x / W, (H - y_top - h) / H, w / W, h / H]
+
+    def text(self, x: float, y_top: float, s: str, **kw):
+        kw.setdefault("va", "top")
+        return self.fig.text(x / self.width, (self.height - y_top) / self.height, s, **kw)
+
+    def add_axes(self, x: float, y_top: float, w: float = _PANEL, h: float = _PANEL):
+        return self.fig.add_axes(self.box(x, y_top, w, h))
+
+
+def _figure_height(counts: _Counts, n_param_lines: int) -> float:
+    """Page height (inches) from the content: header, lesion rows or negative page, table, footer."""
+    foot_lines = n_param_lines + 2
+    if counts.negative:
+        body_h = _NEG_TITLE_H + _PANEL + 0.35
+    else:
+        body_h = counts.n_panels * (_ROW_TITLE_H + _PANEL + _ROW_GAP)
+        if counts.n_rows > counts.n_panels:
+            body_h += 0.3
+        body_h += _TABLE_TITLE_H + (counts.n_table + 2) * _TABLE_ROW_H + (0.3 if counts.n_more else 0) + 0.25
+    return _MARGIN_TOP + _HEADER_H + body_h + foot_lines * _FOOT_LINE_H + 0.25
+
+
+def _draw_header(page: _Page, counts: _Counts, total_volume_ml, *, model_name: str, model_version: str,
+                 input_name: str, created: str) -> float:
+    """Title, research-use badge, model/input/date, the lesion count and the orientation note; returns y below."""
+    W, H = page.width, page.height
+    y = _MARGIN_TOP
+    page.text(_MARGIN_L, y, "UNetSegment report", fontsize=22, fontweight="bold")
+    page.text(W - _MARGIN_L, y + 0.02, f"  {RESEARCH_NOTE}  ", ha="right", fontsize=15, fontweight="bold",
+              color="white", bbox=dict(boxstyle="round,pad=0.4", fc=_RED, ec=_RED))
+    page.text(_MARGIN_L, y + 0.5,
+              f"Model: {_ellipsize(model_name, 50)}  v{model_version}      Input: {_ellipsize(input_name, 70)}      "
+              f"Date: {created}", fontsize=12)
+    if counts.negative:
+        summary = "0 lesions   ·   total volume 0.00 mL"
+    else:
+        n = counts.n_rows
+        summary = f"{n} lesion{'s' if n != 1 else ''}   ·   total volume {_f(total_volume_ml, '.2f')} mL"
+    page.text(_MARGIN_L, y + 0.82, summary, fontsize=15, fontweight="bold",
+              color=_RED if not counts.negative else _GREEN)
+    page.text(_MARGIN_L, y + 1.17,
+              "Images in radiological convention: patient's LEFT on the image RIGHT, anterior at the top (axial), "
+              "superior at the top (coronal). Coordinates: RAS, mm.", fontsize=10, color="#444444")
+    y += _HEADER_H
+    page.fig.add_artist(_hline(page.fig, (H - y + 0.08) / H, W, H))
+    return y
+
+
+def _draw_lesion_panels(page: _Page, y: float, rows: list, counts: _Counts, *, labels: Image, canon: _Canonical,
+                        window, colors, unit: str, connectivity: int) -> tuple[float, list[tuple[float, float]]]:
+    """One row of panels per shown lesion, then a note when some lesions have none.
+
+    Returns y below them and, per row, where the lesion's inside point lies in its axial panel."""
+    from matplotlib import colormaps
+
+    comp_cache: dict = {}
+    points = []
+    for row in rows[: counts.n_panels]:
+        y, frac = _draw_lesion_row(page, y, row, labels=labels, canon=canon, window=window, colors=colors,
+                                   colormaps=colormaps, unit=unit, connectivity=connectivity, cache=comp_cache)
+        points.append(frac)
+    if counts.n_rows > counts.n_panels:
+        note = (f"Panels shown for the {counts.n_panels} largest of {counts.n_rows} lesions" if counts.n_panels else
+                "Lesion panels not drawn (max_lesions = 0)")
+        page.text(_MARGIN_L, y, f"{note}; all lesions are listed in lesions.csv.", fontsize=11, style="italic",
+                  color="#444444")
+        y += 0.3
+    return y, points
+
+
+def _draw_footer(page: _Page, y: float, params: list[str]) -> None:
+    """Rule, the run parameters and the research-use sentence."""
+    W, H = page.width, page.height
+    page.fig.add_artist(_hline(page.fig, (H - y - 0.05) / H, W, H))
+    y += 0.15
+    page.text(_MARGIN_L, y, "Parameters:", fontsize=10, fontweight="bold", color="#333333")
+    y += _FOOT_LINE_H
+    for line in params:
+        page.text(_MARGIN_L, y, line, fontsize=9.5, color="#333333", family="DejaVu Sans Mono")
+        y += _FOOT_LINE_H
+    page.text(_MARGIN_L, y + 0.02, f"{RESEARCH_NOTE}. Automated output of an experimental model; verify every finding "
+              "on the original images.", fontsize=10, fontweight="bold", color=_RED)
 
 
 def _hline(fig, y_frac: float, W: float, H: float):
@@ -572,111 +646,159 @@ def _lesion_component(row, labels: Image, canon_lab: Image, cijk, connectivity: 
     return value, k0, (comp == cid) if cid else None
 
 
-def _draw_lesion_row(fig, box, text, y, row, *, labels, canon_img, canon_lab, canon_prob, canon_cam, window,
-                     colors, colormaps, unit, connectivity, cache):
-    p = np.array([row["inside_r"], row["inside_a"], row["inside_s"]], dtype=np.float64)
-    cijk = canon_lab.ras_to_ijk_points(p)[0]
-    value, k0, comp = _lesion_component(row, labels, canon_lab, cijk, connectivity, cache)
-    color = colors.get(value, _ALL_LESIONS_COLOR)
+@dataclass(frozen=True)
+class _LesionSlice:
+    """One lesion's shown axial slice and what its panels share."""
 
-    # --- title ------------------------------------------------------------------------------
-    diam = row.get("max_inplane_diameter_mm")
-    text(_MARGIN_L, y, lesion_heading(row), fontsize=13.5, fontweight="bold")
-    text(_MARGIN_L, y + 0.3,
-         f"{_mean_text(row.get('mean_intensity'), unit)}   ·   mean probability {_f(row.get('mean_probability'), '.2f')}"
-         f"   ·   max probability {_f(row.get('max_probability'), '.2f')}   ·   inside point RAS "
-         f"({_f(p[0])}, {_f(p[1])}, {_f(p[2])}) mm   ·   {row.get('n_slices', '–')} slice(s)",
-         fontsize=10.5, color="#333333")
-    y += _ROW_TITLE_H
+    cijk: np.ndarray  # the lesion's inside point, canonical ijk
+    view: SliceView  # the image's axial slice through it
+    labels_axial: np.ndarray  # the label map on that slice
+    this_axial: np.ndarray | None  # this lesion's component on that slice (None: not found there)
+    component: np.ndarray | None  # this lesion's 3D component in the canonical slab k0.. (None: not found)
+    k0: int
+    color: tuple  # contour colour of the lesion's label
+    zoom_mm: float
+    zoom_box: tuple[float, float, float, float]
 
-    ax_view = _reformat(canon_img, cijk, "axial")
-    lab_ax = _reformat(canon_lab, cijk, "axial").array
-    k = ax_view.index
+
+def _inside_point(row) -> np.ndarray:
+    return np.array([row["inside_r"], row["inside_a"], row["inside_s"]], dtype=np.float64)
+
+
+def _lesion_slice(row, labels: Image, canon: _Canonical, colors, connectivity: int, cache: dict) -> _LesionSlice:
+    cijk = canon.labels.ras_to_ijk_points(_inside_point(row))[0]
+    value, k0, comp = _lesion_component(row, labels, canon.labels, cijk, connectivity, cache)
+    view = _reformat(canon.image, cijk, "axial")
+    k = view.index
     this_ax = comp[k - k0] if comp is not None and 0 <= k - k0 < comp.shape[0] else None
-    zoom_mm = max(ZOOM_MIN_MM, ZOOM_DIAMETERS * float(diam or 0))
-    zbox = _zoom_box(ax_view, zoom_mm)
-    fs = 10.5
+    zoom_mm = max(ZOOM_MIN_MM, ZOOM_DIAMETERS * float(row.get("max_inplane_diameter_mm") or 0))
+    return _LesionSlice(
+        cijk=cijk, view=view, labels_axial=_reformat(canon.labels, cijk, "axial").array, this_axial=this_ax,
+        component=comp, k0=k0, color=colors.get(value, _ALL_LESIONS_COLOR), zoom_mm=zoom_mm,
+        zoom_box=_zoom_box(view, zoom_mm),
+    )
 
-    def outlines(ax, lw_all=1.0, lw_this=2.0, all_color=None):
-        _draw_outline(ax, lab_ax > 0, ax_view, all_color or color, lw_all)
-        if this_ax is not None:
-            _draw_outline(ax, this_ax, ax_view, _HIGHLIGHT_COLOR, lw_this, zorder=4)
 
+def _draw_lesion_row(page: _Page, y: float, row, *, labels: Image, canon: _Canonical, window, colors, colormaps,
+                     unit: str, connectivity: int, cache: dict) -> tuple[float, tuple[float, float]]:
+    """Title lines and the five panels of one lesion: full axial slice, zoomed contour, zoomed
+    probability, zoomed Grad-CAM, coronal locator. Returns y below the row and the inside point's
+    position in the axial panel (fractions of width and height)."""
+    sl = _lesion_slice(row, labels, canon, colors, connectivity, cache)
+    y = _draw_lesion_title(page, y, row, unit)
     x = _MARGIN_L
-    # (a) full slice: image + contours + arrow + zoom box
-    ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
-    _show_grey(ax, ax_view, window)
-    outlines(ax, 0.8, 1.5)
-    _arrow(ax, ax_view)
+    _draw_full_slice_panel(page, x, y, sl, window)
+    x += _PANEL + _GAP
+    _draw_zoom_contour_panel(page, x, y, sl, window)
+    x += _PANEL + _GAP
+    _draw_probability_panel(page, x, y, sl, canon.probability, window, colormaps[PROB_CMAP])
+    x += _PANEL + _CBAR_SPACE
+    _draw_gradcam_panel(page, x, y, sl, canon.gradcam, window, colormaps[CAM_CMAP])
+    x += _PANEL + _CBAR_SPACE
+    _draw_coronal_locator(page, x, y, sl, canon, window)
+    y += _PANEL + _ROW_GAP
+    return y, sl.view.point_fraction
+
+
+def _draw_lesion_title(page: _Page, y: float, row, unit: str) -> float:
+    p = _inside_point(row)
+    page.text(_MARGIN_L, y, lesion_heading(row), fontsize=13.5, fontweight="bold")
+    page.text(_MARGIN_L, y + 0.3,
+              f"{_mean_text(row.get('mean_intensity'), unit)}   ·   mean probability "
+              f"{_f(row.get('mean_probability'), '.2f')}   ·   max probability {_f(row.get('max_probability'), '.2f')}"
+              f"   ·   inside point RAS ({_f(p[0])}, {_f(p[1])}, {_f(p[2])}) mm   ·   "
+              f"{row.get('n_slices', '–')} slice(s)",
+              fontsize=10.5, color="#333333")
+    return y + _ROW_TITLE_H
+
+
+def _draw_lesion_outlines(ax, sl: _LesionSlice, lw_all: float, lw_this: float) -> None:
+    """All lesion voxels in their label colour, this lesion's component highlighted on top."""
+    _draw_outline(ax, sl.labels_axial > 0, sl.view, sl.color, lw_all)
+    if sl.this_axial is not None:
+        _draw_outline(ax, sl.this_axial, sl.view, _HIGHLIGHT_COLOR, lw_this, zorder=4)
+
+
+def _draw_full_slice_panel(page: _Page, x: float, y: float, sl: _LesionSlice, window) -> None:
+    """The whole axial slice with the contours, an arrow at the lesion and the zoomed area dashed."""
     from matplotlib.patches import Rectangle
 
-    x0, x1, yb, yt = zbox
+    ax = page.add_axes(x, y)
+    _show_grey(ax, sl.view, window)
+    _draw_lesion_outlines(ax, sl, 0.8, 1.5)
+    _arrow(ax, sl.view)
+    x0, x1, yb, yt = sl.zoom_box
     ax.add_patch(Rectangle((x0, yt), x1 - x0, yb - yt, fill=False, ec="white", lw=0.9, ls="--", zorder=5))
-    _set_view(ax, ax_view.extent)
-    _style_axes(ax, ax_view)
-    ax.set_title(f"Axial, window {_wnum(window[0])}–{_wnum(window[1])}", fontsize=fs)
-    x += _PANEL + _GAP
-    # (b) zoom: image + contour
-    ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
-    _show_grey(ax, ax_view, window, _ZOOM_INTERP)
-    outlines(ax, 1.0, 2.0)
-    _set_view(ax, zbox)
-    _style_axes(ax, ax_view)
-    ax.set_title(f"Zoom {zoom_mm:.0f} mm: lesion contour", fontsize=fs)
-    x += _PANEL + _GAP
-    # (c) zoom: probability
-    ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
-    _show_grey(ax, ax_view, window, _ZOOM_INTERP)
-    if canon_prob is not None:
-        pv = _reformat(canon_prob, cijk, "axial").array
-        ax.imshow(_overlay_rgba(pv, colormaps[PROB_CMAP]), extent=ax_view.extent, origin="upper", aspect="equal",
-                  interpolation=_ZOOM_INTERP, zorder=2)
-        if this_ax is not None:
-            _draw_outline(ax, this_ax, ax_view, "white", 0.9, zorder=4)
-        _set_view(ax, zbox)
-        _style_axes(ax, ax_view)
-        ax.set_title(f"Probability (clear < {OVERLAY_MIN:g})", fontsize=fs)
-        _colorbar(fig, box(x + _PANEL + 0.06, y, _CBAR_W, _PANEL), colormaps[PROB_CMAP],
-                  "lesion probability", fs - 1)
-    else:
+    _set_view(ax, sl.view.extent)
+    _style_axes(ax, sl.view)
+    ax.set_title(f"Axial, window {_wnum(window[0])}–{_wnum(window[1])}", fontsize=_PANEL_FS)
+
+
+def _draw_zoom_contour_panel(page: _Page, x: float, y: float, sl: _LesionSlice, window) -> None:
+    ax = page.add_axes(x, y)
+    _show_grey(ax, sl.view, window, _ZOOM_INTERP)
+    _draw_lesion_outlines(ax, sl, 1.0, 2.0)
+    _set_view(ax, sl.zoom_box)
+    _style_axes(ax, sl.view)
+    ax.set_title(f"Zoom {sl.zoom_mm:.0f} mm: lesion contour", fontsize=_PANEL_FS)
+
+
+def _draw_probability_panel(page: _Page, x: float, y: float, sl: _LesionSlice, canon_prob: Image | None, window,
+                            cmap) -> None:
+    ax = page.add_axes(x, y)
+    _show_grey(ax, sl.view, window, _ZOOM_INTERP)
+    if canon_prob is None:
         _note(ax, "Probability map\nnot available")
-    x += _PANEL + _CBAR_SPACE
-    # (d) zoom: Grad-CAM
-    ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
-    if canon_cam is not None:
-        _show_grey(ax, ax_view, window, _ZOOM_INTERP)
-        cv = _reformat(canon_cam, cijk, "axial").array
-        ax.imshow(_overlay_rgba(cv, colormaps[CAM_CMAP], 0.25, 0.7), extent=ax_view.extent, origin="upper",
-                  aspect="equal", interpolation=_ZOOM_INTERP, zorder=2)
-        if this_ax is not None:
-            _draw_outline(ax, this_ax, ax_view, "white", 0.9, zorder=4)
-        _set_view(ax, zbox)
-        _style_axes(ax, ax_view)
-        ax.set_title(f"Grad-CAM (clear < {OVERLAY_MIN:g})", fontsize=fs)
-        _colorbar(fig, box(x + _PANEL + 0.06, y, _CBAR_W, _PANEL), colormaps[CAM_CMAP],
-                  "Grad-CAM (normalised)", fs - 1)
-    else:
+        return
+    _draw_zoom_overlay(page, ax, x, y, sl, canon_prob, cmap, (0.3, 0.85),
+                       f"Probability (clear < {OVERLAY_MIN:g})", "lesion probability")
+
+
+def _draw_gradcam_panel(page: _Page, x: float, y: float, sl: _LesionSlice, canon_cam: Image | None, window,
+                        cmap) -> None:
+    ax = page.add_axes(x, y)
+    if canon_cam is None:
         _note(ax, "Grad-CAM\nnot computed")
-        ax.set_title("Grad-CAM", fontsize=fs)
-    x += _PANEL + _CBAR_SPACE
-    # (e) coronal locator with the axial level
-    ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
-    cor = _reformat(canon_img, cijk, "coronal")
+        ax.set_title("Grad-CAM", fontsize=_PANEL_FS)
+        return
+    _show_grey(ax, sl.view, window, _ZOOM_INTERP)
+    _draw_zoom_overlay(page, ax, x, y, sl, canon_cam, cmap, (0.25, 0.7),
+                       f"Grad-CAM (clear < {OVERLAY_MIN:g})", "Grad-CAM (normalised)")
+
+
+def _draw_zoom_overlay(page: _Page, ax, x: float, y: float, sl: _LesionSlice, canon_map: Image, cmap,
+                       alphas: tuple[float, float], title: str, cbar_label: str) -> None:
+    """A 0–1 map over the zoomed grey slice (more opaque where higher), the lesion outlined in white
+    so the map under it stays visible, and the map's colour bar right of the panel."""
+    values = _reformat(canon_map, sl.cijk, "axial").array
+    ax.imshow(_overlay_rgba(values, cmap, *alphas), extent=sl.view.extent, origin="upper", aspect="equal",
+              interpolation=_ZOOM_INTERP, zorder=2)
+    if sl.this_axial is not None:
+        _draw_outline(ax, sl.this_axial, sl.view, "white", 0.9, zorder=4)
+    _set_view(ax, sl.zoom_box)
+    _style_axes(ax, sl.view)
+    ax.set_title(title, fontsize=_PANEL_FS)
+    _colorbar(page.fig, page.box(x + _PANEL + 0.06, y, _CBAR_W, _PANEL), cmap, cbar_label, _PANEL_FS - 1)
+
+
+def _draw_coronal_locator(page: _Page, x: float, y: float, sl: _LesionSlice, canon: _Canonical, window) -> None:
+    """Coronal slice through the lesion with its component highlighted and the axial level dashed."""
+    ax = page.add_axes(x, y)
+    cor = _reformat(canon.image, sl.cijk, "coronal")
     _show_grey(ax, cor, window)
-    lab_cor = _reformat(canon_lab, cijk, "coronal").array
-    _draw_outline(ax, lab_cor > 0, cor, color, 0.8)
+    lab_cor = _reformat(canon.labels, sl.cijk, "coronal").array
+    _draw_outline(ax, lab_cor > 0, cor, sl.color, 0.8)
+    comp = sl.component
     if comp is not None:
-        Kc = canon_lab.array.shape[0]
+        Kc = canon.labels.array.shape[0]
         full = np.zeros((Kc, comp.shape[2]), bool)
-        full[k0 : k0 + comp.shape[0]] = comp[:, cor.index, :]
+        full[sl.k0 : sl.k0 + comp.shape[0]] = comp[:, cor.index, :]
         _draw_outline(ax, full[::-1], cor, _HIGHLIGHT_COLOR, 1.3, zorder=4)
-    ly = _axial_level_y(cor, k, canon_img.array.shape[0])
+    ly = _axial_level_y(cor, sl.view.index, canon.image.array.shape[0])
     ax.axhline(ly, color=_HIGHLIGHT_COLOR, lw=1.0, ls="--", alpha=0.9, zorder=5)
     _set_view(ax, cor.extent)
     _style_axes(ax, cor)
-    ax.set_title("Coronal locator (dashed: this slice)", fontsize=fs)
-    y += _PANEL + _ROW_GAP
-    return y, ax_view.point_fraction
+    ax.set_title("Coronal locator (dashed: this slice)", fontsize=_PANEL_FS)
 
 
 def lesion_heading(row: Mapping[str, Any]) -> str:
@@ -707,8 +829,8 @@ def _arrow(ax, view: SliceView, color=_HIGHLIGHT_COLOR) -> None:
                                 mutation_scale=12))
 
 
-def _draw_table(fig, box, text, y, rows, total, unit, n_more):
-    text(_MARGIN_L, y + 0.05, "Lesion table", fontsize=14, fontweight="bold")
+def _draw_table(page: _Page, y: float, rows, total, unit: str, n_more: int) -> float:
+    page.text(_MARGIN_L, y + 0.05, "Lesion table", fontsize=14, fontweight="bold")
     y += _TABLE_TITLE_H
     header = ["#", "label", "volume\nmL", "centroid\nslice", "slice range", "largest-area\nslice",
               "diameter\nmm", "side", f"mean\n{unit}", "mean\nprobability", "centroid RAS (mm)"]
@@ -728,7 +850,7 @@ def _draw_table(fig, box, text, y, rows, total, unit, n_more):
     tw = float(widths.sum())
     nrows = len(cells) + 1
     h = (nrows + 0.6) * _TABLE_ROW_H  # header row is two lines
-    ax = fig.add_axes(box(_MARGIN_L, y, tw, h))
+    ax = page.fig.add_axes(page.box(_MARGIN_L, y, tw, h))
     ax.axis("off")
     tab = ax.table(cellText=cells, colLabels=header, colWidths=list(widths / tw), cellLoc="center", loc="upper left",
                    bbox=[0, 0, 1, 1])
@@ -752,21 +874,31 @@ def _draw_table(fig, box, text, y, rows, total, unit, n_more):
                 cell.set_facecolor("#fafafa")
     y += h + 0.1
     if n_more:
-        text(_MARGIN_L, y, f"… and {n_more} more lesion{'s' if n_more != 1 else ''} (see lesions.csv)", fontsize=11.5,
-             fontweight="bold", color="#333333")
+        page.text(_MARGIN_L, y, f"… and {n_more} more lesion{'s' if n_more != 1 else ''} (see lesions.csv)",
+                  fontsize=11.5, fontweight="bold", color="#333333")
         y += 0.3
     return y + 0.15
 
 
-def _draw_negative(fig, box, text, y, image, canon_img, canon_prob, window, pmax, pmax_ras, colormaps, dropped=""):
-    text(_MARGIN_L, y + 0.1, "No lesion found", fontsize=24, fontweight="bold", color=_GREEN)
+def _draw_negative_title(page: _Page, y: float, pmax, pmax_ras, dropped: str) -> float:
+    page.text(_MARGIN_L, y + 0.1, "No lesion found", fontsize=24, fontweight="bold", color=_GREEN)
     pm = "not available" if pmax is None else f"{pmax:.3f}"
     where = "" if pmax_ras is None else f" at RAS ({_f(pmax_ras[0])}, {_f(pmax_ras[1])}, {_f(pmax_ras[2])}) mm"
     # a high maximum beside "No lesion found" needs its reason: components under the minimum size
     why = f"\n{dropped[0].upper()}{dropped[1:]}." if dropped else ""
-    text(_MARGIN_L, y + 0.62, f"Maximum lesion probability in the volume: {pm}{where}.   "
-         f"A negative result does not exclude disease.{why}", fontsize=12.5, color="#222222")
-    y += _NEG_TITLE_H
+    page.text(_MARGIN_L, y + 0.62, f"Maximum lesion probability in the volume: {pm}{where}.   "
+              f"A negative result does not exclude disease.{why}", fontsize=12.5, color="#222222")
+    return y + _NEG_TITLE_H
+
+
+def _draw_negative(page: _Page, y: float, image: Image, canon: _Canonical, window, pmax, pmax_ras,
+                   dropped: str = "") -> float:
+    """The "No lesion found" page: the maximum probability and where it lies, mid-volume and
+    maximum slices with the probability map, and a coronal locator of both."""
+    from matplotlib import colormaps
+
+    canon_img, canon_prob = canon.image, canon.probability
+    y = _draw_negative_title(page, y, pmax, pmax_ras, dropped)
     K, J, I = canon_img.array.shape
     mid = np.array([(I - 1) / 2, (J - 1) / 2, (K - 1) / 2])
     view = _reformat(canon_img, mid, "axial")
@@ -782,13 +914,13 @@ def _draw_negative(fig, box, text, y, image, canon_img, canon_prob, window, pmax
         return float(np.nanmax(pv)) if np.isfinite(pv).any() else float("nan")
 
     x = _MARGIN_L
-    ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
+    ax = page.add_axes(x, y)
     _show_grey(ax, view, window)
     _set_view(ax, view.extent)
     _style_axes(ax, view)
     ax.set_title(f"Mid-volume axial, slice {_orig_slice(image, canon_img.ijk_to_ras_points(mid)[0])}", fontsize=fs)
     x += _PANEL + _GAP
-    ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
+    ax = page.add_axes(x, y)
     max_view = None
     if canon_prob is not None:
         m = prob_panel(ax, view, mid)
@@ -797,18 +929,18 @@ def _draw_negative(fig, box, text, y, image, canon_img, canon_prob, window, pmax
         if pmax_ras is not None:
             cmax = canon_prob.ras_to_ijk_points(pmax_ras)[0]
             max_view = _reformat(canon_img, cmax, "axial")
-            ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
+            ax = page.add_axes(x, y)
             prob_panel(ax, max_view, cmax)
             _arrow(ax, max_view, color="#00e5ff")
             ax.set_title(f"Maximum: slice {_orig_slice(image, pmax_ras)}, p = {pmax:.3f}", fontsize=fs)
-        _colorbar(fig, box(x + _PANEL + 0.06, y, _CBAR_W, _PANEL), colormaps[PROB_CMAP], "lesion probability",
-                  fs - 1)
+        _colorbar(page.fig, page.box(x + _PANEL + 0.06, y, _CBAR_W, _PANEL), colormaps[PROB_CMAP],
+                  "lesion probability", fs - 1)
         x += _PANEL + _CBAR_SPACE
     else:
         _note(ax, "Probability map\nnot available")
         x += _PANEL + _GAP
     cor = _reformat(canon_img, mid, "coronal")
-    ax = fig.add_axes(box(x, y, _PANEL, _PANEL))
+    ax = page.add_axes(x, y)
     _show_grey(ax, cor, window)
     ax.axhline(_axial_level_y(cor, view.index, K), color=_HIGHLIGHT_COLOR, lw=1.0, ls="--", zorder=5)
     title = "Coronal locator (yellow: mid slice"
@@ -837,13 +969,10 @@ def _write_png(fig, f) -> None:
 
 
 def _save_png(fig, path) -> tuple[int, int]:
-    from ..io.writers import atomic_path
+    from ..io.writers import atomic_output
 
-    try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                _write_png(fig, f)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e}", "check that the folder exists and is writable") from e
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            _write_png(fig, f)
     w, h = fig.get_size_inches() * DPI
     return int(round(w)), int(round(h))

@@ -2,7 +2,7 @@
 
 The Slicer module's live threshold slider and its "Export all…" use this: the probability map the
 run wrote (``probability.nrrd``, P(not background) on the input grid) is thresholded the same way
-:func:`.pipeline.segment` does it, small lesions are removed with :func:`.lesions.remove_small_lesions`
+:func:`..engine.labels.labels_from_probabilities` says, small lesions are removed with :func:`.lesions.remove_small_lesions`
 and the table is recomputed with :func:`.lesions.analyze_lesions`, with the arguments
 :func:`.job.write_outputs` uses. For one-label models (every bundled model) the result equals a
 fresh ``segment --threshold T`` run exactly. For models with several labels, which label a voxel
@@ -28,8 +28,9 @@ from ..io.readers import read_image
 from ..io.writers import write_json
 from .lesions import LesionTable, analyze_lesions, remove_small_lesions
 from ..io.outputs import CONTRACT_FILES, StagedOutput
-from ..params import HEATMAP_KINDS, SegmentParams
-from ..engine.pipeline import SegmentResult, _labels_from_probabilities
+from ..params import FIELD, HEATMAP_KINDS, SegmentParams
+from ..engine.labels import labels_from_probabilities
+from ..engine.pipeline import SegmentResult
 
 
 @dataclass
@@ -81,9 +82,8 @@ def labels_at_threshold(probability: Image, threshold: float, label_values: Sequ
     values = [int(v) for v in label_values]
     fg = np.asarray(probability.array, dtype=np.float32)
     if len(values) == 1:
-        arr = _labels_from_probabilities({values[0]: probability}, fg, float(threshold))
-        return probability.with_array(arr)
-    keep = fg >= float(threshold)
+        return probability.with_array(labels_from_probabilities({values[0]: fg}, float(threshold)))
+    keep = labels_from_probabilities({1: fg}, float(threshold)) > 0  # the rule; which label: below
     prev = np.zeros(fg.shape, np.uint8) if previous is None else np.asarray(previous.array)
     if not prev.any():
         arr = np.where(keep, values[0], 0)
@@ -159,7 +159,7 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
         p["heatmaps"] = tuple(p.get("heatmaps") or ())
         p["threshold"] = float(threshold)
         p["min_lesion_ml"] = run.min_lesion_ml
-        params = SegmentParams(**{k: v for k, v in p.items() if k in SegmentParams.__dataclass_fields__})
+        params = SegmentParams.from_mapping({k: v for k, v in p.items() if k in FIELD})
         extra = {"threshold": float(threshold), "network_grid_shape_kji": s.get("network_grid_shape_kji"),
                  "gradcam_layer": s.get("gradcam_layer"), "cam_method": s.get("cam_method"),
                  "uncertainty_kind": s.get("uncertainty")}

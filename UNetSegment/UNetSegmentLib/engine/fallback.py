@@ -31,10 +31,10 @@ def is_gpu_out_of_memory(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class Attempt:
-    device: object  # torch.device
+    device: str  # "cpu", "cuda:0", "mps"
     precision: str
     batch_size: int
-    fit_window: bool
+    fit_window: bool  # 2D/2.5D fast plan: one fitted window per slice (else training-size windows)
 
 
 def run_with_fallback(run: Callable[[Attempt], T], first: Attempt, cpu_precision: Callable[[], str],
@@ -48,7 +48,7 @@ def run_with_fallback(run: Callable[[Attempt], T], first: Attempt, cpu_precision
         try:
             return run(a), a
         except Exception as exc:  # noqa: BLE001 - only out-of-memory on CUDA is handled, the rest re-raised
-            if getattr(a.device, "type", "cpu") != "cuda" or not is_gpu_out_of_memory(exc):
+            if not str(a.device).startswith("cuda") or not is_gpu_out_of_memory(exc):
                 raise
             _free_cuda_cache()
             if a.batch_size > 1:
@@ -58,9 +58,7 @@ def run_with_fallback(run: Callable[[Attempt], T], first: Attempt, cpu_precision
                 nxt = replace(a, fit_window=False, batch_size=first.batch_size)
                 warnings.append("GPU out of memory with whole-slice windows: retrying with the model's patch size")
             else:
-                import torch
-
-                nxt = Attempt(torch.device("cpu"), cpu_precision(), first.batch_size, first.fit_window)
+                nxt = Attempt("cpu", cpu_precision(), first.batch_size, first.fit_window)
                 on_cpu(a.device)
                 _free_cuda_cache()
                 warnings.append("GPU out of memory even at batch size 1: ran on the CPU instead (slower); "

@@ -1,8 +1,10 @@
 """``segment()``: the one place that knows the order of the stages.
 
-read (caller) → align channels → canonical axes → network grid → normalise → sliding window →
-probabilities back on the input grid → labels. Pure with respect to its inputs: arrays are never
-modified in place, nothing is written to disk (see :mod:`outputs` for that).
+resolve the settings (:func:`.settings.resolve`) → check the inputs → align channels → network grid
+(:mod:`.grid`) → normalise (:mod:`.preprocess`) → plan the windows once (:mod:`.windows`) → sliding
+window (:mod:`.inference`), and Grad-CAM on the same plan (:mod:`.heatmaps`) → maps back on the
+input grid → labels (:mod:`.labels`). Pure with respect to its inputs: arrays are never modified in
+place, nothing is written to disk (see :mod:`..serving.job` for that).
 """
 from __future__ import annotations
 
@@ -12,16 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from .acceleration import default_threads, prepare_network
+from ..errors import InputError
+from ..image import Image
 from ..models.bundle import Bundle
+from ..params import SegmentParams
+from ..settings import RunSettings, resolve
+from .acceleration import prepare_network
 from .checks import check_for_model, check_memory, check_volume
-from ..errors import InputError, UsageError
+from .device import cpu_fallback_precision
 from .fallback import Attempt, run_with_fallback
-from ..image import Image, resample
+from .grid import PROBABILITY_FLOOR, GridMapping
 from .heatmaps import cam_layer_name, entropy_map, gradcam
-from .inference import CancelToken, ProgressFn, resolve_device, resolve_precision, sliding_window
-from ..params import ENGINES, SegmentParams
-from .preprocess import align_inputs, canonical_grid, network_grid, to_network_input
+from .inference import CancelToken, ProgressFn, sliding_window, softmax_predictor, tta_flips, with_mirror_tta
+from .labels import foreground_probability, labels_from_probabilities
+from .preprocess import prepare_inputs
+from .windows import WindowPlan, plan_windows
 
 
 @dataclass
@@ -36,6 +43,7 @@ class SegmentResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    settings: RunSettings | None = None  # what the run used (None for a result read back from files)
 
 
 def segment(
@@ -45,185 +53,154 @@ def segment(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
     network=None,
+    settings: RunSettings | None = None,
 ) -> SegmentResult:
-    """Run ``bundle`` on ``inputs`` (one :class:`Image` per model channel, in the bundle's order)."""
-    params = params or SegmentParams()
-    if params.engine not in ENGINES:
-        raise UsageError(f"unknown engine {params.engine!r}", f"use one of {', '.join(ENGINES)}")
+    """Run ``bundle`` on ``inputs`` (one :class:`Image` per model channel, in the bundle's order).
+
+    ``params``: what the user set (resolved here with :func:`.settings.resolve`), or ``settings``
+    already resolved; ``progress(stage, fraction, message)`` and ``cancel`` as in
+    :func:`.inference.sliding_window`; ``network``: a built network to reuse (else the bundle's)."""
+    s = settings or resolve(params, bundle)
     cancel = cancel or CancelToken()
     report = progress or (lambda stage, frac, msg="": None)
-    names = bundle.channel_names
-    if len(inputs) != len(names):
-        raise InputError(
-            f"model {bundle.name} expects {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}",
-            "give one volume per channel, e.g. " + " ".join(f"{n}=PATH" for n in names),
-        )
     timings: dict[str, float] = {}
     warnings: list[str] = []
     t = time.perf_counter()
-
-    import torch
-
-    device = resolve_device(params.device)
-    precision = resolve_precision(params.precision, device)
-
     report("preprocess", 0.0, "")
-    for img, n, spec in zip(inputs, names, bundle.meta["inputs"]):
-        warnings += check_volume(img, n)
-        warnings += check_for_model(img, n, spec, bundle.dimensions, bundle.meta.get("anatomy"))
-    check_memory(int(np.prod(inputs[0].array.shape)) * len(inputs), 1 + len(bundle.labels))
-    aligned = align_inputs(inputs, names)
-    ref = aligned[0]
-    canon, amap = zip(*(canonical_grid(im) for im in aligned))
-    canon = list(canon)
-    in_plane = bundle.dimensions != "3d"
-    grid = network_grid(canon[0], bundle.meta["target_spacing"], in_plane_only=in_plane)
-    net_grid = grid if grid is not None else canon[0]
-    volume = np.stack([to_network_input(im, c["normalization"], grid) for im, c in zip(canon, bundle.meta["inputs"])])
+    _check_inputs(inputs, bundle, warnings)
+    volume, mapping, aligned = prepare_inputs(inputs, s.model)
     timings["preprocess_s"] = time.perf_counter() - t
     cancel.check()
 
     t = time.perf_counter()
-    if network is None:
-        network = bundle.build_network()
-    spatial_dims = 3 if bundle.dimensions == "3d" else 2
-    fast = params.engine == "fast"
+    runner = _NetworkRunner(network if network is not None else bundle.build_network(), s)
     timings["load_model_s"] = time.perf_counter() - t
-    cam_layer = cam_layer_name(network, bundle.meta, params.gradcam_layer) if "gradcam" in params.heatmaps else None
-    context = int(bundle.meta.get("context_slices", 0)) if bundle.dimensions == "2.5d" else 0
-    overlap = params.overlap if params.overlap is not None else bundle.inference_default("overlap", 0.5)
-    batch_size = params.batch_size or bundle.inference_default("batch_size", 4)
-    threshold = params.threshold if params.threshold is not None else float(bundle.meta["threshold"])
-    nets: dict = {}
+    cam_layer = cam_layer_name(runner.network, bundle.meta, s.gradcam_layer) if "gradcam" in s.heatmaps else None
+    plan = plan_for(volume, s, runner.network)
 
-    def net_on(dev):
-        """The network on ``dev``: weights stay fp32 (autocast runs fp16/bf16 where chosen); the fast engine
-        runs a folded, channels-last copy made there (same layer names, so Grad-CAM hooks it too)."""
-        if dev.type == "cpu":  # the cores really available (affinity, container quota, OMP_NUM_THREADS), or as asked
-            torch.set_num_threads(int(params.threads or default_threads()))
-        if str(dev) not in nets:
-            nets[str(dev)] = prepare_network(network, spatial_dims, dev) if fast else network.to(dev).eval()
-        return nets[str(dev)]
-
-    def release(gpu) -> None:  # before a CPU fallback: nothing of this run stays on the GPU
-        nets.pop(str(gpu), None)
-        if not fast:
-            network.to("cpu")
-
-    def infer(a: Attempt):
+    def infer(a: Attempt) -> np.ndarray:
         t0 = time.perf_counter()
-        out = sliding_window(
-            volume, net_on(a.device), bundle.meta["patch_size"], spatial_dims=spatial_dims, context=context,
-            out_channels=1 + len(bundle.labels), overlap=overlap, batch_size=a.batch_size, device=a.device,
-            precision=a.precision, tta=params.tta, tta_axes=tuple(bundle.inference_default("tta_axes", ["i"])),
-            progress=report, cancel=cancel, return_tta_variance=params.tta,
-            crop_to_content=fast, fit_window=fast and a.fit_window, channels_last=fast,
-        )
+        out = sliding_window(volume, runner.predictor(a), _plan_for(plan, a), batch_size=a.batch_size, device=a.device,
+                             progress=report, cancel=cancel)
         timings["inference_s"] = time.perf_counter() - t0
         return out
 
-    first = Attempt(device, precision, int(batch_size), fast and spatial_dims == 2)
-
-    def cpu_precision() -> str:  # keep what was asked where the CPU has it
-        return params.precision if params.precision in ("fp32", "bf16") else resolve_precision("auto", torch.device("cpu"))
-
-    (probs, tta_var), used = run_with_fallback(infer, first, cpu_precision, warnings, release)
+    first = Attempt(s.device, s.precision, s.batch_size, plan.fitted_windows())
+    fallback_precision = lambda: cpu_fallback_precision(s.precision)  # noqa: E731
+    out, used = run_with_fallback(infer, first, fallback_precision, warnings, runner.release)
+    probs, tta_var = (out[:-1], out[-1]) if s.tta else (out, None)
     cancel.check()
     heat_net: dict[str, np.ndarray] = {}
-    if "gradcam" in params.heatmaps:
-        target = _target_classes(probs, threshold)
-
-        def explain(a: Attempt):
+    if "gradcam" in s.heatmaps:
+        def explain(a: Attempt) -> np.ndarray:
             t0 = time.perf_counter()
-            out = gradcam(
-                volume, net_on(a.device), bundle.meta["patch_size"], target, layer=cam_layer, method=params.cam_method,
-                spatial_dims=spatial_dims, context=context, overlap=overlap, batch_size=a.batch_size, device=a.device,
-                progress=report, cancel=cancel, crop_to_content=fast, fit_window=fast and a.fit_window, channels_last=fast,
-                precision=a.precision,
-            )
+            cam = gradcam(volume, runner.network_on(a.device), _plan_for(plan, a), _explained_channels(probs, s.threshold),
+                          layer=cam_layer, method=s.cam_method, batch_size=a.batch_size, device=a.device,
+                          precision=a.precision, progress=report, cancel=cancel)
             timings["gradcam_s"] = time.perf_counter() - t0
-            return out
+            return cam
 
-        heat_net["gradcam"], _ = run_with_fallback(explain, used, cpu_precision, warnings, release)
-    if "uncertainty" in params.heatmaps:
+        heat_net["gradcam"], _ = run_with_fallback(explain, used, fallback_precision, warnings, runner.release)
+    if "uncertainty" in s.heatmaps:
         # with TTA: 4·variance of the foreground probability across passes (0–1); else normalised entropy
         heat_net["uncertainty"] = np.clip(4.0 * tta_var, 0, 1) if tta_var is not None else entropy_map(probs)
     del volume
 
     t = time.perf_counter()
     report("postprocess", 0.0, "")
-    class_probs = {}
-    for idx, lab in enumerate(bundle.labels, start=1):
-        class_probs[lab["value"]] = _to_input_grid(probs[idx], net_grid, canon[0], amap[0], ref,
-                                                   floor=PROBABILITY_FLOOR if threshold > 2 * PROBABILITY_FLOOR else 0.0)
-    if len(class_probs) == 1:  # one label: P(foreground) is that label's map (no second full-size copy)
-        fg = next(iter(class_probs.values())).array
-    else:
-        fg = np.zeros(ref.array.shape, np.float32)
-        for p in class_probs.values():
-            fg += p.array
-        np.clip(fg, 0.0, 1.0, out=fg)
-    labels = _labels_from_probabilities(class_probs, fg, threshold)
+    result = _on_input_grid(probs, heat_net, mapping, bundle, s)
     timings["postprocess_s"] = time.perf_counter() - t
-    extra: dict[str, Any] = {"threshold": threshold, "overlap": overlap, "batch_size": used.batch_size, "engine": params.engine,
-                             "network_grid_shape_kji": list(net_grid.array.shape)}
-    heatmaps = {k: _to_input_grid(v, net_grid, canon[0], amap[0], ref) for k, v in heat_net.items()}
-    if "uncertainty" in heatmaps:
-        extra["uncertainty_kind"] = "tta_variance (4·variance of P(lesion) across mirror passes, 0–1)" if tta_var is not None \
-            else "predictive_entropy (of the blended class probabilities, normalised by log(classes), 0–1)"
-    if "gradcam" in heatmaps:
-        extra["gradcam_layer"] = cam_layer
-        extra["cam_method"] = params.cam_method
+    result.inputs, result.device, result.precision = aligned, str(used.device), used.precision
+    result.timings, result.warnings = timings, warnings
+    result.extra.update({"batch_size": used.batch_size, "network_grid_shape_kji": list(mapping.network.shape_kji)})
+    if "gradcam" in result.heatmaps:
+        result.extra.update({"gradcam_layer": cam_layer, "cam_method": s.cam_method})
+    if "uncertainty" in result.heatmaps:
+        result.extra["uncertainty_kind"] = ("tta_variance (4·variance of P(lesion) across mirror passes, 0–1)" if tta_var is not None
+                                            else "predictive_entropy (of the blended class probabilities, normalised by log(classes), 0–1)")
     report("done", 1.0, "")
+    return result
+
+
+def plan_for(volume: np.ndarray, settings: RunSettings, network) -> WindowPlan:
+    """The run's window plan on ``volume`` (network grid), for ``network``'s pooling factor."""
+    m = settings.model
+    return plan_windows(volume, spatial_dims=m.spatial_dims, patch=m.patch, context=m.context, overlap=settings.overlap,
+                        fast=settings.fast, size_divisor=int(getattr(network, "size_divisor", 16)))
+
+
+def _check_inputs(inputs: list[Image], bundle: Bundle, warnings: list[str]) -> None:
+    """Refuse inputs the model cannot take; one line per warning about those it can."""
+    names = bundle.channel_names
+    if len(inputs) != len(names):
+        raise InputError(
+            f"model {bundle.name} expects {len(names)} input(s) ({', '.join(names)}), got {len(inputs)}",
+            "give one volume per channel, e.g. " + " ".join(f"{n}=PATH" for n in names),
+        )
+    for img, n, spec in zip(inputs, names, bundle.meta["inputs"]):
+        warnings += check_volume(img, n)
+        warnings += check_for_model(img, n, spec, bundle.dimensions, bundle.meta.get("anatomy"))
+    check_memory(int(np.prod(inputs[0].array.shape)) * len(inputs), 1 + len(bundle.labels))
+
+
+def _plan_for(plan: WindowPlan, attempt: Attempt) -> WindowPlan:
+    """The plan an attempt runs: after a GPU ran out of memory with fitted windows, the training-size ones."""
+    return plan if attempt.fit_window else plan.without_fitted_windows()
+
+
+class _NetworkRunner:
+    """The network on each device a run tries (weights stay fp32; autocast runs fp16/bf16 where chosen).
+    The fast engine runs a folded, channels-last copy made there (same layer names, so Grad-CAM hooks it too)."""
+
+    def __init__(self, network, settings: RunSettings):
+        self.network, self.settings = network, settings
+        self._on: dict[str, Any] = {}
+
+    def network_on(self, device: str):
+        import torch
+
+        if device == "cpu":  # the cores really available (affinity, container quota, OMP_NUM_THREADS), or as asked
+            torch.set_num_threads(int(self.settings.threads or 1))
+        if device not in self._on:
+            dims = self.settings.model.spatial_dims
+            self._on[device] = (prepare_network(self.network, dims, device) if self.settings.fast
+                                else self.network.to(device).eval())
+        return self._on[device]
+
+    def predictor(self, attempt: Attempt):
+        """Softmax of the network on the attempt's device and precision; with TTA, mirrored and averaged."""
+        s = self.settings
+        p = softmax_predictor(self.network_on(attempt.device), s.model.out_channels, attempt.precision)
+        return with_mirror_tta(p, tta_flips(s.model.spatial_dims, s.model.tta_axes)) if s.tta else p
+
+    def release(self, gpu: str) -> None:
+        """Before a CPU fallback: nothing of this run stays on the GPU."""
+        self._on.pop(gpu, None)
+        if not self.settings.fast:
+            self.network.to("cpu")
+
+
+def _explained_channels(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Per voxel of the network grid, the output channel Grad-CAM explains: that of the voxel's label
+    by the threshold rule (:func:`.labels.labels_from_probabilities`), 0 where it is background."""
+    return labels_from_probabilities({c: probs[c] for c in range(1, probs.shape[0])}, threshold)
+
+
+def _on_input_grid(probs: np.ndarray, heat_net: dict[str, np.ndarray], mapping: GridMapping, bundle: Bundle,
+                   s: RunSettings) -> SegmentResult:
+    """Class probabilities and heatmaps brought back to the input grid, and the labels there."""
+    floor = PROBABILITY_FLOOR if s.threshold > 2 * PROBABILITY_FLOOR else 0.0
+    class_probs = {lab["value"]: mapping.to_input(probs[idx], floor=floor) for idx, lab in enumerate(bundle.labels, start=1)}
+    arrays = {v: im.array for v, im in class_probs.items()}
+    fg = foreground_probability(arrays)
+    labels = labels_from_probabilities(arrays, s.threshold, fg)
+    ref = mapping.reference
     return SegmentResult(
         labels=Image(labels, ref.ijk_to_ras),
         probability=Image(fg, ref.ijk_to_ras),
         class_probabilities=class_probs,
-        heatmaps=heatmaps,
-        inputs=aligned,
-        device=str(used.device),
-        precision=used.precision,
-        timings=timings,
-        warnings=warnings,
-        extra=extra,
+        heatmaps={k: mapping.to_input(v) for k, v in heat_net.items()},
+        inputs=[], device="", precision="",
+        extra={"threshold": s.threshold, "overlap": s.overlap, "engine": s.engine},
+        settings=s,
     )
-
-
-def _target_classes(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Output channel to explain per voxel: the most probable foreground class where P(fg) ≥ threshold, else 0."""
-    fg = (1.0 - probs[0]) >= threshold
-    if probs.shape[0] == 2:
-        return fg.astype(np.uint8)
-    return np.where(fg, 1 + np.argmax(probs[1:], axis=0), 0).astype(np.int16)
-
-
-#: map values below this are reported as 0: far under any threshold and any visible colour, and the
-#: stored probability.nrrd of a 512×512×300 CT shrinks from 178 MB of float noise to a few MB
-PROBABILITY_FLOOR = 1e-3
-
-
-def _to_input_grid(arr: np.ndarray, net_grid: Image, canon_ref: Image, amap, ref: Image, floor: float = PROBABILITY_FLOOR) -> Image:
-    """Probability on the network grid → canonical input grid (linear) → input axes (exact).
-
-    One full-size float32 array per map at the end (clipped in place), never float64; values below
-    ``floor`` become 0."""
-    src = arr
-    if arr.shape != canon_ref.array.shape or not np.allclose(net_grid.ijk_to_ras, canon_ref.ijk_to_ras, atol=1e-6):
-        arr = resample(Image(arr, net_grid.ijk_to_ras), canon_ref.array.shape, canon_ref.ijk_to_ras, order=1, fill=0.0).array
-    out = np.ascontiguousarray(amap.invert(arr), dtype=np.float32)
-    if np.shares_memory(out, src):
-        out = out.copy()
-    np.clip(out, 0.0, 1.0, out=out)
-    if floor > 0:
-        out[out < floor] = 0.0
-    return Image(out, ref.ijk_to_ras)
-
-
-def _labels_from_probabilities(class_probs: dict[int, Image], fg: np.ndarray, threshold: float) -> np.ndarray:
-    """Foreground where P(not background) ≥ threshold; among labels, the most probable."""
-    values = list(class_probs)
-    if len(values) == 1:
-        return (fg >= threshold).astype(np.uint8) * np.uint8(values[0])
-    stack = np.stack([class_probs[v].array for v in values])
-    best = np.asarray(values, np.uint8)[np.argmax(stack, axis=0)]
-    return np.where(fg >= threshold, best, 0).astype(np.uint8)

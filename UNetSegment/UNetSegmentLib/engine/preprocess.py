@@ -1,140 +1,38 @@
-"""Bring input volumes to the network's grid and intensity scale, as the bundle declares.
+"""What the network sees: each channel normalised as the bundle declares, on the network grid.
 
-Steps (each a pure function):
-1. :func:`align_inputs` — resample channels 2..n onto the first channel's grid in physical space.
-2. :func:`canonical_grid` — permute/flip array axes (no interpolation) so that i points to patient
-   left, j to posterior and k to superior as nearly as the directions allow. Oblique and
-   gantry-tilted inputs keep their residual rotation: nearest axis, no through-plane up-sampling.
-3. :func:`network_grid` — resample to the bundle's target spacing (in-plane only for 2D/2.5D).
-4. :func:`normalize` — CT window / z-score per channel.
+:func:`network_input` is the one definition of the network's input, shared by inference, training
+and the benchmarks: canonical axes and grid from :mod:`.grid`, intensities from :func:`normalize`
+(CT window, z-score per channel).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..image import Image, make_ijk_to_ras, resample
-
-#: canonical RAS direction of the i, j, k axes: i → left (−R), j → posterior (−A), k → superior
-CANONICAL_AXES = np.array([-1.0, -1.0, 1.0])
-#: skip resampling when the spacing is already within this fraction of the target
-SPACING_TOLERANCE = 0.01
-#: refuse inputs whose physical overlap with the first channel is below this fraction
-MIN_OVERLAP_FRACTION = 0.5
+from ..image import Image
+from ..settings import ModelSettings
+from .grid import GridMapping, align_inputs, map_grid
 
 
-@dataclass(frozen=True)
-class AxisMap:
-    """How a canonical array relates to the source array: ``canon = np.flip(src.transpose(perm), flips)``."""
-
-    perm: tuple[int, int, int]  # array axes (k, j, i order) of the source, in canonical array order
-    flips: tuple[int, ...]  # canonical array axes that were flipped
-
-    def apply(self, arr: np.ndarray) -> np.ndarray:
-        lead = arr.ndim - 3
-        axes = tuple(range(lead)) + tuple(lead + p for p in self.perm)
-        out = arr.transpose(axes)
-        if self.flips:
-            out = np.flip(out, axis=tuple(lead + f for f in self.flips))
-        return out
-
-    def invert(self, arr: np.ndarray) -> np.ndarray:
-        lead = arr.ndim - 3
-        if self.flips:
-            arr = np.flip(arr, axis=tuple(lead + f for f in self.flips))
-        inv = np.argsort(self.perm)
-        return arr.transpose(tuple(range(lead)) + tuple(lead + int(p) for p in inv))
+class PreparedInputs(NamedTuple):
+    volume: np.ndarray  # the network's input [C, K, J, I], float32
+    mapping: GridMapping  # the way back to the input grid
+    aligned: list[Image]  # the inputs on the first one's grid (for intensity statistics)
 
 
-def canonical_grid(image: Image) -> tuple[Image, AxisMap]:
-    """Reorient by axis permutation and flips only; returns the new image and the map back."""
-    d = image.direction  # columns: i, j, k directions in RAS
-    # assign each RAS axis (R, A, S) the voxel axis most aligned with it (greedy on |cos|)
-    score = np.abs(d).copy()  # score[ras_axis, voxel_axis]
-    ras_for_voxel = [-1, -1, -1]
-    for _ in range(3):
-        r, v = np.unravel_index(np.argmax(score), score.shape)
-        ras_for_voxel[v] = r
-        score[r, :] = -1
-        score[:, v] = -1
-    voxel_for_ras = [ras_for_voxel.index(r) for r in range(3)]  # canonical i<-R axis, j<-A axis, k<-S axis
-    # canonical array order is (k, j, i) = (S, A, R) voxel axes; source array axis of voxel axis v is 2 - v
-    perm = tuple(2 - voxel_for_ras[r] for r in (2, 1, 0))
-    m = image.ijk_to_ras
-    new = np.eye(4)
-    flips = []
-    shape_kji = image.array.shape[-3:]
-    origin_ijk = np.zeros(3)
-    for c_axis, r in enumerate((0, 1, 2)):  # canonical i, j, k
-        v = voxel_for_ras[r]
-        col = m[:3, v].copy()
-        if np.sign(col[r]) != CANONICAL_AXES[r]:
-            col = -col
-            flips.append(2 - c_axis)  # canonical array axis index of canonical voxel axis c_axis
-            origin_ijk[v] = shape_kji[2 - v] - 1
-        new[:3, c_axis] = col
-    new[:3, 3] = (m @ np.append(origin_ijk, 1.0))[:3]
-    amap = AxisMap(perm=perm, flips=tuple(sorted(flips)))
-    return Image(amap.apply(image.array), new), amap
+def prepare_inputs(images: Sequence[Image], model: ModelSettings) -> PreparedInputs:
+    """Channels (one per model input, in order) → what the network sees: aligned on the first channel,
+    canonical axes, the model's spacing, normalised; with the mapping that brings results back."""
+    aligned = align_inputs(list(images), list(model.channels))
+    mapping = map_grid(aligned[0], model.target_spacing, model.in_plane_only)
+    return PreparedInputs(network_input(aligned, mapping, model.normalizations), mapping, aligned)
 
 
-def align_inputs(images: list[Image], names: list[str]) -> list[Image]:
-    """Resample every channel onto the first one's grid; refuse channels that barely overlap it."""
-    ref = images[0]
-    out = [ref]
-    for img, name in zip(images[1:], names[1:]):
-        if img.same_grid(ref, atol=1e-4):
-            out.append(img)
-            continue
-        frac = _overlap_fraction(ref, img)
-        if frac < MIN_OVERLAP_FRACTION:
-            raise InputError(
-                f"input {name} covers only {frac:.0%} of {names[0]}'s volume in physical space",
-                "give co-registered series of the same patient and session (register them first)",
-            )
-        out.append(resample(img, ref.array.shape, ref.ijk_to_ras, order=1, fill=float(np.min(img.array))))
-    return out
-
-
-def _overlap_fraction(ref: Image, other: Image) -> float:
-    """Fraction of ref's voxel-centre bounding box that falls inside ``other`` (sampled on a coarse grid)."""
-    i, j, k = (np.linspace(0, s - 1, 9) for s in ref.shape_ijk)
-    pts = np.stack(np.meshgrid(i, j, k, indexing="ij"), -1).reshape(-1, 3)
-    ijk = other.ras_to_ijk_points(ref.ijk_to_ras_points(pts))
-    size = np.array(other.shape_ijk)
-    inside = np.all((ijk >= -0.5) & (ijk <= size - 0.5), axis=1)
-    return float(inside.mean())
-
-
-def network_grid(image: Image, target_spacing, in_plane_only: bool) -> Image | None:
-    """The grid (same directions and physical extent) at the target spacing, or None if already there."""
-    sp = image.spacing
-    tgt = np.asarray(target_spacing, dtype=np.float64)
-    if in_plane_only:
-        tgt = np.array([tgt[0], tgt[1], sp[2]])
-    if np.all(np.abs(sp / tgt - 1) <= SPACING_TOLERANCE):
-        return None
-    shape_ijk = np.array(image.shape_ijk)
-    extent = shape_ijk * sp  # from outer edge to outer edge
-    new_shape = np.maximum(1, np.round(extent / tgt)).astype(int)
-    new_sp = extent / new_shape
-    # keep the outer edges: the first voxel centre moves by half the spacing difference
-    first = image.ijk_to_ras_points(np.full(3, -0.5))[0] + image.direction @ (new_sp / 2)
-    m = make_ijk_to_ras(new_sp, image.direction, first)
-    return Image(np.zeros(tuple(new_shape[::-1]), np.uint8), m)
-
-
-def to_network_input(canon: Image, spec: dict, grid: Image | None) -> np.ndarray:
-    """One channel on canonical axes → normalised float32 on the network grid (``grid`` None: already there).
-
-    The one definition of what the network sees, shared by inference, training and the benchmark.
-    """
-    x = normalize(canon.array, spec)
-    if grid is not None:
-        x = resample(Image(x, canon.ijk_to_ras), grid.array.shape, grid.ijk_to_ras, order=1, fill=float(x.min())).array
-    return x
+def network_input(images: Sequence[Image], mapping: GridMapping, normalizations: Sequence[dict]) -> np.ndarray:
+    """The channels (on ``mapping``'s reference grid) as the network's float32 input [C, K, J, I]."""
+    return np.stack([mapping.to_network(normalize(mapping.to_canonical(im).array, spec))
+                     for im, spec in zip(images, normalizations)])
 
 
 def normalize(array: np.ndarray, spec: dict) -> np.ndarray:

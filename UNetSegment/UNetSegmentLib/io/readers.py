@@ -339,8 +339,18 @@ def _slice_step(img, files, folder: Path) -> np.ndarray | None:
     return None
 
 
-def is_volume_path(p: Path) -> bool:
-    return p.is_dir() or p.name.lower().endswith(VOLUME_SUFFIXES)
+def quiet_itk() -> None:
+    """Turn off ITK's own warnings (e.g. GDCM on a folder without DICOM), process-wide.
+
+    They go straight to stderr (interleaved across the workers of a cohort) and repeat what our
+    one-line errors, or a case's error row, already say.
+    """
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    except ImportError:
+        pass
 
 
 # --- DICOM references per slice ------------------------------------------------------------------

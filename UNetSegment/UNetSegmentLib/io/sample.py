@@ -45,7 +45,7 @@ import numpy as np
 from ..models.bundle import sha256_file
 from ..errors import InputError, OutputError
 from ..image import Image, make_ijk_to_ras
-from .writers import new_shared_file
+from .writers import write_image
 
 PACKAGE = "invesalius-examples"
 PACKAGE_VERSION = "3.1.99998-4"
@@ -227,24 +227,11 @@ def _inv3_from_deb(deb: Path, workdir: Path) -> Path:
 
 
 def _write_nifti_atomic(image: Image, out: Path) -> None:
-    import SimpleITK as sitk
-
-    from ..image import to_sitk
-
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = str(new_shared_file(out.parent, ".head_ct.", ".nii.gz"))
+        write_image(image, out)  # atomic, 0666 & ~umask
     except OSError as exc:
         raise OutputError(f"cannot write in {out.parent}: {exc}", "set UNETSEGMENT_CACHE or pass cache_dir") from exc
-    try:
-        sitk.WriteImage(to_sitk(image), tmp, True)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # --- orientation check ----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Write :class:`Image` volumes, Slicer ``.seg.nrrd`` segmentations and JSON, each atomically.
+"""Write :class:`Image` volumes, Slicer ``.seg.nrrd`` segmentations, JSON and text, each atomically.
 
 Atomic: the data goes to a temporary file in the destination folder, then ``os.replace`` moves it
-into place, so a reader never sees a half-written file.
+into place, so a reader never sees a half-written file. :func:`atomic_path` is the package's one
+temporary-file-and-rename helper (files get the mode a plain ``open()`` gives, 0666 & ~umask);
+:func:`atomic_output` and :func:`write_text` add the one-line :class:`.OutputError`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import OutputError
+from .jsonable import json_default
 from ..image import Image, to_sitk
 
 
@@ -53,6 +57,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`atomic_path` for a result file: an ``OSError`` (folder missing, read-only, disk full)
+    becomes an :class:`.OutputError` naming the file and the fix."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e}", "check that the folder exists and is writable") from e
+
+
+def write_text(path: str | os.PathLike, text: str) -> str:
+    """Write ``text`` to ``path`` atomically as UTF-8, line ends as given; return ``path`` as a string."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    return os.fspath(path)
+
+
 DETACHED_HEADER_SUFFIXES = (".mhd", ".nhdr")
 
 
@@ -86,17 +109,7 @@ def write_image(image: Image, path: str | os.PathLike, compress: bool = True) ->
 
 def write_json(obj, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+        tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n", encoding="utf-8")
 
 
 def write_seg_nrrd(labels: Image, segments: Sequence[dict], path: str | os.PathLike) -> None:

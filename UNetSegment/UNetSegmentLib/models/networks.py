@@ -75,6 +75,11 @@ class ConvBlock(nn.Module):
                 else nn.Sequential(conv(in_ch, out_ch, kernel_size=1, bias=bias), _norm(norm, dims, out_ch))
             )
 
+    @staticmethod
+    def conv_norm_pairs() -> tuple[tuple[str, str], ...]:
+        """The conv → norm pairs inference may fold into one convolution (:func:`.engine.acceleration.fold_batchnorm`)."""
+        return (("conv1", "norm1"), ("conv2", "norm2"))
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.act(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(self.drop(y)))

@@ -7,24 +7,25 @@ import platform
 import time
 import uuid
 from pathlib import Path
-
-import numpy as np
 from typing import Sequence
 
+import numpy as np
+
 from .. import __version__
-from ..models.bundle import Bundle, default_model_name, load_bundle
-from ..errors import InputError, OutputError, UsageError
-from ..engine.inference import CancelToken, ProgressFn, resolve_device, resolve_precision
-from ..engine.checks import check_memory
-from ..io.readers import HeaderCheck, VolumeHeader, dicom_slice_refs, read_image
 from ..analysis.lesions import analyze_lesions, split_small_lesions
-from ..io.dicom_seg import write_dicom_seg
-from ..io.writers import write_image, write_json, write_seg_nrrd
-from ..io.outputs import StagedOutput, file_digests
 from ..analysis.report import percentile_window, render_report
-from ..models.terminology import label_codes, label_terminology
-from ..params import HEATMAP_KINDS, SegmentParams
+from ..engine.checks import check_memory
+from ..engine.inference import CancelToken, ProgressFn
 from ..engine.pipeline import SegmentResult, segment
+from ..errors import InputError, OutputError, UsageError
+from ..io.dicom_seg import write_dicom_seg
+from ..io.outputs import StagedOutput, file_digests
+from ..io.readers import HeaderCheck, VolumeHeader, dicom_slice_refs, read_image
+from ..io.writers import write_image, write_json, write_seg_nrrd
+from ..models.bundle import Bundle, default_model_name, load_bundle
+from ..models.terminology import label_codes, label_terminology
+from ..params import SegmentParams
+from ..settings import RunSettings, resolve
 
 
 def map_inputs(tokens: Sequence[str], channels: Sequence[str]) -> list[Path]:
@@ -71,12 +72,9 @@ def segment_files(
 ) -> dict:
     """Read inputs, segment, write the contract's files atomically; returns the summary dict."""
     params = params or SegmentParams()
-    bad = [h for h in params.heatmaps if h not in HEATMAP_KINDS]
-    if bad:
-        raise UsageError(f"unknown heatmap kind {bad[0]!r}", f"use {', '.join(HEATMAP_KINDS)} or none")
     t_all = time.perf_counter()
-    resolve_precision(params.precision, resolve_device(params.device))  # refuse a bad device before any work
     bundle = load_bundle(model or default_model_name())
+    settings = resolve(params, bundle)  # once; a bad device is refused here, before any voxel is read
     paths = map_inputs(inputs, bundle.channel_names)
     t = time.perf_counter()
     budget = _memory_budget(len(paths), 1 + len(bundle.labels))
@@ -84,7 +82,7 @@ def segment_files(
     t_read = time.perf_counter() - t
     stage = StagedOutput(output_dir, overwrite)
     stage.check()  # refuse before the heavy work
-    result = segment(images, bundle, params, progress=progress, cancel=cancel)
+    result = segment(images, bundle, progress=progress, cancel=cancel, settings=settings)
     result.timings = {"read_s": t_read, **result.timings}
     # a stop asked after the last window is honoured too (exit 130, no outputs), not silently ignored
     if cancel is not None:
@@ -120,8 +118,10 @@ def _memory_budget(n_inputs: int, n_classes: int) -> HeaderCheck:
 def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: SegmentParams, paths: Sequence[Path]) -> dict:
     """Write every volume/table/report of one result into ``folder``; return the summary dict."""
     t = time.perf_counter()
-    min_ml = resolved_min_lesion_ml(params, bundle)
-    ref, dropped_ml = split_small_lesions(result.labels, min_ml, params.connectivity)
+    settings = result.settings or resolve(params, bundle, hardware=False)
+    min_ml, connectivity = settings.min_lesion_ml, settings.connectivity
+    used = used_parameters(params, settings, result)
+    ref, dropped_ml = split_small_lesions(result.labels, min_ml, connectivity)
     show = display_channel(bundle)  # the channel a reader expects (e.g. Tmax): report and intensity columns
     dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
     table = analyze_lesions(
@@ -129,7 +129,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
         intensity=result.inputs[show],
         probability=result.class_probabilities,
         label_names={l["value"]: l["name"] for l in bundle.labels},
-        connectivity=params.connectivity,
+        connectivity=connectivity,
         min_lesion_ml=min_ml,
         modality=bundle.meta["inputs"][show]["modality"],
         intensity_channel=bundle.channel_names[show],
@@ -172,14 +172,13 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
         created=created,
         window=display_window(bundle, result.inputs[show]),
         label_colors={l["value"]: tuple(l["color"]) for l in bundle.labels},
-        parameters={**params.as_dict(), "threshold": result.extra.get("threshold"), "min_lesion_ml": min_ml},
+        parameters=used,
         modality=bundle.meta["inputs"][show]["modality"],
         intensity_label=_intensity_label(bundle, show),
     )
     timings = dict(result.timings)
     timings["write_s"] = time.perf_counter() - t
-    summary = build_summary(result, bundle, params, paths, timings, created)
-    summary["parameters"]["min_lesion_ml"] = min_ml  # the value used, like threshold (None meant "the model's")
+    summary = build_summary(result, bundle, used, paths, timings, created)
     summary.update(table.summary_dict())
     summary["segments"] = [{"value": s["value"], "name": s["name"], "category": s["category"], "code": s["code"],
                             "terminology": s["terminology"]} for s in segments]
@@ -235,14 +234,15 @@ def _dicom_refs(labels, path, warnings: list[str]) -> list | None:
         return None
 
 
-def resolved_min_lesion_ml(params: SegmentParams, bundle: Bundle) -> float:
-    """The minimum lesion size a run uses: the parameter, else the model's default, else 0."""
-    if params.min_lesion_ml is not None:
-        return float(params.min_lesion_ml)
-    return float(bundle.inference_default("min_lesion_ml", 0.0) or 0.0)
+def used_parameters(params: SegmentParams, settings: RunSettings, result: SegmentResult) -> dict:
+    """The parameters as the summary and the report state them: what was asked, with every "model's
+    default" replaced by the value used (threshold, overlap, batch size, minimum lesion size, TTA)."""
+    return {**params.as_dict(), "threshold": settings.threshold, "overlap": settings.overlap,
+            "batch_size": result.extra.get("batch_size", settings.batch_size), "min_lesion_ml": settings.min_lesion_ml,
+            "tta": settings.tta}
 
 
-def build_summary(result: SegmentResult, bundle: Bundle, params: SegmentParams, paths: Sequence[Path], timings: dict,
+def build_summary(result: SegmentResult, bundle: Bundle, parameters: dict, paths: Sequence[Path], timings: dict,
                   created: str) -> dict:
     ref = result.labels
     return {
@@ -262,7 +262,7 @@ def build_summary(result: SegmentResult, bundle: Bundle, params: SegmentParams, 
         "model": {"name": bundle.name, "version": bundle.version, "path": str(bundle.root), "dimensions": bundle.dimensions},
         "device": result.device,
         "precision": result.precision,
-        "parameters": {**params.as_dict(), **{k: result.extra[k] for k in ("threshold", "overlap", "batch_size") if k in result.extra}},
+        "parameters": parameters,
         "network_grid_shape_kji": result.extra.get("network_grid_shape_kji"),
         "host": {"python": platform.python_version(), "machine": platform.machine()},
         "heatmaps": {k: f"{k}.nrrd" for k in result.heatmaps},

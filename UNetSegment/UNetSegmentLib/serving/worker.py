@@ -39,6 +39,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import CancelledError, UNetSegmentError, UsageError
 from ..engine.fallback import is_out_of_memory
+from ..io.jsonable import json_default
 from ..params import SegmentParams
 
 # Nothing imported at module level may start threads (numpy's BLAS pool does): main() must block
@@ -62,7 +63,7 @@ class Emitter:
         self.final_sent = False
 
     def emit(self, event: str, final: bool = False, **fields) -> bool:
-        line = json.dumps({"event": event, **fields}, default=_json_default)
+        line = json.dumps({"event": event, **fields}, default=json_default)
         with self.lock:
             if self.final_sent:
                 return False
@@ -71,21 +72,6 @@ class Emitter:
             if final:
                 self.final_sent = True
         return True
-
-
-def _json_default(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 class ProgressReporter:
@@ -224,13 +210,11 @@ def read_request(path: str | os.PathLike) -> dict:
 
 
 def params_from_request(d: dict | None) -> SegmentParams:
-    d = dict(d or {})
-    unknown = sorted(set(d) - set(SegmentParams.__dataclass_fields__))
-    if unknown:
-        raise UsageError(f"unknown parameter(s) {', '.join(unknown)} in the request", "use SegmentParams field names")
-    if "heatmaps" in d:
-        d["heatmaps"] = tuple(d["heatmaps"] or ())
-    return SegmentParams(**d)
+    """The request's ``params`` (JSON values, e.g. :meth:`.SegmentParams.as_dict`), validated;
+    :class:`UsageError` names an unknown parameter or a bad value."""
+    if d is not None and not isinstance(d, dict):
+        raise UsageError(f"the request's params is {type(d).__name__}, not an object", "give params as a JSON object")
+    return SegmentParams.from_mapping(d or {})
 
 
 _SIGTERM_BLOCKED = False

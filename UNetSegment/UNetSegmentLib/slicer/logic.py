@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..image import Image
 from ..io.writers import write_image
 from ..serving.job import display_channel
-from ..engine.preprocess import align_inputs
+from ..engine.grid import align_inputs
 from ..analysis.lesions import LesionTable
 from ..params import SegmentParams
 from ..analysis.rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
@@ -80,6 +80,18 @@ class RunResult:
         return align_inputs(self.inputs, self.bundle.channel_names)[show] if show else self.inputs[0]
 
 
+@dataclass(frozen=True)
+class PendingRun:
+    """A started run until its worker ends: what loading its outputs (or cleaning up) needs."""
+
+    request: RunRequest
+    bundle: Bundle
+    images: list[Image]  # the inputs as read from the scene
+    paths: list[str]  # where they were written for the worker
+    box: Box | None  # the ROI's box on the first input's grid (its file is that crop)
+    work: Path  # the run's temporary folder
+
+
 class SegmentationLogicProtocol(Protocol):
     """What the panel needs from a logic (tests hand it a fake)."""
 
@@ -124,7 +136,7 @@ class SegmentationLogic:
         self.server_process_factory = server_process_factory or ServerProcess
         self._dependency_check = dependency_check
         self._bundles: dict[str, Bundle] = {}
-        self._pending = None
+        self._pending: PendingRun | None = None
         self._process: ProcessProtocol | None = None
         self._done_event: dict | None = None
         self._error_event: dict | None = None
@@ -189,7 +201,7 @@ class SegmentationLogic:
         req = {"inputs": paths, "output_dir": str(out), "model": str(bundle.root), "params": request.params.as_dict(),
                "overwrite": False, "stop_file": str(stop)}
         (work / "request.json").write_text(json.dumps(req, indent=2), encoding="utf-8")
-        self._pending = (request, bundle, images, paths, box, work)
+        self._pending = PendingRun(request, bundle, images, paths, box, work)
         self._done_event = self._error_event = None
         self._cancel_requested = False
         self.log("info", f"starting {bundle.name} on {', '.join(n.GetName() for n in nodes)}"
@@ -226,23 +238,22 @@ class SegmentationLogic:
     def _on_finished(self, code: int) -> None:
         pending, self._pending = self._pending, None
         self._process = None
-        request, bundle, images, paths, box, work = pending
         if self._cancel_requested or (self._error_event or {}).get("kind") == "CancelledError":
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(pending.work, ignore_errors=True)
             self.log("info", "cancelled; the scene was not changed")
             self.cancelled()
             return
         if self._done_event is None:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(pending.work, ignore_errors=True)
             ev = self._error_event or {"kind": "InternalError", "exit_code": code,
                                        "message": f"the worker exited with status {code} without a result"}
             self.log("error", ev.get("message", ""))
             self.failed(ev)
             return
         try:
-            result = self._load(request, bundle, images, paths, box, work, Path(self._done_event["output_dir"]))
+            result = self._load(pending, Path(self._done_event["output_dir"]))
         except Exception as e:  # noqa: BLE001 - shown to the user as one error
-            ev = error_event(e, request.params.device)
+            ev = error_event(e, pending.request.params.device)
             self.log("error", ev["message"])
             self.failed(ev)
             return
@@ -253,16 +264,17 @@ class SegmentationLogic:
         self.finished(result)
 
     # --- loading into the scene ---------------------------------------------------------------
-    def _load(self, request, bundle, images, paths, box, work, out_dir) -> RunResult:
+    def _load(self, pending: PendingRun, out_dir: Path) -> RunResult:
         run = load_run(out_dir)
-        full = images[0]
+        full, box = pending.images[0], pending.box
         if box is not None:  # put the ROI run back on the input's grid
             run = dataclasses.replace(
                 run, labels=uncrop(run.labels, full, box), probability=uncrop(run.probability, full, box),
                 heatmaps={k: uncrop(v, full, box) for k, v in run.heatmaps.items()})
-        result = RunResult(request, bundle, run, images, paths, work, box, threshold=run.threshold, summary=run.summary)
+        result = RunResult(pending.request, pending.bundle, run, pending.images, pending.paths, pending.work, box,
+                           threshold=run.threshold, summary=run.summary)
         if box is not None:  # the worker's table indexes the crop: measure again on the full grid
-            derived = rederive_run(run, bundle, run.threshold, intensity=result.intensity_image)
+            derived = rederive_run(run, pending.bundle, run.threshold, intensity=result.intensity_image)
             labels, lesions = derived.labels, derived.table
         else:
             labels, lesions = run.labels, table_from_summary(run.summary)

@@ -2,8 +2,9 @@
 
 :class:`Panel` gets the ``ui`` namespace (``slicer.util.childWidgetVariables``), a logic that
 follows :class:`~.logic.SegmentationLogicProtocol` and a :class:`Dialogs`; tests pass fakes for
-the last two. Run parameters, their defaults and tooltips come from the core's
-:class:`~UNetSegmentLib.params.SegmentParams`/``HELP`` (the CLI's flags) and the model card.
+the last two. Run parameters come from the core's one definition: tooltips and choices from
+:data:`~UNetSegmentLib.params.FIELD` (the CLI's flags), the model's defaults from
+:func:`~UNetSegmentLib.settings.resolve` (what the CLI uses when a flag is not given).
 "Run on" (this computer or a server URL with an optional token file) is kept in ``qt.QSettings``.
 """
 from __future__ import annotations
@@ -13,17 +14,21 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import UNetSegmentError
-from ..engine.inference import PRECISIONS
+from ..errors import UNetSegmentError, UsageError
 from ..io.outputs import CONTRACT_FILES
 from ..engine.acceleration import usable_cores
-from ..params import HEATMAP_KINDS, HELP, SegmentParams
+from ..params import FIELD, HEATMAP_KINDS, SegmentParams
+from ..settings import resolve
 from ..serving.worker import STAGES, error_event
 from . import install
 from .logic import RunRequest, RunResult, SegmentationLogicProtocol
 
+#: the device combo's items (the device field takes any of auto, cpu, mps, cuda, cuda:N)
 DEVICES = ("auto", "cpu", "cuda", "mps")
-CONNECTIVITIES = (26, 6)
+#: run parameter → the panel widget that sets it (``ui`` attribute); heatmaps: one check box per kind
+PARAMETER_WIDGETS = {"device": "deviceComboBox", "precision": "precisionComboBox", "threshold": "thresholdSlider",
+                     "min_lesion_ml": "minLesionSpinBox", "connectivity": "connectivityComboBox",
+                     "overlap": "overlapSlider", "tta": "ttaCheckBox"}
 LIVE_THRESHOLD_DELAY_MS = 150
 #: surfaces left out while the live-threshold slider moved are rebuilt once it rests this long
 LIVE_SURFACES_DELAY_MS = 1000
@@ -76,6 +81,14 @@ def guess_channel_volumes(channels: Sequence[str], volumes: Sequence) -> list:
             used.add(id(match))
         chosen.append(match)
     return chosen
+
+
+def fill_combo(combo, items: Sequence[str], current: str) -> None:
+    """Replace a combo box's items and select ``current``."""
+    combo.clear()
+    for it in items:
+        combo.addItem(it)
+    combo.setCurrentIndex(list(items).index(current))
 
 
 class Dialogs:
@@ -199,25 +212,16 @@ class Panel:
     # --- setup --------------------------------------------------------------------------------
     def _setup_controls(self) -> None:
         ui, d = self.ui, SegmentParams()
-        for combo, items, value in ((ui.deviceComboBox, DEVICES, d.device), (ui.precisionComboBox, PRECISIONS, d.precision),
-                                    (ui.connectivityComboBox, [str(c) for c in CONNECTIVITIES], str(d.connectivity))):
-            combo.clear()
-            for it in items:
-                combo.addItem(it)
-            combo.setCurrentIndex(list(items).index(value))
-        ui.deviceComboBox.toolTip = HELP["device"]
-        ui.precisionComboBox.toolTip = HELP["precision"]
-        ui.connectivityComboBox.toolTip = HELP["connectivity"]
-        ui.thresholdSlider.toolTip = HELP["threshold"]
-        ui.overlapSlider.toolTip = HELP["overlap"]
-        ui.ttaCheckBox.toolTip = HELP["tta"]
-        ui.minLesionSpinBox.toolTip = HELP["min_lesion_ml"]
-        ui.ttaCheckBox.checked = d.tta
+        for name, items in (("device", DEVICES), ("precision", FIELD["precision"].choices),
+                            ("connectivity", FIELD["connectivity"].choices)):
+            fill_combo(getattr(ui, PARAMETER_WIDGETS[name]), [str(it) for it in items], str(getattr(d, name)))
+        for name, widget in PARAMETER_WIDGETS.items():
+            getattr(ui, widget).toolTip = FIELD[name].help
         self.heatmap_boxes = {"gradcam": ui.gradcamCheckBox, "uncertainty": ui.uncertaintyCheckBox}
         assert set(self.heatmap_boxes) == set(HEATMAP_KINDS)
         for kind, box in self.heatmap_boxes.items():
             box.checked = kind in d.heatmaps
-            box.toolTip = HELP["heatmaps"]
+            box.toolTip = FIELD["heatmaps"].help
         ui.runOnComboBox.clear()
         for _, text in RUN_ON:
             ui.runOnComboBox.addItem(text)
@@ -262,7 +266,7 @@ class Panel:
         for w in (ui.serverUrlLabel, ui.serverUrlLineEdit, ui.serverTokenFileLabel, ui.serverTokenFilePathLineEdit):
             w.enabled = server
         ui.deviceComboBox.enabled = not server  # the server owns its devices (and threads)
-        ui.deviceComboBox.toolTip = SERVER_DEVICE_TOOLTIP if server else HELP["device"]
+        ui.deviceComboBox.toolTip = SERVER_DEVICE_TOOLTIP if server else FIELD["device"].help
 
     def on_run_on_changed(self, index: int) -> None:
         if 0 <= index < len(RUN_ON):
@@ -354,15 +358,17 @@ class Panel:
         return False
 
     def _apply_model_defaults(self) -> None:
-        """Advanced controls show the model's defaults (what the CLI uses when a flag is not given)."""
+        """Advanced controls show the model's defaults, resolved as for a CLI run without those flags
+        (``hardware=False``: nothing imports torch, so this works before PyTorch is installed)."""
         b = self.bundle
         if b is None:
             self.ui.modelInfoLabel.text = "No model: import one with 'Import model…'."
             return
-        self.ui.thresholdSlider.value = float(b.meta["threshold"])
-        self.ui.overlapSlider.value = float(b.inference_default("overlap", 0.5))
-        self.ui.minLesionSpinBox.value = float(b.inference_default("min_lesion_ml", 0.0))
-        self.ui.ttaCheckBox.checked = bool(SegmentParams().tta or b.inference_default("tta", False))
+        s = resolve(SegmentParams(), b, hardware=False)
+        self.ui.thresholdSlider.value = s.threshold
+        self.ui.overlapSlider.value = s.overlap
+        self.ui.minLesionSpinBox.value = s.min_lesion_ml
+        self.ui.ttaCheckBox.checked = s.tta
         self.ui.modelInfoLabel.text = (f"<b>{b.meta.get('title', b.name)}</b> ({b.name} {b.version}, {b.dimensions}) — "
                                        f"inputs: {', '.join(b.channel_names)}; labels: "
                                        f"{', '.join(l['name'] for l in b.labels)}. {b.meta.get('intended_use', '')}")
@@ -383,7 +389,8 @@ class Panel:
         return [c.currentNode() for c in self.channel_selectors]
 
     def parameters(self) -> SegmentParams:
-        """The run parameters as set in the panel (same fields and meaning as the CLI flags)."""
+        """The run parameters as set in the panel (same fields and meaning as the CLI flags), validated:
+        :class:`UsageError` names a bad value (see :meth:`checked_parameters`)."""
         ui = self.ui
         return SegmentParams(
             device=ui.deviceComboBox.currentText,
@@ -396,6 +403,14 @@ class Panel:
             heatmaps=tuple(k for k in HEATMAP_KINDS if self.heatmap_boxes[k].checked),
             threads=max(1, usable_cores() - 1),  # leave Slicer's own GUI a core
         )
+
+    def checked_parameters(self) -> SegmentParams | None:
+        """:meth:`parameters`, or ``None`` after showing what is wrong with a value."""
+        try:
+            return self.parameters()
+        except UsageError as e:
+            self.show_error(f"Check the Advanced settings: {e}")
+            return None
 
     def why_disabled(self) -> str:
         """Why Segment cannot be clicked now ('' when it can)."""
@@ -438,6 +453,9 @@ class Panel:
         if reason:
             self.show_error(reason)
             return
+        params = self.checked_parameters()  # before installing anything: a bad value needs no packages
+        if params is None:
+            return
         try:
             if not self.logic.ensure_dependencies():
                 self.append_log("warning", "required Python packages are not installed; nothing was run")
@@ -452,7 +470,7 @@ class Panel:
         request = RunRequest(
             input_nodes=self.selected_inputs(),
             model=str(self.bundle.root),
-            params=self.parameters(),
+            params=params,
             roi_node=self.ui.roiSelector.currentNode(),
             output_segmentation=self.ui.outputSegmentationSelector.currentNode(),
             server_url=self.server_url() or None,
@@ -544,7 +562,9 @@ class Panel:
         if ev.get("offer_cpu") and self.last_request is not None:
             if self.dialogs.confirm(f"{ev.get('message', 'The GPU ran out of memory.')}\n\nRun on the CPU instead (slower)?"):
                 self.ui.deviceComboBox.setCurrentIndex(list(DEVICES).index("cpu"))
-                self.start(dataclasses.replace(self.last_request, params=self.parameters()))
+                params = self.checked_parameters()
+                if params is not None:
+                    self.start(dataclasses.replace(self.last_request, params=params))
             return
         fix = ev.get("fix")
         self.show_error(ev.get("message", "The segmentation failed."), details=f"Fix: {fix}" if fix else "")

@@ -408,67 +408,103 @@ def mni_pseudo_ct(rng: np.random.Generator, resolution_mm: float = 1, *, deform:
     res = _check_resolution(resolution_mm)
     t = _load_mni(res)
     geo = _mni_head(res)
-    img_geom = t.image(t.brain)
-    shape = t.gm.shape
-    sampling = t.spacing[::-1]  # k, j, i
-    h = float(sampling.mean())
+    # the draws from rng happen in this order; keep it, or every seeded training/validation case changes
+    v = _PseudoCTDraws.draw(rng)
+    out = _pseudo_ct_brain(rng, t, v)
+    if rng.random() < 0.7:
+        _add_falx(out, t, rng)
+    if rng.random() < 0.5:
+        _add_calcifications(out, t, rng)
+    _add_head_layers(rng, out, t, geo, v)
+    return _deform_and_acquire(rng, t.image(out), t, geo, deform)
 
-    hu_wm = rng.uniform(*PSEUDO_CT_HU["white_matter"])
-    hu_gm = rng.uniform(max(PSEUDO_CT_HU["grey_matter"][0], hu_wm + 8.0), PSEUDO_CT_HU["grey_matter"][1])
-    hu_csf = rng.uniform(*PSEUDO_CT_HU["csf"])
-    hu_bone = rng.uniform(*PSEUDO_CT_HU["bone"])
-    hu_scalp = rng.uniform(*PSEUDO_CT_HU["scalp"])
-    gap0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["csf_gap"])
-    skull0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["skull"])
-    scalp0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["scalp"])
-    skull_base = rng.uniform(0.6, 0.9)  # relative density of the skull-base pockets
-    diploe = rng.uniform(0.15, 0.4) * float(np.clip((skull0 - 4.0) / 2.0, 0.0, 1.0))  # thin skulls: no diploë
 
-    # brain: tissue mix (CSF wherever the maps leave room inside the intracranial space)
+@dataclass(frozen=True)
+class _PseudoCTDraws:
+    """One pseudo-CT case's tissue densities (HU) and layer thicknesses (mm)."""
+
+    hu_wm: float
+    hu_gm: float  # at least 8 HU above white matter
+    hu_csf: float
+    hu_bone: float  # the skull's tables
+    hu_scalp: float
+    gap_mm: float  # CSF gap between the brain and the skull
+    skull_mm: float
+    scalp_mm: float
+    skull_base: float  # density of the skull-base pockets relative to the tables
+    diploe: float  # how much lighter the diploë is than the tables (0 in skulls under 4 mm)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "_PseudoCTDraws":
+        hu_wm = rng.uniform(*PSEUDO_CT_HU["white_matter"])
+        hu_gm = rng.uniform(max(PSEUDO_CT_HU["grey_matter"][0], hu_wm + 8.0), PSEUDO_CT_HU["grey_matter"][1])
+        hu_csf = rng.uniform(*PSEUDO_CT_HU["csf"])
+        hu_bone = rng.uniform(*PSEUDO_CT_HU["bone"])
+        hu_scalp = rng.uniform(*PSEUDO_CT_HU["scalp"])
+        gap0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["csf_gap"])
+        skull0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["skull"])
+        scalp0 = rng.uniform(*PSEUDO_CT_LAYERS_MM["scalp"])
+        skull_base = rng.uniform(0.6, 0.9)
+        diploe = rng.uniform(0.15, 0.4) * float(np.clip((skull0 - 4.0) / 2.0, 0.0, 1.0))  # thin skulls: no diploë
+        return cls(hu_wm, hu_gm, hu_csf, hu_bone, hu_scalp, gap0, skull0, scalp0, skull_base, diploe)
+
+
+def _pseudo_ct_brain(rng: np.random.Generator, t: MNITissues, v: _PseudoCTDraws) -> np.ndarray:
+    """Brain HU: grey/white matter mixed by the tissue maps, CSF wherever they leave room inside the
+    intracranial space, plus a small low-frequency density variation (±1.5 HU); float32."""
     gm, wm = t.gm, t.wm
     # "atrophy": partial-volume tissue at sulci and ventricle walls gives way to CSF (tissue
     # fraction f → f^(1+2a)), so sulci show as sharply as on real (older patients') CTs
     atrophy = rng.uniform(0.0, 1.0)
     tissue = gm + wm
     shrink = np.power(tissue, np.float32(2.0 * atrophy)) if atrophy > 0.02 else np.ones_like(tissue)
-    out = (np.float32(hu_gm - hu_csf) * gm + np.float32(hu_wm - hu_csf) * wm) * shrink + np.float32(hu_csf)
+    out = (np.float32(v.hu_gm - v.hu_csf) * gm + np.float32(v.hu_wm - v.hu_csf) * wm) * shrink + np.float32(v.hu_csf)
     del tissue, shrink
-    # small low-frequency variation of the brain's density (±1.5 HU)
-    out += np.float32(rng.uniform(0.5, 1.5)) * smooth_noise(rng, shape, sampling, 25.0)
+    out += np.float32(rng.uniform(0.5, 1.5)) * smooth_noise(rng, t.gm.shape, t.spacing[::-1], 25.0)
+    return out
 
-    if rng.random() < 0.7:
-        _add_falx(out, t, rng)
-    if rng.random() < 0.5:
-        _add_calcifications(out, t, rng)
 
-    # layers outside the intracranial space, on the band of voxels near it
+def _add_head_layers(rng: np.random.Generator, out: np.ndarray, t: MNITissues, geo: _HeadGeometry,
+                     v: _PseudoCTDraws) -> None:
+    """The layers outside the intracranial space, on the band of voxels near it (in place): CSF gap,
+    skull (regionally varying thickness, lighter diploë mid-thickness), scalp, then air — except in
+    the skull-base pockets, which are bone; air beyond the band."""
+    shape = t.gm.shape
+    sampling = t.spacing[::-1]  # k, j, i
+    h = float(sampling.mean())
     coarse, f = _coarse_noise(rng, shape, sampling, 20.0, channels=3)
     nz = _sample_coarse(coarse, f, geo.band_kji)
     d = geo.dist.ravel()[geo.band]
-    gap = np.maximum(gap0 * (1.0 + 0.3 * nz[0]), 0.3)
-    sk = np.clip(skull0 * (1.0 + 0.15 * nz[1]), 2.5, 10.0)
-    sc = np.maximum(scalp0 * (1.0 + 0.3 * nz[2]), 0.7)
+    gap = np.maximum(v.gap_mm * (1.0 + 0.3 * nz[0]), 0.3)
+    sk = np.clip(v.skull_mm * (1.0 + 0.15 * nz[1]), 2.5, 10.0)
+    sc = np.maximum(v.scalp_mm * (1.0 + 0.3 * nz[2]), 0.7)
     e1 = _ramp(d - gap, h)
     e2 = _ramp(d - gap - sk, h)
     e3 = _ramp(d - gap - sk - sc, h)
     u = np.clip((d - gap) / sk, 0.0, 1.0)
-    bone = hu_bone * (1.0 - diploe * np.exp(-(((u - 0.5) / 0.22) ** 2)))
+    bone = v.hu_bone * (1.0 - v.diploe * np.exp(-(((u - 0.5) / 0.22) ** 2)))
     flat = out.reshape(-1)
     inside = flat[geo.band]
-    outside = (e2 - e3) * hu_scalp + e3 * AIR_HU  # beyond the skull: scalp, then air ...
+    outside = (e2 - e3) * v.hu_scalp + e3 * AIR_HU  # beyond the skull: scalp, then air ...
     base = np.clip((geo.deep - 2.0) / 2.0, 0.0, 1.0)  # ... except in the skull-base pockets: bone
-    outside = (1.0 - base) * outside + base * e2 * (hu_bone * skull_base)
+    outside = (1.0 - base) * outside + base * e2 * (v.hu_bone * v.skull_base)
     flat[geo.band] = (1.0 - e1) * inside + (e1 - e2) * bone + outside
     out[geo.dist >= _BAND_CAP_MM] = AIR_HU
 
-    image = t.image(out)
+
+def _deform_and_acquire(rng: np.random.Generator, image: Image, t: MNITissues, geo: _HeadGeometry,
+                        deform: bool) -> Image:
+    """Optionally a random similarity + elastic warp, then the scanner's look: blur, correlated
+    noise, whole HU, clipped to the storable range."""
+    sampling = t.spacing[::-1]  # k, j, i
+    h = float(sampling.mean())
     if deform:
-        tx = random_transform(img_geom, rng, rotation_deg=8.0, scale=(0.97, 1.03), global_scale=(0.92, 1.08),
+        tx = random_transform(t.image(t.brain), rng, rotation_deg=8.0, scale=(0.97, 1.03), global_scale=(0.92, 1.08),
                               elastic_mm=(0.0, 5.0), elastic_scale_mm=(30.0, 60.0), centre_ras=geo.centre_ras)
         image = warp(image, tx, order=1, fill=AIR_HU)
     arr = np.asarray(image.array, dtype=np.float32)
     arr = ndimage.gaussian_filter(arr, rng.uniform(0.3, 0.8) / sampling, truncate=2.5)
-    arr += _correlated_noise(rng, shape, rng.uniform(3.0, 8.0), max(rng.uniform(0.4, 0.7) / h, 0.2))
+    arr += _correlated_noise(rng, t.gm.shape, rng.uniform(3.0, 8.0), max(rng.uniform(0.4, 0.7) / h, 0.2))
     np.round(arr, out=arr)
     np.clip(arr, *HU_CLIP, out=arr)
     return t.image(arr)

@@ -23,7 +23,9 @@ import numpy as np
 from scipy import ndimage
 
 from ...image import Image, make_ijk_to_ras, resample
-from ...engine.preprocess import canonical_grid, network_grid, to_network_input
+from ...engine.preprocess import prepare_inputs
+from ...io.writers import atomic_path
+from ...settings import ModelSettings
 
 
 @dataclass(frozen=True)
@@ -189,16 +191,9 @@ GENERATORS["phantom"] = phantom_case
 
 def to_network_grid(channels: list[Image], label: Image, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     """The inference pre-processing applied to a training case: (C, K, J, I) float32, (K, J, I) uint8."""
-    in_plane = meta["dimensions"] != "3d"
-    out, lab = [], None
-    for img, spec in zip(channels, meta["inputs"]):
-        canon, amap = canonical_grid(img)
-        grid = network_grid(canon, meta["target_spacing"], in_plane_only=in_plane)
-        out.append(to_network_input(canon, spec["normalization"], grid))
-        if lab is None:
-            lc = Image(np.ascontiguousarray(amap.apply(label.array)), canon.ijk_to_ras)
-            lab = lc.array if grid is None else resample(lc, grid.array.shape, grid.ijk_to_ras, order=0).array
-    return np.stack(out).astype(np.float32), lab.astype(np.uint8)
+    x, mapping, _ = prepare_inputs(channels, ModelSettings.from_meta(meta))
+    lab = mapping.to_network(np.ascontiguousarray(mapping.to_canonical(label).array), order=0, fill=0.0)
+    return x.astype(np.float32), lab.astype(np.uint8)
 
 
 def write_case_folder(folder: Path, channels: list[Image], label: Image, names: list[str]) -> None:
@@ -218,9 +213,8 @@ def _make_case(generator: str, seed: int, settings: Settings, meta: dict, f: Pat
     channels, label = GENERATORS[generator](seed, settings)
     if not f.exists():
         x, y = to_network_grid(channels, label, meta)
-        tmp = f.with_suffix(".tmp.npz")
-        np.savez(tmp, x=x, y=y)
-        os.replace(tmp, f)
+        with atomic_path(f) as tmp:
+            np.savez(tmp, x=x, y=y)
     if folder is not None:
         write_case_folder(folder, channels, label, [c["name"] for c in meta["inputs"]])
 

@@ -21,7 +21,13 @@ import yaml
 
 from ..bundle import sha256_file, validate_meta
 from ...errors import UsageError
-from ...engine.inference import autocast_dtype, resolve_device, resolve_precision, sliding_window
+from ...io.writers import atomic_path, write_text
+from ...engine.device import autocast_dtype, device_type
+from ...engine.inference import slice_with_context, sliding_window, softmax_predictor
+from ...engine.labels import labels_from_probabilities
+from ...engine.windows import plan_windows
+from ...params import SegmentParams
+from ...settings import RunSettings, resolve
 from ..networks import build_network, count_parameters
 from .cases import TRAINING, VALIDATION, build_cache
 
@@ -55,8 +61,7 @@ class _Sampler:
         C, K, J, I = x.shape
         want_lesion = rng.random() < self.lesion_fraction and self.lesion_slices[n].size
         k = int(rng.choice(self.lesion_slices[n])) if want_lesion else int(rng.integers(K))
-        ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, K - 1)
-        xs = x[:, ks].reshape(C * len(ks), J, I)
+        xs = slice_with_context(x, k, self.context)
         ys = y[k]
         ch, cw = self.crop
         if want_lesion and ys.any():
@@ -71,7 +76,7 @@ class _Sampler:
             j0 = int(rng.integers(max(1, J - ch + 1)))
             i0 = int(rng.integers(max(1, I - cw + 1)))
         xp = np.empty((xs.shape[0], ch, cw), np.float32)  # padded as inference pads: each channel's minimum
-        xp[:] = np.repeat(self.channel_min[n], len(ks))[:, None, None]
+        xp[:] = np.repeat(self.channel_min[n], 2 * self.context + 1)[:, None, None]
         yp = np.zeros((ch, cw), np.int64)
         sx = xs[:, j0 : j0 + ch, i0 : i0 + cw]
         xp[:, : sx.shape[1], : sx.shape[2]] = sx
@@ -128,35 +133,30 @@ def _dice_loss(logits, target):
     return 1 - (2 * inter + 1) / (p.sum() + t.sum() + 1)
 
 
-def validate(net, files: list[Path], meta: dict, device, precision: str, every: int = 6) -> float:
-    """Mean Dice over validation cases, on the network grid, with the inference engine.
+def validate(net, files: list[Path], settings: RunSettings, every: int = 6) -> float:
+    """Mean Dice over validation cases, on the network grid, with the inference engine and threshold rule.
 
-    2D/2.5D models are scored on the slab around the lesion plus every ``every``-th other slice
-    (with their context slices), which keeps validation quick without hiding false positives.
+    2D/2.5D models are scored on the slices with lesion plus every ``every``-th other slice (each with
+    its context slices: :meth:`.WindowPlan.on_slices`), which keeps validation quick without hiding
+    false positives.
     """
+    m = settings.model
+    predictor = softmax_predictor(net, m.out_channels, settings.precision)
     dices = []
-    spatial = 3 if meta["dimensions"] == "3d" else 2
-    ctx = int(meta.get("context_slices", 0)) if meta["dimensions"] == "2.5d" else 0
     net.eval()
     for f in files:
         d = np.load(f)
         x, y = d["x"], d["y"]
-        if spatial == 2:
-            K = y.shape[0]
-            lesion = np.flatnonzero(y.reshape(K, -1).any(1))
-            keep = set(range(0, K, every)) | {int(k) for k in lesion}
-            ks = np.array(sorted(keep))
-            x = np.stack([x[:, np.clip(np.arange(k - ctx, k + ctx + 1), 0, K - 1)] for k in ks], 1)  # C, n, 2c+1, J, I
-            x = x.reshape(x.shape[0], len(ks) * (2 * ctx + 1), *x.shape[3:])
-            y = y[ks]
-            probs, _ = sliding_window(x, net, meta["patch_size"], spatial_dims=2, context=ctx, out_channels=2,
-                                      overlap=0.25, batch_size=8, device=device, precision=precision,
-                                      keep_window=lambda s: s[0] % (2 * ctx + 1) == ctx)
-            probs = probs[:, ctx :: 2 * ctx + 1]  # the centre slice of each stacked slab
-        else:
-            probs, _ = sliding_window(x, net, meta["patch_size"], spatial_dims=3, out_channels=2,
-                                      overlap=0.25, batch_size=2, device=device, precision=precision)
-        pred, truth = probs[1] >= meta["threshold"], y > 0
+        plan = plan_windows(x, spatial_dims=m.spatial_dims, patch=m.patch, context=m.context, overlap=settings.overlap,
+                            fast=False, size_divisor=int(getattr(net, "size_divisor", 16)))
+        ks = slice(None)
+        if m.spatial_dims == 2:
+            lesion = np.flatnonzero(y.reshape(y.shape[0], -1).any(1))
+            ks = np.array(sorted(set(range(0, y.shape[0], every)) | {int(k) for k in lesion}))
+            plan = plan.on_slices(ks)
+        probs = sliding_window(x, predictor, plan, batch_size=settings.batch_size, device=settings.device)[:, ks]
+        pred = labels_from_probabilities({c: probs[c] for c in range(1, probs.shape[0])}, settings.threshold) > 0
+        truth = y[ks] > 0
         s = pred.sum() + truth.sum()
         dices.append(1.0 if s == 0 else 2 * (pred & truth).sum() / s)
     return float(np.mean(dices))
@@ -165,98 +165,134 @@ def validate(net, files: list[Path], meta: dict, device, precision: str, every: 
 def _save_checkpoint(path: Path, state: dict) -> None:
     import torch
 
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def train(config_path: Path, output_dir: Path, log=print) -> dict:
+    """Train the config's bundle into ``output_dir`` (resuming from its checkpoint); the written model.json."""
     import torch
     from tqdm import tqdm
 
     cfg = load_config(config_path)
     meta = copy.deepcopy(cfg["bundle"])
-    data, tc = cfg["data"], cfg["train"]
-    seed = int(tc.get("seed", 0))
+    tc = cfg["train"]
     output_dir = Path(output_dir)
     work = output_dir / ".training"
     work.mkdir(parents=True, exist_ok=True)
+    train_files, val_files = _prepare_cases(cfg, work, log)
+    settings = resolve(SegmentParams(device=tc.get("device", "auto"), precision=tc.get("precision", "auto"), heatmaps=()), meta)
+    run = _Run.start(cfg, settings, work, log)
+    sampler_cls = _Sampler3D if meta["dimensions"] == "3d" else _Sampler
+    sampler = sampler_cls(train_files, settings.model.context, tuple(tc.get("crop", meta["patch_size"])), run.rng,
+                          float(tc.get("lesion_fraction", 0.6)))
+    bs, steps = int(tc.get("batch_size", 12)), int(tc["steps"])
+    val_every, ck_every = int(tc.get("val_every", 250)), int(tc.get("checkpoint_every", 100))
+    t0 = time.time()
+    bar = tqdm(range(run.step, steps), initial=run.step, total=steps, desc="train", dynamic_ncols=True, mininterval=5,
+               disable=not sys.stderr.isatty())  # logs get one line per validation instead
+    loss_avg = None
+    for step in bar:
+        loss = run.train_step(*sampler.batch(bs))
+        loss_avg = loss if loss_avg is None else 0.95 * loss_avg + 0.05 * loss
+        run.step = done = step + 1
+        if done % val_every == 0 or done == steps:
+            d = validate(run.net, val_files, settings)
+            run.history.append({"step": done, "loss": round(loss_avg, 4), "val_dice": round(d, 4),
+                                "minutes": round((time.time() - t0) / 60, 1)})
+            if d > run.best:
+                run.best = d
+                torch.save(run.net.state_dict(), work / "best.pt")
+            bar.set_postfix(loss=f"{loss_avg:.3f}", val_dice=f"{d:.3f}", best=f"{run.best:.3f}")
+            log(f"step {done}: loss {loss_avg:.4f}, validation Dice {d:.4f} (best {run.best:.4f})")
+        else:
+            bar.set_postfix(loss=f"{loss_avg:.3f}", best=f"{run.best:.3f}")
+        if done % ck_every == 0 or done == steps:
+            run.save_checkpoint()
+    bar.close()
+    state = torch.load(work / "best.pt", map_location="cpu", weights_only=True)
+    return write_bundle(output_dir, meta, state, cfg, run.history, run.best, (time.time() - t0) / 60, settings.device,
+                        settings.precision, run.net)
+
+
+def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
+    """The training and validation cases of ``cfg`` on the network grid (cached; seeds must not overlap)."""
+    data, meta = cfg["data"], cfg["bundle"]
     cache = Path(os.path.expandvars(data.get("cache_dir", str(work / "cache"))))
-    gen = data["generator"]
     train_seeds = list(range(int(data["train_seed"]), int(data["train_seed"]) + int(data["train_cases"])))
     val_seeds = list(range(int(data["val_seed"]), int(data["val_seed"]) + int(data["val_cases"])))
     if set(train_seeds) & set(val_seeds):
         raise UsageError("training and validation seeds overlap", "choose disjoint train_seed/val_seed ranges")
     log(f"preparing {len(train_seeds)} training and {len(val_seeds)} validation cases in {cache}")
-    train_files = build_cache(gen, train_seeds, meta, cache / "train", TRAINING, log=log)
-    val_files = build_cache(gen, val_seeds, meta, cache / "val", VALIDATION, log=log)
+    return (build_cache(data["generator"], train_seeds, meta, cache / "train", TRAINING, log=log),
+            build_cache(data["generator"], val_seeds, meta, cache / "val", VALIDATION, log=log))
 
-    device = resolve_device(tc.get("device", "auto"))
-    precision = resolve_precision(tc.get("precision", "auto"), device)
-    amp = autocast_dtype(precision)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    arch = meta["architecture"]
-    net = build_network(arch["name"], **arch["kwargs"]).to(device)
-    steps = int(tc["steps"])
-    opt = torch.optim.AdamW(net.parameters(), lr=float(tc.get("lr", 2e-3)), weight_decay=float(tc.get("weight_decay", 1e-4)))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc.get("lr", 2e-3)), total_steps=steps, pct_start=0.1)
-    ckpt = work / "checkpoint.pt"
-    start, best, history = 0, -1.0, []
-    cfg_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
-    if ckpt.exists():
-        st = torch.load(ckpt, map_location=device, weights_only=False)  # our own file, written by this function
-        if st.get("config_sha") != cfg_sha:
-            raise UsageError(f"{ckpt} was written with another config", f"use the same config to resume, or delete {work} to start over")
-        net.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        rng.bit_generator.state = st["rng"]
+
+class _Run:
+    """Network, optimiser, schedule and random state of one training run, and its checkpoint."""
+
+    def __init__(self, net, opt, sched, rng: np.random.Generator, settings: RunSettings, checkpoint: Path, config_sha: str):
+        self.net, self.opt, self.sched, self.rng, self.settings = net, opt, sched, rng, settings
+        self.checkpoint, self.config_sha = checkpoint, config_sha
+        self.step, self.best, self.history = 0, -1.0, []
+
+    @classmethod
+    def start(cls, cfg: dict, settings: RunSettings, work: Path, log) -> "_Run":
+        """Seeded, on the settings' device; resumed from ``work``'s checkpoint when there is one."""
+        import torch
+
+        tc, arch = cfg["train"], cfg["bundle"]["architecture"]
+        seed = int(tc.get("seed", 0))
+        torch.manual_seed(seed)
+        net = build_network(arch["name"], **arch["kwargs"]).to(settings.device)
+        steps, lr = int(tc["steps"]), float(tc.get("lr", 2e-3))
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(tc.get("weight_decay", 1e-4)))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+        cfg_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+        run = cls(net, opt, sched, np.random.default_rng(seed), settings, work / "checkpoint.pt", cfg_sha)
+        if run.checkpoint.exists():
+            run._resume(work, log)
+        return run
+
+    def _resume(self, work: Path, log) -> None:
+        import torch
+
+        st = torch.load(self.checkpoint, map_location=self.settings.device, weights_only=False)  # our own file
+        if st.get("config_sha") != self.config_sha:
+            raise UsageError(f"{self.checkpoint} was written with another config",
+                             f"use the same config to resume, or delete {work} to start over")
+        self.net.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.rng.bit_generator.state = st["rng"]
         torch.set_rng_state(st["torch_rng"])
-        start, best, history = st["step"], st["best"], st["history"]
-        log(f"resumed from {ckpt} at step {start} (best validation Dice {best:.4f})")
-    ctx = int(meta.get("context_slices", 0)) if meta["dimensions"] == "2.5d" else 0
-    sampler_cls = _Sampler3D if meta["dimensions"] == "3d" else _Sampler
-    sampler = sampler_cls(train_files, ctx, tuple(tc.get("crop", meta["patch_size"])), rng, float(tc.get("lesion_fraction", 0.6)))
-    bs = int(tc.get("batch_size", 12))
-    val_every = int(tc.get("val_every", 250))
-    ck_every = int(tc.get("checkpoint_every", 100))
-    t0 = time.time()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", dynamic_ncols=True, mininterval=5,
-               disable=not sys.stderr.isatty())  # logs get one line per validation instead
-    loss_avg = None
-    for step in bar:
-        net.train()
-        x, y = sampler.batch(bs)
+        self.step, self.best, self.history = st["step"], st["best"], st["history"]
+        log(f"resumed from {self.checkpoint} at step {self.step} (best validation Dice {self.best:.4f})")
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One optimiser step on a batch (cross-entropy + soft Dice, autocast as the settings' precision)."""
+        import torch
+
+        device, amp = self.settings.device, autocast_dtype(self.settings.precision)
+        self.net.train()
         xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        with torch.autocast(device_type=device.type, dtype=amp, enabled=amp is not None):
-            logits = net(xt)
+        with torch.autocast(device_type=device_type(device), dtype=amp, enabled=amp is not None):
+            logits = self.net(xt)
         logits = logits[0] if isinstance(logits, (list, tuple)) else logits
         loss = torch.nn.functional.cross_entropy(logits.float(), yt) + _dice_loss(logits, yt)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
-        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
-        done = step + 1
-        if done % val_every == 0 or done == steps:
-            d = validate(net, val_files, meta, device, precision)
-            history.append({"step": done, "loss": round(loss_avg, 4), "val_dice": round(d, 4), "minutes": round((time.time() - t0) / 60, 1)})
-            if d > best:
-                best = d
-                torch.save(net.state_dict(), work / "best.pt")
-            bar.set_postfix(loss=f"{loss_avg:.3f}", val_dice=f"{d:.3f}", best=f"{best:.3f}")
-            log(f"step {done}: loss {loss_avg:.4f}, validation Dice {d:.4f} (best {best:.4f})")
-        else:
-            bar.set_postfix(loss=f"{loss_avg:.3f}", best=f"{best:.3f}")
-        if done % ck_every == 0 or done == steps:
-            _save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": done,
-                                    "best": best, "history": history, "config_sha": cfg_sha})
-    bar.close()
-    minutes = (time.time() - t0) / 60
-    state = torch.load(work / "best.pt", map_location="cpu", weights_only=True)
-    return write_bundle(output_dir, meta, state, cfg, history, best, minutes, device, precision, net)
+        self.opt.step()
+        self.sched.step()
+        return float(loss.item())
+
+    def save_checkpoint(self) -> None:
+        import torch
+
+        _save_checkpoint(self.checkpoint, {
+            "model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": self.step,
+            "best": self.best, "history": self.history, "config_sha": self.config_sha})
 
 
 def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: list, best: float, minutes: float,
@@ -264,9 +300,8 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
     from safetensors.torch import save_file
 
     wfile = output_dir / "model.safetensors"
-    tmp = output_dir / ".model.safetensors.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, wfile)
+    with atomic_path(wfile) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp))
     meta = copy.deepcopy(meta)
     meta["architecture"]["parameters"] = count_parameters(net)
     meta["weights"] = {"file": wfile.name, "sha256": sha256_file(wfile)}
@@ -278,5 +313,5 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
         "precision": precision, "host": f"{platform.machine()} {os.cpu_count()} CPU(s)", "history": history,
     }
     validate_meta(meta, "generated model.json")
-    (output_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_text(output_dir / "model.json", json.dumps(meta, indent=2) + "\n")
     return meta
