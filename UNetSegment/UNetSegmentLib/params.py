@@ -12,6 +12,7 @@ Nothing here imports torch: the panel and ``--help`` work before PyTorch is inst
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
@@ -100,8 +101,8 @@ class Field:
             if isinstance(value, bool):
                 raise TypeError("a boolean is not a number")
             v = float(value)
-            if v != v:
-                raise ValueError("NaN is not a number")
+            if not math.isfinite(v):
+                raise ValueError("not a finite number")
             return v
         if self.kind == "int":
             if isinstance(value, bool) or float(value) != int(value):

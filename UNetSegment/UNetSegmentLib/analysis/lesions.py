@@ -44,7 +44,6 @@ Conventions (all coordinates are RAS, millimetres; see :mod:`.image`):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping, Sequence
@@ -52,6 +51,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import UsageError
+from ..params import FIELD
 from ..image import Image, slice_axis as _slice_axis
 from .lesion_measures import (CT_AUTODETECT_MIN, CT_HEAD_THRESHOLD_HU, MIDLINE_TOLERANCE_MM, NONCT_HEAD_PERCENTILE,
                               check_grid, components, estimate_midline, feret_diameters, group_stats, label_array,
@@ -175,11 +175,8 @@ def _checked_inputs(labels: Image, intensity: Image | None, probability: Image |
                     dicom_slices: Sequence[Any] | None) -> tuple[np.ndarray, Image | dict[int, Image] | None, float]:
     """The label array, the probability image(s) (a mapping without its None entries) and the minimum
     size as float, after checking every argument of :func:`analyze_lesions` (one-line errors)."""
-    if connectivity not in (6, 18, 26):
-        raise UsageError(f"connectivity must be 6 or 26, got {connectivity!r}", "use 6 (faces) or 26 (faces, edges, corners)")
-    min_lesion_ml = float(min_lesion_ml)
-    if not math.isfinite(min_lesion_ml) or min_lesion_ml < 0:
-        raise UsageError(f"min_lesion_ml must be ≥ 0, got {min_lesion_ml}", "pass 0 to keep every lesion")
+    FIELD["connectivity"].check(connectivity)  # the run parameters' one definition (UsageError)
+    min_lesion_ml = FIELD["min_lesion_ml"].check(min_lesion_ml) or 0.0
     lab = label_array(labels)
     check_grid(labels, intensity, "intensity")
     if isinstance(probability, Mapping):
