@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import UNetSegmentError, require_extra
 from .engine.inference import CancelToken
+from .errors import UNetSegmentError, require_extra
 from .params import SegmentParams, add_arguments, params_from_args
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .models.bundle import Bundle, default_model_name, load_bundle
-from .errors import UsageError
 from .engine.inference import CancelToken, ProgressFn
+from .errors import UsageError
 from .io.readers import read_image
 from .io.sample import default_cache_dir, fetch_sample
 from .io.writers import write_image
-from .serving.job import segment_files
+from .models.bundle import Bundle, default_model_name, load_bundle
 from .params import SegmentParams
 from .phantom import PERFUSION_CHANNELS, PERFUSION_PHANTOM_VERSION, perfusion_phantom
+from .serving.job import segment_files
 
 DEMO_SEED = 2026  # training uses other seeds
 

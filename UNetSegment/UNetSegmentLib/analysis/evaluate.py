@@ -24,14 +24,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..models.bundle import Bundle
+from ..engine.pipeline import segment
 from ..errors import InputError
 from ..image import Image
 from ..io.readers import read_image
-from .lesions import analyze_lesions, remove_small_lesions
+from ..models.bundle import Bundle
 from ..params import SegmentParams
 from ..settings import RunSettings, resolve
-from ..engine.pipeline import segment
+from .lesions import analyze_lesions, remove_small_lesions
 
 BINS = (("<0.5 mL", 0.0, 0.5), ("0.5-5 mL", 0.5, 5.0), (">5 mL", 5.0, np.inf))
 BASELINE_HU = (50.0, 90.0)

@@ -51,13 +51,36 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import UsageError
+from ..image import Image
+from ..image import slice_axis as _slice_axis
 from ..params import FIELD
-from ..image import Image, slice_axis as _slice_axis
-from .lesion_measures import (CT_AUTODETECT_MIN, CT_HEAD_THRESHOLD_HU, MIDLINE_TOLERANCE_MM, NONCT_HEAD_PERCENTILE,
-                              check_grid, components, estimate_midline, feret_diameters, group_stats, label_array,
-                              nonzero_box)
-from .lesion_table import (COLUMN_DOCS, COLUMNS, CONTRACT_COLUMNS, DICOM_COLUMNS, INTENSITY_UNIT, LesionTable,
-                           column_docs, columns_markdown, dropped_note, dropped_summary, format_cell, total_row)
+from .lesion_measures import (
+    CT_AUTODETECT_MIN,
+    CT_HEAD_THRESHOLD_HU,
+    MIDLINE_TOLERANCE_MM,
+    NONCT_HEAD_PERCENTILE,
+    check_grid,
+    components,
+    estimate_midline,
+    feret_diameters,
+    group_stats,
+    label_array,
+    nonzero_box,
+)
+from .lesion_table import (
+    COLUMN_DOCS,
+    COLUMNS,
+    CONTRACT_COLUMNS,
+    DICOM_COLUMNS,
+    INTENSITY_UNIT,
+    LesionTable,
+    column_docs,
+    columns_markdown,
+    dropped_note,
+    dropped_summary,
+    format_cell,
+    total_row,
+)
 
 __all__ = [
     "COLUMN_DOCS", "COLUMNS", "CONTRACT_COLUMNS", "CT_AUTODETECT_MIN", "CT_HEAD_THRESHOLD_HU", "DICOM_COLUMNS",

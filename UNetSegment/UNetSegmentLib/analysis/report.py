@@ -33,10 +33,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import InputError, UsageError
-from ..image import Image, slice_axis as _slice_axis
-from .lesions import CT_AUTODETECT_MIN, LesionTable, dropped_note, dropped_summary
 from ..engine.grid import canonical_grid
+from ..errors import InputError, UsageError
+from ..image import Image
+from ..image import slice_axis as _slice_axis
+from .lesions import CT_AUTODETECT_MIN, LesionTable, dropped_note, dropped_summary
 
 RESEARCH_NOTE = "Research use only — not for diagnosis"
 #: probability / Grad-CAM values below this are fully transparent in the overlays

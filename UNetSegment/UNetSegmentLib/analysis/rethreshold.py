@@ -21,16 +21,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ..models.bundle import Bundle
-from ..errors import InputError
-from ..image import Image
-from ..io.readers import read_image
-from ..io.writers import write_json
-from .lesions import LesionTable, analyze_lesions, remove_small_lesions
-from ..io.outputs import CONTRACT_FILES, StagedOutput
-from ..params import FIELD, HEATMAP_KINDS, SegmentParams
 from ..engine.labels import labels_from_probabilities
 from ..engine.pipeline import SegmentResult
+from ..errors import InputError
+from ..image import Image
+from ..io.outputs import CONTRACT_FILES, StagedOutput
+from ..io.readers import read_image
+from ..io.writers import write_json
+from ..models.bundle import Bundle
+from ..params import FIELD, HEATMAP_KINDS, SegmentParams
+from .lesions import LesionTable, analyze_lesions, remove_small_lesions
 
 
 @dataclass

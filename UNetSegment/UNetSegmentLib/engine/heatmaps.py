@@ -33,6 +33,7 @@ from .device import autocast_dtype
 from .inference import CancelToken, ProgressFn, run_plan
 from .windows import Region, WindowPlan
 
+
 def cam_layer_name(network, bundle_meta: dict | None = None, override: str | None = None) -> str:
     name = override or (bundle_meta or {}).get("architecture", {}).get("cam_layer") or getattr(network, "default_cam_layer", None)
     if not name:

@@ -42,9 +42,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..models.bundle import sha256_file
 from ..errors import InputError, OutputError
 from ..image import Image, make_ijk_to_ras
+from ..models.bundle import sha256_file
 from .writers import write_image
 
 PACKAGE = "invesalius-examples"

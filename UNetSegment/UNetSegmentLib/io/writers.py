@@ -20,8 +20,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import OutputError
-from .jsonable import json_default
 from ..image import Image, to_sitk
+from .jsonable import json_default
 
 
 def new_shared_file(directory: str | os.PathLike, prefix: str, suffix: str) -> Path:

@@ -42,18 +42,36 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..analysis.lesions import format_cell
 from ..engine.inference import CancelToken
 from ..errors import CancelledError, UNetSegmentError, UsageError
 from ..io.outputs import CONTRACT_FILES, ensure_output_dir, pid_alive
-from ..analysis.lesions import format_cell
 from ..io.readers import quiet_itk
 from ..params import SegmentParams
-from .cluster import (MEMORY_PER_WORKER_BYTES, assign_gpus, local_cluster_size, local_gpus, open_client, threads_by_worker,
-                      threads_here, worker_address)
+from .cluster import (
+    MEMORY_PER_WORKER_BYTES,
+    assign_gpus,
+    local_cluster_size,
+    local_gpus,
+    open_client,
+    threads_by_worker,
+    threads_here,
+    worker_address,
+)
 from .cohort_discovery import Case, check_case_id, discover_cases
 from .cohort_progress import CohortProgress, CohortProgressFn
-from .cohort_tables import (COHORT_LESIONS, COHORT_SUMMARY, STATUS_FAILED, STATUS_OK, STATUS_RESUMED, SUMMARY_COLUMNS,
-                            complete_case, failed_row, resumed_row, write_cohort_tables)
+from .cohort_tables import (
+    COHORT_LESIONS,
+    COHORT_SUMMARY,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_RESUMED,
+    SUMMARY_COLUMNS,
+    complete_case,
+    failed_row,
+    resumed_row,
+    write_cohort_tables,
+)
 
 __all__ = [
     "BATCH_PARTIAL_EXIT", "COHORT_LESIONS", "COHORT_SUMMARY", "MEMORY_PER_WORKER_BYTES", "STATUS_FAILED", "STATUS_OK",
@@ -257,7 +275,8 @@ def _run_on_dask(todo: list[_Todo], out: Path, model_arg: str, params: SegmentPa
 def _collect(futures: dict, client, record: Callable[[str, dict], None], cancel: CancelToken) -> bool:
     """Record each case's row as it ends (a worker that died under it: a ``failed`` row); on cancel,
     cancel the cases left. Returns whether every case ended."""
-    from distributed import TimeoutError as DaskTimeoutError, wait
+    from distributed import TimeoutError as DaskTimeoutError
+    from distributed import wait
 
     pending = set(futures)
     while pending:

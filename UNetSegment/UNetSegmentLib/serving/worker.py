@@ -37,8 +37,8 @@ import traceback
 from pathlib import Path
 
 from .. import __version__
-from ..errors import CancelledError, UNetSegmentError, UsageError
 from ..engine.fallback import is_out_of_memory
+from ..errors import CancelledError, UNetSegmentError, UsageError
 from ..io.jsonable import json_default
 from ..params import SegmentParams
 

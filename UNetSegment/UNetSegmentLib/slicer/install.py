@@ -512,8 +512,8 @@ def preview_bundle(folder: str | os.PathLike):
     the bundle schema by :func:`schema_errors` and the weights file must exist. The worker loads
     the bundle with the full check (jsonschema, cross-field rules, sha256) before every run.
     """
-    from ..models.bundle import Bundle
     from ..errors import ModelError
+    from ..models.bundle import Bundle
 
     root = Path(folder)
     mj = root / "model.json"

@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..models.bundle import Bundle, available_models, import_model, load_bundle
+from ..analysis.lesions import LesionTable
+from ..analysis.rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
+from ..engine.grid import align_inputs
+from ..engine.roi import Box, box_from_ras_corners, crop, uncrop
 from ..errors import InputError
 from ..image import Image
 from ..io.writers import write_image
-from ..serving.job import display_channel
-from ..engine.grid import align_inputs
-from ..analysis.lesions import LesionTable
+from ..models.bundle import Bundle, available_models, import_model, load_bundle
 from ..params import SegmentParams
-from ..analysis.rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
-from ..engine.roi import Box, box_from_ras_corners, crop, uncrop
 from ..serving.client import ServerClient
+from ..serving.job import display_channel
 from ..serving.worker import error_event
 from . import scene
 from .process import ProcessProtocol, ServerProcess, WorkerProcess

@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..image import Image
 from ..analysis.lesions import COLUMNS, LesionTable
+from ..image import Image
 from .volumes import add_volume, labelmap_node_without_display, to_world, update_volume
 
 #: colour table per heatmap kind (IDs Slicer adds to every scene; see slicer_conventions.md §5)

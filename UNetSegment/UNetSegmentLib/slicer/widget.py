@@ -14,12 +14,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ..engine.acceleration import usable_cores
 from ..errors import UNetSegmentError, UsageError
 from ..io.outputs import CONTRACT_FILES
-from ..engine.acceleration import usable_cores
 from ..params import FIELD, HEATMAP_KINDS, SegmentParams
-from ..settings import resolve
 from ..serving.worker import STAGES, error_event
+from ..settings import resolve
 from . import install
 from .logic import RunRequest, RunResult, SegmentationLogicProtocol
 

@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from ...image import Image, make_ijk_to_ras, resample
 from ...engine.preprocess import prepare_inputs
+from ...image import Image, make_ijk_to_ras, resample
 from ...io.writers import atomic_path
 from ...settings import ModelSettings
 

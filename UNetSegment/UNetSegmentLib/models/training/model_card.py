@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ...analysis.evaluate import format_table
 
-
 NOT_FOR = {
     "ct_hemorrhage": "such as contrast-enhanced CT, MR, or non-head scans.",
     "mr_perfusion": "such as raw perfusion source images, maps from a different deconvolution whose units or scaling "

@@ -43,8 +43,7 @@ from scipy import ndimage
 
 from ...errors import OutputError, UsageError
 from ...image import Image, to_sitk
-from .backgrounds import (MNITissues, head_centre_ras, load_mni_tissues, random_transform, smooth_noise,
-                          warp_many)
+from .backgrounds import MNITissues, head_centre_ras, load_mni_tissues, random_transform, smooth_noise, warp_many
 
 CHANNELS = ("CBF", "CBV", "MTT", "Tmax")
 UNITS = {"CBF": "mL/100 g/min", "CBV": "mL/100 g", "MTT": "s", "Tmax": "s"}

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ...engine.preprocess import normalize
 from ..bundle import sha256_file
 from ..networks import build_network, count_parameters
-from ...engine.preprocess import normalize
 
 SPACING_MM = 1.5
 PATCH = 160

@@ -16,18 +16,19 @@ import platform
 import sys
 import time
 from pathlib import Path
+
 import numpy as np
 import yaml
 
-from ..bundle import sha256_file, validate_meta
-from ...errors import UsageError
-from ...io.writers import atomic_path, write_text
 from ...engine.device import autocast_dtype, device_type
 from ...engine.inference import slice_with_context, sliding_window, softmax_predictor
 from ...engine.labels import labels_from_probabilities
 from ...engine.windows import plan_windows
+from ...errors import UsageError
+from ...io.writers import atomic_path, write_text
 from ...params import SegmentParams
 from ...settings import RunSettings, resolve
+from ..bundle import sha256_file, validate_meta
 from ..networks import build_network, count_parameters
 from .cases import TRAINING, VALIDATION, build_cache
 
