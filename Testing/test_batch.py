@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from conftest import ct_phantom, write_bundle
 from dicom_utils import write_ct_series
 
+from UNetSegmentLib.models.bundle import load_bundle
 from UNetSegmentLib.serving import batch
 from UNetSegmentLib.serving.batch import COHORT_LESIONS, COHORT_SUMMARY, discover_cases, run_cohort
 from UNetSegmentLib.cli import main
@@ -132,6 +133,22 @@ def test_resume_skips_complete_cases_and_redoes_incomplete_ones(cohort, tmp_path
     r = run_cohort(src, out, "tiny-blob", SegmentParams(heatmaps=(), threads=1, threshold=0.3), resume=True, workers=1, processes=False)
     assert r["resumed"] == 0 and r["ok"] == 0
     assert "threshold" in {s["case_id"]: s for s in r["rows"]}["case03"]["error"]
+    # parameters compare as resolved: the model's own threshold given explicitly is the same run ...
+    model_threshold = load_bundle("tiny-blob").meta["threshold"]
+    r = run_cohort(src, out, "tiny-blob", SegmentParams(heatmaps=(), threads=1, threshold=model_threshold), resume=True,
+                   workers=1, processes=False)
+    assert r["resumed"] == N_GOOD + 1  # and the DICOM case
+
+
+def test_resume_does_not_reuse_cases_made_at_another_threshold_when_the_default_is_asked(cohort, tmp_path):
+    """A case made with --threshold 0.3 is not the run a later --resume at the model's default asks for."""
+    src, _, _, _ = cohort
+    out = tmp_path / "at03"
+    r = run_cohort(src, out, "tiny-blob", SegmentParams(heatmaps=(), threads=1, threshold=0.3), workers=1, processes=False)
+    assert r["ok"] == N_GOOD + 1  # and the DICOM case
+    r = run_cohort(src, out, "tiny-blob", SegmentParams(heatmaps=(), threads=1), resume=True, workers=1, processes=False)
+    assert r["resumed"] == 0
+    assert all("threshold" in s["error"] for s in r["rows"] if s["status"] == "failed" and s["case_id"] not in BROKEN)
 
 
 def test_csv_cohort_multichannel_on_an_existing_scheduler(tmp_path):

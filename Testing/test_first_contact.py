@@ -16,6 +16,7 @@ from conftest import REPO, ct_phantom, write_bundle
 
 from UNetSegmentLib import __version__
 from UNetSegmentLib.cli import _Progress, build_parser, main
+from UNetSegmentLib.settings import resolve
 from UNetSegmentLib.errors import EXTRAS
 from UNetSegmentLib.image import to_sitk
 from UNetSegmentLib.io.outputs import CONTRACT_FILES
@@ -145,7 +146,7 @@ def test_progress_bar_on_a_terminal_shows_the_eta_and_no_rate():
 def test_summary_resolves_min_lesion_ml_once_and_explains_dropped_components(ct_file, tmp_path, capsys):
     from UNetSegmentLib.models.bundle import load_bundle
 
-    default = load_bundle("tiny-blob").inference_default("min_lesion_ml", 0.0)
+    default = resolve(None, load_bundle("tiny-blob"), hardware=False).min_lesion_ml
     out = tmp_path / "default"
     assert main(["segment", str(ct_file), "-o", str(out), "--model", "tiny-blob", "-q", "--heatmap", "none"]) == 0
     s = json.loads((out / "summary.json").read_text())

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 
 
+
+def lesion(p: np.ndarray, threshold: float) -> np.ndarray:
+    """Lesion voxels by the engine's threshold rule, from class probabilities [C, ...] or a P(not background) map."""
+    from UNetSegmentLib.engine.labels import labels_from_probabilities
+
+    maps = {c: p[c] for c in range(1, p.shape[0])} if p.ndim == 4 else {1: p}
+    return labels_from_probabilities(maps, threshold) > 0
+
 def prepare(out: Path, model: str | None) -> None:
     from UNetSegmentLib.demo import demo_case
     from UNetSegmentLib.engine.acceleration import prepare_network
@@ -124,8 +132,8 @@ def run(d: Path, device: str = "cuda") -> None:
         t, p = timed(fn)
         results[label] = p
         print(f"{label:>20}: {t:6.3f} s   max |Δp| vs CPU fp32 {np.abs(p[1:].sum(0) - ref).max():.2e}   "
-              f"label Dice vs CPU {dice(p[1:].sum(0) >= thr, ref >= thr):.5f}")
-    target = results[f"fast {half}"][1:].sum(0) >= thr
+              f"label Dice vs CPU {dice(lesion(p, thr), lesion(ref, thr)):.5f}")
+    target = lesion(results[f"fast {half}"], thr)
     layer, plan = cam_layer_name(fast_net, meta), plan_for(vol, fast16, fast_net)  # the windows "fast" ran
     t, cam = timed(lambda: gradcam(vol, fast_net, plan, target, layer=layer, batch_size=fast16.batch_size, device=dev), n=2)
     print(f"{'Grad-CAM (fast)':>20}: {t:6.3f} s   peak {cam.max():.2f}, on {int(target.sum())} lesion voxels")
@@ -147,7 +155,7 @@ def run(d: Path, device: str = "cuda") -> None:
         p, used = run_with_fallback(attempt, Attempt(dev, "fp16", batch, fit), lambda: "fp32", warnings)
         print(f"OOM fallback (GPU capped at {cap_mib} MiB, batch {batch}, {'fitted' if fit else 'patch'} windows): ran on "
               f"{used.device} at batch {used.batch_size} in {time.perf_counter() - t0:.2f} s; "
-              f"label Dice vs CPU {dice(p[1:].sum(0) >= thr, ref >= thr):.5f}")
+              f"label Dice vs CPU {dice(lesion(p, thr), lesion(ref, thr)):.5f}")
         for w in warnings:
             print("  warning:", w)
 

@@ -37,6 +37,7 @@ from UNetSegmentLib.models.bundle import default_model_name, load_bundle  # noqa
 from UNetSegmentLib.demo import demo_case  # noqa: E402
 from UNetSegmentLib.image import Image  # noqa: E402
 from UNetSegmentLib.engine.inference import slice_with_context  # noqa: E402
+from UNetSegmentLib.engine.labels import labels_from_probabilities  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.params import SegmentParams  # noqa: E402
 from UNetSegmentLib.engine.pipeline import segment  # noqa: E402
@@ -119,7 +120,7 @@ def main() -> int:
     p_ours = r_ours.probability.array
     d_prob = float(np.abs(p_ours - p_monai).max())
     d_prob_eq = float(np.abs(r_eq.probability.array - p_monai).max())
-    dice_ours_monai = dice(p_ours >= threshold, p_monai >= threshold)
+    dice_ours_monai = dice(lesion(p_ours, threshold), lesion(p_monai, threshold))
     truth = Path(case).parent / "label.nii.gz"
     print(f"MONAI  (fp32, overlap 0.25): {t_monai:.2f} s")
     print(f"ours   (defaults, {r_ours.precision}): {t_ours:.2f} s")
@@ -128,7 +129,7 @@ def main() -> int:
     print(f"Dice(ours, MONAI) of the label maps: {dice_ours_monai:.4f}")
     if truth.exists():
         gt = read_image(truth).array > 0
-        d1, d2 = dice(p_ours >= threshold, gt), dice(p_monai >= threshold, gt)
+        d1, d2 = dice(lesion(p_ours, threshold), gt), dice(lesion(p_monai, threshold), gt)
         print(f"Dice vs truth: ours {d1:.4f}, MONAI {d2:.4f}, ΔDice {d1 - d2:+.4f}")
     t_cam, r_cam = timed(lambda: ours(resolve(SegmentParams(), bundle)), 1)
     print(f"ours with Grad-CAM ({r_cam.extra.get('cam_method')}): inference {r_cam.timings['inference_s']:.2f} s, "
@@ -207,6 +208,11 @@ def ablation(case: Path, bundle, net, repeats: int) -> None:
           f"bf16 {bf16_tf * 1e3:.0f} GFLOP/s")
 
 
+def lesion(p_foreground: np.ndarray, threshold: float) -> np.ndarray:
+    """Lesion voxels of a P(not background) map by the engine's threshold rule (one label)."""
+    return labels_from_probabilities({1: p_foreground}, threshold) > 0
+
+
 def compare_lesions(cases_dir: Path, settings: RunSettings, ours_fn, monai_fn) -> None:
     """Ours (defaults) vs MONAI on every case folder: Dice vs truth and the true lesions ≥ 0.5 mL each finds."""
     from UNetSegmentLib.analysis.evaluate import score_case
@@ -219,7 +225,7 @@ def compare_lesions(cases_dir: Path, settings: RunSettings, ours_fn, monai_fn) -
         r = ours_fn(img)
         p_monai = monai_fn(img)
         ours_lab = remove_small_lesions(r.labels, min_ml)
-        monai_lab = remove_small_lesions(Image((p_monai >= thr).astype(np.uint8), img.ijk_to_ras), min_ml)
+        monai_lab = remove_small_lesions(Image(lesion(p_monai, thr).astype(np.uint8), img.ijk_to_ras), min_ml)
         so, sm = score_case(c.name, truth, ours_lab), score_case(c.name, truth, monai_lab)
         found_o = [l["detected"] for l in so.true_lesions if l["volume_ml"] >= 0.5]
         found_m = [l["detected"] for l in sm.true_lesions if l["volume_ml"] >= 0.5]

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "UNetSegment"))
 
 from UNetSegmentLib.io.writers import write_image  # noqa: E402
-from UNetSegmentLib.job import segment_files  # noqa: E402
+from UNetSegmentLib.serving.job import segment_files  # noqa: E402
 from UNetSegmentLib.phantom import head_with_blob  # noqa: E402
 from UNetSegmentLib.synth import make_demo_case  # noqa: E402
 

@@ -31,6 +31,7 @@ _PUBLIC = {
     "segment_files": "serving.job",
     "analyze_lesions": "analysis.lesions",
     "UNetSegmentError": "errors",
+    "ServerClient": "serving.client",
 }
 __all__ = ["__version__", *_PUBLIC]
 

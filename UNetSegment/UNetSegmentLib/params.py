@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from .errors import UsageError
@@ -84,7 +84,7 @@ class Field:
             raise UsageError(f"{self.name} must be given", f"use {self.allowed()}")
         try:
             v = self._coerce(value)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise UsageError(f"{self.name}={value!r}: {e}", f"use {self.allowed()}") from None
         if self.choices and v not in self.choices:
             raise UsageError(f"{self.name}={value!r} is not allowed", f"use {self.allowed()}")
@@ -178,10 +178,22 @@ FIELD = {f.name: f for f in FIELDS}
 HELP = {f.name: f.help for f in FIELDS}
 
 
-@dataclass
+#: other names a parameter is known by (the CLI's ``--heatmap``)
+ALIASES = {"heatmap": "heatmaps"}
+
+
+def field_name(key: str) -> str:
+    """A flag, form field or JSON key as a parameter name: ``--min-lesion-ml`` → ``min_lesion_ml``,
+    ``heatmap`` → ``heatmaps`` (not checked: see :data:`FIELD`)."""
+    name = str(key).strip().lstrip("-").lower().replace("-", "_")
+    return ALIASES.get(name, name)
+
+
+@dataclass(frozen=True)
 class SegmentParams:
-    """What a user may set for one run; validated against :data:`FIELDS` on construction
-    (:class:`UsageError` on a bad value). ``None``: the model's default (:func:`.settings.resolve`)."""
+    """What a user may set for one run; validated against :data:`FIELDS` on construction (also by
+    ``dataclasses.replace``; :class:`UsageError` on a bad value). ``None``: the model's default
+    (:func:`.settings.resolve`)."""
 
     device: str = "auto"
     precision: str = "auto"
@@ -199,7 +211,7 @@ class SegmentParams:
 
     def __post_init__(self) -> None:
         for f in FIELDS:
-            setattr(self, f.name, f.check(getattr(self, f.name)))
+            object.__setattr__(self, f.name, f.check(getattr(self, f.name)))
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -213,8 +225,7 @@ class SegmentParams:
         (default: the defaults). Unknown names and, unless allowed, server-owned ones are refused."""
         d = asdict(base) if base is not None else {}
         for key, value in values.items():
-            name = str(key).strip().lstrip("-").lower().replace("-", "_")
-            name = "heatmaps" if name == "heatmap" else name
+            name = field_name(key)
             if name not in FIELD:
                 raise UsageError(f"unknown parameter {str(key)[:60]!r}",
                                  "use the segment parameters: " + ", ".join(f.name for f in FIELDS))
@@ -223,9 +234,6 @@ class SegmentParams:
                                  f"leave it out (the admin sets `unetsegment serve {FIELD[name].option}`)")
             d[name] = value
         return cls(**d)
-
-
-assert [f.name for f in fields(SegmentParams)] == [f.name for f in FIELDS], "FIELDS and SegmentParams disagree"
 
 
 def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -248,8 +256,10 @@ def _argparse_type(f: Field):
     def convert(text: str):
         try:
             return f.check(f.parse_text(text))
-        except (ValueError, UsageError) as e:
-            raise argparse.ArgumentTypeError(str(e).split(" — ")[0]) from None
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}; use {f.allowed()}") from None
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(f"{e.problem}; {e.fix}") from None
 
     convert.__name__ = f.name  # argparse names the type in its messages
     return convert

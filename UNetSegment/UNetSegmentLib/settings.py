@@ -8,7 +8,7 @@ default or a derived setting changes in this file only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from .params import SegmentParams
@@ -79,10 +79,19 @@ class RunSettings:
     engine: str
     gradcam_layer: str | None  # as asked; the network's default is looked up when the network is built
     cam_method: str
+    hardware_resolved: bool = True  # device, precision and threads are resolved (see :func:`on_hardware`)
 
     @property
     def fast(self) -> bool:
         return self.engine == "fast"
+
+
+def resolved_parameters(params: SegmentParams, settings: RunSettings, batch_size: int | None = None) -> dict:
+    """The parameters as ``summary.json`` and the report state them: what was asked, with every "model's
+    default" replaced by the value used (threshold, overlap, batch size — ``batch_size`` when an
+    out-of-memory fallback lowered it —, minimum lesion size, TTA)."""
+    return {**params.as_dict(), "threshold": settings.threshold, "overlap": settings.overlap,
+            "batch_size": batch_size or settings.batch_size, "min_lesion_ml": settings.min_lesion_ml, "tta": settings.tta}
 
 
 def resolve(params: SegmentParams | None, model: Any, *, hardware: bool = True) -> RunSettings:
@@ -98,15 +107,7 @@ def resolve(params: SegmentParams | None, model: Any, *, hardware: bool = True) 
         value = getattr(params, name)
         return value if value is not None else inference.get(name, FALLBACKS[name])
 
-    device, precision, threads = params.device, params.precision, params.threads
-    if hardware:
-        from .engine.acceleration import default_threads
-        from .engine.device import resolve_device, resolve_precision
-
-        device = resolve_device(params.device)
-        precision = resolve_precision(params.precision, device)
-        threads = params.threads or default_threads()
-    return RunSettings(
+    settings = RunSettings(
         model=ModelSettings.from_meta(meta),
         threshold=float(params.threshold if params.threshold is not None else meta["threshold"]),
         overlap=float(default("overlap")),
@@ -115,10 +116,25 @@ def resolve(params: SegmentParams | None, model: Any, *, hardware: bool = True) 
         connectivity=params.connectivity,
         tta=bool(default("tta")),
         heatmaps=tuple(params.heatmaps),
-        device=device,
-        precision=precision,
-        threads=threads,
+        device=params.device,
+        precision=params.precision,
+        threads=params.threads,
         engine=params.engine,
         gradcam_layer=params.gradcam_layer,
         cam_method=params.cam_method,
+        hardware_resolved=False,
     )
+    return on_hardware(settings) if hardware else settings
+
+
+def on_hardware(settings: RunSettings) -> RunSettings:
+    """``settings`` with device, precision and threads resolved on this machine (``auto`` → what it has;
+    :class:`.errors.DeviceError` for a device it lacks); unchanged when they already are."""
+    if settings.hardware_resolved:
+        return settings
+    from .engine.acceleration import default_threads
+    from .engine.device import resolve_device, resolve_precision
+
+    device = resolve_device(settings.device)
+    return replace(settings, device=device, precision=resolve_precision(settings.precision, device),
+                   threads=settings.threads or default_threads(), hardware_resolved=True)

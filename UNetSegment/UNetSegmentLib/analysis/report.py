@@ -10,7 +10,7 @@ Display conventions (radiological, as in Slicer's default views and PACS viewers
 * **Sagittal**: superior at the top, anterior on the image left.
 
 They are obtained from the geometry, not assumed: every volume is viewed through
-:func:`.preprocess.canonical_grid` (axis permutation and flips only, no interpolation), whose
+:func:`..engine.grid.canonical_grid` (axis permutation and flips only, no interpolation), whose
 i axis points to the patient's left, j posterior and k superior. Row index = increasing j
 (anterior → posterior, top → bottom), column index = increasing i (right → left, image left →
 image right). Coronal/sagittal reformats are flipped so superior is up. Pixels keep their

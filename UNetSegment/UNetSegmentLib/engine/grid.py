@@ -127,7 +127,7 @@ class GridMapping:
         the axes back (exact). One full-size float32 array at the end (clipped in place), never
         float64; values below ``floor`` become 0."""
         src = arr
-        if arr.shape != self.canonical.shape_kji or not np.allclose(self.network.ijk_to_ras, self.canonical.ijk_to_ras, atol=1e-6):
+        if arr.shape != self.canonical.shape_kji or not self.network.same_as(self.canonical):
             arr = resample(Image(arr, self.network.ijk_to_ras), self.canonical.shape_kji, self.canonical.ijk_to_ras,
                            order=1, fill=0.0).array
         out = np.ascontiguousarray(self.axes.invert(arr), dtype=np.float32)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CancelledError
 from .device import autocast_dtype
-from .windows import Region, WindowGrid, WindowPlan, gaussian_importance, grid_windows
+from .windows import Region, WindowGrid, WindowPlan, gaussian_importance, grid_windows, is_full
 
 ProgressFn = Callable[[str, float, str], None]
 #: a batch of windows [B, C', (k,) j, i] on the device and their (k, j, i) starts in the region → [B, n, (k,) j, i]
@@ -156,8 +156,11 @@ def run_plan(volume: np.ndarray, plan: WindowPlan, fn: RegionWindowFn, out_chann
 
     ``fill``: per channel, the value of voxels no window covers; ``keep(region, start)`` drops windows
     (Grad-CAM: those without a voxel to explain)."""
-    out = np.empty((out_channels, *plan.shape), np.float32)
-    out[:] = np.asarray(fill, np.float32)[:, None, None, None]
+    single = len(plan.regions) == 1 and plan.regions[0].write_k is None and is_full(plan.regions[0].box, plan.shape)
+    out = None
+    if not single:  # one region over the whole volume (the plain plan): its blend is the result, no second copy
+        out = np.empty((out_channels, *plan.shape), np.float32)
+        out[:] = np.asarray(fill, np.float32)[:, None, None, None]
     total = max(1, plan.n_windows(keep))
     done, t0 = 0, time.perf_counter()
 
@@ -170,8 +173,10 @@ def run_plan(volume: np.ndarray, plan: WindowPlan, fn: RegionWindowFn, out_chann
 
     for region in plan.regions:
         grid = region.window_grid(plan.spatial_dims, plan.overlap, None if keep is None else (lambda s, r=region: keep(r, s)))
-        part = blend_region(volume[(slice(None), *region.box)], grid, lambda x, s, r=region: fn(x, s, r), plan, out_channels, fill, batch_size=batch_size,
-                            device=device, on_batch=report, cancel=cancel)
+        part = blend_region(volume[(slice(None), *region.box)], grid, lambda x, s, r=region: fn(x, s, r), plan,
+                            out_channels, fill, batch_size=batch_size, device=device, on_batch=report, cancel=cancel)
+        if out is None:
+            return part
         if region.write_k is None:
             out[(slice(None), *region.box)] = part
         else:

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..image import Image
 from ..models.bundle import Bundle
 from ..params import SegmentParams
-from ..settings import RunSettings, resolve
+from ..settings import RunSettings, on_hardware, resolve
 from .acceleration import prepare_network
 from .checks import check_for_model, check_memory, check_volume
 from .device import cpu_fallback_precision
@@ -60,14 +60,14 @@ def segment(
     ``params``: what the user set (resolved here with :func:`.settings.resolve`), or ``settings``
     already resolved; ``progress(stage, fraction, message)`` and ``cancel`` as in
     :func:`.inference.sliding_window`; ``network``: a built network to reuse (else the bundle's)."""
-    s = settings or resolve(params, bundle)
+    s = on_hardware(settings) if settings is not None else resolve(params, bundle)
     cancel = cancel or CancelToken()
     report = progress or (lambda stage, frac, msg="": None)
     timings: dict[str, float] = {}
     warnings: list[str] = []
     t = time.perf_counter()
     report("preprocess", 0.0, "")
-    _check_inputs(inputs, bundle, warnings)
+    _check_inputs(inputs, bundle, s.model.out_channels, warnings)
     volume, mapping, aligned = prepare_inputs(inputs, s.model)
     timings["preprocess_s"] = time.perf_counter() - t
     cancel.check()
@@ -129,7 +129,7 @@ def plan_for(volume: np.ndarray, settings: RunSettings, network) -> WindowPlan:
                         fast=settings.fast, size_divisor=int(getattr(network, "size_divisor", 16)))
 
 
-def _check_inputs(inputs: list[Image], bundle: Bundle, warnings: list[str]) -> None:
+def _check_inputs(inputs: list[Image], bundle: Bundle, out_channels: int, warnings: list[str]) -> None:
     """Refuse inputs the model cannot take; one line per warning about those it can."""
     names = bundle.channel_names
     if len(inputs) != len(names):
@@ -140,7 +140,7 @@ def _check_inputs(inputs: list[Image], bundle: Bundle, warnings: list[str]) -> N
     for img, n, spec in zip(inputs, names, bundle.meta["inputs"]):
         warnings += check_volume(img, n)
         warnings += check_for_model(img, n, spec, bundle.dimensions, bundle.meta.get("anatomy"))
-    check_memory(int(np.prod(inputs[0].array.shape)) * len(inputs), 1 + len(bundle.labels))
+    check_memory(int(np.prod(inputs[0].array.shape)) * len(inputs), out_channels)
 
 
 def _plan_for(plan: WindowPlan, attempt: Attempt) -> WindowPlan:
@@ -160,7 +160,7 @@ class _NetworkRunner:
         import torch
 
         if device == "cpu":  # the cores really available (affinity, container quota, OMP_NUM_THREADS), or as asked
-            torch.set_num_threads(int(self.settings.threads or 1))
+            torch.set_num_threads(int(self.settings.threads))
         if device not in self._on:
             dims = self.settings.model.spatial_dims
             self._on[device] = (prepare_network(self.network, dims, device) if self.settings.fast

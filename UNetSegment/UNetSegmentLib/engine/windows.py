@@ -186,11 +186,20 @@ def plan_windows(volume: np.ndarray, *, spatial_dims: int, patch: Sequence[int],
     if box is None:  # nothing but background: every voxel gets the uniform answer
         return replace(base, whole=False)
     box = align_box(box, size_divisor, in_plane_only=spatial_dims == 2)
-    one_box = replace(base, regions=(Region(box, patch),), whole=is_full(box, shape))
+    one_box = replace(base, regions=(_box_region(box, patch, context, shape[0]),), whole=is_full(box, shape))
     if spatial_dims == 3:
         return one_box
     slabs = _fitted_slabs(body, box, shape[0], patch, context, size_divisor)
     return replace(base, regions=slabs, whole=False, coarse=one_box)
+
+
+def _box_region(box: Box, patch: tuple[int, ...], context: int, n_slices: int) -> Region:
+    """Training-size windows over ``box``; for 2.5D the box also holds the context slices its edge slices
+    read (as a slab's does), so that they see the real neighbours, not the box's edge repeated."""
+    lo, hi = max(0, box[0].start - context), min(n_slices, box[0].stop + context)
+    if len(patch) == 3 or (lo, hi) == (box[0].start, box[0].stop):
+        return Region(box, patch)
+    return Region((slice(lo, hi), box[1], box[2]), patch, (box[0].start, box[0].stop))
 
 
 def _fitted_slabs(body: "BodyMask", box: Box, n_slices: int, patch: tuple[int, ...], context: int,

@@ -77,9 +77,6 @@ class Bundle:
     def weights_path(self) -> Path:
         return self.root / self.meta["weights"]["file"]
 
-    def inference_default(self, key: str, fallback):
-        return self.meta.get("inference", {}).get(key, fallback)
-
     def build_network(self):
         """The network with its weights loaded (CPU, eval mode)."""
         from .networks import build_network

@@ -349,7 +349,7 @@ class MultiPathUNet(_SegmentationNet):
     After the multi-path idea of Dense Multi-path U-Net (Dolz et al. 2018, ISLES perfusion), without
     its cross-path dense connections: input channels are split into ``paths`` contiguous groups
     (one modality each; for 2.5D a modality's neighbouring slices stay together, as
-    :func:`inference._cut` stacks them), each group has its own encoder of ``path_channels ·
+    :func:`..engine.inference.slice_with_context` stacks them), each group has its own encoder of ``path_channels ·
     2**level`` channels, and at every level (skips and bottleneck) the paths' features are
     concatenated and fused by a 1×1 convolution (+ norm + ReLU) to the decoder's ``base · 2**level``
     channels. ``paths`` defaults to one path per input channel; ``path_channels`` to ``base // 2``,

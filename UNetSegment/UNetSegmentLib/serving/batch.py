@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -99,11 +100,9 @@ def run_case(case_id: str, inputs: Sequence[str], case_dir: str, model: str | No
     t = time.perf_counter()
     row = failed_row(case_id, inputs)
     try:
-        p = SegmentParams(**{**params, "heatmaps": tuple(params.get("heatmaps", ()))})
-        if p.threads is None:
-            p.threads = threads_here(threads)
-        if devices:
-            p.device = devices.get(worker_address(), p.device)
+        p = SegmentParams.from_mapping(params)
+        p = replace(p, threads=p.threads if p.threads is not None else threads_here(threads),
+                    device=devices.get(worker_address(), p.device) if devices else p.device)
         from .job import segment_files
 
         quiet_itk()  # the case's error row already says what is wrong
@@ -199,7 +198,7 @@ def _plan_cases(cases: Sequence[Case], out: Path, bundle, params: SegmentParams,
             rows[key] = failed_row(c.case_id, c.inputs, c.error)
             continue
         if resume:
-            ok, why = complete_case(out / c.case_id, bundle.name, bundle.version, params)
+            ok, why = complete_case(out / c.case_id, bundle, params)
             if ok:
                 rows[key] = resumed_row(c.case_id, c.inputs, out / c.case_id)
                 continue

@@ -28,10 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 from ..errors import UNetSegmentError
-from ..params import SegmentParams
-
-#: SegmentParams fields never sent: the server owns its devices and threads
-_SERVER_OWNED = ("device", "threads")
+from ..params import FIELD, SegmentParams, field_name
 _CHUNK = 1 << 20
 
 
@@ -50,7 +47,8 @@ def params_to_fields(params: SegmentParams | Mapping | None) -> dict[str, str]:
     d = params.as_dict() if isinstance(params, SegmentParams) else dict(params)
     out = {}
     for k, v in d.items():
-        if k in _SERVER_OWNED or v is None:
+        field = FIELD.get(field_name(k))  # an unknown name goes through: the server answers 400 naming it
+        if v is None or (field is not None and field.server_owned):  # the server owns its devices and threads
             continue
         name = "heatmap" if k == "heatmaps" else k.replace("_", "-")
         if isinstance(v, bool):

@@ -12,6 +12,7 @@ from typing import Sequence
 from ..analysis.lesions import COLUMNS, format_cell
 from ..io.writers import write_text
 from ..params import SegmentParams
+from ..settings import resolve, resolved_parameters
 
 #: columns of ``cohort_summary.csv``
 SUMMARY_COLUMNS = ("case_id", "status", "n_lesions", "total_volume_ml", "time_s", "error", "output_dir", "inputs")
@@ -38,9 +39,10 @@ def resumed_row(case_id: str, inputs: Sequence[str], case_dir: Path) -> dict:
             "error": "", "output_dir": case_id, "inputs": ";".join(inputs)}
 
 
-def complete_case(case_dir: Path, model_name: str, model_version: str, params: SegmentParams) -> tuple[bool, str]:
-    """(True, '') when ``case_dir`` holds a complete set made by this model with these parameters;
-    else (False, why it cannot be reused), or (False, '') when it holds no ``summary.json``."""
+def complete_case(case_dir: Path, bundle, params: SegmentParams) -> tuple[bool, str]:
+    """(True, '') when ``case_dir`` holds a complete set made by ``bundle`` with these parameters as
+    resolved for it (a "model's default" compares as the value it stands for); else (False, why it
+    cannot be reused), or (False, '') when it holds no ``summary.json``."""
     sj = case_dir / "summary.json"
     if not sj.is_file():
         return False, ""
@@ -49,11 +51,11 @@ def complete_case(case_dir: Path, model_name: str, model_version: str, params: S
         m, rec = s["model"], s["parameters"]
     except (OSError, ValueError, KeyError, TypeError):
         return False, f"{sj} is unreadable"
-    if (m.get("name"), m.get("version")) != (model_name, model_version):
+    if (m.get("name"), m.get("version")) != (bundle.name, bundle.version):
         return False, f"{case_dir.name} holds outputs of model {m.get('name')} {m.get('version')}"
-    want = params.as_dict()
+    want = resolved_parameters(params, resolve(params, bundle, hardware=False))
     for k in _RESULT_PARAMS:
-        if want.get(k) is not None and want[k] != rec.get(k):
+        if want[k] != rec.get(k) and not (k == "gradcam_layer" and want[k] is None):  # None: the model's layer
             return False, f"{case_dir.name} holds outputs made with {k}={rec.get(k)!r}, not {want[k]!r}"
     return True, ""
 

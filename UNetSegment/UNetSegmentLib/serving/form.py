@@ -11,22 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UNetSegmentError, UsageError
-from ..params import FIELD, FIELDS, SegmentParams
+from ..params import ALIASES, FIELD, FIELDS, SegmentParams, field_name
 from .problems import HTTPProblem
 
 #: file fields that carry inputs in channel order rather than by channel name
 POSITIONAL_FIELDS = ("input", "inputs", "file", "files")
-_ALIASES = {"heatmap": "heatmaps"}
-
-
-def _field_name(raw: str) -> str:
-    """A form field's name as a parameter name: ``--min-lesion-ml`` → ``min_lesion_ml``, ``heatmap`` → ``heatmaps``."""
-    name = raw.strip().lstrip("-").lower().replace("-", "_")
-    return _ALIASES.get(name, name)
 
 
 def _unknown_field(raw: str) -> HTTPProblem:
-    names = sorted({"model", *(f.name for f in FIELDS if not f.server_owned), *_ALIASES})
+    names = sorted({"model", *(f.name for f in FIELDS if not f.server_owned), *ALIASES})
     return HTTPProblem(400, f"unknown form field {raw[:60]!r}",
                        "send files named after the model's channels (or 'input'), and parameters named like the segment "
                        "flags: " + ", ".join(names))
@@ -37,7 +30,7 @@ def params_from_fields(fields: list[tuple[str, str]], default_model: str, defaul
     field, a parameter given twice, a server-owned one or a bad value."""
     values: dict[str, str] = {}
     for raw, value in fields:
-        name = _field_name(raw)
+        name = field_name(raw)
         if name != "model" and name not in FIELD:
             raise _unknown_field(raw)
         if name in values:

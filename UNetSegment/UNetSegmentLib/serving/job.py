@@ -25,7 +25,7 @@ from ..io.writers import write_image, write_json, write_seg_nrrd
 from ..models.bundle import Bundle, default_model_name, load_bundle
 from ..models.terminology import label_codes, label_terminology
 from ..params import SegmentParams
-from ..settings import RunSettings, resolve
+from ..settings import resolve, resolved_parameters
 
 
 def map_inputs(tokens: Sequence[str], channels: Sequence[str]) -> list[Path]:
@@ -77,7 +77,7 @@ def segment_files(
     settings = resolve(params, bundle)  # once; a bad device is refused here, before any voxel is read
     paths = map_inputs(inputs, bundle.channel_names)
     t = time.perf_counter()
-    budget = _memory_budget(len(paths), 1 + len(bundle.labels))
+    budget = _memory_budget(len(paths), settings.model.out_channels)
     images = [read_image(p, before_pixels=budget) for p in paths]
     t_read = time.perf_counter() - t
     stage = StagedOutput(output_dir, overwrite)
@@ -120,7 +120,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     t = time.perf_counter()
     settings = result.settings or resolve(params, bundle, hardware=False)
     min_ml, connectivity = settings.min_lesion_ml, settings.connectivity
-    used = used_parameters(params, settings, result)
+    used = resolved_parameters(params, settings, result.extra.get("batch_size"))
     ref, dropped_ml = split_small_lesions(result.labels, min_ml, connectivity)
     show = display_channel(bundle)  # the channel a reader expects (e.g. Tmax): report and intensity columns
     dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
@@ -232,14 +232,6 @@ def _dicom_refs(labels, path, warnings: list[str]) -> list | None:
     except (InputError, ImportError) as e:  # an extra: never lose the run over it (ImportError: no pydicom)
         warnings.append(f"DICOM references not added to the lesion table: {e}")
         return None
-
-
-def used_parameters(params: SegmentParams, settings: RunSettings, result: SegmentResult) -> dict:
-    """The parameters as the summary and the report state them: what was asked, with every "model's
-    default" replaced by the value used (threshold, overlap, batch size, minimum lesion size, TTA)."""
-    return {**params.as_dict(), "threshold": settings.threshold, "overlap": settings.overlap,
-            "batch_size": result.extra.get("batch_size", settings.batch_size), "min_lesion_ml": settings.min_lesion_ml,
-            "tta": settings.tta}
 
 
 def build_summary(result: SegmentResult, bundle: Bundle, parameters: dict, paths: Sequence[Path], timings: dict,

@@ -184,8 +184,8 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     train_files, val_files = _prepare_cases(cfg, work, log)
     settings = resolve(SegmentParams(device=tc.get("device", "auto"), precision=tc.get("precision", "auto"), heatmaps=()), meta)
     run = _Run.start(cfg, settings, work, log)
-    sampler_cls = _Sampler3D if meta["dimensions"] == "3d" else _Sampler
-    sampler = sampler_cls(train_files, settings.model.context, tuple(tc.get("crop", meta["patch_size"])), run.rng,
+    sampler_cls = _Sampler3D if settings.model.spatial_dims == 3 else _Sampler
+    sampler = sampler_cls(train_files, settings.model.context, tuple(tc.get("crop", settings.model.patch)), run.rng,
                           float(tc.get("lesion_fraction", 0.6)))
     bs, steps = int(tc.get("batch_size", 12)), int(tc["steps"])
     val_every, ck_every = int(tc.get("val_every", 250)), int(tc.get("checkpoint_every", 100))
