@@ -236,3 +236,16 @@ def test_real_head_ct(head_ct):
     vols = sorted((_ml(head_ct, comp == c) for c in range(1, n + 1)), reverse=True)
     assert 15.0 <= vols[0] <= 25.0 and 0.5 <= sum(vols[1:]) <= 3.0
     np.testing.assert_array_equal(synth.make_demo_case(head_ct)[1].array, label.array)
+
+
+@pytest.mark.parametrize("density", [46.0, 58.0, 88.0])
+def test_density_override_sets_the_bleed_density(phantom, density):
+    """Faint (early subacute, ~45–60 HU) and dense bleeds on request: the core's median is the density asked."""
+    img, _, brain = phantom
+    out, label = synth.synthesize_hemorrhage(img, np.random.default_rng(9), "intraparenchymal", 8.0, brain=brain,
+                                             density_hu=density)
+    core = ndimage.binary_erosion(label.array > 0, iterations=2)
+    assert core.sum() > 20
+    assert abs(float(np.median(out.array[core])) - density) <= 4.0
+    with pytest.raises(Exception, match="density_hu"):
+        synth.synthesize_hemorrhage(img, np.random.default_rng(9), "intraparenchymal", 8.0, brain=brain, density_hu=-5.0)

@@ -22,9 +22,31 @@ def _config(tmp: Path, steps=6) -> Path:
     cfg["bundle"]["architecture"]["kwargs"].update(base_channels=4, depth=2)
     cfg["data"].update(generator="phantom", train_cases=3, val_cases=1, train_seed=10, val_seed=500, cache_dir=str(tmp / "cache"))
     cfg["train"].update(steps=steps, batch_size=2, crop=[32, 32], val_every=3, checkpoint_every=2, precision="fp32")
+    cfg["train"].pop("init_from", None)
     p = tmp / "cfg.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
+
+
+def test_fine_tuning_starts_from_the_named_weights_and_refuses_others(tmp_path):
+    from UNetSegmentLib.errors import UsageError
+    from UNetSegmentLib.models.bundle import sha256_file
+
+    first = _config(tmp_path, steps=2)
+    trainer.train(first, tmp_path / "a", log=lambda m: None)
+    weights = tmp_path / "a" / "model.safetensors"
+    cfg = yaml.safe_load(first.read_text())
+    cfg["train"]["init_from"] = {"file": "a/model.safetensors", "sha256": sha256_file(weights), "version": "0.1"}
+    tuned = tmp_path / "tune.yaml"
+    tuned.write_text(yaml.safe_dump(cfg))
+    logs: list[str] = []
+    meta = trainer.train(tuned, tmp_path / "b", log=logs.append)
+    assert any(l.startswith("initialised from") for l in logs)
+    assert meta["training"]["init_from"] == {"version": "0.1", "sha256": sha256_file(weights)}
+    cfg["train"]["init_from"]["sha256"] = "0" * 64
+    tuned.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UsageError, match="not the ones the config names"):
+        trainer.train(tuned, tmp_path / "c", log=lambda m: None)
 
 
 def test_train_writes_a_valid_bundle_and_is_reproducible(tmp_path):

@@ -22,6 +22,15 @@ class InputError(UNetSegmentError):
     exit_code = 3
 
 
+class UnusualInputError(InputError):
+    """The input does not look like what the model reads (another modality or body part): refused
+    unless the user runs anyway (``--allow-unusual-input``); ``seen`` is what the check saw."""
+
+    def __init__(self, seen: str, fix: str):
+        self.seen = seen
+        super().__init__(seen, f"{fix}; or run anyway with --allow-unusual-input (every output is then marked)")
+
+
 class ModelError(UNetSegmentError):
     exit_code = 4
 

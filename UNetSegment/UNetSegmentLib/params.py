@@ -168,6 +168,8 @@ FIELDS: tuple[Field, ...] = (
           "decoder.0)", optional=True),
     Field("cam_method", "str", "hirescam (element-wise gradient × activation; stays on the lesion it explains) or "
           "gradcam (channel-averaged gradients, Selvaraju 2017)", choices=CAM_METHODS),
+    Field("allow_unusual_input", "bool", "run even when the input does not look like what the model reads (another "
+          "modality or body part, e.g. a chest CT for a head model); every output is then marked as unusual input"),
     Field("engine", "str", "fast (default: windows only over the body, one fitted window per slice for 2D/2.5D models, "
           "BatchNorm folded, channels-last) or plain (the reference engine: training-size windows over the whole "
           "volume); on the sample head CT they agree to labels Dice ≥ 0.999 (|Δp| ≤ 0.01 at 99.99 % of voxels; "
@@ -207,6 +209,7 @@ class SegmentParams:
     threads: int | None = None
     gradcam_layer: str | None = None
     cam_method: str = "hirescam"
+    allow_unusual_input: bool = False
     engine: str = "fast"
 
     def __post_init__(self) -> None:

@@ -79,6 +79,7 @@ class RunSettings:
     engine: str
     gradcam_layer: str | None  # as asked; the network's default is looked up when the network is built
     cam_method: str
+    allow_unusual_input: bool = False  # run although the input-domain check refuses (outputs marked)
     hardware_resolved: bool = True  # device, precision and threads are resolved (see :func:`on_hardware`)
 
     @property
@@ -122,6 +123,7 @@ def resolve(params: SegmentParams | None, model: Any, *, hardware: bool = True) 
         engine=params.engine,
         gradcam_layer=params.gradcam_layer,
         cam_method=params.cam_method,
+        allow_unusual_input=params.allow_unusual_input,
         hardware_resolved=False,
     )
     return on_hardware(settings) if hardware else settings

@@ -52,6 +52,9 @@ KIND_VOLUME_ML = {
     "intraventricular": (0.5, 15.0),  # capped at 60 % of the ventricles found
 }
 
+#: Texture range either side of a bleed density given to :func:`synthesize_hemorrhage`.
+DENSITY_SPREAD_HU = 15.0
+
 SKULL_HU = 300.0
 BRAIN_HU = (0.0, 80.0)
 VENTRICLE_HU = (0.0, 15.0)
@@ -172,6 +175,7 @@ class _Ctx:
         self.sampling = ct.spacing[::-1].astype(np.float64)  # k, j, i
         self.voxel_mm3 = ct.voxel_volume_mm3
         self.brain = brain
+        self.density_hu: float | None = None  # one bleed density for every bleed painted (None: by kind)
         if not brain.any():
             raise InputError("the brain mask is empty", "pass a head CT in Hounsfield units that covers the brain")
         self.bb = _bbox(brain, margin=1)
@@ -283,8 +287,12 @@ def _paint(ctx: _Ctx, out: np.ndarray, label: np.ndarray, box, lab: np.ndarray, 
         rim *= brain_box * (1.0 - w)
         ct -= drop * rim
     resid = np.clip(ct - ndimage.median_filter(ct, size=3, mode="nearest"), -25.0, 25.0) * brain_box
-    lo, hi = hu
-    base = rng.uniform(lo + 0.15 * (hi - lo), hi - 0.15 * (hi - lo))
+    if ctx.density_hu is not None:
+        base = ctx.density_hu
+        lo, hi = base - DENSITY_SPREAD_HU, base + DENSITY_SPREAD_HU
+    else:
+        lo, hi = hu
+        base = rng.uniform(lo + 0.15 * (hi - lo), hi - 0.15 * (hi - lo))
     target = np.clip(base + texture_sd * ctx.noise(rng, ct.shape, 1.5), lo, hi)
     blended = (1.0 - w) * ct + w * (target + resid)
     if np.issubdtype(out.dtype, np.integer):
@@ -490,6 +498,7 @@ def synthesize_hemorrhage(
     volume_ml: float | None = None,
     *,
     brain: np.ndarray | None = None,
+    density_hu: float | None = None,
 ) -> tuple[Image, Image]:
     """Paint one synthetic bleed into a copy of ``ct`` (HU); returns ``(ct_with_bleed, label)``.
 
@@ -511,13 +520,19 @@ def synthesize_hemorrhage(
     The label (uint8, 1 = hemorrhage, same grid) marks the voxels where the bleed's blend weight is
     ≥ 0.5; its volume equals ``volume_ml`` to within one voxel whenever the brain can hold it. All
     sizes are in mm/mL, so any spacing and orientation works. ``brain`` is a precomputed
-    :func:`brain_mask` (saves ~1 s per call). ``ct`` is not modified.
+    :func:`brain_mask` (saves ~1 s per call). ``density_hu`` replaces the kind's HU range by one
+    mean bleed density (texture within ±15 HU of it): hyperacute-to-early-subacute blood spans about
+    45–90 HU, and faint bleeds are the ones a model trained on the kinds' ranges misses. ``ct`` is
+    not modified.
     """
     if kind not in _MAKERS:
         raise UsageError(f"unknown hemorrhage kind {kind!r}", f"use one of {', '.join(KINDS)}")
     if volume_ml is not None and not (volume_ml > 0):
         raise UsageError(f"volume_ml must be positive, got {volume_ml}", "pass a volume in mL, e.g. 10")
+    if density_hu is not None and not (0.0 < density_hu < 200.0):
+        raise UsageError(f"density_hu must be a blood density in HU (0–200), got {density_hu}", "pass e.g. 55")
     ctx = _Ctx(ct, brain_mask(ct) if brain is None else _check_brain(brain, ct))
+    ctx.density_hu = density_hu
     out = np.array(ct.array, copy=True)
     label = np.zeros(ct.array.shape[:3], dtype=np.uint8)
     _MAKERS[kind](ctx, rng, out, label, volume_ml)

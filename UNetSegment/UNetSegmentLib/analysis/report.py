@@ -58,6 +58,7 @@ _GREEN = "#1b5e20"
 _MARGIN_L = 0.35
 _MARGIN_TOP = 0.2
 _HEADER_H = 1.55
+_BANNER_H = 0.75
 _PANEL = 2.6  # panel box (square)
 _CBAR_W = 0.13
 _CBAR_SPACE = 1.0  # colour bar + its tick labels and label, up to the next panel
@@ -122,6 +123,7 @@ class ReportLayout:
     max_probability: float | None = None
     #: the negative page's sentence on components dropped under the minimum lesion size ('' if none)
     dropped_note: str = ""
+    unusual_input: bool = False  # the "unusual input" banner drawn
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +367,7 @@ def render_report(
     parameters: Mapping[str, Any] | None = None,
     modality: str | None = None,
     intensity_label: str | None = None,
+    unusual_input: str | None = None,
 ) -> ReportLayout:
     """Write the report PNG to ``path`` (atomically) and return what was drawn.
 
@@ -373,7 +376,9 @@ def render_report(
     None. All on the same grid. ``label_colors`` maps label values to RGB (0–1 or 0–255).
     ``parameters`` (optional) — run parameters printed in the footer; ``modality`` — 'CT' gives
     intensities in HU (None: auto, like :func:`.lesions.analyze_lesions`); ``intensity_label`` names
-    the shown channel and its unit instead (e.g. "Tmax s" for a perfusion model).
+    the shown channel and its unit instead (e.g. "Tmax s" for a perfusion model). ``unusual_input``:
+    what the input-domain check saw when the user ran the model anyway — drawn as a banner under the
+    header saying the results are not findings.
     """
     _check_inputs(image, labels, probability, gradcam, window, max_lesions, max_rows)
     window = (float(window[0]), float(window[1]))
@@ -384,9 +389,11 @@ def render_report(
     counts = _Counts.of(len(rows), max_lesions, max_rows)
     params = _param_lines(parameters, window)
 
-    page = _Page.new(_figure_height(counts, len(params)))
+    page = _Page.new(_figure_height(counts, len(params)) + (_BANNER_H if unusual_input else 0.0))
     y = _draw_header(page, counts, table.total_volume_ml, model_name=model_name, model_version=model_version,
                      input_name=input_name, created=created)
+    if unusual_input:
+        y = _draw_unusual_banner(page, y, unusual_input)
     panel_points: list[tuple[float, float]] = []
     dropped = ""
     if counts.negative:
@@ -405,7 +412,7 @@ def render_report(
         n_lesion_panels=counts.n_panels, n_table_rows=0 if counts.negative else counts.n_table,
         more_note=bool(counts.n_more) and not counts.negative, n_more=max(0, counts.n_more),
         gradcam=gradcam is not None and not counts.negative, panel_points=tuple(panel_points),
-        max_probability=pmax, dropped_note=dropped,
+        max_probability=pmax, dropped_note=dropped, unusual_input=bool(unusual_input),
     )
 
 
@@ -477,6 +484,15 @@ class _Page:
 
     def add_axes(self, x: float, y_top: float, w: float = _PANEL, h: float = _PANEL):
         return self.fig.add_axes(self.box(x, y_top, w, h))
+
+
+def _draw_unusual_banner(page: _Page, y: float, seen: str) -> float:
+    """A red banner: the model ran outside what it reads, at the user's request; returns y below."""
+    page.text(_MARGIN_L, y, "  UNUSUAL INPUT — run anyway at the user's request (--allow-unusual-input). "
+              "These results are not findings.  ", fontsize=13, fontweight="bold", color="white",
+              bbox=dict(boxstyle="square,pad=0.35", fc=_RED, ec=_RED))
+    page.text(_MARGIN_L, y + 0.38, _ellipsize(seen[:1].upper() + seen[1:], 170), fontsize=10, color=_RED)
+    return y + _BANNER_H
 
 
 def _figure_height(counts: _Counts, n_param_lines: int) -> float:

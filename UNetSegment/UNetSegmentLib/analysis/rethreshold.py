@@ -162,7 +162,8 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
         params = SegmentParams.from_mapping({k: v for k, v in p.items() if k in FIELD})
         extra = {"threshold": float(threshold), "network_grid_shape_kji": s.get("network_grid_shape_kji"),
                  "gradcam_layer": s.get("gradcam_layer"), "cam_method": s.get("cam_method"),
-                 "uncertainty_kind": s.get("uncertainty")}
+                 "uncertainty_kind": s.get("uncertainty"), "unusual_input": s.get("unusual_input"),
+                 "input_domain": s.get("input_domain")}
         result = SegmentResult(
             labels=raw, probability=run.probability,
             class_probabilities={int(l["value"]): run.probability for l in bundle.labels},

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, UnusualInputError
 from ..image import Image
 from ..models.bundle import Bundle
 from ..params import SegmentParams
@@ -22,6 +22,7 @@ from ..settings import RunSettings, on_hardware, resolve
 from .acceleration import prepare_network
 from .checks import check_for_model, check_memory, check_volume
 from .device import cpu_fallback_precision
+from .domain import DomainVerdict, check_domain
 from .fallback import Attempt, run_with_fallback
 from .grid import PROBABILITY_FLOOR, GridMapping
 from .heatmaps import cam_layer_name, entropy_map, gradcam
@@ -68,6 +69,7 @@ def segment(
     t = time.perf_counter()
     report("preprocess", 0.0, "")
     _check_inputs(inputs, bundle, s.model.out_channels, warnings)
+    domain = _check_domain(inputs, bundle, s.allow_unusual_input, warnings)
     volume, mapping, aligned = prepare_inputs(inputs, s.model)
     timings["preprocess_s"] = time.perf_counter() - t
     cancel.check()
@@ -112,7 +114,10 @@ def segment(
     timings["postprocess_s"] = time.perf_counter() - t
     result.inputs, result.device, result.precision = aligned, str(used.device), used.precision
     result.timings, result.warnings = timings, warnings
-    result.extra.update({"batch_size": used.batch_size, "network_grid_shape_kji": list(mapping.network.shape_kji)})
+    result.extra.update({"batch_size": used.batch_size, "network_grid_shape_kji": list(mapping.network.shape_kji),
+                         "input_domain": {"verdict": domain.verdict, "seen": domain.seen, "measures": domain.measures}})
+    if domain.verdict == "refuse":  # run anyway at the user's request: every output says so
+        result.extra["unusual_input"] = domain.seen
     if "gradcam" in result.heatmaps:
         result.extra.update({"gradcam_layer": cam_layer, "cam_method": s.cam_method})
     if "uncertainty" in result.heatmaps:
@@ -141,6 +146,18 @@ def _check_inputs(inputs: list[Image], bundle: Bundle, out_channels: int, warnin
         warnings += check_volume(img, n)
         warnings += check_for_model(img, n, spec, bundle.dimensions, bundle.meta.get("anatomy"))
     check_memory(int(np.prod(inputs[0].array.shape)) * len(inputs), out_channels)
+
+
+def _check_domain(inputs: list[Image], bundle: Bundle, allow: bool, warnings: list[str]) -> DomainVerdict:
+    """The model family's input-domain check (:mod:`.domain`): refuse, or with ``allow`` warn and go on."""
+    verdict = check_domain(inputs, bundle.channel_names, bundle.meta)
+    if verdict.verdict == "refuse":
+        if not allow:
+            raise UnusualInputError(verdict.seen, verdict.fix)
+        warnings.append(f"UNUSUAL INPUT, run anyway as asked: {verdict.seen}; these results are not findings")
+    elif verdict.verdict == "warn":
+        warnings.append(verdict.seen)
+    return verdict
 
 
 def _plan_for(plan: WindowPlan, attempt: Attempt) -> WindowPlan:

@@ -175,6 +175,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
         parameters=used,
         modality=bundle.meta["inputs"][show]["modality"],
         intensity_label=_intensity_label(bundle, show),
+        unusual_input=result.extra.get("unusual_input"),
     )
     timings = dict(result.timings)
     timings["write_s"] = time.perf_counter() - t
@@ -261,6 +262,8 @@ def build_summary(result: SegmentResult, bundle: Bundle, parameters: dict, paths
         "gradcam_layer": result.extra.get("gradcam_layer"),
         "cam_method": result.extra.get("cam_method"),
         "uncertainty": result.extra.get("uncertainty_kind"),
+        "unusual_input": result.extra.get("unusual_input"),
+        "input_domain": result.extra.get("input_domain"),
         "warnings": list(result.warnings),
         "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
     }

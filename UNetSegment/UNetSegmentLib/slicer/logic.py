@@ -291,7 +291,7 @@ class SegmentationLogic:
 
     def _show(self, result: RunResult, labels: Image, lesions: LesionTable, created: list) -> None:
         ref = result.reference_volume
-        base = f"{ref.GetName()} {result.bundle.name}"
+        base = f"{ref.GetName()} {result.bundle.name}" + (" UNUSUAL INPUT" if result.summary.get("unusual_input") else "")
         seg = result.request.output_segmentation
         is_new = seg is None
         seg = scene.update_segmentation(seg, labels, result.bundle.labels, ref, f"{base} segmentation")

@@ -552,13 +552,19 @@ class Panel:
 
     def _show_summary(self) -> None:
         t = self.result.lesions
-        self.ui.lesionSummaryLabel.text = (f"{t.n_lesions} lesion(s), total {t.total_volume_ml:.2f} mL at threshold "
+        unusual = self.result.summary.get("unusual_input")
+        self.ui.lesionSummaryLabel.text = ((f"UNUSUAL INPUT (run anyway): {unusual}. These results are not findings. "
+                                            if unusual else "")
+                                           + f"{t.n_lesions} lesion(s), total {t.total_volume_ml:.2f} mL at threshold "
                                            f"{self.result.threshold:.2f}. Research use only — not for diagnosis.")
 
     def on_failed(self, ev: dict) -> None:
         self.ui.progressBar.visible = False
         self.ui.statusLabel.text = "Failed."
         self.update_state()
+        if ev.get("kind") == "UnusualInputError" and self.last_request is not None:
+            self._offer_unusual_run(ev)
+            return
         if ev.get("offer_cpu") and self.last_request is not None:
             if self.dialogs.confirm(f"{ev.get('message', 'The GPU ran out of memory.')}\n\nRun on the CPU instead (slower)?"):
                 self.ui.deviceComboBox.setCurrentIndex(list(DEVICES).index("cpu"))
@@ -568,6 +574,19 @@ class Panel:
             return
         fix = ev.get("fix")
         self.show_error(ev.get("message", "The segmentation failed."), details=f"Fix: {fix}" if fix else "")
+
+    def _offer_unusual_run(self, ev: dict) -> None:
+        """The input-domain refusal as a dialog: what was seen, and the choice to run anyway (marked)."""
+        seen = str(ev.get("problem") or ev.get("message", ""))
+        self.append_log("error", str(ev.get("message", seen)))
+        text = (f"This input does not look like what the model {self.bundle.name} reads:\n\n{seen[:1].upper() + seen[1:]}."
+                "\n\nRun anyway? The segmentation, table and report will be marked UNUSUAL INPUT; "
+                "they are not findings.")
+        if self.dialogs.confirm(text):
+            params = dataclasses.replace(self.last_request.params, allow_unusual_input=True)
+            self.start(dataclasses.replace(self.last_request, params=params))
+        else:
+            self.ui.statusLabel.text = "Not run: the input is not what the model reads; the scene was not changed."
 
     def on_cancelled(self) -> None:
         self.ui.progressBar.visible = False

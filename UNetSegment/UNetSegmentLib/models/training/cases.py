@@ -8,7 +8,8 @@ spacing → normalisation), so training sees exactly what inference feeds the ne
 ``ct_hemorrhage``: a head CT background — the real sample CT (40 %), an elastically deformed copy
 (30 %) or an MNI152 pseudo-CT (30 %) — resampled with a random rotation (±20°), scale (0.9–1.1),
 flips and slice thickness (0.5–6 mm); 0–3 synthetic hemorrhages of random kinds (intraparenchymal,
-contusion, subdural, intraventricular; 15 % of cases negative); then noise, HU shift and an in-plane blur or
+contusion, subdural, intraventricular; 15 % of cases negative), each of one density drawn from
+45–90 HU (hyperacute to early subacute blood; ``Settings.bleed_hu``); then noise, HU shift and an in-plane blur or
 sharpening kernel. Validation cases use other seeds *and* other generator settings
 (``VALIDATION``): larger rotations, thicker slices, more noise.
 """
@@ -39,6 +40,7 @@ class Settings:
     max_lesions: int = 3
     background_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # real, deformed, MNI
     perfusion_noise_scale: float = 1.0  # × the perfusion maps' per-channel noise (mr_perfusion)
+    bleed_hu: tuple[float, float] | None = (45.0, 90.0)  # each bleed's density, uniform (None: by kind)
 
 
 TRAINING = Settings()
@@ -133,8 +135,9 @@ def ct_hemorrhage_case(seed: int, s: Settings = TRAINING) -> tuple[list[Image], 
         brain = brain_mask(ct)
         for _ in range(int(rng.integers(1, s.max_lesions + 1))):
             kind = str(rng.choice(KINDS))
+            density = float(rng.uniform(*s.bleed_hu)) if s.bleed_hu else None
             try:
-                ct, lab = synthesize_hemorrhage(ct, rng, kind, brain=brain)
+                ct, lab = synthesize_hemorrhage(ct, rng, kind, brain=brain, density_hu=density)
             except Exception:  # noqa: BLE001 - a geometry that cannot host this kind: try the next
                 continue
             label |= lab.array.astype(np.uint8)

@@ -28,7 +28,7 @@ from ...errors import UsageError
 from ...io.writers import atomic_path, write_text
 from ...params import SegmentParams
 from ...settings import RunSettings, resolve
-from ..bundle import sha256_file, validate_meta
+from ..bundle import load_weights, sha256_file, validate_meta
 from ..networks import build_network, count_parameters
 from .cases import TRAINING, VALIDATION, build_cache
 
@@ -181,6 +181,7 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     output_dir = Path(output_dir)
     work = output_dir / ".training"
     work.mkdir(parents=True, exist_ok=True)
+    cfg["train"]["init_from"] = _init_weights_spec(cfg, Path(config_path))
     train_files, val_files = _prepare_cases(cfg, work, log)
     settings = resolve(SegmentParams(device=tc.get("device", "auto"), precision=tc.get("precision", "auto"), heatmaps=()), meta)
     run = _Run.start(cfg, settings, work, log)
@@ -214,6 +215,23 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     state = torch.load(work / "best.pt", map_location="cpu", weights_only=True)
     return write_bundle(output_dir, meta, state, cfg, run.history, run.best, (time.time() - t0) / 60, settings.device,
                         settings.precision, run.net)
+
+
+def _init_weights_spec(cfg: dict, config_path: Path) -> dict | None:
+    """``train.init_from: {file, sha256}`` (file relative to the config) checked and made absolute.
+
+    Fine-tuning starts from a published bundle's weights; the checksum makes the run reproducible
+    (the same start, or a clear refusal), also after the output directory's weights were replaced.
+    """
+    spec = cfg["train"].get("init_from")
+    if not spec:
+        return None
+    path = (config_path.parent / spec["file"]).resolve()
+    if not path.is_file() or sha256_file(path) != spec["sha256"]:
+        raise UsageError(f"the starting weights {path} are missing or are not the ones the config names "
+                         f"(sha256 {spec['sha256'][:12]}…)",
+                         f"restore them, e.g. git show {spec.get('git', 'HEAD')}:{spec.get('repo_path', spec['file'])} > {path}")
+    return {**spec, "path": str(path)}
 
 
 def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
@@ -253,6 +271,9 @@ class _Run:
         run = cls(net, opt, sched, np.random.default_rng(seed), settings, work / "checkpoint.pt", cfg_sha)
         if run.checkpoint.exists():
             run._resume(work, log)
+        elif tc.get("init_from"):
+            net.load_state_dict(load_weights(Path(tc["init_from"]["path"])))
+            log(f"initialised from {tc['init_from']['path']} (sha256 {tc['init_from']['sha256'][:12]}…)")
         return run
 
     def _resume(self, work: Path, log) -> None:
@@ -313,6 +334,9 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
         "best_val_dice_network_grid": round(best, 4), "minutes": round(minutes, 1), "device": str(device),
         "precision": precision, "host": f"{platform.machine()} {os.cpu_count()} CPU(s)", "history": history,
     }
+    init = cfg["train"].get("init_from")
+    if init:
+        meta["training"]["init_from"] = {k: init[k] for k in ("version", "sha256", "minutes") if k in init}
     validate_meta(meta, "generated model.json")
     write_text(output_dir / "model.json", json.dumps(meta, indent=2) + "\n")
     return meta
