@@ -614,6 +614,24 @@ def test_out_of_gpu_memory_offers_cpu_and_reruns_there():
     assert [r.params.device for r in logic.requests] == ["cuda", "cpu"]
 
 
+@pytest.mark.parametrize("run_anyway", [True, False])
+def test_unusual_input_is_a_dialog_that_offers_to_run_anyway(run_anyway):
+    node, _, _ = add_head()
+    refusal = {"kind": "UnusualInputError", "exit_code": 3, "problem": "input CT shows no skull enclosing brain-density "
+               "tissue on any axial slice", "message": "input CT shows no skull … — pass a head CT; or run anyway",
+               "fix": "pass a head CT"}
+    logic = FakeLogic([refusal, {"kind": "CancelledError", "message": "x"}])
+    dialogs = ScriptedDialogs([run_anyway])
+    panel, ui, _ = make_panel(logic, dialogs)
+    panel.refresh_models(select="tiny-blob")
+    ui.segmentButton.click()
+    assert "does not look like what the model" in dialogs.confirms[0] and "Input CT shows no skull" in dialogs.confirms[0]
+    assert "UNUSUAL INPUT" in dialogs.confirms[0]
+    assert [r.params.allow_unusual_input for r in logic.requests] == ([False, True] if run_anyway else [False])
+    if not run_anyway:
+        assert "not changed" in ui.statusLabel.text and not dialogs.errors
+
+
 def test_errors_show_a_dialog_and_go_to_the_log():
     node, _, _ = add_head()
     from UNetSegmentLib.errors import InputError
@@ -1030,3 +1048,47 @@ def test_live_threshold_updates_segments_in_place_and_builds_surfaces_on_release
     ui.liveThresholdSlider.drag_to(0.95)
     ui.liveThresholdSlider.release()
     assert STANDIN.run_until(lambda: panel.result.threshold == 0.95 and has_surface(seg), 5)
+
+
+def test_per_lesion_heatmap_checkbox_rescales_the_gradcam_node_and_back():
+    """Issue 16: a small lesion next to a large one is visible with per-lesion Grad-CAM scaling."""
+    from UNetSegmentLib.analysis.heatmap_scale import per_lesion
+    from UNetSegmentLib.errors import UsageError
+
+    image, blob = head_with_blob()
+    arr = image.array.copy()
+    k, j, i = np.mgrid[: arr.shape[0], : arr.shape[1], : arr.shape[2]]
+    small = ((i - 30) / 4.0) ** 2 + ((j - 60) / 4.0) ** 2 + ((k - 6) / 1.5) ** 2 < 1  # a second, smaller lesion
+    assert not (small & blob).any()
+    arr[small] = 70
+    node = slicer.util.addVolumeFromArray(arr, image.ijk_to_ras, "CT two lesions")
+    before = np.array(arr, copy=True)
+    panel, ui, logic = make_panel()
+    assert ui.perLesionHeatmapCheckBox.checked and "small lesion next to a large one" in ui.perLesionHeatmapCheckBox.toolTip
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.gradcamCheckBox.checked = True
+    ui.segmentButton.click()
+    assert STANDIN.run_until(lambda: panel.result is not None, 120)
+    r = panel.result
+    assert r.lesions.n_lesions == 2 and r.heatmap_scale == "lesion"
+    cam_node = r.heatmaps["gradcam"]
+    stored = read_image(r.run.folder / "gradcam.nrrd").array
+    scaled = per_lesion(r.run.heatmaps["gradcam"], r.labels, connectivity=r.lesions.connectivity).array
+    assert not np.allclose(scaled, stored, atol=1e-3)  # the weaker lesion's neighbourhood is lifted
+    ui.heatmapComboBox.setCurrentIndex(ui.heatmapComboBox.findText("Grad-CAM"))
+    assert STANDIN.foreground_ids() == {cam_node.GetID()}
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(cam_node), scaled)  # checked by default
+    ui.perLesionHeatmapCheckBox.click()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(cam_node), stored)  # volume scale: the stored map
+    ui.perLesionHeatmapCheckBox.click()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(cam_node), scaled)
+    assert r.heatmaps["gradcam"] is cam_node and STANDIN.foreground_ids() == {cam_node.GetID()}
+    np.testing.assert_array_equal(r.run.heatmaps["gradcam"].array, stored)  # the run's own map is kept
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), before)  # the input is not touched
+    # a new threshold changes the lesions: their neighbourhoods follow
+    ui.liveThresholdSlider.value = 0.95
+    rescaled = per_lesion(r.run.heatmaps["gradcam"], r.labels, connectivity=r.lesions.connectivity).array
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(cam_node), rescaled)
+    with pytest.raises(UsageError, match="heatmap scale"):
+        logic.set_heatmap_scale(r, "global")

@@ -97,6 +97,27 @@ def test_score_case_definitions():
     assert r.false_lesions == 1
     assert r.dice == pytest.approx(2 * 360 / (800 + 369))
     assert r.true_lesions[0]["centroid_err_mm"] == pytest.approx(0.5)
+    assert r.true_lesions[0]["dice"] == pytest.approx(2 * 360 / (400 + 360)) and r.true_lesions[1]["dice"] == 0.0
+
+
+def test_lesions_are_binned_by_their_measured_density():
+    from UNetSegmentLib.analysis.evaluate import by_density
+
+    g = make_ijk_to_ras((1.0, 1.0, 1.0))
+    truth = np.zeros((12, 40, 40), np.uint8)
+    truth[1:11, 2:14, 2:14] = 1  # 1.44 mL, faint (52 HU), half found
+    truth[1:11, 22:34, 22:34] = 1  # 1.44 mL, dense (82 HU), found whole
+    ct = np.full(truth.shape, 30.0, np.float32)
+    ct[1:11, 2:14, 2:14] = 52.0
+    ct[1:11, 22:34, 22:34] = 82.0
+    ct[1:11, 2:14, 2] = 20.0  # a partial-volume edge: the eroded core ignores it
+    pred = truth.copy()
+    pred[1:6, 2:14, 2:14] = 0
+    r = score_case("c", Image(truth, g), Image(pred, g), intensity=Image(ct, g))
+    assert [l["density"] for l in r.true_lesions] == [52.0, 82.0]
+    bins = by_density(r.true_lesions)
+    assert bins["45-60 HU"] == {"n": 1, "sensitivity": 1.0, "lesion_dice_median": pytest.approx(2 * 720 / (1440 + 720))}
+    assert bins["75-90 HU"]["lesion_dice_median"] == 1.0 and bins["60-75 HU"]["n"] == 0
 
 
 def test_evaluate_on_case_folders_with_baseline(tmp_path):

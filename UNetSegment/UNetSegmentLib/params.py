@@ -22,7 +22,7 @@ from .errors import UsageError
 HEATMAP_KINDS = ("gradcam", "uncertainty")
 ENGINES = ("fast", "plain")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-CAM_METHODS = ("hirescam", "gradcam")
+CAM_METHODS = ("hirescam", "gradcam", "gradinput")
 CONNECTIVITIES = (6, 26)
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -167,7 +167,8 @@ FIELDS: tuple[Field, ...] = (
     Field("gradcam_layer", "str", "network layer for Grad-CAM (default: the model's, a deep decoder stage such as "
           "decoder.0)", optional=True),
     Field("cam_method", "str", "hirescam (element-wise gradient × activation; stays on the lesion it explains) or "
-          "gradcam (channel-averaged gradients, Selvaraju 2017)", choices=CAM_METHODS),
+          "gradcam (channel-averaged gradients, Selvaraju 2017) or gradinput (gradient × input at the input voxels; "
+          "the layer is ignored)", choices=CAM_METHODS),
     Field("allow_unusual_input", "bool", "run even when the input does not look like what the model reads (another "
           "modality or body part, e.g. a chest CT for a head model); every output is then marked as unusual input"),
     Field("engine", "str", "fast (default: windows only over the body, one fitted window per slice for 2D/2.5D models, "

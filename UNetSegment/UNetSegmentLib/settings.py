@@ -29,6 +29,7 @@ class ModelSettings:
     normalizations: tuple[dict, ...]  # per channel, model.json's inputs[].normalization
     out_channels: int  # background + one per label
     tta_axes: tuple[str, ...]  # canonical axes the model may be mirrored along (i, j, k)
+    temperature: float = 1.0  # softmax temperature from model.json's calibration (1: uncalibrated)
 
     @property
     def spatial_dims(self) -> int:
@@ -57,6 +58,7 @@ class ModelSettings:
             normalizations=tuple(c["normalization"] for c in meta["inputs"]),
             out_channels=1 + len(meta["labels"]),
             tta_axes=tuple(inference.get("tta_axes", FALLBACKS["tta_axes"])),
+            temperature=float((meta.get("calibration") or {}).get("temperature", 1.0)),
         )
 
 

@@ -10,7 +10,11 @@ with :func:`lesions.analyze_lesions`, the same code as the lesion table):
 * sensitivity per true-lesion volume bin (< 0.5, 0.5–5, > 5 mL) and for ≥ 0.5 mL overall;
 * volume error per case = |predicted − true total| / true total (median over cases with lesions);
 * centroid error (mm, RAS) and slice-index agreement between each detected true lesion and the
-  predicted lesion overlapping it most.
+  predicted lesion overlapping it most;
+* per true lesion: its *density* (median input intensity over the lesion eroded by one voxel — what
+  a reader would measure, HU for CT) and its *lesion Dice* (against the union of the predicted
+  lesions overlapping it; 0 when missed); sensitivity and median lesion Dice of lesions ≥ 0.5 mL per
+  density bin (45–60 HU: early subacute, faint; 60–75; 75–90 HU: acute).
 
 The baseline is what a user would do by hand in Segment Editor: threshold 50–90 HU inside a brain
 mask (:func:`synth.brain_mask`: skull-enclosed soft tissue, eroded), drop components < 0.1 mL.
@@ -34,6 +38,8 @@ from ..settings import RunSettings, resolve
 from .lesions import analyze_lesions, remove_small_lesions
 
 BINS = (("<0.5 mL", 0.0, 0.5), ("0.5-5 mL", 0.5, 5.0), (">5 mL", 5.0, np.inf))
+DENSITY_BINS = (("<45 HU", -np.inf, 45.0), ("45-60 HU", 45.0, 60.0), ("60-75 HU", 60.0, 75.0), ("75-90 HU", 75.0, 90.0),
+                (">=90 HU", 90.0, np.inf))
 BASELINE_HU = (50.0, 90.0)
 BASELINE_MIN_ML = 0.1
 DICE_MIN_TRUE_ML = 1.0
@@ -67,8 +73,9 @@ def case_inputs(case: Path, channels: list[str]) -> list[Path]:
     return paths
 
 
-def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0) -> CaseResult:
-    """Compare two label maps on the same grid (any non-zero label = lesion)."""
+def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, intensity: Image | None = None) -> CaseResult:
+    """Compare two label maps on the same grid (any non-zero label = lesion); with ``intensity``, each
+    true lesion's density too (module docstring)."""
     t_lab = truth.with_array((truth.array > 0).astype(np.uint8))
     p_lab = pred.with_array((pred.array > 0).astype(np.uint8))
     tt = analyze_lesions(t_lab, connectivity=26, lesion_map=True)
@@ -85,7 +92,10 @@ def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0) -> Ca
     for row in tt.rows:
         n = row["lesion"]
         hits = overlap[n, 1:]
-        entry = {"volume_ml": row["volume_ml"], "detected": bool(hits.any())}
+        entry = {"volume_ml": row["volume_ml"], "detected": bool(hits.any()),
+                 "dice": _lesion_dice(tm == n, np.isin(pm, np.flatnonzero(hits) + 1))}
+        if intensity is not None:
+            entry["density"] = _density(intensity.array, tm == n)
         if hits.any():
             m = pt.rows[int(np.argmax(hits))]
             entry["centroid_err_mm"] = float(np.linalg.norm(
@@ -94,6 +104,29 @@ def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0) -> Ca
         lesions.append(entry)
     false = int((overlap[1:, 1:].sum(axis=0) == 0).sum()) if npd else 0
     return CaseResult(name, tt.total_volume_ml, pt.total_volume_ml, dice, lesions, false, seconds)
+
+
+def _lesion_dice(true: np.ndarray, pred: np.ndarray) -> float:
+    denom = int(true.sum()) + int(pred.sum())
+    return 2.0 * int((true & pred).sum()) / denom if denom else 1.0
+
+
+def _density(arr: np.ndarray, lesion: np.ndarray) -> float:
+    """Median intensity over the lesion eroded by one voxel (all of it when erosion leaves nothing)."""
+    from scipy import ndimage
+
+    core = ndimage.binary_erosion(lesion)
+    return float(np.median(arr[core if core.any() else lesion]))
+
+
+def by_density(lesions: list[dict]) -> dict:
+    """Sensitivity and median lesion Dice of the lesions ≥ 0.5 mL per density bin (lesions with a density)."""
+    out = {}
+    for name, lo, hi in DENSITY_BINS:
+        sel = [l for l in lesions if l["volume_ml"] >= 0.5 and "density" in l and lo <= l["density"] < hi]
+        out[name] = {"n": len(sel), "sensitivity": (sum(l["detected"] for l in sel) / len(sel)) if sel else None,
+                     "lesion_dice_median": float(np.median([l["dice"] for l in sel])) if sel else None}
+    return out
 
 
 def hu_baseline(ct: Image) -> Image:
@@ -128,6 +161,7 @@ def summarize(results: list[CaseResult]) -> dict:
         "centroid_error_mm_median": float(np.median([l["centroid_err_mm"] for l in matched])) if matched else None,
         "slice_agreement": (sum(l["slice_agree"] for l in matched) / len(matched)) if matched else None,
         "seconds_per_case": float(np.mean([r.seconds for r in results])) if results else None,
+        "by_density": by_density(all_true),
     }
 
 
@@ -150,10 +184,11 @@ def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = Non
         t = time.perf_counter()
         res = segment(images, bundle, network=network, settings=s)
         pred = remove_small_lesions(res.labels, s.min_lesion_ml, s.connectivity)
-        model_results.append(score_case(case.name, truth, pred, time.perf_counter() - t))
+        model_results.append(score_case(case.name, truth, pred, time.perf_counter() - t, intensity=images[0]))
         if baseline and bundle.meta["inputs"][0]["modality"].upper() == "CT":
             t = time.perf_counter()
-            base_results.append(score_case(case.name, truth, hu_baseline(images[0]), time.perf_counter() - t))
+            base_results.append(score_case(case.name, truth, hu_baseline(images[0]), time.perf_counter() - t,
+                                           intensity=images[0]))
         if progress:
             r = model_results[-1]
             progress(f"[{i + 1}/{len(cases)}] {case.name}: Dice {r.dice:.3f}, true {r.true_ml:.2f} mL, predicted {r.pred_ml:.2f} mL, "
@@ -226,6 +261,12 @@ def format_table(result: dict) -> str:
         sb = b["sensitivity_by_volume"][name] if b else None
         fmt = lambda d: "—" if d["sensitivity"] is None else f"{d['sensitivity']:.3f} (n={d['n']})"  # noqa: E731
         lines.append(f"{'sensitivity ' + name:<28}{fmt(s):>16}" + (f"{fmt(sb):>16}" if b else ""))
+    for name, _, _ in DENSITY_BINS:
+        d, db = m["by_density"][name], b["by_density"][name] if b else None
+        if not d["n"]:
+            continue
+        fmt = lambda d: "—" if d["sensitivity"] is None else f"{d['sensitivity']:.2f}/{d['lesion_dice_median']:.2f} (n={d['n']})"  # noqa: E731
+        lines.append(f"{'sens/Dice ≥0.5 mL ' + name:<28}{fmt(d):>16}" + (f"{fmt(db):>16}" if b else ""))
     lines.append(f"{m['n_cases']} cases, {m['n_cases_dice']} with ≥ 1 mL of lesion")
     return "\n".join(lines)
 

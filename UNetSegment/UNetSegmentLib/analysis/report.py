@@ -37,6 +37,7 @@ from ..engine.grid import canonical_grid
 from ..errors import InputError, UsageError
 from ..image import Image
 from ..image import slice_axis as _slice_axis
+from .heatmap_scale import per_lesion
 from .lesions import CT_AUTODETECT_MIN, LesionTable, dropped_note, dropped_summary
 
 RESEARCH_NOTE = "Research use only — not for diagnosis"
@@ -73,6 +74,8 @@ _NEG_TITLE_H = 1.35
 #: zoomed panels show voxels as blocks (also keeps the PNG small: noise is incompressible)
 _ZOOM_INTERP = "nearest"
 _PANEL_FS = 10.5  # panel titles
+#: render_report(heatmap_scale=…) → the Grad-CAM colour bar's label
+HEATMAP_SCALES = {"lesion": "Grad-CAM (per-lesion max)", "volume": "Grad-CAM (volume max)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +127,8 @@ class ReportLayout:
     #: the negative page's sentence on components dropped under the minimum lesion size ('' if none)
     dropped_note: str = ""
     unusual_input: bool = False  # the "unusual input" banner drawn
+    #: how the Grad-CAM panels were scaled: 'lesion' (each lesion's neighbourhood to its own peak) or 'volume'
+    heatmap_scale: str = "lesion"
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +373,7 @@ def render_report(
     modality: str | None = None,
     intensity_label: str | None = None,
     unusual_input: str | None = None,
+    heatmap_scale: str = "lesion",
 ) -> ReportLayout:
     """Write the report PNG to ``path`` (atomically) and return what was drawn.
 
@@ -378,14 +384,20 @@ def render_report(
     intensities in HU (None: auto, like :func:`.lesions.analyze_lesions`); ``intensity_label`` names
     the shown channel and its unit instead (e.g. "Tmax s" for a perfusion model). ``unusual_input``:
     what the input-domain check saw when the user ran the model anyway — drawn as a banner under the
-    header saying the results are not findings.
+    header saying the results are not findings. ``heatmap_scale``: 'lesion' (default) rescales the
+    Grad-CAM around each lesion to that lesion's own peak (:func:`.heatmap_scale.per_lesion`), so a
+    small lesion next to a large one stays visible; 'volume' shows the map as stored (volume peak = 1).
     """
     _check_inputs(image, labels, probability, gradcam, window, max_lesions, max_rows)
+    if not isinstance(heatmap_scale, str) or heatmap_scale not in HEATMAP_SCALES:
+        raise UsageError(f"unknown heatmap_scale {heatmap_scale!r}", "use 'lesion' or 'volume'")
     window = (float(window[0]), float(window[1]))
     unit = intensity_label or _unit(image, modality)
+    rows = list(table.rows)
+    if gradcam is not None and heatmap_scale == "lesion" and rows:
+        gradcam = per_lesion(gradcam, labels, connectivity=table.connectivity)
     canon = _Canonical.of(image, labels, probability, gradcam)
     pmax, pmax_ras = _max_probability(probability)
-    rows = list(table.rows)
     counts = _Counts.of(len(rows), max_lesions, max_rows)
     params = _param_lines(parameters, window)
 
@@ -402,7 +414,8 @@ def render_report(
     else:
         colors = {int(k): _rgb(v) for k, v in (label_colors or {}).items()}
         y, panel_points = _draw_lesion_panels(page, y, rows, counts, labels=labels, canon=canon, window=window,
-                                              colors=colors, unit=unit, connectivity=table.connectivity)
+                                              colors=colors, unit=unit, connectivity=table.connectivity,
+                                              cam_label=HEATMAP_SCALES[heatmap_scale])
         y = _draw_table(page, y, rows[: counts.n_table], table.total, unit, counts.n_more)
     _draw_footer(page, y, params)
 
@@ -412,7 +425,7 @@ def render_report(
         n_lesion_panels=counts.n_panels, n_table_rows=0 if counts.negative else counts.n_table,
         more_note=bool(counts.n_more) and not counts.negative, n_more=max(0, counts.n_more),
         gradcam=gradcam is not None and not counts.negative, panel_points=tuple(panel_points),
-        max_probability=pmax, dropped_note=dropped, unusual_input=bool(unusual_input),
+        max_probability=pmax, dropped_note=dropped, unusual_input=bool(unusual_input), heatmap_scale=heatmap_scale,
     )
 
 
@@ -535,7 +548,8 @@ def _draw_header(page: _Page, counts: _Counts, total_volume_ml, *, model_name: s
 
 
 def _draw_lesion_panels(page: _Page, y: float, rows: list, counts: _Counts, *, labels: Image, canon: _Canonical,
-                        window, colors, unit: str, connectivity: int) -> tuple[float, list[tuple[float, float]]]:
+                        window, colors, unit: str, connectivity: int,
+                        cam_label: str) -> tuple[float, list[tuple[float, float]]]:
     """One row of panels per shown lesion, then a note when some lesions have none.
 
     Returns y below them and, per row, where the lesion's inside point lies in its axial panel."""
@@ -545,7 +559,8 @@ def _draw_lesion_panels(page: _Page, y: float, rows: list, counts: _Counts, *, l
     points = []
     for row in rows[: counts.n_panels]:
         y, frac = _draw_lesion_row(page, y, row, labels=labels, canon=canon, window=window, colors=colors,
-                                   colormaps=colormaps, unit=unit, connectivity=connectivity, cache=comp_cache)
+                                   colormaps=colormaps, unit=unit, connectivity=connectivity, cache=comp_cache,
+                                   cam_label=cam_label)
         points.append(frac)
     if counts.n_rows > counts.n_panels:
         note = (f"Panels shown for the {counts.n_panels} largest of {counts.n_rows} lesions" if counts.n_panels else
@@ -697,7 +712,7 @@ def _lesion_slice(row, labels: Image, canon: _Canonical, colors, connectivity: i
 
 
 def _draw_lesion_row(page: _Page, y: float, row, *, labels: Image, canon: _Canonical, window, colors, colormaps,
-                     unit: str, connectivity: int, cache: dict) -> tuple[float, tuple[float, float]]:
+                     unit: str, connectivity: int, cache: dict, cam_label: str) -> tuple[float, tuple[float, float]]:
     """Title lines and the five panels of one lesion: full axial slice, zoomed contour, zoomed
     probability, zoomed Grad-CAM, coronal locator. Returns y below the row and the inside point's
     position in the axial panel (fractions of width and height)."""
@@ -710,7 +725,7 @@ def _draw_lesion_row(page: _Page, y: float, row, *, labels: Image, canon: _Canon
     x += _PANEL + _GAP
     _draw_probability_panel(page, x, y, sl, canon.probability, window, colormaps[PROB_CMAP])
     x += _PANEL + _CBAR_SPACE
-    _draw_gradcam_panel(page, x, y, sl, canon.gradcam, window, colormaps[CAM_CMAP])
+    _draw_gradcam_panel(page, x, y, sl, canon.gradcam, window, colormaps[CAM_CMAP], cam_label)
     x += _PANEL + _CBAR_SPACE
     _draw_coronal_locator(page, x, y, sl, canon, window)
     y += _PANEL + _ROW_GAP
@@ -772,7 +787,7 @@ def _draw_probability_panel(page: _Page, x: float, y: float, sl: _LesionSlice, c
 
 
 def _draw_gradcam_panel(page: _Page, x: float, y: float, sl: _LesionSlice, canon_cam: Image | None, window,
-                        cmap) -> None:
+                        cmap, cbar_label: str) -> None:
     ax = page.add_axes(x, y)
     if canon_cam is None:
         _note(ax, "Grad-CAM\nnot computed")
@@ -780,7 +795,7 @@ def _draw_gradcam_panel(page: _Page, x: float, y: float, sl: _LesionSlice, canon
         return
     _show_grey(ax, sl.view, window, _ZOOM_INTERP)
     _draw_zoom_overlay(page, ax, x, y, sl, canon_cam, cmap, (0.25, 0.7),
-                       f"Grad-CAM (clear < {OVERLAY_MIN:g})", "Grad-CAM (normalised)")
+                       f"Grad-CAM (clear < {OVERLAY_MIN:g})", cbar_label)
 
 
 def _draw_zoom_overlay(page: _Page, ax, x: float, y: float, sl: _LesionSlice, canon_map: Image, cmap,

@@ -13,6 +13,12 @@ gradient at a chosen layer's activations ``A``. Two ways to combine them (``meth
   lights up at *every* blob, so aimed at one lesion it also paints the others (measured: at
   ``decoder.0`` of the tiny model, 56 % of its near-lesion mass sat on the non-targeted lesion).
   Kept for comparison with the literature.
+* ``"gradinput"`` (gradient × input, Shrikumar et al. 2016): ``ReLU(Σ_c ∂score/∂x_c · x_c)`` at the
+  network's *input* voxels (``layer`` is ignored), summed over the input channels (for a 2.5D model
+  the neighbouring slices' share lands on the centre slice). ``x`` is the normalised input, whose zero
+  is the normalisation's mean (40 HU for the CT models: brain), so this is the first-order share of
+  each voxel's departure from brain density in the score — at the input resolution. It needs the
+  backward pass through the whole network.
 
 The map is computed window by window on the run's own :class:`.windows.WindowPlan` — the windows
 that made the prediction it explains — with the same Gaussian blending as inference, only on windows
@@ -127,18 +133,22 @@ def _window_explainer(network, layer: str, method: str, precision: str, spatial_
 
     def explain(x, masks: np.ndarray) -> np.ndarray:
         m = torch.from_numpy(masks).to(x.device)
-        handle = module.register_forward_hook(hook)
+        on_input = method == "gradinput"
+        handle = None if on_input else module.register_forward_hook(hook)
         try:
             with torch.enable_grad(), torch.autocast(device_type=x.device.type, dtype=amp, enabled=amp is not None):
+                if on_input:
+                    x = x.detach().requires_grad_(True)
                 logits = network(x)
                 if isinstance(logits, (list, tuple)):
                     logits = logits[0]
                 score = sum((logits[:, c].float() * (m == c)).sum() for c in np.unique(masks) if c > 0)
-                act = store["act"]
+                act = x if on_input else store["act"]
                 (grad,) = torch.autograd.grad(score, act)
         finally:
-            handle.remove()
-        w = grad if method == "hirescam" else grad.mean(dim=tuple(range(2, act.ndim)), keepdim=True)
+            if handle is not None:
+                handle.remove()
+        w = grad if method in ("hirescam", "gradinput") else grad.mean(dim=tuple(range(2, act.ndim)), keepdim=True)
         cam = F.relu((w.float() * act.float()).sum(1, keepdim=True)).detach()
         mode = "bilinear" if spatial_dims == 2 else "trilinear"
         cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)

@@ -56,18 +56,23 @@ class Predictor:
         return self.fn(x)
 
 
-def softmax_predictor(network, out_channels: int, precision: str = "fp32") -> Predictor:
-    """Softmax of ``network``'s logits, the forward pass under autocast for ``fp16``/``bf16``."""
+def softmax_predictor(network, out_channels: int, precision: str = "fp32", temperature: float = 1.0) -> Predictor:
+    """Softmax of ``network``'s logits divided by ``temperature`` (the model's calibration, Guo et al.
+    2017: one scalar fitted on held-out cases; 1 = none), the forward pass under autocast for ``fp16``/``bf16``."""
     import torch
 
     amp = autocast_dtype(precision)
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    scale = 1.0 / float(temperature)
 
     def predict(x):
         with torch.autocast(device_type=x.device.type, dtype=amp, enabled=amp is not None):
             logits = network(x)
         if isinstance(logits, (list, tuple)):  # deep supervision: the full-resolution head
             logits = logits[0]
-        return torch.softmax(logits.float(), dim=1)
+        logits = logits.float()
+        return torch.softmax(logits * scale if scale != 1.0 else logits, dim=1)
 
     return Predictor(predict, out_channels)
 

@@ -119,7 +119,8 @@ def segment(
     if domain.verdict == "refuse":  # run anyway at the user's request: every output says so
         result.extra["unusual_input"] = domain.seen
     if "gradcam" in result.heatmaps:
-        result.extra.update({"gradcam_layer": cam_layer, "cam_method": s.cam_method})
+        result.extra.update({"gradcam_layer": "input" if s.cam_method == "gradinput" else cam_layer,
+                             "cam_method": s.cam_method})
     if "uncertainty" in result.heatmaps:
         result.extra["uncertainty_kind"] = ("tta_variance (4·variance of P(lesion) across mirror passes, 0–1)" if tta_var is not None
                                             else "predictive_entropy (of the blended class probabilities, normalised by log(classes), 0–1)")
@@ -187,7 +188,8 @@ class _NetworkRunner:
     def predictor(self, attempt: Attempt):
         """Softmax of the network on the attempt's device and precision; with TTA, mirrored and averaged."""
         s = self.settings
-        p = softmax_predictor(self.network_on(attempt.device), s.model.out_channels, attempt.precision)
+        p = softmax_predictor(self.network_on(attempt.device), s.model.out_channels, attempt.precision,
+                              s.model.temperature)
         return with_mirror_tta(p, tta_flips(s.model.spatial_dims, s.model.tta_axes)) if s.tta else p
 
     def release(self, gpu: str) -> None:

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from ..analysis.heatmap_scale import SCALES as HEATMAP_SCALES
+from ..analysis.heatmap_scale import per_lesion
 from ..analysis.lesions import LesionTable
 from ..analysis.rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
 from ..engine.grid import align_inputs
 from ..engine.roi import Box, box_from_ras_corners, crop, uncrop
-from ..errors import InputError
+from ..errors import InputError, UsageError
 from ..image import Image
 from ..io.writers import write_image
 from ..models.bundle import Bundle, available_models, import_model, load_bundle
@@ -35,6 +37,8 @@ from .signals import Signal
 from .volumes import image_from_volume, roi_corners_in_frame
 
 HEATMAP_ORDER = ("probability", "gradcam", "uncertainty")
+#: the maps that :meth:`SegmentationLogic.set_heatmap_scale` rescales (explanations stored to the volume's peak)
+PER_LESION_KINDS = ("gradcam",)
 #: seconds one HTTP request to a server may take (uploads and downloads have their own, longer limit)
 SERVER_TIMEOUT_S = 10.0
 
@@ -48,6 +52,9 @@ class RunRequest:
     output_segmentation: object | None = None  # existing node to update; None: create one
     server_url: str | None = None  # run on this UNetSegment server; None/"": a local worker process
     server_token_file: str | None = None  # file holding the server's bearer token (optional)
+    #: how the Grad-CAM node is scaled: 'volume' (as stored: the volume's peak is 1) or 'lesion' (each
+    #: lesion's neighbourhood to its own peak, so a small lesion next to a large one is visible)
+    heatmap_scale: str = "volume"
 
 
 @dataclass
@@ -67,6 +74,8 @@ class RunResult:
     lesions: LesionTable | None = None  # what the table node shows
     threshold: float = 0.5
     summary: dict = field(default_factory=dict)
+    labels: Image | None = None  # the label map shown (at ``threshold``)
+    heatmap_scale: str = "volume"  # how the Grad-CAM node is scaled now (see RunRequest.heatmap_scale)
 
     @property
     def reference_volume(self):
@@ -110,10 +119,26 @@ class SegmentationLogicProtocol(Protocol):
     def is_running(self) -> bool: ...
     def set_threshold(self, result: RunResult, threshold: float, surfaces: bool = True) -> None: ...
     def show_heatmap(self, result: RunResult, kind: str, opacity: float) -> None: ...
+    def set_heatmap_scale(self, result: RunResult, scale: str) -> None: ...
     def set_overlay_opacity(self, opacity: float) -> None: ...
     def jump_to_table_row(self, result: RunResult, row: int): ...
     def export_table(self, result: RunResult, path: str) -> None: ...
     def export_all(self, result: RunResult, folder: str, overwrite: bool = False) -> dict: ...
+
+
+def _check_heatmap_scale(scale) -> None:
+    if scale not in HEATMAP_SCALES:
+        raise UsageError(f"unknown heatmap scale {scale!r}", f"use one of {', '.join(HEATMAP_SCALES)}")
+
+
+def _shown_map(result: RunResult, kind: str) -> Image:
+    """The map a heatmap node shows: the run's, or for Grad-CAM at 'lesion' scale rescaled around the
+    current lesions (:func:`~UNetSegmentLib.analysis.heatmap_scale.per_lesion`)."""
+    image = result.run.probability if kind == "probability" else result.run.heatmaps[kind]
+    if kind in PER_LESION_KINDS and result.heatmap_scale == "lesion" and result.labels is not None:
+        connectivity = result.lesions.connectivity if result.lesions is not None else 26
+        return per_lesion(image, result.labels, connectivity=connectivity)
+    return image
 
 
 def _safe_name(text: str) -> str:
@@ -175,6 +200,7 @@ class SegmentationLogic:
 
         if self.is_running():
             raise RuntimeError("a segmentation is already running")
+        _check_heatmap_scale(request.heatmap_scale)
         bundle = self.load_model(request.model)
         channels = bundle.channel_names
         nodes = list(request.input_nodes)
@@ -272,7 +298,7 @@ class SegmentationLogic:
                 run, labels=uncrop(run.labels, full, box), probability=uncrop(run.probability, full, box),
                 heatmaps={k: uncrop(v, full, box) for k, v in run.heatmaps.items()})
         result = RunResult(pending.request, pending.bundle, run, pending.images, pending.paths, pending.work, box,
-                           threshold=run.threshold, summary=run.summary)
+                           threshold=run.threshold, summary=run.summary, heatmap_scale=pending.request.heatmap_scale)
         if box is not None:  # the worker's table indexes the crop: measure again on the full grid
             derived = rederive_run(run, pending.bundle, run.threshold, intensity=result.intensity_image)
             labels, lesions = derived.labels, derived.table
@@ -297,13 +323,14 @@ class SegmentationLogic:
         seg = scene.update_segmentation(seg, labels, result.bundle.labels, ref, f"{base} segmentation")
         if is_new:
             created.append(seg)
+        result.labels, result.lesions = labels, lesions
         maps = {"probability": result.run.probability, **result.run.heatmaps}
         for kind in HEATMAP_ORDER:
             if kind not in maps:
                 continue
             role = scene.REF_ROLE.format(kind)
             old = None if is_new else seg.GetNodeReference(role)
-            node = scene.update_heatmap(old, maps[kind], kind, f"{base} {kind}")
+            node = scene.update_heatmap(old, _shown_map(result, kind), kind, f"{base} {kind}")
             if old is None:
                 created.append(node)
             seg.SetNodeReferenceID(role, node.GetID())
@@ -317,7 +344,7 @@ class SegmentationLogic:
             scene.place_in_study(node, ref)
         for node in result.heatmaps.values():  # the segmentation got its frame in update_segmentation
             scene.follow_input_transform(node, ref)
-        result.segmentation, result.table, result.lesions = seg, table, lesions
+        result.segmentation, result.table = seg, table
         scene.show_overlay(ref, result.heatmaps["probability"], 0.5)
         scene.show_table(table)
 
@@ -332,10 +359,27 @@ class SegmentationLogic:
         scene.update_segmentation(result.segmentation, derived.labels, result.bundle.labels, result.reference_volume,
                                   result.segmentation.GetName(), surfaces=surfaces)
         scene.update_table(result.table, derived.table, result.table.GetName())
-        result.lesions, result.threshold = derived.table, float(threshold)
+        result.lesions, result.threshold, result.labels = derived.table, float(threshold), derived.labels
+        if surfaces and result.heatmap_scale == "lesion":  # the lesions changed: so did their neighbourhoods
+            self._update_scaled_heatmaps(result)
 
     def show_heatmap(self, result: RunResult, kind: str, opacity: float) -> None:
         scene.show_overlay(result.reference_volume, result.heatmaps.get(kind), opacity)
+
+    def set_heatmap_scale(self, result: RunResult, scale: str) -> None:
+        """Show the Grad-CAM scaled per lesion (``'lesion'``) or as stored (``'volume'``).
+
+        The run's own map (``result.run.heatmaps``) is never changed, so switching back restores it."""
+        _check_heatmap_scale(scale)
+        if scale != result.heatmap_scale:
+            result.heatmap_scale = scale
+            self._update_scaled_heatmaps(result)
+
+    def _update_scaled_heatmaps(self, result: RunResult) -> None:
+        for kind in PER_LESION_KINDS:
+            node = result.heatmaps.get(kind)
+            if node is not None:
+                scene.update_heatmap(node, _shown_map(result, kind), kind, node.GetName())
 
     def set_overlay_opacity(self, opacity: float) -> None:
         scene.set_overlay_opacity(opacity)

@@ -242,6 +242,7 @@ class Panel:
         ui.serverTokenFilePathLineEdit.connect("currentPathChanged(QString)", self.on_server_changed)
         ui.heatmapComboBox.connect("currentIndexChanged(int)", self.on_heatmap_changed)
         ui.opacitySlider.connect("valueChanged(double)", self.on_opacity_changed)
+        ui.perLesionHeatmapCheckBox.connect("toggled(bool)", self.on_heatmap_scale_toggled)
         # tracking off: ctkSliderWidget emits valueIsChanging while dragged, valueChanged once released
         ui.liveThresholdSlider.tracking = False
         ui.liveThresholdSlider.connect("valueIsChanging(double)", self.on_live_threshold_changed)
@@ -475,6 +476,7 @@ class Panel:
             output_segmentation=self.ui.outputSegmentationSelector.currentNode(),
             server_url=self.server_url() or None,
             server_token_file=self.server_token_file() or None,
+            heatmap_scale=self.heatmap_scale(),
         )
         self.start(request)
 
@@ -535,6 +537,8 @@ class Panel:
         ui.opacitySlider.blockSignals(False)
         ui.lesionTableView.setMRMLScene(slicer.mrmlScene)
         ui.lesionTableView.setMRMLTableNode(result.table)
+        if result.heatmap_scale != self.heatmap_scale():  # toggled while the model ran
+            self.on_heatmap_scale_toggled()
         self._connect_layout_table_view()
         self._show_summary()
         ui.statusLabel.text = "Done."
@@ -597,6 +601,19 @@ class Panel:
     def on_heatmap_changed(self, index: int) -> None:
         if self.result is not None and 0 <= index < len(self.heatmap_kinds):
             self.logic.show_heatmap(self.result, self.heatmap_kinds[index], float(self.ui.opacitySlider.value))
+
+    def heatmap_scale(self) -> str:
+        """'lesion' while "Per-lesion heatmap scale" is checked, else 'volume'."""
+        return "lesion" if self.ui.perLesionHeatmapCheckBox.checked else "volume"
+
+    def on_heatmap_scale_toggled(self, *_) -> None:
+        """Rescale the shown Grad-CAM (each lesion's neighbourhood to its own peak, or the volume's)."""
+        if not self._result_alive():
+            return
+        try:
+            self.logic.set_heatmap_scale(self.result, self.heatmap_scale())
+        except Exception as e:  # noqa: BLE001
+            self.show_error(f"Could not rescale the heatmap: {e}")
 
     def on_opacity_changed(self, value: float) -> None:
         if self.result is not None:
