@@ -15,8 +15,9 @@ import pytest
 
 from UNetSegmentLib.engine.domain import check_domain
 from UNetSegmentLib.errors import UnusualInputError
-from UNetSegmentLib.image import Image, make_ijk_to_ras
+from UNetSegmentLib.image import Image
 from UNetSegmentLib.models.bundle import load_bundle
+from UNetSegmentLib.models.training.head_variants import head_ct_variants
 from UNetSegmentLib.phantom import head_with_blob, perfusion_phantom
 
 from conftest import oblique_direction
@@ -149,47 +150,8 @@ def test_refusal_is_an_input_error_in_the_api(ct_model, head_ct):
 
 
 # --- accepted -----------------------------------------------------------------------------------
-def _variants(ct: Image) -> dict[str, Image]:
-    """Head CT variants that must pass: partial coverage, size, bone gap, storage, noise, grid."""
-    from UNetSegmentLib.image import resample
-
-    a = ct.array
-    K, J, I = a.shape
-    m_small = ct.ijk_to_ras.copy()
-    m_small[:3, :3] *= 0.65  # a child's head: 65 % of the adult size
-    crani = a.copy()
-    kk, jj, ii = np.mgrid[:K, :J, :I]
-    crani[(ii > I * 0.55) & (kk > K * 0.35) & (jj > J * 0.2) & (jj < J * 0.85) & (crani > 150)] = 25  # bone flap removed
-    flipped = Image(a[:, ::-1, ::-1].copy(), ct.ijk_to_ras @ _flip_ij(J, I))
-    low_dose = ct.with_array((a + np.random.default_rng(3).normal(0, 25, a.shape)).astype(np.float32))
-    thick = resample(ct, (K // 4, J, I), ct.ijk_to_ras @ np.diag([1, 1, 4.0, 1]), order=1, fill=-1000.0)
-    fine = resample(ct, (K // 2, 2 * J, 2 * I), ct.ijk_to_ras @ np.diag([0.5, 0.5, 2.0, 1]), order=1, fill=-1000.0)
-    d = oblique_direction(20.0, flip_i=False) @ ct.direction
-    centre = ct.ijk_to_ras_points((np.array(ct.shape_ijk) - 1) / 2)[0]
-    m_obl = make_ijk_to_ras(ct.spacing, d, (0, 0, 0))
-    m_obl[:3, 3] = centre - m_obl[:3, :3] @ ((np.array(ct.shape_ijk) - 1) / 2)
-    oblique = resample(ct, a.shape, m_obl, order=1, fill=-1000.0)
-    return {
-        "posterior fossa only": Image(a[: K // 4].copy(), ct.ijk_to_ras),
-        "cut at the vertex": Image(a[: int(K * 0.6)].copy(), ct.ijk_to_ras),
-        "child-sized head": Image(a, m_small),
-        "craniectomy bone gap": ct.with_array(crani),
-        "flipped i/j storage": flipped,
-        "low dose (noise 25 HU)": low_dose,
-        "thick 6 mm slices": thick,
-        "512² in-plane": fine,
-        "oblique 20°": oblique,
-    }
-
-
-def _flip_ij(J: int, I: int) -> np.ndarray:
-    f = np.diag([-1.0, -1.0, 1.0, 1.0])
-    f[0, 3], f[1, 3] = I - 1, J - 1
-    return f
-
-
 def test_head_ct_variants_are_accepted(ct_model, head_ct):
-    verdicts = {name: verdict(ct_model, img) for name, img in _variants(head_ct).items()}
+    verdicts = {name: verdict(ct_model, img) for name, img in head_ct_variants(head_ct).items()}
     refused = {n: v.seen for n, v in verdicts.items() if v.verdict == "refuse"}
     assert not refused
     assert verdict(ct_model, head_ct).verdict == "ok"

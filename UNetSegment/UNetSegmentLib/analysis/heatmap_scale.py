@@ -41,19 +41,26 @@ def per_lesion(heatmap: Image, labels: Image, radius_mm: float = 20.0, connectiv
     lesion = np.asarray(labels.array) > 0
     if not lesion.any():
         return heatmap.with_array(heat.copy())
-    finite = np.where(np.isfinite(heat), heat, -np.inf)
-    global_peak = float(finite.max())
-    volume_scale = global_peak if global_peak > 0 else 1.0
-    scale = np.full(heat.shape, volume_scale, dtype=np.float32)
+    volume_scale = _peak(heat)
+    out = heat / np.float32(volume_scale)
     crop = _crop_around(lesion, radius_mm, heatmap.spacing[::-1])
     owner = _nearest_lesion(lesion[crop], radius_mm, heatmap.spacing[::-1], connectivity)
-    n = int(owner.max())
-    peaks = np.asarray(_maximum(finite[crop], owner, n), dtype=np.float32)
-    local = np.where(peaks > 0, peaks, volume_scale)  # a lesion without a positive response keeps the volume scale
     near = owner > 0
-    scale[crop][near] = local[owner[near] - 1]  # scale[crop] is a view
-    out = np.clip(heat / scale, 0.0, 1.0).astype(np.float32, copy=False)
+    ids, values = owner[near], heat[crop][near]
+    peaks = np.full(int(ids.max()) + 1, -np.inf, dtype=np.float32)
+    np.maximum.at(peaks, ids, np.where(np.isnan(values), -np.inf, values))
+    scale = np.where(np.isfinite(peaks) & (peaks > 0), peaks, volume_scale)  # no positive response: volume scale
+    out[crop][near] = values / scale[ids].astype(np.float32)  # out[crop] is a view
+    np.clip(out, 0.0, 1.0, out=out)
     return heatmap.with_array(out)
+
+
+def _peak(heat: np.ndarray) -> float:
+    """The map's largest finite value, or 1 when it has no positive one (an all-zero map stays zero)."""
+    top = float(heat.max())  # one pass; NaN/Inf maps take the careful path
+    if not math.isfinite(top):
+        top = float(heat[np.isfinite(heat)].max(initial=0.0))
+    return top if top > 0 else 1.0
 
 
 def _check(heatmap: Image, labels: Image, radius_mm: float, connectivity: int) -> None:
@@ -75,13 +82,11 @@ def _check(heatmap: Image, labels: Image, radius_mm: float, connectivity: int) -
 def _crop_around(lesion: np.ndarray, radius_mm: float, spacing_kji) -> tuple[slice, slice, slice]:
     """The lesions' bounding box grown by ``radius_mm``: no voxel outside it is within reach, so the
     distance transform runs on this box only (a full 512² CT volume would need gigabytes)."""
-    idx = np.nonzero(lesion)
     out = []
     for ax, sp in enumerate(spacing_kji):
+        hit = np.flatnonzero(lesion.any(axis=tuple(a for a in range(3) if a != ax)))
         pad = int(math.ceil(radius_mm / float(sp)))
-        lo = max(int(idx[ax].min()) - pad, 0)
-        hi = min(int(idx[ax].max()) + pad + 1, lesion.shape[ax])
-        out.append(slice(lo, hi))
+        out.append(slice(max(int(hit[0]) - pad, 0), min(int(hit[-1]) + pad + 1, lesion.shape[ax])))
     return tuple(out)
 
 
@@ -95,9 +100,3 @@ def _nearest_lesion(lesion: np.ndarray, radius_mm: float, spacing_kji, connectiv
                                                      return_indices=True)
     return np.where(dist <= radius_mm, components[k, j, i], 0)
 
-
-def _maximum(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
-    """Maximum of ``values`` over each owner id 1..n."""
-    from scipy import ndimage
-
-    return np.asarray(ndimage.maximum(values, owner, index=np.arange(1, n + 1)), dtype=np.float64)

@@ -76,6 +76,7 @@ class RunResult:
     summary: dict = field(default_factory=dict)
     labels: Image | None = None  # the label map shown (at ``threshold``)
     heatmap_scale: str = "volume"  # how the Grad-CAM node is scaled now (see RunRequest.heatmap_scale)
+    scaled_heatmaps: dict = field(default_factory=dict)  # kind -> (labels, per-lesion map) last shown
 
     @property
     def reference_volume(self):
@@ -136,8 +137,12 @@ def _shown_map(result: RunResult, kind: str) -> Image:
     current lesions (:func:`~UNetSegmentLib.analysis.heatmap_scale.per_lesion`)."""
     image = result.run.probability if kind == "probability" else result.run.heatmaps[kind]
     if kind in PER_LESION_KINDS and result.heatmap_scale == "lesion" and result.labels is not None:
-        connectivity = result.lesions.connectivity if result.lesions is not None else 26
-        return per_lesion(image, result.labels, connectivity=connectivity)
+        cached = result.scaled_heatmaps.get(kind)
+        if cached is None or cached[0] is not result.labels:  # toggling back and forth computes it once
+            connectivity = result.lesions.connectivity if result.lesions is not None else 26
+            cached = (result.labels, per_lesion(image, result.labels, connectivity=connectivity))
+            result.scaled_heatmaps[kind] = cached
+        return cached[1]
     return image
 
 
@@ -376,9 +381,11 @@ class SegmentationLogic:
             self._update_scaled_heatmaps(result)
 
     def _update_scaled_heatmaps(self, result: RunResult) -> None:
+        import slicer
+
         for kind in PER_LESION_KINDS:
             node = result.heatmaps.get(kind)
-            if node is not None:
+            if node is not None and slicer.mrmlScene.IsNodePresent(node):  # the user may have deleted it
                 scene.update_heatmap(node, _shown_map(result, kind), kind, node.GetName())
 
     def set_overlay_opacity(self, opacity: float) -> None:
