@@ -198,3 +198,11 @@ def test_thresholds_come_from_the_bundle(ct_model, head_ct):
 def test_cli_help_documents_the_override():
     r = subprocess.run(CLI + ["segment", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert "--allow-unusual-input" in r.stdout
+
+
+@pytest.mark.parametrize("model,config", [("ct-hemorrhage", "ct-hemorrhage"), ("mr-perfusion-lesion", "mr-perfusion-lesion")])
+def test_shipped_thresholds_are_the_training_configs(model, config):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "Resources" / "Training" / f"{config}.yaml").read_text(encoding="utf-8"))
+    assert load_bundle(model).meta["domain"] == cfg["bundle"]["domain"]
