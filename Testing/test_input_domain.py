@@ -89,14 +89,9 @@ def test_report_draws_the_unusual_input_banner(tmp_path, head_ct):
 def test_mni152_t1_mr_is_refused_as_another_modality(ct_model):
     nilearn = pytest.importorskip("nilearn.datasets")
     t1 = nilearn.load_mni152_template(resolution=2)
-    img = Image(np.asarray(t1.get_fdata(), np.float32).transpose(2, 1, 0).copy(), _ras_affine(t1.affine))
+    img = Image(np.asarray(t1.get_fdata(), np.float32).transpose(2, 1, 0).copy(), t1.affine)  # nibabel's affine is IJK→RAS
     v = verdict(ct_model, img)
     assert v.verdict == "refuse" and "no air" in v.seen and "another modality" in v.seen
-
-
-def _ras_affine(nifti_affine: np.ndarray) -> np.ndarray:
-    """nibabel's affine maps (i, j, k) to RAS already: that is our IJK→RAS."""
-    return np.asarray(nifti_affine, float)
 
 
 @pytest.mark.parametrize("channel", ["CBF", "Tmax"])
