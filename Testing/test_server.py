@@ -36,7 +36,9 @@ from UNetSegmentLib.serving.workdir import LOCK_NAME, DirLock, server_cache_root
 from UNetSegmentLib.serving.client import RemoteProcess, ServerClient, ServerError, _MultipartBody
 
 TOKEN = "test-token-" + "x" * 24
-PARAMS = SegmentParams(heatmaps=(), threads=1)
+# The volumes here are small phantoms, not heads: the server's mechanics are under test, so the default model's
+# input-domain check is told to let them through (test_refused_input_is_a_failed_job_that_names_the_fix checks it is on).
+PARAMS = SegmentParams(heatmaps=(), threads=1, allow_unusual_input=True)
 
 
 def _vol(path: Path, shape=(6, 32, 32), seed=0) -> Path:
@@ -297,6 +299,18 @@ def test_retention_removes_finished_jobs(srv, ct):
     assert raw("GET", f"{srv.url}/jobs/{jid}")[0] == 404 and not (srv.manager.work_dir / jid).exists()
 
 
+def test_refused_input_is_a_failed_job_that_names_the_fix(tmp_path, ct):
+    """The server's own parameters do not switch the input-domain check off: a phantom that is no head is refused."""
+    cfg = ServerConfig(params=SegmentParams(heatmaps=(), threads=1), work_dir=tmp_path / "w")
+    with InferenceServer(cfg) as s:
+        c = ServerClient(s.url)
+        st = c.wait(c.submit([ct]), poll_s=0.05, timeout=60)
+        assert st["status"] == "failed" and st["error_type"] == "UnusualInputError", st
+        assert "--allow-unusual-input" in st["error"] and str(tmp_path) not in st["error"]
+        ok = c.wait(c.submit([ct], params={"allow_unusual_input": True}), poll_s=0.05, timeout=60)
+        assert ok["status"] == "done", ok
+
+
 def test_named_channels_and_zipped_dicom(tmp_path):
     model = write_bundle(tmp_path / "mc", channels=("CBF", "Tmax"))
     a, b = _vol(tmp_path / "a.nii.gz"), _vol(tmp_path / "b.mha")
@@ -380,7 +394,7 @@ def _drive(proc: RemoteProcess, timeout: float = 120.0) -> None:
 def test_remote_process_has_the_local_workers_interface(srv, ct, tiny_bundle, tmp_path):
     events, codes = [], []
     req = {"inputs": [str(ct)], "output_dir": str(tmp_path / "out"), "model": None,
-           "params": SegmentParams(heatmaps=(), threshold=0.45).as_dict(), "overwrite": False, "stop_file": None}
+           "params": SegmentParams(heatmaps=(), threshold=0.45, allow_unusual_input=True).as_dict(), "overwrite": False, "stop_file": None}
     (tmp_path / "request.json").write_text(json.dumps(req))
     proc = RemoteProcess(events.append, codes.append, ServerClient(srv.url, token=TOKEN), poll_s=0.05)
     proc.start(str(tmp_path / "request.json"), None)
