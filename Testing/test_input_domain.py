@@ -144,6 +144,16 @@ def test_refusal_is_an_input_error_in_the_api(ct_model, head_ct):
     assert e.value.exit_code == 3
 
 
+def test_run_anyway_on_mr_says_no_air_once(ct_model, head_ct):
+    """The domain check owns the CT modality rule: overriding it does not repeat it as an intensity warning."""
+    from UNetSegmentLib import SegmentParams, segment
+
+    mr = head_ct.with_array(((head_ct.array.astype(np.float32) + 1000) / 2.0).clip(0, None))  # air at 0, like an MR
+    res = segment([mr], ct_model, SegmentParams(heatmaps=(), allow_unusual_input=True))
+    assert [w for w in res.warnings if "air" in w] == [w for w in res.warnings if w.startswith("UNUSUAL INPUT")]
+    assert len([w for w in res.warnings if w.startswith("UNUSUAL INPUT")]) == 1
+
+
 # --- accepted -----------------------------------------------------------------------------------
 def test_head_ct_variants_are_accepted(ct_model, head_ct):
     verdicts = {name: verdict(ct_model, img) for name, img in head_ct_variants(head_ct).items()}

@@ -77,14 +77,18 @@ def check_volume(img: Image, name: str) -> list[str]:
     return warnings
 
 
-def check_for_model(img: Image, name: str, spec: dict, dimensions: str, anatomy: dict | None) -> list[str]:
-    """Warnings (or refusal) about fit between a volume and the model's expectations."""
+def check_for_model(img: Image, name: str, spec: dict, dimensions: str, anatomy: dict | None,
+                    domain_checked: bool = False) -> list[str]:
+    """Warnings (or refusal) about fit between a volume and the model's expectations.
+
+    ``domain_checked``: the bundle declares an input-domain family (:mod:`.domain`), which then owns the
+    CT modality rule (air present); the per-channel ranges here still apply."""
     warnings: list[str] = []
     if min(img.array.shape) == 1:
         if dimensions == "3d":
             raise InputError(f"input {name} holds a single slice; this model is 3D", "give the whole volume, or use a 2D model")
         warnings.append(f"input {name} holds a single slice; processed as one 2D image")
-    w = _intensity_warning(img, name, spec)
+    w = _intensity_warning(img, name, spec, need_air=not domain_checked)
     if w:
         warnings.append(w)
     if anatomy and spec.get("modality", "").upper() == "CT":
@@ -94,11 +98,11 @@ def check_for_model(img: Image, name: str, spec: dict, dimensions: str, anatomy:
     return warnings
 
 
-def _intensity_warning(img: Image, name: str, spec: dict) -> str | None:
+def _intensity_warning(img: Image, name: str, spec: dict, need_air: bool = True) -> str | None:
     """Intensities unlike the channel's, judged per channel from the bundle's input spec.
 
     CT (``modality`` CT): the 0.5–99.5th percentiles must reach into ``expected_range`` and show air
-    (0.5th percentile ≤ −500 HU). Other channels: the 99.5th percentile must not exceed
+    (0.5th percentile ≤ −500 HU; ``need_air`` False leaves that to the domain check). Other channels: the 99.5th percentile must not exceed
     ``expected_range`` by more than 10 % of its span (e.g. seconds given in ms), the 0.5th not lie
     below it by as much, and every percentile of the channel's ``signature`` (e.g. ``{"p99.5":
     [0.3, 40]}`` for Tmax: a normal map, brain 0–2 s, passes; null = unbounded) must lie in its range.
@@ -112,7 +116,7 @@ def _intensity_warning(img: Image, name: str, spec: dict) -> str | None:
         return None
     wanted = sorted({0.5, 99.5} | {float(k[1:]) for k in signature})
     at = dict(zip(wanted, (float(v) for v in np.percentile(finite, wanted))))
-    if not (_off_range(at, rng, spec.get("modality", "").upper() == "CT") or _off_signature(at, signature)):
+    if not (_off_range(at, rng, spec.get("modality", "").upper() == "CT", need_air) or _off_signature(at, signature)):
         return None
     expect = [f"about {rng[0]:g}…{rng[1]:g}"] if rng is not None else []
     expect += [f"{k[1:]}th percentile {'' if a is None else f'{a:g}'}…{'' if b is None else f'{b:g}'}"
@@ -123,13 +127,13 @@ def _intensity_warning(img: Image, name: str, spec: dict) -> str | None:
             f"(model expects {', '.join(expect)}); check the input is the right series and in the right units")
 
 
-def _off_range(at: dict[float, float], rng, is_ct: bool) -> bool:
-    """CT: no air or no overlap with the range; other maps: beyond the range by over 10 % of its span."""
+def _off_range(at: dict[float, float], rng, is_ct: bool, need_air: bool = True) -> bool:
+    """CT: no overlap with the range, or (``need_air``) no air; other maps: beyond the range by over 10 % of its span."""
     if rng is None:
         return False
     lo, hi, span = at[0.5], at[99.5], rng[1] - rng[0]
     if is_ct:
-        return hi < rng[0] + 0.1 * span or lo > rng[1] - 0.1 * span or lo > -500
+        return hi < rng[0] + 0.1 * span or lo > rng[1] - 0.1 * span or (need_air and lo > -500)
     return hi > rng[1] + 0.1 * span or lo < rng[0] - 0.1 * span
 
 

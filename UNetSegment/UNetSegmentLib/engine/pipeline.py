@@ -145,7 +145,8 @@ def _check_inputs(inputs: list[Image], bundle: Bundle, out_channels: int, warnin
         )
     for img, n, spec in zip(inputs, names, bundle.meta["inputs"]):
         warnings += check_volume(img, n)
-        warnings += check_for_model(img, n, spec, bundle.dimensions, bundle.meta.get("anatomy"))
+        warnings += check_for_model(img, n, spec, bundle.dimensions, bundle.meta.get("anatomy"),
+                                    domain_checked=bool(bundle.meta.get("domain")))
     check_memory(int(np.prod(inputs[0].array.shape)) * len(inputs), out_channels)
 
 
