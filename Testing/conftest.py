@@ -13,15 +13,7 @@ sys.path.insert(0, str(REPO / "UNetSegment"))
 
 from UNetSegmentLib.models.bundle import sha256_file  # noqa: E402
 from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
-from UNetSegmentLib.phantom import head_with_blob  # noqa: E402
-
-
-def oblique_direction(deg: float = 12.0, flip_i: bool = True) -> np.ndarray:
-    a = np.deg2rad(deg)
-    d = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    if flip_i:
-        d[:, 0] *= -1
-    return d
+from UNetSegmentLib.phantom import head_with_blob, oblique_direction  # noqa: E402,F401  (tests import it from here)
 
 
 def ct_phantom(shape_kji=(24, 64, 64), spacing=(1.5, 1.5, 3.0), direction=None, origin=(10.0, -20.0, 5.0), seed=0,

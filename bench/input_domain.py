@@ -34,12 +34,7 @@ from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.io.sample import load_sample  # noqa: E402
 from UNetSegmentLib.models.bundle import load_bundle  # noqa: E402
 from UNetSegmentLib.models.training.head_variants import head_ct_variants  # noqa: E402
-from UNetSegmentLib.phantom import head_with_blob, perfusion_phantom  # noqa: E402
-
-
-def _oblique(deg: float) -> np.ndarray:
-    a = np.deg2rad(deg)
-    return np.array([[-1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+from UNetSegmentLib.phantom import head_with_blob, oblique_direction, perfusion_phantom  # noqa: E402
 
 
 def head_ct_accepted(case_dirs: list[Path], channels: list[str]):
@@ -50,7 +45,7 @@ def head_ct_accepted(case_dirs: list[Path], channels: list[str]):
     demo = Path.home() / ".cache" / "unetsegment" / "demo-case-2026" / "image.nii.gz"
     if demo.is_file():
         yield "demo case", [read_image(demo)]
-    yield "contract phantom (≈ 80 mm, 3 mm oblique)", [head_with_blob((40, 96, 96), (0.9, 0.9, 3.0), _oblique(12.0))[0]]
+    yield "contract phantom (≈ 80 mm, 3 mm oblique)", [head_with_blob((40, 96, 96), (0.9, 0.9, 3.0), oblique_direction(12.0))[0]]
     yield "test phantom 96 mm", [head_with_blob((24, 64, 64), (1.5, 1.5, 3.0))[0]]
     yield "test phantom 115 mm, 4 mm slices", [head_with_blob()[0]]
     for d in case_dirs:

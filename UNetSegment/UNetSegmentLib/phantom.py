@@ -11,6 +11,16 @@ import numpy as np
 from .image import Image, make_ijk_to_ras
 
 
+def oblique_direction(deg: float = 12.0, flip_i: bool = True) -> np.ndarray:
+    """A 3×3 direction matrix tilted by ``deg`` about the R axis (a gantry-tilted or oblique series);
+    ``flip_i`` also stores columns right→left, so tests see a flip and an oblique together."""
+    a = np.deg2rad(deg)
+    d = np.array([[1.0, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    if flip_i:
+        d[:, 0] *= -1
+    return d
+
+
 def head_with_blob(shape_kji=(12, 96, 96), spacing=(1.2, 1.2, 4.0), direction=None, origin=(10.0, -20.0, 5.0),
                    seed=0, blob=True) -> tuple[Image, np.ndarray]:
     """int16 HU volume (air −1000, skull 1000, brain 30, blob 70, noise σ 3) and the blob mask (K,J,I)."""

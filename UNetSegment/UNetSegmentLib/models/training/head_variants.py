@@ -10,11 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...image import Image, make_ijk_to_ras, resample
-
-
-def _rotation_x(deg: float) -> np.ndarray:
-    a = np.deg2rad(deg)
-    return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+from ...phantom import oblique_direction
 
 
 def _flip_ij(J: int, I: int) -> np.ndarray:
@@ -36,7 +32,7 @@ def head_ct_variants(ct: Image, seed: int = 3) -> dict[str, Image]:
     thick = resample(ct, (max(1, K // 4), J, I), ct.ijk_to_ras @ np.diag([1, 1, 4.0, 1]), order=1, fill=-1000.0)
     fine = resample(ct, (max(1, K // 2), 2 * J, 2 * I), ct.ijk_to_ras @ np.diag([0.5, 0.5, 2.0, 1]), order=1, fill=-1000.0)
     centre = ct.ijk_to_ras_points((np.array(ct.shape_ijk) - 1) / 2)[0]
-    m_obl = make_ijk_to_ras(ct.spacing, _rotation_x(20.0) @ ct.direction, (0, 0, 0))
+    m_obl = make_ijk_to_ras(ct.spacing, oblique_direction(20.0, flip_i=False) @ ct.direction, (0, 0, 0))
     m_obl[:3, 3] = centre - m_obl[:3, :3] @ ((np.array(ct.shape_ijk) - 1) / 2)
     return {
         "posterior fossa only": Image(a[: max(1, K // 4)].copy(), ct.ijk_to_ras),
