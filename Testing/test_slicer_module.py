@@ -426,6 +426,16 @@ def make_panel(logic=None, dialogs=None):
     return Panel(ui, logic, dialogs or ScriptedDialogs()), ui, logic
 
 
+def run_tiny_blob(panel, ui, gradcam: bool):
+    """Segment with the tiny-blob model on the CPU through the panel's button; the panel's result."""
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.gradcamCheckBox.checked = gradcam
+    ui.segmentButton.click()
+    assert STANDIN.run_until(lambda: panel.result is not None, 120)
+    return panel.result
+
+
 def test_panel_defaults_and_tooltips_come_from_the_core_and_the_model_card():
     add_head()
     panel, ui, _ = make_panel()
@@ -785,12 +795,7 @@ def test_segment_on_a_live_server_gives_the_same_nodes_as_the_local_run(tmp_path
 
     node, _, _ = add_head()
     panel, ui, logic = make_panel()
-    panel.refresh_models(select="tiny-blob")
-    ui.deviceComboBox.setCurrentIndex(1)  # cpu
-    ui.gradcamCheckBox.checked = False
-    ui.segmentButton.click()
-    assert STANDIN.run_until(lambda: panel.result is not None, 120)
-    local = panel.result
+    local = run_tiny_blob(panel, ui, gradcam=False)
     panel.result = None
 
     http_threads, callback_threads, stages = [], [], []
@@ -1065,12 +1070,7 @@ def test_per_lesion_heatmap_checkbox_rescales_the_gradcam_node_and_back():
     before = np.array(arr, copy=True)
     panel, ui, logic = make_panel()
     assert ui.perLesionHeatmapCheckBox.checked and "small lesion next to a large one" in ui.perLesionHeatmapCheckBox.toolTip
-    panel.refresh_models(select="tiny-blob")
-    ui.deviceComboBox.setCurrentIndex(1)  # cpu
-    ui.gradcamCheckBox.checked = True
-    ui.segmentButton.click()
-    assert STANDIN.run_until(lambda: panel.result is not None, 120)
-    r = panel.result
+    r = run_tiny_blob(panel, ui, gradcam=True)
     assert r.lesions.n_lesions == 2 and r.heatmap_scale == "lesion"
     cam_node = r.heatmaps["gradcam"]
     stored = read_image(r.run.folder / "gradcam.nrrd").array
