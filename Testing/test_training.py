@@ -20,7 +20,8 @@ def _config(tmp: Path, steps=6) -> Path:
     cfg = yaml.safe_load((Path(__file__).parents[1] / "Resources" / "Training" / "ct-hemorrhage.yaml").read_text())
     cfg["bundle"].update(name="phantom-test", patch_size=[64, 64], target_spacing=[1.0, 1.0, 1.0])
     cfg["bundle"]["architecture"]["kwargs"].update(base_channels=4, depth=2)
-    cfg["data"].update(generator="phantom", train_cases=3, val_cases=1, train_seed=10, val_seed=500, cache_dir=str(tmp / "cache"))
+    cfg["data"].update(generator="phantom", train_cases=3, val_cases=1, train_seed=10, val_seed=500,
+                       tune_cases=1, tune_seed=700, cache_dir=str(tmp / "cache"))
     cfg["train"].update(steps=steps, batch_size=2, crop=[32, 32], val_every=3, checkpoint_every=2, precision="fp32")
     cfg["train"].pop("init_from", None)
     p = tmp / "cfg.yaml"
@@ -54,6 +55,9 @@ def test_train_writes_a_valid_bundle_and_is_reproducible(tmp_path):
     meta = trainer.train(cfg, tmp_path / "a", log=lambda m: None)
     b = load_bundle(tmp_path / "a")
     assert b.name == "phantom-test" and meta["training"]["steps"] == 6 and len(meta["training"]["history"]) == 2
+    # the checkpoint is chosen on the tune split: the reported validation cases are never generated here
+    assert meta["training"]["selection_split"] == "tune"
+    assert (tmp_path / "cache" / "tune").is_dir() and not (tmp_path / "cache" / "val").exists()
     b.build_network()
     trainer.train(cfg, tmp_path / "b", log=lambda m: None)
     wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))

@@ -213,7 +213,10 @@ def render(meta: dict, evaluation: dict | None, extra: str = "", previous: dict 
         "see `UNetSegmentLib/training/cases.py` and the config in `Resources/Training/`.",
         f"- {t.get('steps')} steps, batch {t.get('batch_size')}, crops {t.get('crop')}, seed {t.get('seed')}, "
         f"{t.get('minutes')} min on {t.get('device')} ({t.get('precision')}, {t.get('host')}).",
-        f"- Best validation Dice on the network grid during training: {t.get('best_val_dice_network_grid')}.",
+        (f"- Checkpoint chosen on the tune split (never on the validation cases reported below): Dice "
+         f"{t.get('best_val_dice_network_grid')} on the network grid."
+         if t.get("selection_split") == "tune" else
+         f"- Best validation Dice on the network grid during training: {t.get('best_val_dice_network_grid')}."),
         *([f"- Fine-tuned from version {t['init_from'].get('version')} (weights sha256 {t['init_from'].get('sha256', '')[:12]}…, "
            f"itself {t['init_from'].get('minutes')} min of training); total training time "
            f"{round(float(t.get('minutes') or 0) + float(t['init_from'].get('minutes') or 0), 1)} min."]

@@ -235,16 +235,22 @@ def _init_weights_spec(cfg: dict, config_path: Path) -> dict | None:
 
 
 def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
-    """The training and validation cases of ``cfg`` on the network grid (cached; seeds must not overlap)."""
+    """The training cases and the checkpoint-selection cases of ``cfg`` on the network grid (cached).
+
+    The best checkpoint is chosen on the **tune** split when the config has one (``tune_seed``), so the
+    reported validation split never influences the weights; older configs select on ``val``.
+    """
     data, meta = cfg["data"], cfg["bundle"]
     cache = Path(os.path.expandvars(data.get("cache_dir", str(work / "cache"))))
+    split = "tune" if "tune_seed" in data else "val"
     train_seeds = list(range(int(data["train_seed"]), int(data["train_seed"]) + int(data["train_cases"])))
-    val_seeds = list(range(int(data["val_seed"]), int(data["val_seed"]) + int(data["val_cases"])))
-    if set(train_seeds) & set(val_seeds):
-        raise UsageError("training and validation seeds overlap", "choose disjoint train_seed/val_seed ranges")
-    log(f"preparing {len(train_seeds)} training and {len(val_seeds)} validation cases in {cache}")
+    select_seeds = list(range(int(data[f"{split}_seed"]), int(data[f"{split}_seed"]) + int(data[f"{split}_cases"])))
+    val_seeds = set(range(int(data["val_seed"]), int(data["val_seed"]) + int(data["val_cases"])))
+    if set(train_seeds) & (set(select_seeds) | val_seeds):
+        raise UsageError("training seeds overlap the tune or validation seeds", "choose disjoint seed ranges")
+    log(f"preparing {len(train_seeds)} training and {len(select_seeds)} {split} (checkpoint selection) cases in {cache}")
     return (build_cache(data["generator"], train_seeds, meta, cache / "train", TRAINING, log=log),
-            build_cache(data["generator"], val_seeds, meta, cache / "val", VALIDATION, log=log))
+            build_cache(data["generator"], select_seeds, meta, cache / split, VALIDATION, log=log))
 
 
 class _Run:
@@ -331,6 +337,7 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
         "generator": cfg["data"]["generator"], "train_cases": cfg["data"]["train_cases"], "val_cases": cfg["data"]["val_cases"],
         "train_seed": cfg["data"]["train_seed"], "val_seed": cfg["data"]["val_seed"], "steps": cfg["train"]["steps"],
         "batch_size": cfg["train"].get("batch_size", 12), "crop": cfg["train"].get("crop"), "seed": cfg["train"].get("seed", 0),
+        "selection_split": "tune" if "tune_seed" in cfg["data"] else "val",
         "best_val_dice_network_grid": round(best, 4), "minutes": round(minutes, 1), "device": str(device),
         "precision": precision, "host": f"{platform.machine()} {os.cpu_count()} CPU(s)", "history": history,
     }
