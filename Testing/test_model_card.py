@@ -57,10 +57,10 @@ def test_card_marks_targets_from_the_measurements_and_lists_every_section(tmp_pa
     meta = _meta()
     runs = _explanations()
     meta["architecture"]["cam_layer"] = "decoder.2"
-    domain = {"ct-hemorrhage": {"summary": {"false_refusals": 0, "in_distribution": 3, "false_acceptances": 0,
+    domain = {"ct-hemorrhage": {"summary": {"false_refusals": 0, "in_distribution": 2, "false_acceptances": 0,
                                             "out_of_distribution": 1},
-                                "accepted": [{"example": "thick slices", "verdict": "accept"},
-                                             {"example": "cases/case-1", "verdict": "accept"}],
+                                "accepted": [{"example": "sample: flipped i/j storage", "verdict": "ok"},
+                                             {"example": "case val/case-1", "verdict": "ok"}],
                                 "refused": [{"example": "chest CT", "verdict": "refuse", "seen": "a torso, no skull ring"}]}}
     text = model_card.render(meta, evaluation, "## Extra\nhand-written", previous, runs, domain)
 
@@ -73,7 +73,8 @@ def test_card_marks_targets_from_the_measurements_and_lists_every_section(tmp_pa
     assert "| hirescam @ decoder.2 (default) | 3 | 0.667 | 0.600 | 0.500 | 1.20× |" in text
     assert "| gradcam @ decoder.0 | 1 | 0.000 |" in text
     assert "| heatmap's top | 0.900 | 0.500 | 0.300 | 0.100 |" in text
-    assert "false refusals 0/3" in text and "| refused | chest CT | refuse: a torso, no skull ring |" in text
+    assert "false refusals 0/2" in text and "| refused | chest CT | refuse: a torso, no skull ring |" in text
+    assert "| accepted | sample: flipped i/j storage | ok |" in text
     assert "| accepted | 1 validation and tune cases | 1 accepted |" in text
     assert text.rstrip().endswith("hand-written")
 

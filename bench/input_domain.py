@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 
 from UNetSegmentLib.analysis.evaluate import case_inputs, find_cases  # noqa: E402
+from UNetSegmentLib.demo import demo_case  # noqa: E402
 from UNetSegmentLib.engine.domain import check_domain  # noqa: E402
 from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
@@ -37,20 +38,21 @@ from UNetSegmentLib.models.training.head_variants import head_ct_variants  # noq
 from UNetSegmentLib.phantom import head_with_blob, oblique_direction, perfusion_phantom  # noqa: E402
 
 
+CASE_PREFIX = "case "  # the examples from case folders (the model card counts them in one row)
+
+
 def head_ct_accepted(case_dirs: list[Path], channels: list[str]):
     ct = load_sample()
     yield "sample head CT", [ct]
     for name, img in head_ct_variants(ct).items():
         yield f"sample: {name}", [img]
-    demo = Path.home() / ".cache" / "unetsegment" / "demo-case-2026" / "image.nii.gz"
-    if demo.is_file():
-        yield "demo case", [read_image(demo)]
+    yield "demo case", [read_image(demo_case()[0])]
     yield "contract phantom (≈ 80 mm, 3 mm oblique)", [head_with_blob((40, 96, 96), (0.9, 0.9, 3.0), oblique_direction(12.0))[0]]
     yield "test phantom 96 mm", [head_with_blob((24, 64, 64), (1.5, 1.5, 3.0))[0]]
     yield "test phantom 115 mm, 4 mm slices", [head_with_blob()[0]]
     for d in case_dirs:
         for case in find_cases(d, channels):
-            yield f"{d.name}/{case.name}", [read_image(p) for p in case_inputs(case, channels)]
+            yield CASE_PREFIX + f"{d.name}/{case.name}", [read_image(p) for p in case_inputs(case, channels)]
 
 
 def head_ct_refused():
@@ -91,7 +93,7 @@ def perfusion_accepted(case_dirs: list[Path], channels: list[str]):
         yield f"perfusion phantom seed {seed}", [maps[c] for c in channels]
     for d in case_dirs:
         for case in find_cases(d, channels):
-            yield f"{d.name}/{case.name}", [read_image(p) for p in case_inputs(case, channels)]
+            yield CASE_PREFIX + f"{d.name}/{case.name}", [read_image(p) for p in case_inputs(case, channels)]
 
 
 def perfusion_refused(channels: list[str]):

@@ -137,8 +137,8 @@ def domain_lines(domain: dict | None, model: str) -> list[str]:
              f"**false acceptances {s['false_acceptances']}/{s['out_of_distribution']}**.", "",
              "| must be | example | verdict |", "|---|---|---|"]
     acc = d["accepted"]
-    cases = [r for r in acc if "/" in r["example"]]
-    for r in [r for r in acc if "/" not in r["example"]]:
+    cases = [r for r in acc if r["example"].startswith("case ")]  # bench/input_domain.py CASE_PREFIX
+    for r in [r for r in acc if not r["example"].startswith("case ")]:
         lines.append(f"| accepted | {r['example']} | {r['verdict']} |")
     if cases:
         bad = sum(r["verdict"] == "refuse" for r in cases)
