@@ -30,15 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 from UNetSegmentLib.analysis.evaluate import case_inputs, find_cases  # noqa: E402
 from UNetSegmentLib.demo import demo_case  # noqa: E402
 from UNetSegmentLib.engine.domain import check_domain  # noqa: E402
-from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
+from UNetSegmentLib.image import Image  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.io.sample import load_sample  # noqa: E402
 from UNetSegmentLib.models.bundle import load_bundle  # noqa: E402
+from UNetSegmentLib.models.training.model_card import CASE_EXAMPLE_PREFIX  # noqa: E402
 from UNetSegmentLib.models.training.head_variants import head_ct_variants  # noqa: E402
 from UNetSegmentLib.phantom import head_with_blob, oblique_direction, perfusion_phantom  # noqa: E402
-
-
-CASE_PREFIX = "case "  # the examples from case folders (the model card counts them in one row)
 
 
 def head_ct_accepted(case_dirs: list[Path], channels: list[str]):
@@ -52,7 +50,7 @@ def head_ct_accepted(case_dirs: list[Path], channels: list[str]):
     yield "test phantom 115 mm, 4 mm slices", [head_with_blob()[0]]
     for d in case_dirs:
         for case in find_cases(d, channels):
-            yield CASE_PREFIX + f"{d.name}/{case.name}", [read_image(p) for p in case_inputs(case, channels)]
+            yield CASE_EXAMPLE_PREFIX + f"{d.name}/{case.name}", [read_image(p) for p in case_inputs(case, channels)]
 
 
 def head_ct_refused():
@@ -93,7 +91,7 @@ def perfusion_accepted(case_dirs: list[Path], channels: list[str]):
         yield f"perfusion phantom seed {seed}", [maps[c] for c in channels]
     for d in case_dirs:
         for case in find_cases(d, channels):
-            yield CASE_PREFIX + f"{d.name}/{case.name}", [read_image(p) for p in case_inputs(case, channels)]
+            yield CASE_EXAMPLE_PREFIX + f"{d.name}/{case.name}", [read_image(p) for p in case_inputs(case, channels)]
 
 
 def perfusion_refused(channels: list[str]):

@@ -123,6 +123,10 @@ def explanation_lines(runs: list[dict], chosen_layer: str | None, chosen_method:
     return lines
 
 
+#: how bench/input_domain.py names the examples read from case folders (counted in one row of the card)
+CASE_EXAMPLE_PREFIX = "case "
+
+
 def domain_lines(domain: dict | None, model: str) -> list[str]:
     """The input-domain check: both error kinds and the examples (bench/input_domain.py)."""
     d = (domain or {}).get(model)
@@ -137,8 +141,8 @@ def domain_lines(domain: dict | None, model: str) -> list[str]:
              f"**false acceptances {s['false_acceptances']}/{s['out_of_distribution']}**.", "",
              "| must be | example | verdict |", "|---|---|---|"]
     acc = d["accepted"]
-    cases = [r for r in acc if r["example"].startswith("case ")]  # bench/input_domain.py CASE_PREFIX
-    for r in [r for r in acc if not r["example"].startswith("case ")]:
+    cases = [r for r in acc if r["example"].startswith(CASE_EXAMPLE_PREFIX)]
+    for r in [r for r in acc if not r["example"].startswith(CASE_EXAMPLE_PREFIX)]:
         lines.append(f"| accepted | {r['example']} | {r['verdict']} |")
     if cases:
         bad = sum(r["verdict"] == "refuse" for r in cases)

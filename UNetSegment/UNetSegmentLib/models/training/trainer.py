@@ -234,6 +234,11 @@ def _init_weights_spec(cfg: dict, config_path: Path) -> dict | None:
     return {**spec, "path": str(path)}
 
 
+def selection_split(data: dict) -> str:
+    """The split the best checkpoint is chosen on: ``tune`` when the config has one, else ``val`` (older configs)."""
+    return "tune" if "tune_seed" in data else "val"
+
+
 def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
     """The training cases and the checkpoint-selection cases of ``cfg`` on the network grid (cached).
 
@@ -242,7 +247,7 @@ def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
     """
     data, meta = cfg["data"], cfg["bundle"]
     cache = Path(os.path.expandvars(data.get("cache_dir", str(work / "cache"))))
-    split = "tune" if "tune_seed" in data else "val"
+    split = selection_split(data)
     train_seeds = list(range(int(data["train_seed"]), int(data["train_seed"]) + int(data["train_cases"])))
     select_seeds = list(range(int(data[f"{split}_seed"]), int(data[f"{split}_seed"]) + int(data[f"{split}_cases"])))
     val_seeds = set(range(int(data["val_seed"]), int(data["val_seed"]) + int(data["val_cases"])))
@@ -337,7 +342,7 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
         "generator": cfg["data"]["generator"], "train_cases": cfg["data"]["train_cases"], "val_cases": cfg["data"]["val_cases"],
         "train_seed": cfg["data"]["train_seed"], "val_seed": cfg["data"]["val_seed"], "steps": cfg["train"]["steps"],
         "batch_size": cfg["train"].get("batch_size", 12), "crop": cfg["train"].get("crop"), "seed": cfg["train"].get("seed", 0),
-        "selection_split": "tune" if "tune_seed" in cfg["data"] else "val",
+        "selection_split": selection_split(cfg["data"]),
         "best_val_dice_network_grid": round(best, 4), "minutes": round(minutes, 1), "device": str(device),
         "precision": precision, "host": f"{platform.machine()} {os.cpu_count()} CPU(s)", "history": history,
     }
