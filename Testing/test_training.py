@@ -200,3 +200,40 @@ def test_validation_scores_sampled_slices_as_full_inference_would(tmp_path):
     expected = 1.0 if pred.sum() + truth.sum() == 0 else 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
     assert len(ks) < mask.shape[0], "validation really samples"
     assert score == pytest.approx(expected, abs=1e-6)
+
+
+def _two_lesion_case(tmp: Path) -> Path:
+    """One network-grid case (normalised as the CT model: (HU − 40) / 40) with a bright large bleed and a
+    faint small one, as the trainer's cache stores it."""
+    hu = np.full((1, 20, 96, 96), 30.0, np.float32)
+    y = np.zeros((20, 96, 96), np.uint8)
+    y[2:12, 10:40, 10:40] = 1  # 900 mm² cross-section, 80 HU
+    hu[0][y == 1] = 80.0
+    y[8:14, 70:78, 70:78] = 1  # 64 mm², 50 HU, 384 voxels
+    hu[0, 8:14, 70:78, 70:78] = 50.0
+    y[16, 50, 50] = 1  # a one-voxel speck: never a training target of its own
+    hu[0, 16, 50, 50] = 50.0
+    f = tmp / "case-1.npz"
+    np.savez(f, x=(hu - 40.0) / 40.0, y=y)
+    return f
+
+
+def test_hard_lesions_are_the_faint_small_ones_and_get_their_share_of_crops(tmp_path):
+    norm = {"type": "ct", "clip": [-20.0, 120.0], "mean": 40.0, "std": 40.0}
+    hard = trainer.HardLesions.from_config({"max_hu": 60, "max_area_mm2": 150, "min_voxels": 100, "share": 1.0}, norm)
+    f = _two_lesion_case(tmp_path)
+    found = hard.find(np.load(f)["x"], np.load(f)["y"])
+    assert [len(v) for v in found] == [384]
+    assert set(map(tuple, found[0][:, 1:].tolist())) == {(j, i) for j in range(70, 78) for i in range(70, 78)}
+    # every lesion crop (lesion_fraction 1, share 1) contains the faint lesion's centre voxel column
+    s = trainer._Sampler([f], 1, (32, 32), np.random.default_rng(0), 1.0, hard)
+    for _ in range(20):
+        _, yp = s.patch()
+        assert yp.sum() and yp.sum() <= 64
+    # without hard lesions most lesion crops land on the large bleed
+    plain = trainer._Sampler([f], 1, (32, 32), np.random.default_rng(0), 1.0)
+    assert sum(plain.patch()[1].sum() > 64 for _ in range(40)) > 20
+    with pytest.raises(trainer.UsageError):
+        trainer.HardLesions.from_config({"max_hu": 60, "max_area_mm2": 150, "share": 0}, norm)
+    with pytest.raises(trainer.UsageError):
+        trainer.HardLesions.from_config({"max_hu": 60, "max_area_mm2": 150, "share": 0.3}, {"type": "zscore"})

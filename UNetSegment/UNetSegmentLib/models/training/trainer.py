@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,28 +45,82 @@ def load_config(path: Path) -> dict:
     return cfg
 
 
+@dataclass(frozen=True)
+class HardLesions:
+    """Lesions the sampler centres an extra ``share`` of its lesion crops on: faint (mean of channel 0 below
+    ``max_value``, in the network's normalised units), small in-plane (largest cross-section below
+    ``max_area_vox`` network-grid pixels) and not a speck (at least ``min_voxels``)."""
+
+    max_value: float
+    max_area_vox: int
+    min_voxels: int
+    share: float
+
+    @classmethod
+    def from_config(cls, spec: dict | None, normalization: dict) -> "HardLesions | None":
+        """``train.hard_lesions: {max_hu, max_area_mm2, min_voxels, share}`` for a CT model on a 1 mm in-plane grid."""
+        if not spec:
+            return None
+        if normalization.get("type") != "ct":
+            raise UsageError("train.hard_lesions needs a CT input (its threshold is in HU)", "remove train.hard_lesions")
+        share = float(spec["share"])
+        if not 0.0 < share <= 1.0:
+            raise UsageError(f"train.hard_lesions.share is {share}", "give a share of the lesion crops in (0, 1]")
+        hu = float(np.clip(float(spec["max_hu"]), *normalization["clip"]))
+        return cls((hu - float(normalization["mean"])) / float(normalization["std"]), int(spec["max_area_mm2"]),
+                   int(spec.get("min_voxels", 100)), share)
+
+    def find(self, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+        """The voxel indices (K, J, I rows) of each hard lesion of one case."""
+        from scipy import ndimage
+
+        comps, n = ndimage.label(y > 0)
+        means = np.asarray(ndimage.mean(x[0], comps, np.arange(1, n + 1))) if n else np.zeros(0)
+        found = []
+        for c, box in enumerate(ndimage.find_objects(comps), start=1):
+            v = np.argwhere(comps[box] == c) + [s.start for s in box]
+            if len(v) >= self.min_voxels and means[c - 1] < self.max_value and np.bincount(v[:, 0]).max() < self.max_area_vox:
+                found.append(v)
+        return found
+
+
 class _Sampler:
     """Random 2D/2.5D training patches from cached network-grid cases: ``lesion_fraction`` of them around a
-    lesion voxel, the others around a random voxel of the head (never pure air)."""
+    lesion voxel, the others around a random voxel of the head (never pure air). With ``hard``, a
+    ``hard.share`` of the lesion crops centre on a faint small lesion (drawn uniformly over all cases)."""
 
-    def __init__(self, files: list[Path], context: int, crop: tuple[int, int], rng: np.random.Generator, lesion_fraction: float):
+    def __init__(self, files: list[Path], context: int, crop: tuple[int, int], rng: np.random.Generator, lesion_fraction: float,
+                 hard: HardLesions | None = None):
         self.cases = [np.load(f) for f in files]
         self.cases = [(c["x"], c["y"]) for c in self.cases]
         self.context, self.crop, self.rng, self.lesion_fraction = context, crop, rng, lesion_fraction
         self.lesion_slices = [np.flatnonzero(y.reshape(y.shape[0], -1).any(1)) for _, y in self.cases]
         self.channel_min = [x.reshape(x.shape[0], -1).min(1) for x, _ in self.cases]
+        self.hard_share = hard.share if hard is not None else 0.0
+        self.hard = [(n, v) for n, (x, y) in enumerate(self.cases) for v in (hard.find(x, y) if hard else [])]
+
+    def _hard_voxel(self) -> tuple[int, int, int, int] | None:
+        """(case, k, j, i) of a voxel of a hard lesion for ``hard_share`` of the lesion crops, else None."""
+        if not self.hard or self.rng.random() >= self.hard_share:
+            return None
+        n, vox = self.hard[int(self.rng.integers(len(self.hard)))]
+        return (n, *map(int, vox[int(self.rng.integers(len(vox)))]))
 
     def patch(self) -> tuple[np.ndarray, np.ndarray]:
         rng = self.rng
-        n = int(rng.integers(len(self.cases)))
+        lesion_crop = rng.random() < self.lesion_fraction
+        pick = self._hard_voxel() if lesion_crop else None
+        n = pick[0] if pick else int(rng.integers(len(self.cases)))
         x, y = self.cases[n]
         C, K, J, I = x.shape
-        want_lesion = rng.random() < self.lesion_fraction and self.lesion_slices[n].size
-        k = int(rng.choice(self.lesion_slices[n])) if want_lesion else int(rng.integers(K))
+        want_lesion = pick is not None or (lesion_crop and self.lesion_slices[n].size)
+        k = pick[1] if pick else int(rng.choice(self.lesion_slices[n])) if want_lesion else int(rng.integers(K))
         xs = slice_with_context(x, k, self.context)
         ys = y[k]
         ch, cw = self.crop
-        if want_lesion and ys.any():
+        if pick:
+            jj, ii = np.array([pick[2]]), np.array([pick[3]])
+        elif want_lesion and ys.any():
             jj, ii = np.nonzero(ys)
         else:  # negatives centred in the head (where mimics are), not in the air around it
             jj, ii = np.nonzero(xs[self.context] > xs[self.context].min() + 0.05)
@@ -186,8 +241,14 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     settings = resolve(SegmentParams(device=tc.get("device", "auto"), precision=tc.get("precision", "auto"), heatmaps=()), meta)
     run = _Run.start(cfg, settings, work, log)
     sampler_cls = _Sampler3D if settings.model.spatial_dims == 3 else _Sampler
+    hard = HardLesions.from_config(tc.get("hard_lesions"), meta["inputs"][0]["normalization"])
+    if hard is not None and settings.model.spatial_dims == 3:
+        raise UsageError("train.hard_lesions is implemented for 2D/2.5D models", "remove train.hard_lesions")
     sampler = sampler_cls(train_files, settings.model.context, tuple(tc.get("crop", settings.model.patch)), run.rng,
-                          float(tc.get("lesion_fraction", 0.6)))
+                          float(tc.get("lesion_fraction", 0.6)), *([hard] if hard else []))
+    if hard is not None:
+        log(f"hard lesions: {len(sampler.hard)} in {len({n for n, _ in sampler.hard})} training cases, "
+            f"{hard.share:.0%} of the lesion crops")
     bs, steps = int(tc.get("batch_size", 12)), int(tc["steps"])
     val_every, ck_every = int(tc.get("val_every", 250)), int(tc.get("checkpoint_every", 100))
     t0 = time.time()
