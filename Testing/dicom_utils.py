@@ -1,11 +1,17 @@
-"""Make small DICOM CT series from an :class:`Image` (test data for the DICOM reader and SEG writer)."""
+"""Make small DICOM CT series from an :class:`Image` (test data for the DICOM reader, SEG and SR writers),
+and find Debian's ``dciodvfy`` to validate what we write."""
 from __future__ import annotations
 
 import datetime
+import functools
+import os
 import random
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
@@ -118,3 +124,24 @@ def write_ct_series(
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+@functools.lru_cache(maxsize=None)
+def dciodvfy_path() -> str:
+    """Path of dciodvfy; installs Debian's dicom3tools if needed. Fails the test (never skips) when it cannot."""
+    exe = shutil.which("dciodvfy")
+    log = ""
+    if exe is None and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmds in ([["apt-get", "install", "-y", "dicom3tools"]],
+                     [["apt-get", "update"], ["apt-get", "install", "-y", "dicom3tools"]]):
+            for c in cmds:
+                r = subprocess.run(c, capture_output=True, text=True, env=env, timeout=900)
+                log += f"$ {' '.join(c)} -> {r.returncode}\n{r.stdout[-1000:]}{r.stderr[-1000:]}"
+            exe = shutil.which("dciodvfy")
+            if exe:
+                break
+    if exe is None:
+        pytest.fail("dciodvfy (Debian package dicom3tools) is not installed and `apt-get install -y dicom3tools` "
+                    f"did not install it (needs root and apt access). Install it and rerun.\n{log}")
+    return exe

@@ -1,9 +1,6 @@
 """DICOM: reading CT series folders (geometry round trip, refusals) and writing DICOM SEG (validated by dciodvfy)."""
 from __future__ import annotations
 
-import functools
-import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -11,7 +8,7 @@ import pydicom
 import pytest
 
 from conftest import ct_phantom, oblique_direction
-from dicom_utils import write_ct_series
+from dicom_utils import dciodvfy_path, write_ct_series
 from UNetSegmentLib.errors import InputError
 from UNetSegmentLib.image import Image
 from UNetSegmentLib.io.dicom_seg import NO_LESION, write_dicom_seg
@@ -76,27 +73,6 @@ def test_read_refuses_empty_folder(tmp_path):
 
 
 # --- DICOM SEG -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _dciodvfy() -> str:
-    """Path of dciodvfy; installs Debian's dicom3tools if needed. Fails the test (never skips) when it cannot."""
-    exe = shutil.which("dciodvfy")
-    log = ""
-    if exe is None and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmds in ([["apt-get", "install", "-y", "dicom3tools"]],
-                     [["apt-get", "update"], ["apt-get", "install", "-y", "dicom3tools"]]):
-            for c in cmds:
-                r = subprocess.run(c, capture_output=True, text=True, env=env, timeout=900)
-                log += f"$ {' '.join(c)} -> {r.returncode}\n{r.stdout[-1000:]}{r.stderr[-1000:]}"
-            exe = shutil.which("dciodvfy")
-            if exe:
-                break
-    if exe is None:
-        pytest.fail("dciodvfy (Debian package dicom3tools) is not installed and `apt-get install -y dicom3tools` "
-                    f"did not install it (needs root and apt access). Install it and rerun.\n{log}")
-    return exe
-
-
 SEGMENTS = [
     {"value": 1, "name": "lesion A", "color": [1.0, 0.0, 0.0]},
     {"value": 2, "name": "lesion B (empty)", "color": [0.0, 1.0, 0.0]},
@@ -132,7 +108,7 @@ def test_dicom_seg_valid_and_round_trips(tmp_path, capsys):
     assert write_dicom_seg(labels, ct, SEGMENTS, out, model_name="test-model", model_version="0.0.1") is None
     assert sorted(p.name for p in out.parent.iterdir()) == ["seg.dcm"]  # no temp file left
 
-    dciodvfy = _dciodvfy()
+    dciodvfy = dciodvfy_path()
     r = subprocess.run([dciodvfy, str(out)], capture_output=True, text=True, timeout=120)
     report = (r.stdout + r.stderr).strip()
     with capsys.disabled():

@@ -252,7 +252,8 @@ def test_table_node_holds_the_core_lesion_table_and_is_shown(oblique_run):
     assert [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())] == list(COLUMNS)
     assert t.GetNumberOfRows() == len(rows) == 1
     assert column(t, "lesion") == [1] and column(t, "label") == [rows[0]["label"]]
-    for c in ("volume_ml", "centroid_r", "centroid_a", "centroid_s", "inside_r", "max_inplane_diameter_mm"):
+    for c in ("volume_ml", "centroid_r", "centroid_a", "centroid_s", "inside_r", "max_inplane_diameter_mm",
+              "abc2_ml", "abc2_a_mm", "abc2_b_mm", "abc2_c_mm"):
         assert column(t, c)[0] == pytest.approx(float(rows[0][c]), abs=1e-5), c
     assert t.GetColumnUnitLabel("volume_ml") == "mL" and t.GetColumnUnitLabel("volume_mm3") == "mm3"
     assert t.GetColumnUnitLabel("max_inplane_diameter_mm") == "mm"
@@ -540,6 +541,7 @@ def test_panel_click_segment_runs_shows_results_and_row_click_jumps():
     assert ui.lesionTableView.mrmlTableNode() is panel.result.table
     assert ui.outputSegmentationSelector.currentNode() is None  # the next run makes a new node unless one is picked
     assert "1 lesion(s)" in ui.lesionSummaryLabel.text
+    assert f"(ABC/2 {panel.result.lesions.total['abc2_ml']:.2f} mL)" in ui.lesionSummaryLabel.text
     assert ui.heatmapComboBox.count() == 1 and ui.heatmapComboBox.currentText == "Probability"
     ui.lesionTableView.click_row(0)
     row = panel.result.lesions.rows[0]

@@ -222,12 +222,13 @@ def _print_lesions(les: list[dict]) -> None:
     """The lesion rows, naming the two slices apart (and the DICOM image numbers for a series input)."""
     dicom = any(r.get("dicom_instance_number") is not None for r in les)
     extra = f" {'DICOM image (centroid/largest)':>31}" if dicom else ""
-    print(f"{'#':>3} {'label':<14}{'volume mL':>10} {'centroid slice':>15} {'largest-area slice':>19} {'diam mm':>8} "
+    print(f"{'#':>3} {'label':<14}{'volume mL':>10} {'ABC/2 mL':>9} {'centroid slice':>15} {'largest-area slice':>19} {'diam mm':>8} "
           f"{'side':>8}{extra}  centroid RAS")
     for r in les:
         ax = r["slice_axis"]
         extra = f" {str(r.get('dicom_instance_number')) + '/' + str(r.get('dicom_largest_instance_number')):>31}" if dicom else ""
-        print(f"{r['lesion']:>3} {r['label']:<14}{r['volume_ml']:>10.2f} {ax + '=' + str(r['slice_index']):>15} "
+        abc2 = f"{r['abc2_ml']:.2f}" if r.get("abc2_ml") is not None else "–"
+        print(f"{r['lesion']:>3} {r['label']:<14}{r['volume_ml']:>10.2f} {abc2:>9} {ax + '=' + str(r['slice_index']):>15} "
               f"{ax + '=' + str(r['largest_area_slice']):>19} {r['max_inplane_diameter_mm']:>8.1f} {r['side'] or '–':>8}{extra}  "
               f"({r['centroid_r']:.1f}, {r['centroid_a']:.1f}, {r['centroid_s']:.1f})")
 

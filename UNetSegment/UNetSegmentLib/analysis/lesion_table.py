@@ -50,6 +50,8 @@ CONTRACT_COLUMNS: tuple[str, ...] = (
     "side",
     "touches_border",
 )
+#: ABC/2, the bedside volume estimate (Kothari et al. 1996; :mod:`.abc2`), right after the 32.
+ABC2_COLUMNS: tuple[str, ...] = ("abc2_ml", "abc2_a_mm", "abc2_b_mm", "abc2_c_mm")
 #: DICOM series input only (empty otherwise): the source image holding the centroid slice and the
 #: one holding the largest-area slice (see :data:`COLUMN_DOCS`).
 DICOM_COLUMNS: tuple[str, ...] = (
@@ -61,7 +63,7 @@ DICOM_COLUMNS: tuple[str, ...] = (
 #: Every column of ``lesions.csv``/``.tsv`` and of ``summary.json``'s lesions, in order. Columns
 #: appended after the 32 keep this order: abc2_ml, abc2_a_mm, abc2_b_mm, abc2_c_mm, compartment,
 #: perilesional_oedema_ml, then the DICOM columns (a column not implemented is simply absent).
-COLUMNS: tuple[str, ...] = CONTRACT_COLUMNS + DICOM_COLUMNS
+COLUMNS: tuple[str, ...] = CONTRACT_COLUMNS + ABC2_COLUMNS + DICOM_COLUMNS
 
 #: stands for the intensity channel's unit in :data:`COLUMN_DOCS` (HU for CT; see :func:`column_docs`)
 INTENSITY_UNIT = "{intensity_unit}"
@@ -111,6 +113,13 @@ COLUMN_DOCS: dict[str, tuple[str, str]] = {
     "side": ("", "'right', 'left' or 'midline' (the patient's side: centroid R vs the mid-sagittal plane, 'midline' "
                  "within 5 mm; summary.json: side_method); empty when it cannot be determined"),
     "touches_border": ("true/false", "the lesion reaches the edge of the volume (it may extend beyond the scan)"),
+    "abc2_ml": ("mL", "ABC/2 bedside volume estimate (Kothari et al., Stroke 1996): abc2_a_mm × abc2_b_mm × abc2_c_mm "
+                      "/ 2 / 1000; total row: the sum over lesions. Compare with volume_ml (the voxel count)"),
+    "abc2_a_mm": ("mm", "A: the lesion's largest diameter on its largest-area slice, edge to edge (Feret diameter of "
+                        "its pixels' corners; max_inplane_diameter_mm measures between pixel centres)"),
+    "abc2_b_mm": ("mm", "B: the longest chord perpendicular to A on that slice that stays inside the lesion, edge to edge"),
+    "abc2_c_mm": ("mm", "C: the lesion's slices weighted 1 (area ≥ 75 % of the largest), 0.5 (25–75 %) or 0 (< 25 %), "
+                        "summed, × the slice thickness (distance between slice planes)"),
     "dicom_instance_number": ("", "DICOM input only: InstanceNumber (0020,0013) of the source image holding the "
                                   "centroid (its k index rounded half up; for axial series the centroid slice)"),
     "dicom_sop_instance_uid": ("", "DICOM input only: SOPInstanceUID (0008,0018) of that image"),
@@ -264,11 +273,12 @@ def format_cell(v) -> str:
     return str(v)
 
 
-def total_row(voxels: int, voxel_mm3: float, total_int, total_prob) -> dict:
-    """The ``total`` row: summed voxels and volume, intensity/probability statistics pooled over all lesions."""
+def total_row(voxels: int, voxel_mm3: float, total_int, total_prob, abc2_ml: float = 0.0) -> dict:
+    """The ``total`` row: summed voxels, volume and ABC/2 (``abc2_ml``), intensity/probability statistics
+    pooled over all lesions."""
     row = {c: None for c in COLUMNS}
     vol = voxels * voxel_mm3
-    row.update(lesion="total", voxels=voxels, volume_mm3=vol, volume_ml=vol / 1000.0)
+    row.update(lesion="total", voxels=voxels, volume_mm3=vol, volume_ml=vol / 1000.0, abc2_ml=abc2_ml)
     row["mean_intensity"], row["std_intensity"], row["max_intensity"] = total_int
     row["mean_probability"], row["max_probability"] = total_prob
     return row

@@ -54,6 +54,7 @@ from ..errors import UsageError
 from ..image import Image
 from ..image import slice_axis as _slice_axis
 from ..params import FIELD
+from .abc2 import abc2
 from .lesion_measures import (
     CT_AUTODETECT_MIN,
     CT_HEAD_THRESHOLD_HU,
@@ -68,6 +69,7 @@ from .lesion_measures import (
     nonzero_box,
 )
 from .lesion_table import (
+    ABC2_COLUMNS,
     COLUMN_DOCS,
     COLUMNS,
     CONTRACT_COLUMNS,
@@ -83,7 +85,7 @@ from .lesion_table import (
 )
 
 __all__ = [
-    "COLUMN_DOCS", "COLUMNS", "CONTRACT_COLUMNS", "CT_AUTODETECT_MIN", "CT_HEAD_THRESHOLD_HU", "DICOM_COLUMNS",
+    "ABC2_COLUMNS", "COLUMN_DOCS", "COLUMNS", "CONTRACT_COLUMNS", "CT_AUTODETECT_MIN", "CT_HEAD_THRESHOLD_HU", "DICOM_COLUMNS",
     "INTENSITY_UNIT", "LesionTable", "MIDLINE_TOLERANCE_MM", "MIN_SIZE_RTOL", "NONCT_HEAD_PERCENTILE", "analyze_lesions",
     "column_docs", "columns_markdown", "dropped_note", "dropped_summary", "format_cell", "remove_small_lesions",
     "small_lesion_filter", "split_small_lesions",
@@ -188,7 +190,8 @@ def analyze_lesions(
     # rows by volume (largest first), then label value, then first voxel in scan order
     order = np.lexsort((voxels.flat[voxels.starts], voxels.label_value, -voxels.counts))
     rows = _sorted_rows(columns, order)
-    total = total_row(int(voxels.counts.sum()), grid.voxel_mm3, total_intensity, total_probability)
+    total = total_row(int(voxels.counts.sum()), grid.voxel_mm3, total_intensity, total_probability,
+                      float(sum(columns["abc2_ml"])))
     numbers = _lesion_number_map(voxels, order, grid.shape) if lesion_map else None
     return LesionTable(rows, total, lesion_map=numbers, **common)
 
@@ -310,7 +313,7 @@ def _geometry_columns(voxels: _Voxels, grid: _Grid, label_names: Mapping[int, st
                       dicom_slices: Sequence[Any] | None) -> dict[str, list]:
     """Every column but ``lesion`` and the intensity/probability ones, as lists in lesion-id order."""
     centroid_ijk, centroid_ras, first, last, touches, extent = _centroids_and_extents(voxels, grid)
-    best_slice, best_voxels = _largest_area_slices(voxels, grid)
+    best_slice, best_voxels, slice_runs = _largest_area_slices(voxels, grid)
     inside_ijk, diameter = _inside_points_and_diameters(voxels, grid, best_slice, best_voxels)
     inside_ras = grid.to_ras(inside_ijk)
     axis = grid.slice_axis
@@ -335,6 +338,7 @@ def _geometry_columns(voxels: _Voxels, grid: _Grid, label_names: Mapping[int, st
         **{f"extent_{c}_mm": extent[:, d].tolist() for d, c in enumerate("ras")},
         "side": _sides(centroid_ras[:, 0], midline),
         "touches_border": touches.tolist(),
+        **_abc2_columns(voxels, grid, best_slice, slice_runs),
         **_dicom_columns(dicom_slices, np.floor(centroid_ijk[:, 2] + 0.5).astype(np.int64).tolist(),
                          inside_ijk[:, 2].astype(np.int64).tolist()),
     }
@@ -359,9 +363,10 @@ def _centroids_and_extents(voxels: _Voxels, grid: _Grid) -> tuple[np.ndarray, ..
     return centroid_ijk, grid.to_ras(centroid_ijk), first, last, touches, extent
 
 
-def _largest_area_slices(voxels: _Voxels, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
+def _largest_area_slices(voxels: _Voxels, grid: _Grid) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Per lesion: its largest-area slice (most voxels along the slice axis; ties: the lowest index)
-    and its voxel count there."""
+    and its voxel count there; and every (lesion, slice) pair's voxel count as (lesion ids, counts),
+    grouped by lesion."""
     axis = grid.slice_axis
     n_slices = int(grid.size_ijk[axis])
     key = voxels.lesion_of * n_slices + voxels.ijk[axis]  # (lesion, slice) as one number
@@ -374,7 +379,7 @@ def _largest_area_slices(voxels: _Voxels, grid: _Grid) -> tuple[np.ndarray, np.n
     by_area = np.lexsort((run_slice, -run_voxels, run_lesion))  # per lesion: most voxels, then lowest slice
     first_of_lesion = np.concatenate(([True], np.diff(run_lesion[by_area]) != 0))
     best = by_area[first_of_lesion]  # one run per lesion, in lesion order
-    return run_slice[best], run_voxels[best]
+    return run_slice[best], run_voxels[best], (run_lesion, run_voxels)
 
 
 def _inside_points_and_diameters(voxels: _Voxels, grid: _Grid, best_slice: np.ndarray,
@@ -396,6 +401,28 @@ def _inside_points_and_diameters(voxels: _Voxels, grid: _Grid, best_slice: np.nd
     inside_ijk = np.stack([ijk[0][pick], ijk[1][pick], ijk[2][pick]], axis=1).astype(np.float64)
     diameter = feret_diameters(lesion_on, ijk[col_axis], ijk[row_axis], x_mm, y_mm, n)
     return inside_ijk, diameter
+
+
+def _abc2_columns(voxels: _Voxels, grid: _Grid, best_slice: np.ndarray,
+                  slice_runs: tuple[np.ndarray, np.ndarray]) -> dict[str, list]:
+    """The ABC/2 columns per lesion (:mod:`.abc2`): A and B on the largest-area slice, C over its slices."""
+    col_axis, row_axis = grid.inplane_axes
+    x_u, y_u = _inplane_mm(grid, np.array([1.0]), np.array([0.0]))
+    x_v, y_v = _inplane_mm(grid, np.array([0.0]), np.array([1.0]))
+    u, v = np.array([x_u[0], y_u[0]]), np.array([x_v[0], y_v[0]])
+    thickness = grid.voxel_mm3 / grid.inplane_area_mm2
+    run_lesion, run_voxels = slice_runs
+    run_bounds = np.searchsorted(run_lesion, np.arange(voxels.n + 1))
+    on = voxels.ijk[grid.slice_axis] == best_slice[voxels.lesion_of]
+    lesion_on, col_on, row_on = voxels.lesion_of[on], voxels.ijk[col_axis][on], voxels.ijk[row_axis][on]
+    pixel_bounds = np.searchsorted(lesion_on, np.arange(voxels.n + 1))  # lesion ids are non-decreasing
+    out: dict[str, list] = {c: [] for c in ABC2_COLUMNS}
+    for n in range(voxels.n):
+        p = slice(pixel_bounds[n], pixel_bounds[n + 1])
+        m = abc2(col_on[p], row_on[p], u, v, run_voxels[run_bounds[n]:run_bounds[n + 1]], thickness)
+        for c, value in zip(ABC2_COLUMNS, (m.ml, m.a_mm, m.b_mm, m.c_mm)):
+            out[c].append(value)
+    return out
 
 
 def _inplane_mm(grid: _Grid, col: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -129,6 +129,8 @@ class ReportLayout:
     unusual_input: bool = False  # the "unusual input" banner drawn
     #: how the Grad-CAM panels were scaled: 'lesion' (each lesion's neighbourhood to its own peak) or 'volume'
     heatmap_scale: str = "lesion"
+    #: the lesion table as drawn: the header row, then one row per lesion and the total row (text cells)
+    table_cells: tuple[tuple[str, ...], ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +409,7 @@ def render_report(
     if unusual_input:
         y = _draw_unusual_banner(page, y, unusual_input)
     panel_points: list[tuple[float, float]] = []
-    dropped = ""
+    dropped, table_cells = "", ()
     if counts.negative:
         dropped = dropped_note(dropped_summary(table.dropped_ml), table.min_lesion_ml)
         y = _draw_negative(page, y, image, canon, window, pmax, pmax_ras, dropped)
@@ -416,7 +418,7 @@ def render_report(
         y, panel_points = _draw_lesion_panels(page, y, rows, counts, labels=labels, canon=canon, window=window,
                                               colors=colors, unit=unit, connectivity=table.connectivity,
                                               cam_label=HEATMAP_SCALES[heatmap_scale])
-        y = _draw_table(page, y, rows[: counts.n_table], table.total, unit, counts.n_more)
+        y, table_cells = _draw_table(page, y, rows[: counts.n_table], table.total, unit, counts.n_more)
     _draw_footer(page, y, params)
 
     wpx, hpx = _save_png(page.fig, path)
@@ -426,6 +428,7 @@ def render_report(
         more_note=bool(counts.n_more) and not counts.negative, n_more=max(0, counts.n_more),
         gradcam=gradcam is not None and not counts.negative, panel_points=tuple(panel_points),
         max_probability=pmax, dropped_note=dropped, unusual_input=bool(unusual_input), heatmap_scale=heatmap_scale,
+        table_cells=table_cells,
     )
 
 
@@ -843,7 +846,11 @@ def lesion_heading(row: Mapping[str, Any]) -> str:
         big += f" (DICOM image {row['dicom_largest_instance_number']})"
     if row.get("dicom_instance_number") is not None:
         cen += f" (DICOM image {row['dicom_instance_number']})"
-    return (f"Lesion {row['lesion']} — {row['label']}, {_f(row['volume_ml'], '.2f')} mL, {big}; {cen}; "
+    abc2 = ""
+    if row.get("abc2_ml") is not None:
+        abc2 = (f" (ABC/2 {_f(row['abc2_ml'], '.2f')} mL: {_f(row.get('abc2_a_mm'))} × {_f(row.get('abc2_b_mm'))} × "
+                f"{_f(row.get('abc2_c_mm'))} mm / 2)")
+    return (f"Lesion {row['lesion']} — {row['label']}, {_f(row['volume_ml'], '.2f')} mL{abc2}, {big}; {cen}; "
             f"spans {row['slice_first']}–{row['slice_last']}, diameter {_f(row.get('max_inplane_diameter_mm'))} mm, "
             f"{row.get('side') or 'side n/a'}")
 
@@ -861,24 +868,25 @@ def _arrow(ax, view: SliceView, color=_HIGHLIGHT_COLOR) -> None:
                                 mutation_scale=12))
 
 
-def _draw_table(page: _Page, y: float, rows, total, unit: str, n_more: int) -> float:
+def _draw_table(page: _Page, y: float, rows, total, unit: str, n_more: int) -> tuple[float, tuple[tuple[str, ...], ...]]:
+    """The lesion table under the panels; the new ``y`` and the cells drawn (header first)."""
     page.text(_MARGIN_L, y + 0.05, "Lesion table", fontsize=14, fontweight="bold")
     y += _TABLE_TITLE_H
-    header = ["#", "label", "volume\nmL", "centroid\nslice", "slice range", "largest-area\nslice",
+    header = ["#", "label", "volume\nmL", "ABC/2\nmL", "centroid\nslice", "slice range", "largest-area\nslice",
               "diameter\nmm", "side", f"mean\n{unit}", "mean\nprobability", "centroid RAS (mm)"]
     cells = []
     for r in rows:
         ax_name = r.get("slice_axis") or "k"
         cells.append([
-            str(r["lesion"]), _ellipsize(r.get("label", ""), 22), _f(r.get("volume_ml"), ".2f"),
+            str(r["lesion"]), _ellipsize(r.get("label", ""), 18), _f(r.get("volume_ml"), ".2f"), _f(r.get("abc2_ml"), ".2f"),
             f"{ax_name}={r.get('slice_index')}", f"{r.get('slice_first')}–{r.get('slice_last')}",
             f"{ax_name}={r.get('largest_area_slice')}", _f(r.get("max_inplane_diameter_mm")), r.get("side") or "–",
             _f(r.get("mean_intensity"), _intensity_fmt(unit)), _f(r.get("mean_probability"), ".2f"),
             f"({_f(r.get('centroid_r'))}, {_f(r.get('centroid_a'))}, {_f(r.get('centroid_s'))})",
         ])
-    cells.append(["total", "", _f(total.get("volume_ml"), ".2f"), "", "", "", "", "",
+    cells.append(["total", "", _f(total.get("volume_ml"), ".2f"), _f(total.get("abc2_ml"), ".2f"), "", "", "", "", "",
                   _f(total.get("mean_intensity"), _intensity_fmt(unit)), _f(total.get("mean_probability"), ".2f"), ""])
-    widths = np.array([0.6, 1.7, 0.9, 1.1, 1.0, 1.1, 0.9, 0.8, 0.8, 1.0, 2.3])
+    widths = np.array([0.6, 1.4, 0.9, 0.9, 1.0, 1.0, 1.1, 0.9, 0.8, 0.8, 1.0, 2.0])
     tw = float(widths.sum())
     nrows = len(cells) + 1
     h = (nrows + 0.6) * _TABLE_ROW_H  # header row is two lines
@@ -909,7 +917,7 @@ def _draw_table(page: _Page, y: float, rows, total, unit: str, n_more: int) -> f
         page.text(_MARGIN_L, y, f"… and {n_more} more lesion{'s' if n_more != 1 else ''} (see lesions.csv)",
                   fontsize=11.5, fontweight="bold", color="#333333")
         y += 0.3
-    return y + 0.15
+    return y + 0.15, tuple(map(tuple, [header, *cells]))
 
 
 def _draw_negative_title(page: _Page, y: float, pmax, pmax_ras, dropped: str) -> float:

@@ -33,6 +33,7 @@ CONTRACT_FILES = (
     "lesions.tsv",
     "report.png",
     "segmentation.dcm",
+    "measurements.dcm",
     "summary.json",  # moved last: its presence means the set is complete
 )
 STAGING_PREFIX = ".unetsegment-staging-"

@@ -18,7 +18,9 @@ from ..engine.checks import check_memory
 from ..engine.inference import CancelToken, ProgressFn
 from ..engine.pipeline import SegmentResult, segment
 from ..errors import InputError, OutputError, UsageError
+from ..image import Image
 from ..io.dicom_seg import write_dicom_seg
+from ..io.dicom_sr import NOT_DICOM, write_measurement_report
 from ..io.outputs import StagedOutput, file_digests
 from ..io.readers import HeaderCheck, VolumeHeader, dicom_slice_refs, read_image
 from ..io.writers import write_image, write_json, write_seg_nrrd
@@ -158,6 +160,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
             absent = f"DICOM SEG could not be written: {e}"
             result.warnings.append(absent)
         dicom_seg = {"file": None, "absent_because": absent} if absent else {"file": "segmentation.dcm"}
+    dicom_sr = _write_sr(ref, paths[0], folder, table, bundle, show, result.warnings)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     render_report(
         folder / "report.png",
@@ -185,8 +188,23 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
                             "terminology": s["terminology"]} for s in segments]
     if dicom_seg is not None:
         summary["dicom_seg"] = dicom_seg
+    summary["dicom_sr"] = dicom_sr
     summary["files_sha256"] = file_digests(folder)  # ties every file to this summary (and its run_id)
     return summary
+
+
+def _write_sr(labels: Image, source: str, folder: Path, table, bundle: Bundle, show: int, warnings: list) -> dict:
+    """``measurements.dcm`` (TID 1500 SR) for a DICOM series input; ``summary.json``'s account of it."""
+    if not Path(source).is_dir():
+        return {"file": None, "absent_because": NOT_DICOM}
+    try:
+        absent = write_measurement_report(labels, Path(source), folder / "segmentation.dcm", table.rows,
+                                          folder / "measurements.dcm", model_name=bundle.name,
+                                          model_version=bundle.version, intensity_unit=channel_unit(bundle, show))
+    except Exception as e:  # noqa: BLE001 - the SR is an extra; never lose the run over it
+        absent = f"DICOM SR could not be written: {e}"
+        warnings.append(absent)
+    return {"file": None, "absent_because": absent} if absent else {"file": "measurements.dcm"}
 
 
 def segment_meta(label: dict) -> dict:

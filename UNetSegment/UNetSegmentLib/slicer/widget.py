@@ -559,8 +559,10 @@ class Panel:
         unusual = self.result.summary.get("unusual_input")
         self.ui.lesionSummaryLabel.text = ((f"UNUSUAL INPUT (run anyway): {unusual}. These results are not findings. "
                                             if unusual else "")
-                                           + f"{t.n_lesions} lesion(s), total {t.total_volume_ml:.2f} mL at threshold "
-                                           f"{self.result.threshold:.2f}. Research use only — not for diagnosis.")
+                                           + f"{t.n_lesions} lesion(s), total {t.total_volume_ml:.2f} mL"
+                                           + (f" (ABC/2 {t.total['abc2_ml']:.2f} mL)" if t.n_lesions else "")
+                                           + f" at threshold {self.result.threshold:.2f}. "
+                                           "Research use only — not for diagnosis.")
 
     def on_failed(self, ev: dict) -> None:
         self.ui.progressBar.visible = False

@@ -112,7 +112,10 @@ def intensity_augment(ct: Image, rng: np.random.Generator, s: Settings) -> Image
     return ct.with_array(a)
 
 
-def ct_hemorrhage_case(seed: int, s: Settings = TRAINING) -> tuple[list[Image], Image]:
+def ct_hemorrhage_case(seed: int, s: Settings = TRAINING,
+                       lesions: list[tuple[str, np.ndarray]] | None = None) -> tuple[list[Image], Image]:
+    """One synthetic head CT with hemorrhages and its label; ``lesions`` (when given) receives each
+    synthesised bleed's kind and voxel mask, in the order painted (they may touch or overlap)."""
     from ...io.sample import load_sample
     from ...synth import KINDS, brain_mask, synthesize_hemorrhage
 
@@ -141,6 +144,8 @@ def ct_hemorrhage_case(seed: int, s: Settings = TRAINING) -> tuple[list[Image], 
             except Exception:  # noqa: BLE001 - a geometry that cannot host this kind: try the next
                 continue
             label |= lab.array.astype(np.uint8)
+            if lesions is not None:
+                lesions.append((kind, lab.array > 0))
     ct = intensity_augment(ct, rng, s)
     return [ct], ct.with_array(label)
 
