@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .engine.inference import CancelToken
-from .errors import UNetSegmentError, require_extra
+from .errors import UNetSegmentError, UsageError, require_extra
 from .params import SegmentParams, add_arguments, params_from_args
 
 
@@ -69,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in --output-dir")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_segment_options(s)
+
+    c = sub.add_parser("compare", help="follow-up: segment the current scan, register the prior one, report each "
+                                       "lesion's change and hematoma expansion")
+    c.add_argument("--prior", required=True, help="an earlier `segment` output folder, or the prior scan (volume file or "
+                                                  "DICOM folder; segmented into DIR/prior with the same model)")
+    c.add_argument("--current", required=True, nargs="+", metavar="INPUT",
+                   help="the current scan (one volume per model channel; segmented into DIR/current)")
+    c.add_argument("--output-dir", "-o", required=True, help="folder for comparison.csv/.json/.png and prior_registered.nrrd")
+    c.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in --output-dir")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    c.add_argument("--affine", action="store_true", help="affine instead of rigid registration (e.g. another scanner's "
+                                                         "calibration); rigid is right for the same head")
+    c.add_argument("--stable-ml", type=float, default=0.5, help="a change within max(this, --stable-pct) is 'stable' (mL)")
+    c.add_argument("--stable-pct", type=float, default=10.0, help="see --stable-ml (percent of the prior volume)")
+    c.add_argument("--expansion-ml", type=float, default=6.0,
+                   help="hematoma expansion: growth above this many mL (default 6; e.g. 12.5 for another trial's definition)")
+    c.add_argument("--expansion-pct", type=float, default=33.0, help="… or above this percentage of the prior volume "
+                                                                     "(default 33)")
+    add_segment_options(c)
 
     m = sub.add_parser("models", help="list, show, import or verify model bundles")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -192,6 +211,34 @@ def _cmd_segment(a: argparse.Namespace, cancel: CancelToken) -> int:
     finally:
         prog.close()
     _print_result(summary, a.output_dir)
+    return 0
+
+
+def _cmd_compare(a: argparse.Namespace, cancel: CancelToken) -> int:
+    from .analysis.followup import ChangeRules
+    from .serving.compare import compare_files
+
+    for name in ("stable_ml", "stable_pct", "expansion_ml", "expansion_pct"):
+        if not getattr(a, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} is {getattr(a, name)}", "give a number ≥ 0")
+    rules = ChangeRules(a.stable_ml, a.stable_pct, a.expansion_ml, a.expansion_pct)
+    prog = _Progress(not a.quiet)
+    try:
+        result = compare_files(a.prior, a.current, a.output_dir, a.model, params_from_args(a), rules, a.affine,
+                               a.overwrite, prog, cancel)
+    finally:
+        prog.close()
+    reg, total = result["registration"], result["total"]
+    print(f"{reg['kind']} registration: head overlap {reg['head_dice']:.3f}, correlation {reg['correlation']:.3f}, Mattes MI {reg['metric_value']:.4f}")
+    print(f"total: prior {total['prior_ml']:.2f} mL → current {total['current_ml']:.2f} mL "
+          f"({total['change_ml']:+.2f} mL), status {total['status']}, "
+          f"hematoma expansion: {'YES' if total['expansion'] else 'no'}")
+    print(f"{'current':>8} {'prior':>6} {'status':<9}{'prior mL':>9}{'current mL':>11}{'change mL':>10}{'change %':>9}  expansion")
+    for r in result["lesions"]:
+        pct = "" if r["change_pct"] is None else f"{r['change_pct']:+.0f}"
+        print(f"{r['current_lesion'] or '–':>8} {r['prior_lesion'] or '–':>6} {r['status']:<9}{r['prior_ml']:>9.2f}"
+              f"{r['current_ml']:>11.2f}{r['change_ml']:>+10.2f}{pct:>9}  {'YES' if r['expansion'] else 'no'}")
+    print(f"outputs: {Path(a.output_dir) / 'comparison.csv'} (and .json, .png, prior_registered.nrrd)")
     return 0
 
 
@@ -322,7 +369,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 #: commands that poll the cancel token; others stop at once on SIGTERM
-COOPERATIVE_COMMANDS = ("segment", "demo", "batch", "serve")
+COOPERATIVE_COMMANDS = ("segment", "compare", "demo", "batch", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "segment":
             return _cmd_segment(a, cancel)
+        if a.command == "compare":
+            return _cmd_compare(a, cancel)
         if a.command == "models":
             return _cmd_models(a)
         if a.command == "fetch-sample":

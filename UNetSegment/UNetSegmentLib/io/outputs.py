@@ -113,16 +113,18 @@ def pid_alive(pid: int) -> bool:
 class StagedOutput:
     """Use as ``with StagedOutput(dir, overwrite) as stage: write into stage.path``; commit on success."""
 
-    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False, files: tuple[str, ...] | None = None):
         self.out_dir = Path(out_dir)
         self.overwrite = overwrite
+        #: the files this kind of run may write (default: the ``segment`` contract's); the last is moved last
+        self.files = tuple(files or CONTRACT_FILES)
         self.path: Path | None = None
 
     def check(self) -> None:
         """Refuse early (before any work) if outputs exist or the folder cannot be written."""
         d = self.out_dir
         ensure_output_dir(d)
-        existing = [f for f in CONTRACT_FILES if (d / f).exists()]
+        existing = [f for f in self.files if (d / f).exists()]
         if existing and not self.overwrite:
             raise OutputError(
                 f"{d} already holds outputs of an earlier run ({', '.join(existing)})",
@@ -155,8 +157,8 @@ class StagedOutput:
 
     def _commit(self) -> None:
         assert self.path is not None
-        written = [f for f in CONTRACT_FILES if (self.path / f).exists()]
-        unknown = sorted(set(os.listdir(self.path)) - set(CONTRACT_FILES))
+        written = [f for f in self.files if (self.path / f).exists()]
+        unknown = sorted(set(os.listdir(self.path)) - set(self.files))
         if unknown:
             raise OutputError(f"internal: unexpected staged files {unknown}", "report this as a bug")
         with lock_output_dir(self.out_dir):  # one commit at a time: never a mix of two runs' files
@@ -164,16 +166,18 @@ class StagedOutput:
 
     def _move_into_place(self, written: list[str]) -> None:
         # re-check under the lock: another run may have written here meanwhile
-        clash = [f for f in CONTRACT_FILES if (self.out_dir / f).exists()]
+        clash = [f for f in self.files if (self.out_dir / f).exists()]
         if clash and not self.overwrite:
             raise OutputError(f"another run wrote outputs into {self.out_dir} while this one was running ({', '.join(clash)})",
                               "pass --overwrite to replace them, or give each run its own --output-dir")
         try:
-            # the old summary.json goes first: while files are swapped, no summary claims the set is complete
-            for f in sorted(clash, key=lambda f: f != "summary.json"):
-                if f not in written or f == "summary.json":
+            # the old summary (the last file: summary.json, comparison.json) goes first: while files are
+            # swapped, no summary claims the set is complete
+            marker = self.files[-1]
+            for f in sorted(clash, key=lambda f: f != marker):
+                if f not in written or f == marker:
                     (self.out_dir / f).unlink()
-            for f in written:  # CONTRACT_FILES order: summary.json last
+            for f in written:  # self.files order: the summary last
                 os.replace(self.path / f, self.out_dir / f)
         except OSError as e:
             raise OutputError(f"cannot move outputs into {self.out_dir}: {e.strerror}", "check free space and permissions") from None
