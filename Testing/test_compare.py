@@ -159,7 +159,16 @@ def test_compare_with_an_earlier_run_writes_the_comparison(scans):
                  *opts]) == 6
     assert main(["compare", "--prior", str(tmp / "prior_run"), "--current", str(tmp / "current.nrrd"), "-o", str(out),
                  "--overwrite", "--expansion-ml", "100", "--expansion-pct", "1000", *opts]) == 0
-    assert json.loads((out / "comparison.json").read_text())["flags"]["hematoma_expansion"] is False
+    latest = json.loads((out / "comparison.json").read_text())
+    assert latest["flags"]["hematoma_expansion"] is False
+    # the current scan given as its earlier run: compared without segmenting it again
+    assert main(["compare", "--prior", str(tmp / "prior_run"), "--current", str(out / "current"), "-o", str(tmp / "c"),
+                 *opts]) == 0
+    assert not (tmp / "c" / "current").exists()
+    again = json.loads((tmp / "c" / "comparison.json").read_text())
+    assert again["current"]["run_id"] == latest["current"]["run_id"]
+    assert [(r["current_lesion"], r["prior_lesion"], r["status"]) for r in again["lesions"]] == [
+        (r["current_lesion"], r["prior_lesion"], r["status"]) for r in result["lesions"]]
 
 
 def test_compare_segments_a_prior_scan_and_refuses_one_that_does_not_register(scans, tmp_path, capsys):

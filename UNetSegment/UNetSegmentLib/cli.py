@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prior", required=True, help="an earlier `segment` output folder, or the prior scan (volume file or "
                                                   "DICOM folder; segmented into DIR/prior with the same model)")
     c.add_argument("--current", required=True, nargs="+", metavar="INPUT",
-                   help="the current scan (one volume per model channel; segmented into DIR/current)")
+                   help="the current scan (one volume per model channel; segmented into DIR/current), or an earlier "
+                        "`segment` output folder of it")
     c.add_argument("--output-dir", "-o", required=True, help="folder for comparison.csv/.json/.png and prior_registered.nrrd")
     c.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run in --output-dir")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

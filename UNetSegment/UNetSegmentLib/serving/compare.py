@@ -2,7 +2,8 @@
 
 PRIOR is an earlier ``segment`` output folder (its ``summary.json``, segmentation and the input it
 names are read) or a scan (segmented here, into ``DIR/prior``, with the same model and parameters).
-CURRENT is segmented into ``DIR/current``. The prior scan is registered to the current one
+CURRENT likewise: an earlier output folder, or the scan (one volume per model channel), segmented
+into ``DIR/current``. The prior scan is registered to the current one
 (:mod:`..engine.registration`), its lesion map resampled onto the current grid, lesions matched and
 compared (:mod:`..analysis.followup`). Outputs in DIR, committed together (the summary last):
 ``prior_registered.nrrd``, ``comparison.csv``, ``comparison.png`` and ``comparison.json``.
@@ -32,6 +33,7 @@ from ..image import Image
 from ..io.outputs import StagedOutput
 from ..io.readers import read_image
 from ..io.writers import write_image, write_json, write_text
+from ..models.bundle import load_bundle
 from ..params import SegmentParams
 from .job import segment_files
 
@@ -96,11 +98,17 @@ def compare_files(
     out = Path(output_dir)
     stage = StagedOutput(out, overwrite, COMPARE_FILES)
     stage.check()
-    current_summary = segment_files(current, out / "current", model, params, overwrite, progress, cancel)
-    cur = load_run(out / "current")
-    prior_path = Path(prior)
-    if prior_path.is_dir() and (prior_path / "summary.json").is_file():
-        pri = load_run(prior_path)
+    if _is_run_folder(current[0]) and len(current) == 1:  # an earlier run of the current scan: not segmented again
+        cur = load_run(Path(current[0]))
+        current_summary = cur.summary
+        if model and load_bundle(model).name != current_summary["model"]["name"]:
+            raise InputError(f"the current run used model {current_summary['model']['name']}, not {model}",
+                             "leave out --model, or give the current scan itself")
+    else:
+        current_summary = segment_files(current, out / "current", model, params, overwrite, progress, cancel)
+        cur = load_run(out / "current")
+    if _is_run_folder(prior):
+        pri = load_run(Path(prior))
         if pri.summary["model"]["name"] != current_summary["model"]["name"]:
             raise InputError(f"the prior run used model {pri.summary['model']['name']}, the current one "
                              f"{current_summary['model']['name']}", "compare runs of the same model (or give the prior scan)")
@@ -150,6 +158,11 @@ def compare_files(
     return result
 
 
+def _is_run_folder(path: str) -> bool:
+    """An earlier ``segment`` output folder (rather than a scan: a volume file or a DICOM folder)."""
+    return Path(path).is_dir() and (Path(path) / "summary.json").is_file()
+
+
 def comparison_csv(rows: list[dict], total: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -161,7 +174,6 @@ def comparison_csv(rows: list[dict], total: dict) -> str:
 
 def display_window(run: ScanRun) -> tuple[float, float]:
     """The model's display window, as the report uses it (CT: 0–80 HU)."""
-    from ..models.bundle import load_bundle
     from .job import display_window as bundle_window
 
     return bundle_window(load_bundle(run.summary["model"]["path"]), run.image)
