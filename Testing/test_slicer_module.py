@@ -1094,3 +1094,47 @@ def test_per_lesion_heatmap_checkbox_rescales_the_gradcam_node_and_back():
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(cam_node), rescaled)
     with pytest.raises(UsageError, match="heatmap scale"):
         logic.set_heatmap_scale(r, "global")
+
+
+def test_compare_with_prior_adds_the_registered_prior_and_the_comparison_and_row_click_jumps():
+    prior_node, prior_img, _ = add_head("CT prior")
+    K, J, I = prior_img.array.shape
+    k, j, i = np.mgrid[:K, :J, :I]
+    grown = ((i - I * 0.62) / (I * 0.13)) ** 2 + ((j - J * 0.45) / (J * 0.12)) ** 2 + ((k - K / 2) / max(2.0, K * 0.2)) ** 2 < 1
+    current_arr = prior_img.array.copy()
+    current_arr[grown] = 70
+    current_node = slicer.util.addVolumeFromArray(current_arr, prior_img.ijk_to_ras, "CT current")
+    dialogs = ScriptedDialogs()
+    panel, ui, logic = make_panel(dialogs=dialogs)
+    panel.refresh_models(select="tiny-blob")
+    ui.deviceComboBox.setCurrentIndex(1)  # cpu
+    ui.gradcamCheckBox.checked = False
+    panel.channel_selectors[0].setCurrentNode(current_node)
+    assert not ui.compareCollapsibleButton.enabled  # nothing to compare before a result
+    assert ui.segmentButton.click()
+    assert STANDIN.run_until(lambda: panel.result is not None, 120)
+    assert ui.compareCollapsibleButton.enabled and not ui.compareButton.enabled
+    assert "Select the prior scan" in ui.compareButton.toolTip
+    # the current scan itself is refused with the fix, before anything runs
+    ui.priorVolumeSelector.setCurrentNode(current_node)
+    assert ui.compareButton.click()
+    assert dialogs.errors and "is the current scan itself" in dialogs.errors[-1] and not logic.is_running()
+    ui.priorVolumeSelector.setCurrentNode(prior_node)
+    before = set(node_ids())
+    assert ui.compareButton.click()
+    assert STANDIN.run_until(lambda: panel.comparison is not None, 180)
+    c = panel.comparison
+    added = {slicer.mrmlScene.GetNodeByID(n).GetClassName() for n in set(node_ids()) - before}
+    assert {"vtkMRMLScalarVolumeNode", "vtkMRMLTableNode"} <= added
+    assert column(c.table, "status") == ["grown", "grown"]  # the lesion, then the total
+    assert column(c.table, "current_lesion") == ["1", "total"]
+    assert np.allclose(ijk_to_ras(c.prior_registered), ijk_to_ras(current_node), atol=1e-4)
+    registered = slicer.util.arrayFromVolume(c.prior_registered).astype(float)
+    assert np.abs(registered[~grown] - prior_img.array[~grown]).mean() < 5.0  # the same head, in the same place
+    assert STANDIN.foreground_ids() == {c.prior_registered.GetID()} and STANDIN.background_ids() == {current_node.GetID()}
+    assert "hematoma expansion: YES" in ui.compareSummaryLabel.text and ui.compareTableView.mrmlTableNode() is c.table
+    row = c.comparison["lesions"][0]
+    centroid = (row["centroid_r"], row["centroid_a"], row["centroid_s"])
+    assert not slice_planes_contain(centroid)
+    ui.compareTableView.click_row(0)
+    assert ui.statusLabel.text.startswith("Centred on the compared lesion") and slice_planes_contain(centroid)

@@ -6,7 +6,8 @@ the folder holding ``UNetSegmentLib`` as working directory). ``request.json``::
     {"inputs": ["ct.nrrd"], "output_dir": "out", "model": "tiny-blob" | "/path/bundle" | null,
      "params": {<SegmentParams fields>}, "overwrite": false, "stop_file": "out.stop" | null}
 
-It calls :func:`.job.segment_files` and prints one JSON object per line on stdout:
+It calls :func:`.job.segment_files` (or, for ``"kind": "compare"`` with a ``"prior"``, :func:`.compare.compare_files`;
+``"rules"`` and ``"affine"`` as the ``compare`` command's options) and prints one JSON object per line on stdout:
 
 * ``{"event": "started", "pid": ..., "version": ...}``
 * ``{"event": "progress", "stage": ..., "fraction": 0..1, "overall": 0..1, "eta_s": s | null, "message": ...}``
@@ -244,11 +245,14 @@ def run(request: dict, emitter: Emitter, stdin_cancel: bool = False) -> int:
         device = params.device
         reporter = ProgressReporter(emitter, params.heatmaps)
         reporter("load", 0.0, "loading the model and reading the inputs")
-        from .job import segment_files  # imports torch: may take a while, cancellable by the watcher
-
         token.check()
-        summary = segment_files(request["inputs"], out, request.get("model"), params,
-                                bool(request.get("overwrite", False)), reporter, token)
+        if request.get("kind", "segment") == "compare":
+            summary = _compare(request, params, reporter, token)
+        else:
+            from .job import segment_files  # imports torch: may take a while, cancellable by the watcher
+
+            summary = segment_files(request["inputs"], out, request.get("model"), params,
+                                    bool(request.get("overwrite", False)), reporter, token)
         for w in summary.get("warnings", []):
             emitter.emit("log", level="warning", message=w)
         emitter.emit("progress", stage="write", fraction=1.0, overall=1.0, eta_s=0.0, message="")
@@ -267,6 +271,24 @@ def run(request: dict, emitter: Emitter, stdin_cancel: bool = False) -> int:
             emitter.emit("log", level="error", message="".join(traceback.format_exception(type(e), e, e.__traceback__)))
         emitter.emit("error", final=True, **ev)
         return int(ev["exit_code"])
+
+
+def _compare(request: dict, params: SegmentParams, reporter, token) -> dict:
+    """A ``"kind": "compare"`` request: ``prior`` (scan or run folder), ``inputs`` (the current scan or its run
+    folder), optional ``rules`` (:class:`..analysis.followup.ChangeRules` fields) and ``affine``; the
+    comparison.json dict."""
+    from ..analysis.followup import ChangeRules
+    from .compare import compare_files
+
+    if "prior" not in request:
+        raise UsageError("the compare request lacks 'prior'", "give the prior scan or run folder")
+    try:
+        rules = ChangeRules(**(request.get("rules") or {}))
+    except TypeError as e:
+        raise UsageError(f"bad compare rules: {e}", "give stable_ml, stable_pct, expansion_ml, expansion_pct") from None
+    return compare_files(request["prior"], request["inputs"], request["output_dir"], request.get("model"), params,
+                         rules, bool(request.get("affine", False)), bool(request.get("overwrite", False)),
+                         reporter, token)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from ..analysis.followup import ChangeRules
 from ..analysis.heatmap_scale import SCALES as HEATMAP_SCALES
 from ..analysis.heatmap_scale import per_lesion
 from ..analysis.lesions import LesionTable
@@ -32,6 +33,7 @@ from ..serving.client import ServerClient
 from ..serving.job import display_channel
 from ..serving.worker import error_event
 from . import scene
+from .followup import CompareResult, show_comparison
 from .process import ProcessProtocol, ServerProcess, WorkerProcess
 from .signals import Signal
 from .volumes import image_from_volume, roi_corners_in_frame
@@ -102,6 +104,15 @@ class PendingRun:
     work: Path  # the run's temporary folder
 
 
+@dataclass(frozen=True)
+class PendingCompare:
+    """A started comparison until its worker ends."""
+
+    result: RunResult  # the current scan's run
+    prior_node: object
+    work: Path
+
+
 class SegmentationLogicProtocol(Protocol):
     """What the panel needs from a logic (tests hand it a fake)."""
 
@@ -125,6 +136,8 @@ class SegmentationLogicProtocol(Protocol):
     def jump_to_table_row(self, result: RunResult, row: int): ...
     def export_table(self, result: RunResult, path: str) -> None: ...
     def export_all(self, result: RunResult, folder: str, overwrite: bool = False) -> dict: ...
+    def start_compare(self, result: RunResult, prior_node, rules: ChangeRules | None = None, affine: bool = False) -> None: ...
+    def jump_to_comparison_row(self, compared: CompareResult, row: int): ...
 
 
 def _check_heatmap_scale(scale) -> None:
@@ -161,12 +174,14 @@ class SegmentationLogic:
         self.finished = Signal("RunResult")
         self.failed = Signal("dict")  # worker error event fields
         self.cancelled = Signal()
+        self.compared = Signal("CompareResult")  # a finished "compare with prior" (failures: ``failed``)
         self.process_factory = process_factory or (lambda on_event, on_finished: WorkerProcess(on_event, on_finished))
         #: used for requests with a ``server_url``: (on_event, on_finished, ServerClient) -> process
         self.server_process_factory = server_process_factory or ServerProcess
         self._dependency_check = dependency_check
         self._bundles: dict[str, Bundle] = {}
         self._pending: PendingRun | None = None
+        self._compare_pending: PendingCompare | None = None
         self._process: ProcessProtocol | None = None
         self._done_event: dict | None = None
         self._error_event: dict | None = None
@@ -266,7 +281,74 @@ class SegmentationLogic:
         elif kind == "error":
             self._error_event = ev
 
+    def start_compare(self, result: RunResult, prior_node, rules: ChangeRules | None = None, affine: bool = False) -> None:
+        """Compare ``result`` (the current scan as segmented) with the prior scan ``prior_node``, in a local
+        worker (returns at once): the prior is segmented with the same model and parameters and registered
+        to the current scan; ``compared`` delivers the :class:`.followup.CompareResult`."""
+        import slicer
+
+        if self.is_running():
+            raise RuntimeError("a segmentation or comparison is already running")
+        if prior_node is None:
+            raise InputError("no prior scan selected", "pick the earlier scan of this patient as the prior")
+        if prior_node in result.request.input_nodes:
+            raise InputError(f"the prior scan {prior_node.GetName()} is the current scan itself",
+                             "pick the earlier scan of this patient as the prior")
+        work = Path(slicer.util.tempDirectory("UNetSegment-compare-"))
+        prior_path = work / f"prior-{_safe_name(prior_node.GetName())}.nrrd"
+        write_image(image_from_volume(prior_node), prior_path, compress=False)
+        out, stop = work / "out", work / "stop"
+        req = {"kind": "compare", "prior": str(prior_path), "inputs": [str(result.work_dir / "out")],
+               "output_dir": str(out), "model": str(result.bundle.root), "params": result.request.params.as_dict(),
+               "rules": dataclasses.asdict(rules or ChangeRules()), "affine": bool(affine), "overwrite": False,
+               "stop_file": str(stop)}
+        (work / "request.json").write_text(json.dumps(req, indent=2), encoding="utf-8")
+        self._compare_pending = PendingCompare(result, prior_node, work)
+        self._done_event = self._error_event = None
+        self._cancel_requested = False
+        self.log("info", f"comparing {result.reference_volume.GetName()} with the prior {prior_node.GetName()}")
+        self._process = self.process_factory(self._on_event, self._on_finished)  # always local: it registers scans
+        self._process.start(str(work / "request.json"), str(stop))
+
+    def _finish_compare(self, code: int) -> None:
+        pending, self._compare_pending = self._compare_pending, None
+        self._process = None
+        if self._cancel_requested or (self._error_event or {}).get("kind") == "CancelledError" or self._done_event is None:
+            shutil.rmtree(pending.work, ignore_errors=True)
+            if self._cancel_requested or (self._error_event or {}).get("kind") == "CancelledError":
+                self.log("info", "comparison cancelled; the scene was not changed")
+                self.cancelled()
+                return
+            ev = self._error_event or {"kind": "InternalError", "exit_code": code,
+                                       "message": f"the worker exited with status {code} without a result"}
+            self.log("error", ev.get("message", ""))
+            self.failed(ev)
+            return
+        created: list = []
+        try:
+            compared = show_comparison(Path(self._done_event["output_dir"]), pending.result.reference_volume,
+                                       pending.prior_node.GetName(), pending.work, created)
+        except Exception as e:  # noqa: BLE001 - shown to the user as one error
+            import slicer
+
+            for node in created:
+                slicer.mrmlScene.RemoveNode(node)
+            ev = error_event(e, pending.result.request.params.device)
+            self.log("error", ev["message"])
+            self.failed(ev)
+            return
+        self.log("info", f"comparison done: {compared.summary_text()}")
+        self.compared(compared)
+
+    def jump_to_comparison_row(self, compared: CompareResult, row: int):
+        """Centre the views on a comparison row's lesion (the registered prior is shown over the current scan)."""
+        p = compared.point_of_row(row)
+        return None if p is None else scene.jump_to(p, compared.reference_volume)
+
     def _on_finished(self, code: int) -> None:
+        if self._compare_pending is not None:
+            self._finish_compare(code)
+            return
         pending, self._pending = self._pending, None
         self._process = None
         if self._cancel_requested or (self._error_event or {}).get("kind") == "CancelledError":

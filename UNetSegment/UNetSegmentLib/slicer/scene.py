@@ -201,17 +201,22 @@ def _text(v) -> str:
 
 def update_table(table_node, lesion_table: LesionTable, name: str):
     """Create or refill a table node: one row per lesion, the core's :data:`COLUMNS` as columns."""
+    rows = lesion_table.to_records()[:-1]  # lesions only; the total goes to the summary line
+    return update_rows_table(table_node, COLUMNS, rows, name)
+
+
+def update_rows_table(table_node, columns: Sequence[str], rows: Sequence[dict], name: str):
+    """Create or refill a locked table node with ``rows`` (dicts) under ``columns``, typed per column."""
     import slicer
     import vtk
 
     if table_node is None:
         table_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName(name))
-    rows = lesion_table.to_records()[:-1]  # lesions only; the total goes to the summary line
     was = table_node.StartModify()
     try:
         table_node.RemoveAllColumns()
-        for c in COLUMNS:
-            values = [r[c] for r in rows]
+        for c in columns:
+            values = [r.get(c) for r in rows]
             kind = _column_kind(values)
             arr = {"int": vtk.vtkIntArray, "double": vtk.vtkDoubleArray, "string": vtk.vtkStringArray}[kind]()
             arr.SetName(c)

@@ -150,12 +150,15 @@ class Panel:
         self._surface_timer = None
         self._live_value = 0.5
         self._surfaces_stale = False
+        self.comparison = None  # the last CompareResult shown
+        self._comparing = False
         self._setup_controls()
         logic.progress.connect(self.on_progress)
         logic.log.connect(self.append_log)
         logic.finished.connect(self.on_finished)
         logic.failed.connect(self.on_failed)
         logic.cancelled.connect(self.on_cancelled)
+        logic.compared.connect(self.on_compared)
         self._installer_ids = (install.INSTALLER.log.connect(self.on_install_log),
                                install.INSTALLER.finished.connect(self.on_dependencies_checked))
         if getattr(ui, "installDependenciesButton", None) is not None:
@@ -234,6 +237,7 @@ class Panel:
         ui.logTextEdit.maximumBlockCount = LOG_MAX_LINES
         ui.progressBar.visible = False
         ui.resultsCollapsibleButton.enabled = False
+        ui.compareCollapsibleButton.enabled = False
         ui.modelComboBox.connect("currentIndexChanged(int)", self.on_model_changed)
         ui.importModelButton.connect("clicked()", self.on_import_model)
         ui.segmentButton.connect("clicked()", self.on_segment_clicked)
@@ -250,6 +254,9 @@ class Panel:
         ui.lesionTableView.connect("selectionChanged()", lambda: self.on_table_selection(self.ui.lesionTableView))
         ui.exportTableButton.connect("clicked()", self.on_export_table)
         ui.exportAllButton.connect("clicked()", self.on_export_all)
+        ui.priorVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda *_: self.update_state())
+        ui.compareButton.connect("clicked()", self.on_compare_clicked)
+        ui.compareTableView.connect("selectionChanged()", self.on_compare_selection)
 
     # --- where the model runs -----------------------------------------------------------------
     def on_server(self) -> bool:
@@ -443,6 +450,13 @@ class Panel:
         for w in (self.ui.inputsCollapsibleButton, self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
             w.enabled = not running
         self.ui.resultsCollapsibleButton.enabled = self.result is not None and not running
+        self.ui.compareCollapsibleButton.enabled = self.result is not None and not running
+        prior = self.ui.priorVolumeSelector.currentNode()
+        self.ui.compareButton.enabled = self.result is not None and prior is not None and not running
+        self.ui.compareButton.toolTip = (
+            "Segment first: the comparison uses the current result" if self.result is None else
+            "Select the prior scan" if prior is None else
+            "Segment the prior scan with the same model, register it to the current scan and match the lesions")
 
     # --- run --------------------------------------------------------------------------------
     def on_segment_clicked(self) -> None:
@@ -568,6 +582,11 @@ class Panel:
         self.ui.progressBar.visible = False
         self.ui.statusLabel.text = "Failed."
         self.update_state()
+        if self._comparing:  # a comparison: no segmentation to offer again
+            self._comparing = False
+            fix = ev.get("fix")
+            self.show_error(ev.get("message", "The comparison failed."), details=f"Fix: {fix}" if fix else "")
+            return
         if ev.get("kind") == "UnusualInputError" and self.last_request is not None:
             self._offer_unusual_run(ev)
             return
@@ -595,6 +614,7 @@ class Panel:
             self.ui.statusLabel.text = "Not run: the input is not what the model reads; the scene was not changed."
 
     def on_cancelled(self) -> None:
+        self._comparing = False
         self.ui.progressBar.visible = False
         self.ui.statusLabel.text = "Cancelled; the scene was not changed."
         self.update_state()
@@ -678,6 +698,41 @@ class Panel:
         point = self.logic.jump_to_table_row(self.result, row)
         if point is not None:
             self.ui.statusLabel.text = "Centred on lesion at R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
+
+    # --- compare with prior -------------------------------------------------------------------
+    def on_compare_clicked(self) -> None:
+        if self.result is None or self.logic.is_running():
+            return
+        try:
+            self.logic.start_compare(self.result, self.ui.priorVolumeSelector.currentNode())
+        except Exception as e:  # noqa: BLE001 - one dialog with the problem and the fix
+            self.show_error(str(e))
+            return
+        self._comparing = True
+        self.ui.statusLabel.text = "Comparing with the prior scan…"
+        self.update_state()
+
+    def on_compared(self, compared) -> None:
+        import slicer
+
+        self._comparing = False
+        self.comparison = compared
+        self.ui.progressBar.visible = False
+        self.ui.compareSummaryLabel.text = compared.summary_text()
+        self.ui.compareTableView.setMRMLScene(slicer.mrmlScene)
+        self.ui.compareTableView.setMRMLTableNode(compared.table)
+        self.ui.statusLabel.text = "Compared."
+        self.update_state()
+
+    def on_compare_selection(self) -> None:
+        view = self.ui.compareTableView
+        indexes = view.selectionModel().selectedIndexes()
+        if self.comparison is None or not indexes:
+            return
+        row = view.sortFilterProxyModel().mapToSource(indexes[0]).row()
+        point = self.logic.jump_to_comparison_row(self.comparison, row)
+        if point is not None:
+            self.ui.statusLabel.text = "Centred on the compared lesion at R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
 
     def on_export_table(self) -> None:
         if self.result is None:
