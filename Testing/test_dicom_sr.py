@@ -116,3 +116,40 @@ def test_sr_needs_the_seg_it_references(tmp_path):
     assert write_measurement_report(labels, tmp_path / "ct", tmp_path / "missing.dcm", table.rows, tmp_path / "m.dcm",
                                     model_name="m", model_version="1", intensity_unit="HU") == NO_SEG
     assert not (tmp_path / "m.dcm").exists()
+
+
+def test_compare_of_dicom_scans_writes_the_change_into_the_sr(tmp_path, capsys):
+    import highdicom as hd
+    import numpy as np
+
+    from UNetSegmentLib.phantom import head_with_blob
+
+    ct, _ = head_with_blob(shape_kji=(16, 96, 96), spacing=(1.2, 1.2, 2.5))
+    K, J, I = ct.array.shape
+    k, j, i = np.mgrid[:K, :J, :I]
+    grown = ((i - I * 0.62) / (I * 0.13)) ** 2 + ((j - J * 0.45) / (J * 0.12)) ** 2 + ((k - K / 2) / (K * 0.22)) ** 2 < 1
+    current = ct.array.copy()
+    current[grown] = 70
+    write_ct_series(ct, tmp_path / "prior")
+    write_ct_series(ct.with_array(current), tmp_path / "current")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--prior", str(tmp_path / "prior"), "--current", str(tmp_path / "current"), "-o", str(out),
+                 "--model", "tiny-blob", "-q", "--heatmap", "none"]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["dicom_sr"] == {"file": "measurements.dcm"}
+    r = subprocess.run([dciodvfy_path(), str(out / "measurements.dcm")], capture_output=True, text=True, timeout=120)
+    report = (r.stdout + r.stderr).strip()
+    assert not [ln for ln in report.splitlines() if ln.lstrip().startswith("Error")], report
+    sr = hd.sr.srread(out / "measurements.dcm")
+    (group,) = sr.content.get_volumetric_roi_measurement_groups()
+    row = result["lesions"][0]
+    assert row["status"] == "grown" and group.tracking_identifier == "lesion 1"
+    values = {m.name.value: m.value for m in group.get_measurements()}
+    assert values["PRIORVOL"] == pytest.approx(row["prior_ml"], rel=1e-6)
+    assert values["VOLCHANGE"] == pytest.approx(row["change_ml"], rel=1e-6)
+    assert values["VOLCHANGEPCT"] == pytest.approx(row["change_pct"], rel=1e-6)
+    evaluations = {e.name.value: e.value.value for e in group.get_qualitative_evaluations()}
+    assert evaluations["CHANGESTATUS"] == "STATUS_GROWN"
+    assert evaluations["HEMEXP"] == ("373066001" if row["expansion"] else "373067005")  # SNOMED CT yes / no
+    seg = pydicom.dcmread(out / "current" / "segmentation.dcm", stop_before_pixels=True)
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID

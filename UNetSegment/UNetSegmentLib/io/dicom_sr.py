@@ -45,12 +45,16 @@ def write_measurement_report(
     model_version: str,
     intensity_unit: str | None,
     series_number: int | None = None,
+    changes: Mapping[int, Mapping] | None = None,
 ) -> str | None:
     """Write ``rows`` (the lesion table's rows, :data:`..analysis.lesions.COLUMNS`) as a TID 1500 SR.
 
     ``labels`` must lie on the grid of the DICOM series in ``source_folder`` (as for the SEG);
     ``seg_path`` is the DICOM SEG written from them. Returns None when written, else why nothing was
     (highdicom unavailable, or no SEG). ``series_number`` defaults to the source's SeriesNumber + 1001.
+    ``changes`` (``compare``): lesion number → its comparison row (:mod:`..analysis.followup`); each
+    lesion's group then also holds the prior volume, the change in mL and %, its status and the
+    hematoma-expansion flag.
     """
     absent = unavailable_reason()
     if absent:
@@ -71,7 +75,8 @@ def write_measurement_report(
             uid=hd.UID(), name=f"UNetSegment {model_name}"[:64], manufacturer_name="UNetSegment",
             model_name=str(model_version)[:64]),
     )
-    groups = [_lesion_group(row, segment_of, seg, sources, algorithm, intensity_unit)
+    groups = [_lesion_group(row, segment_of, seg, sources, algorithm, intensity_unit,
+                            (changes or {}).get(int(row["lesion"])))
               for row in rows if str(row["label"]) in segment_of]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
@@ -99,8 +104,10 @@ def write_measurement_report(
     return None
 
 
-def _lesion_group(row: Mapping, segment_of: Mapping, seg, sources: list, algorithm, intensity_unit: str | None):
-    """One lesion's TID 1411 group: its measurements, referencing its label's segment."""
+def _lesion_group(row: Mapping, segment_of: Mapping, seg, sources: list, algorithm, intensity_unit: str | None,
+                  change: Mapping | None = None):
+    """One lesion's TID 1411 group: its measurements (and its change against a prior scan), referencing its
+    label's segment."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -138,6 +145,20 @@ def _lesion_group(row: Mapping, segment_of: Mapping, seg, sources: list, algorit
         measure(density_name, row.get("mean_intensity"), _ucum(*unit_code)),
         measure(codes.DCM.Probability, row.get("mean_probability"), _ucum("1", "no units"), derivation=codes.SCT.Mean),
     ]
+    evaluations = []
+    if change is not None:
+        measurements += [
+            measure(_private("PRIORVOL", "Volume of the matched lesion(s) on the prior scan"), change["prior_ml"], ml),
+            measure(_private("VOLCHANGE", "Volume change since the prior scan"), change["change_ml"], ml),
+            measure(_private("VOLCHANGEPCT", "Volume change since the prior scan, percent"), change.get("change_pct"),
+                    _ucum("%", "percent")),
+        ]
+        evaluations = [
+            hd.sr.QualitativeEvaluation(_private("CHANGESTATUS", "Change status since the prior scan"),
+                                        _private(f"STATUS_{str(change['status']).upper()}", str(change["status"]))),
+            hd.sr.QualitativeEvaluation(_private("HEMEXP", "Hematoma expansion"),
+                                        codes.SCT.Yes if change["expansion"] else codes.SCT.No),
+        ]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"lesion {row['lesion']}"),
         referenced_segment=referenced,
@@ -145,6 +166,7 @@ def _lesion_group(row: Mapping, segment_of: Mapping, seg, sources: list, algorit
         finding_category=hd.sr.CodedConcept(category.CodeValue, category.CodingSchemeDesignator, category.CodeMeaning),
         algorithm_id=algorithm,
         measurements=[m for m in measurements if m is not None],
+        qualitative_evaluations=evaluations or None,
     )
 
 

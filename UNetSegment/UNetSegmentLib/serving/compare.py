@@ -38,7 +38,7 @@ from ..params import SegmentParams
 from .job import segment_files
 
 #: what ``compare`` writes in DIR, the summary last (its presence means the set is complete)
-COMPARE_FILES = ("prior_registered.nrrd", "comparison.csv", "comparison.png", "comparison.json")
+COMPARE_FILES = ("prior_registered.nrrd", "comparison.csv", "comparison.png", "measurements.dcm", "comparison.json")
 
 
 @dataclass
@@ -75,7 +75,10 @@ def load_run(folder: Path) -> ScanRun:
                          "give the prior scan itself as --prior (it is then segmented again)")
     params = summary.get("parameters", {})
     names = {int(s["value"]): s["name"] for s in summary.get("segments", [])}
-    table = analyze_lesions(labels, intensity=image, label_names=names, lesion_map=True,
+    probability = read_image(folder / "probability.nrrd") if (folder / "probability.nrrd").is_file() else None
+    if probability is not None and not probability.same_grid(labels, atol=1e-3):
+        probability = None
+    table = analyze_lesions(labels, intensity=image, probability=probability, label_names=names, lesion_map=True,
                             connectivity=int(params.get("connectivity", 26)),
                             min_lesion_ml=float(params.get("min_lesion_ml") or 0.0))
     numbers = table.lesion_map if table.lesion_map is not None else np.zeros(labels.array.shape, np.int32)  # no lesion
@@ -154,8 +157,29 @@ def compare_files(
         write_text(stage.path / "comparison.csv", comparison_csv(rows, total))
         draw_comparison(stage.path / "comparison.png", registered, prior_map, cur.image, cur.lesion_map, rows, total,
                         reg.to_json(), window=display_window(cur))
+        result["dicom_sr"] = _write_change_sr(cur, rows, stage.path / "measurements.dcm")
         write_json(result, stage.path / "comparison.json")
     return result
+
+
+def _write_change_sr(cur: ScanRun, rows: list[dict], out: Path) -> dict:
+    """For a DICOM current scan: its TID 1500 SR with each lesion's change (``measurements.dcm``); else why not."""
+    from ..io.dicom_sr import NOT_DICOM, write_measurement_report
+    from .job import channel_unit
+
+    source = Path(cur.summary["inputs"][0]["path"])
+    if not source.is_dir():
+        return {"file": None, "absent_because": NOT_DICOM}
+    changes = {int(n): r for r in rows if r["current_lesion"] for n in r["current_lesion"].split("+")}
+    try:
+        absent = write_measurement_report(cur.lesion_map, source, cur.folder / "segmentation.dcm", cur.rows, out,
+                                          model_name=cur.summary["model"]["name"],
+                                          model_version=cur.summary["model"]["version"],
+                                          intensity_unit=channel_unit(load_bundle(cur.summary["model"]["path"]), 0),
+                                          changes=changes)
+    except Exception as e:  # noqa: BLE001 - the SR is an extra; never lose the comparison over it
+        absent = f"DICOM SR could not be written: {e}"
+    return {"file": None, "absent_because": absent} if absent else {"file": "measurements.dcm"}
 
 
 def _is_run_folder(path: str) -> bool:
