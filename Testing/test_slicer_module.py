@@ -1138,3 +1138,21 @@ def test_compare_with_prior_adds_the_registered_prior_and_the_comparison_and_row
     assert not slice_planes_contain(centroid)
     ui.compareTableView.click_row(0)
     assert ui.statusLabel.text.startswith("Centred on the compared lesion") and slice_planes_contain(centroid)
+    # the prior as an earlier result folder (not segmented again); a folder that is not one is refused
+    from UNetSegmentLib.cli import main as cli_main
+    from UNetSegmentLib.io.writers import write_image as write
+
+    folder = Path(slicer.util.tempDirectory("prior-run-"))
+    write(prior_img, folder / "prior.nrrd")
+    assert cli_main(["segment", str(folder / "prior.nrrd"), "-o", str(folder / "run"), "--model", "tiny-blob", "-q",
+                     "--heatmap", "none", "--device", "cpu"]) == 0
+    dialogs.answers = [str(folder)]
+    assert ui.comparePriorFolderButton.click()
+    assert "not a UNetSegment output folder" in dialogs.errors[-1] and not logic.is_running()
+    dialogs.answers = [str(folder / "run")]
+    assert ui.comparePriorFolderButton.click()
+    assert STANDIN.run_until(lambda: panel.comparison is not c, 180)
+    again = panel.comparison
+    assert column(again.table, "status") == ["grown", "grown"]
+    assert again.comparison["lesions"][0]["prior_ml"] == pytest.approx(row["prior_ml"], rel=1e-6)
+    assert again.comparison["prior"]["folder"] == str((folder / "run").resolve())

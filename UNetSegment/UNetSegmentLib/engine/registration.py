@@ -56,7 +56,8 @@ class Registration:
     def to_json(self) -> dict:
         return {"kind": self.kind, "metric": "Mattes mutual information", "metric_value": round(self.metric, 6),
                 "head_dice": round(self.head_dice, 4), "min_head_dice": MIN_HEAD_DICE,
-                "correlation": round(self.correlation, 4), "min_correlation": MIN_CORRELATION, "iterations": self.iterations,
+                "correlation": round(self.correlation, 4), "min_correlation": MIN_CORRELATION,
+                "quality": "passed",  # a registration that fails the check is refused (InputError), never written "iterations": self.iterations,
                 "current_to_prior_ras": np.round(self.current_to_prior_ras, 6).tolist(),
                 "direction": "maps points of the current scan (RAS) to the prior scan (RAS)"}
 

@@ -142,6 +142,8 @@ def compare_files(
         "model": current_summary["model"],
         "registration": reg.to_json(),
         "rules": rules.to_json(),
+        "parameters": {"current": cur.summary.get("parameters"), "prior": pri.summary.get("parameters"),
+                       "affine": bool(affine)},
         "matching": "lesions linked by overlap after registration (≥ 5 % of the smaller); connected groups are "
                     "one-to-one, split, merge or many-to-many rows",
         "total": total,

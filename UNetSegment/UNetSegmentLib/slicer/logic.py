@@ -109,7 +109,7 @@ class PendingCompare:
     """A started comparison until its worker ends."""
 
     result: RunResult  # the current scan's run
-    prior_node: object
+    prior_name: str  # the prior volume node's name, or the earlier output folder's
     work: Path
 
 
@@ -136,7 +136,7 @@ class SegmentationLogicProtocol(Protocol):
     def jump_to_table_row(self, result: RunResult, row: int): ...
     def export_table(self, result: RunResult, path: str) -> None: ...
     def export_all(self, result: RunResult, folder: str, overwrite: bool = False) -> dict: ...
-    def start_compare(self, result: RunResult, prior_node, rules: ChangeRules | None = None, affine: bool = False) -> None: ...
+    def start_compare(self, result: RunResult, prior, rules: ChangeRules | None = None, affine: bool = False) -> None: ...
     def jump_to_comparison_row(self, compared: CompareResult, row: int): ...
 
 
@@ -281,32 +281,39 @@ class SegmentationLogic:
         elif kind == "error":
             self._error_event = ev
 
-    def start_compare(self, result: RunResult, prior_node, rules: ChangeRules | None = None, affine: bool = False) -> None:
-        """Compare ``result`` (the current scan as segmented) with the prior scan ``prior_node``, in a local
-        worker (returns at once): the prior is segmented with the same model and parameters and registered
-        to the current scan; ``compared`` delivers the :class:`.followup.CompareResult`."""
+    def start_compare(self, result: RunResult, prior, rules: ChangeRules | None = None, affine: bool = False) -> None:
+        """Compare ``result`` (the current scan as segmented) with ``prior`` — the prior scan's volume node
+        (segmented with the same model and parameters) or an earlier ``segment`` output folder (path) — in
+        a local worker (returns at once); the prior is registered to the current scan and ``compared``
+        delivers the :class:`.followup.CompareResult`."""
         import slicer
 
         if self.is_running():
             raise RuntimeError("a segmentation or comparison is already running")
-        if prior_node is None:
+        if prior is None or prior == "":
             raise InputError("no prior scan selected", "pick the earlier scan of this patient as the prior")
-        if prior_node in result.request.input_nodes:
-            raise InputError(f"the prior scan {prior_node.GetName()} is the current scan itself",
+        if prior in result.request.input_nodes:
+            raise InputError(f"the prior scan {prior.GetName()} is the current scan itself",
                              "pick the earlier scan of this patient as the prior")
         work = Path(slicer.util.tempDirectory("UNetSegment-compare-"))
-        prior_path = work / f"prior-{_safe_name(prior_node.GetName())}.nrrd"
-        write_image(image_from_volume(prior_node), prior_path, compress=False)
+        if isinstance(prior, (str, Path)):
+            if not (Path(prior) / "summary.json").is_file():
+                raise InputError(f"{prior} is not a UNetSegment output folder (no summary.json)",
+                                 "pick the folder an earlier Segment's Export all… or `unetsegment segment` wrote")
+            prior_path, prior_name = Path(prior), Path(prior).name
+        else:
+            prior_path, prior_name = work / f"prior-{_safe_name(prior.GetName())}.nrrd", prior.GetName()
+            write_image(image_from_volume(prior), prior_path, compress=False)
         out, stop = work / "out", work / "stop"
         req = {"kind": "compare", "prior": str(prior_path), "inputs": [str(result.work_dir / "out")],
                "output_dir": str(out), "model": str(result.bundle.root), "params": result.request.params.as_dict(),
                "rules": dataclasses.asdict(rules or ChangeRules()), "affine": bool(affine), "overwrite": False,
                "stop_file": str(stop)}
         (work / "request.json").write_text(json.dumps(req, indent=2), encoding="utf-8")
-        self._compare_pending = PendingCompare(result, prior_node, work)
+        self._compare_pending = PendingCompare(result, prior_name, work)
         self._done_event = self._error_event = None
         self._cancel_requested = False
-        self.log("info", f"comparing {result.reference_volume.GetName()} with the prior {prior_node.GetName()}")
+        self.log("info", f"comparing {result.reference_volume.GetName()} with the prior {prior_name}")
         self._process = self.process_factory(self._on_event, self._on_finished)  # always local: it registers scans
         self._process.start(str(work / "request.json"), str(stop))
 
@@ -327,7 +334,7 @@ class SegmentationLogic:
         created: list = []
         try:
             compared = show_comparison(Path(self._done_event["output_dir"]), pending.result.reference_volume,
-                                       pending.prior_node.GetName(), pending.work, created)
+                                       pending.prior_name, pending.work, created)
         except Exception as e:  # noqa: BLE001 - shown to the user as one error
             import slicer
 

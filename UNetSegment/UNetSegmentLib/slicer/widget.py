@@ -256,6 +256,7 @@ class Panel:
         ui.exportAllButton.connect("clicked()", self.on_export_all)
         ui.priorVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda *_: self.update_state())
         ui.compareButton.connect("clicked()", self.on_compare_clicked)
+        ui.comparePriorFolderButton.connect("clicked()", self.on_compare_with_folder)
         ui.compareTableView.connect("selectionChanged()", self.on_compare_selection)
 
     # --- where the model runs -----------------------------------------------------------------
@@ -453,6 +454,7 @@ class Panel:
         self.ui.compareCollapsibleButton.enabled = self.result is not None and not running
         prior = self.ui.priorVolumeSelector.currentNode()
         self.ui.compareButton.enabled = self.result is not None and prior is not None and not running
+        self.ui.comparePriorFolderButton.enabled = self.result is not None and not running
         self.ui.compareButton.toolTip = (
             "Segment first: the comparison uses the current result" if self.result is None else
             "Select the prior scan" if prior is None else
@@ -701,10 +703,19 @@ class Panel:
 
     # --- compare with prior -------------------------------------------------------------------
     def on_compare_clicked(self) -> None:
+        self._start_compare(self.ui.priorVolumeSelector.currentNode())
+
+    def on_compare_with_folder(self) -> None:
+        """The prior as an earlier result: a folder written by Export all… or `unetsegment segment`."""
+        folder = self.dialogs.directory("Earlier UNetSegment result (output folder of the prior scan)")
+        if folder:
+            self._start_compare(folder)
+
+    def _start_compare(self, prior) -> None:
         if self.result is None or self.logic.is_running():
             return
         try:
-            self.logic.start_compare(self.result, self.ui.priorVolumeSelector.currentNode())
+            self.logic.start_compare(self.result, prior)
         except Exception as e:  # noqa: BLE001 - one dialog with the problem and the fix
             self.show_error(str(e))
             return
