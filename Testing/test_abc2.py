@@ -121,14 +121,15 @@ def test_columns_follow_the_32_and_the_total_sums_the_lesions():
 
 
 def test_report_table_and_panel_headings_show_abc2(tmp_path):
-    from UNetSegmentLib.analysis.report import lesion_heading, render_report
+    from UNetSegmentLib.analysis.report import abc2_text, render_report
 
     labels = _ellipsoid(12.0, 8.0, 6.0, spacing=(0.8, 0.8, 2.0))
     ct = labels.with_array(np.where(labels.array > 0, 65, 30).astype(np.int16))
     table = analyze_lesions(labels, ct)
     row = table.rows[0]
-    heading = lesion_heading(row)
-    assert f"ABC/2 {row['abc2_ml']:.2f} mL" in heading and f"{row['abc2_a_mm']:.1f} × {row['abc2_b_mm']:.1f}" in heading
+    line = abc2_text(row)  # the panel's second line starts with it
+    assert line == (f"ABC/2 {row['abc2_ml']:.2f} mL ({row['abc2_a_mm']:.1f} × {row['abc2_b_mm']:.1f} × "
+                    f"{row['abc2_c_mm']:.1f} mm / 2)")
     lay = render_report(tmp_path / "report.png", image=ct, labels=labels, probability=None, gradcam=None, table=table,
                         model_name="ct-hemorrhage", model_version="1.2", input_name="ct.nrrd",
                         created="2026-12-06T08:00:00+00:00")

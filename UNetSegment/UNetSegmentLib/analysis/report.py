@@ -738,8 +738,9 @@ def _draw_lesion_row(page: _Page, y: float, row, *, labels: Image, canon: _Canon
 def _draw_lesion_title(page: _Page, y: float, row, unit: str) -> float:
     p = _inside_point(row)
     page.text(_MARGIN_L, y, lesion_heading(row), fontsize=13.5, fontweight="bold")
+    abc2 = abc2_text(row)
     page.text(_MARGIN_L, y + 0.3,
-              f"{_mean_text(row.get('mean_intensity'), unit)}   ·   mean probability "
+              (f"{abc2}   ·   " if abc2 else "") + f"{_mean_text(row.get('mean_intensity'), unit)}   ·   mean probability "
               f"{_f(row.get('mean_probability'), '.2f')}   ·   max probability {_f(row.get('max_probability'), '.2f')}"
               f"   ·   inside point RAS ({_f(p[0])}, {_f(p[1])}, {_f(p[2])}) mm   ·   "
               f"{row.get('n_slices', '–')} slice(s)",
@@ -846,13 +847,17 @@ def lesion_heading(row: Mapping[str, Any]) -> str:
         big += f" (DICOM image {row['dicom_largest_instance_number']})"
     if row.get("dicom_instance_number") is not None:
         cen += f" (DICOM image {row['dicom_instance_number']})"
-    abc2 = ""
-    if row.get("abc2_ml") is not None:
-        abc2 = (f" (ABC/2 {_f(row['abc2_ml'], '.2f')} mL: {_f(row.get('abc2_a_mm'))} × {_f(row.get('abc2_b_mm'))} × "
-                f"{_f(row.get('abc2_c_mm'))} mm / 2)")
-    return (f"Lesion {row['lesion']} — {row['label']}, {_f(row['volume_ml'], '.2f')} mL{abc2}, {big}; {cen}; "
+    return (f"Lesion {row['lesion']} — {row['label']}, {_f(row['volume_ml'], '.2f')} mL, {big}; {cen}; "
             f"spans {row['slice_first']}–{row['slice_last']}, diameter {_f(row.get('max_inplane_diameter_mm'))} mm, "
             f"{row.get('side') or 'side n/a'}")
+
+
+def abc2_text(row: Mapping[str, Any]) -> str:
+    """The lesion's ABC/2 estimate with its three diameters, for the panel's second line ('' without one)."""
+    if row.get("abc2_ml") is None:
+        return ""
+    return (f"ABC/2 {_f(row['abc2_ml'], '.2f')} mL ({_f(row.get('abc2_a_mm'))} × {_f(row.get('abc2_b_mm'))} × "
+            f"{_f(row.get('abc2_c_mm'))} mm / 2)")
 
 
 def _arrow(ax, view: SliceView, color=_HIGHLIGHT_COLOR) -> None:
