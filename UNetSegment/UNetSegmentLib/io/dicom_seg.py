@@ -54,7 +54,7 @@ def write_dicom_seg(
     kept = [s for s in segments if np.any(arr == int(s["value"]))]
     if not kept:
         return NO_LESION
-    sources = _source_datasets(labels, Path(source_folder))
+    sources = source_datasets(labels, Path(source_folder))
 
     pixels = np.zeros(arr.shape, np.uint8 if len(kept) < 256 else np.uint16)
     descriptions = []
@@ -86,15 +86,9 @@ def write_dicom_seg(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="UNetSegment",
+        **new_instance(series_number, model_version, f"UNetSegment {model_name}"),
         manufacturer_model_name=f"UNetSegment {model_name}"[:64],
-        software_versions=f"UNetSegment {__version__}, model {model_version}"[:64],
         device_serial_number="0",
-        series_description=f"UNetSegment {model_name}"[:64],
         content_label="UNETSEGMENT",
         content_description=f"{model_name} {model_version} automatic segmentation"[:64],
     )
@@ -103,6 +97,16 @@ def write_dicom_seg(
     with atomic_path(out_path) as tmp:
         seg.save_as(tmp)
     return None
+
+
+def new_instance(series_number: int, model_version: str, description: str) -> dict:
+    """The identity of a new single-instance series we write (SEG, SR): fresh UIDs, manufacturer, versions."""
+    import highdicom as hd
+
+    return {"series_instance_uid": hd.UID(), "series_number": series_number, "sop_instance_uid": hd.UID(),
+            "instance_number": 1, "manufacturer": "UNetSegment",
+            "software_versions": f"UNetSegment {__version__}, model {model_version}"[:64],
+            "series_description": description[:64]}
 
 
 def unavailable_reason() -> str | None:
@@ -121,7 +125,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _source_datasets(labels: Image, folder: Path) -> list:
+def source_datasets(labels: Image, folder: Path) -> list:
     """The source series' headers in label-k order, each file checked to lie on the label grid."""
     import pydicom
     import SimpleITK as sitk

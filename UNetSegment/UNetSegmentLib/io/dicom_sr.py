@@ -20,8 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .. import __version__
-from .dicom_seg import _source_datasets, unavailable_reason
+from .dicom_seg import source_datasets, new_instance, unavailable_reason
 from .writers import atomic_path
 from ..image import Image
 
@@ -65,7 +64,7 @@ def write_measurement_report(
     import pydicom
     from pydicom.sr.codedict import codes
 
-    sources = _source_datasets(labels, Path(source_folder))
+    sources = source_datasets(labels, Path(source_folder))
     seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
     segment_of = {str(s.SegmentLabel): s for s in seg.SegmentSequence}
     algorithm = hd.sr.AlgorithmIdentification(name=f"UNetSegment {model_name}"[:64], version=str(model_version)[:64])
@@ -88,13 +87,7 @@ def write_measurement_report(
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*sources, seg],
         content=report,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="UNetSegment",
-        series_description=f"UNetSegment {model_name} measurements"[:64],
-        software_versions=f"UNetSegment {__version__}, model {model_version}"[:64],
+        **new_instance(series_number, model_version, f"UNetSegment {model_name} measurements"),
     )
     sr.CodingSchemeIdentificationSequence = [_scheme_item()]
     out_path = Path(out_path)
