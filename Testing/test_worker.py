@@ -176,3 +176,115 @@ def test_progress_overall_is_monotonic_across_stages():
     overall = [e["overall"] for e in sink.events]
     assert overall == sorted(overall) and "gradcam" not in r.stages
     assert sink.events[-1]["stage"] == "write"
+
+
+# --- warm mode: one process, many runs ----------------------------------------------------------------
+class WarmProcess:
+    """``worker --serve`` with its stdin piped and its events read line by line."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "UNetSegmentLib.serving.worker", "--serve", *args],
+                                     cwd=str(PKG_PARENT), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def until(self, *kinds: str, or_end: bool = False) -> list[dict] | None:
+        """Events up to and including the first of ``kinds``; if the stream ends first, None with
+        ``or_end``, else an AssertionError."""
+        evs = []
+        for line in self.proc.stdout:
+            evs.append(json.loads(line))
+            if evs[-1]["event"] in kinds:
+                return evs
+        if or_end:
+            return None
+        raise AssertionError(f"the worker ended before {kinds}: {evs[-3:]}")
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+        return self.proc.wait(timeout=60)
+
+
+def request_file(tmp_path, image, name, params=None) -> tuple[Path, dict]:
+    ct = tmp_path / f"{name}-ct.nrrd"
+    write_image(image, ct)
+    req = {"inputs": [str(ct)], "output_dir": str(tmp_path / f"{name}-out"), "model": "tiny-blob",
+           "params": params or {"device": "cpu"}, "stop_file": str(tmp_path / f"{name}.stop")}
+    (tmp_path / f"{name}.json").write_text(json.dumps(req))
+    return tmp_path / f"{name}.json", req
+
+
+def test_warm_worker_runs_request_after_request_in_one_process_reusing_the_network(tmp_path):
+    image, _ = head_with_blob()
+    w = WarmProcess()
+    started = w.until("started")[0]
+    assert started["warm"] is True and started["idle_timeout_s"] == 600
+    dones = []
+    for name in ("a", "b"):
+        path, req = request_file(tmp_path, image, name)
+        w.send(str(path))
+        evs = w.until("ready")
+        assert [e["event"] for e in evs[-2:]] == ["done", "ready"] and evs[-1]["exit_code"] == 0
+        assert not [e for e in evs if e["event"] == "started"]  # no second process
+        dones.append(evs[-2])
+        assert set(os.listdir(req["output_dir"])) >= {"segmentation.seg.nrrd", "lesions.csv", "summary.json"}
+    assert [d["networks_built"] for d in dones] == [1, 1]  # the second run reused the first one's network
+    a, b = (read_image(Path(d["output_dir"]) / "segmentation.nii.gz").array for d in dones)
+    assert np.array_equal(a, b)  # the same scan gives the same result, warm or not
+    w.send("quit")
+    assert w.close() == 0
+
+
+def test_warm_worker_takes_a_request_as_json_and_reports_a_bad_one_then_goes_on(tmp_path):
+    image, _ = head_with_blob((24, 64, 64), (1.5, 1.5, 3.0))
+    w = WarmProcess()
+    w.until("started")
+    w.send(str(tmp_path / "missing.json"))
+    evs = w.until("ready")
+    assert evs[-2]["event"] == "error" and evs[-2]["exit_code"] == 2 and evs[-1]["exit_code"] == 2
+    _, req = request_file(tmp_path, image, "inline")
+    w.send(json.dumps(req))
+    evs = w.until("ready")
+    assert evs[-2]["event"] == "done" and evs[-2]["output_dir"] == req["output_dir"]
+    assert w.close() == 0  # the end of stdin ends it
+
+
+def test_warm_worker_cancel_line_stops_the_run_and_the_next_request_still_runs(tmp_path):
+    image, _ = head_with_blob((48, 200, 200), (0.6, 0.6, 2.0))
+    w = WarmProcess()
+    pid = w.until("started")[0]["pid"]
+    path, req = request_file(tmp_path, image, "slow", {"device": "cpu", "heatmaps": []})
+    w.send(str(path))
+    for line in w.proc.stdout:  # wait until the network runs
+        ev = json.loads(line)
+        if ev["event"] == "progress" and ev["stage"] == "inference" and ev["fraction"] > 0:
+            break
+    w.send("cancel")
+    evs = w.until("error", "ready")
+    assert evs[-1]["event"] == "error" and evs[-1]["kind"] == "CancelledError", evs[-1]
+    assert "cancel on stdin" in evs[-1]["message"]
+    assert not Path(req["output_dir"]).exists() or not os.listdir(req["output_dir"])
+    same = w.until("ready", or_end=True) is not None  # stopped between windows: it goes on
+    if not same:  # it did not stop within the grace and ended itself: the client starts a fresh one
+        w.close()
+        w = WarmProcess()
+        w.until("started")
+    small, _ = head_with_blob((24, 64, 64), (1.5, 1.5, 3.0))
+    path2, req2 = request_file(tmp_path, small, "after")
+    w.send(str(path2))
+    evs = w.until("done")
+    assert evs[-1]["output_dir"] == req2["output_dir"]
+    assert (w.proc.pid == pid) == same and not [e for e in evs if e["event"] == "started"]
+    w.close()
+
+
+def test_warm_worker_exits_by_itself_when_idle():
+    w = WarmProcess("--idle-timeout", "0.5")
+    w.until("started")
+    evs = w.until("exit")
+    assert evs[-1] == {"event": "exit", "reason": "idle", "idle_timeout_s": 0.5}
+    assert w.proc.wait(timeout=60) == 0

@@ -95,7 +95,7 @@ class UNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         if self.logic is not None:
-            self.logic.cancel()
+            self.logic.close()  # also ends the warm worker process
         if self.panel is not None:
             self.panel.close()
         self.removeObservers()

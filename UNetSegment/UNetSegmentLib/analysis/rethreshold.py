@@ -151,7 +151,7 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
             return run.summary
         if bundle is None or not inputs:
             raise InputError("re-deriving the outputs needs the model and the input volumes", "pass bundle and inputs")
-        from ..serving.job import write_outputs
+        from ..serving.job import WRITE_TIMINGS, write_outputs
 
         raw = labels_at_threshold(run.probability, float(threshold), [l["value"] for l in bundle.labels], run.labels)
         s = run.summary
@@ -169,7 +169,7 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
             class_probabilities={int(l["value"]): run.probability for l in bundle.labels},
             heatmaps=dict(run.heatmaps), inputs=list(inputs), device=s.get("device", ""),
             precision=s.get("precision", ""),
-            timings={k: v for k, v in s.get("timings_s", {}).items() if k not in ("write_s", "total_s")},
+            timings={k: v for k, v in s.get("timings_s", {}).items() if k not in WRITE_TIMINGS},
             warnings=list(s.get("warnings", [])), extra=extra,
         )
         paths = list(input_paths) if input_paths else [i["path"] for i in s.get("inputs", [])]

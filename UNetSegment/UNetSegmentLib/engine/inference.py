@@ -203,9 +203,12 @@ def blend_region(volume: np.ndarray, grid: WindowGrid, fn: WindowFn, plan: Windo
         padded[:] = plan.pad_value[:, None, None, None]
         padded[:, :K, :J, :I] = volume
         volume = padded
+    # one window per slice (the fitted 2D windows): nothing overlaps, so blending would divide each
+    # window's weights out again; its result is written as it is
+    tiled = roi[0] == 1 and all(j == 0 and i == 0 for _, j, i in grid.starts)
     weights = gaussian_importance(roi)
     acc = np.zeros((out_channels, *volume.shape[1:]), np.float32)
-    norm = np.zeros(volume.shape[1:], np.float32)
+    norm = None if tiled else np.zeros(volume.shape[1:], np.float32)
     for batch in grid.batches(batch_size):
         if cancel is not None:
             cancel.check()
@@ -215,9 +218,18 @@ def blend_region(volume: np.ndarray, grid: WindowGrid, fn: WindowFn, plan: Windo
             res = res[:, :, None]
         for n, (k0, j0, i0) in enumerate(batch):
             sl = (slice(k0, k0 + roi[0]), slice(j0, j0 + roi[1]), slice(i0, i0 + roi[2]))
-            acc[(slice(None), *sl)] += res[n] * weights
-            norm[sl] += weights
+            if tiled:
+                acc[(slice(None), *sl)] = res[n]
+            else:
+                acc[(slice(None), *sl)] += res[n] * weights
+                norm[sl] += weights
         on_batch(len(batch))
+    if tiled:
+        covered = np.zeros(volume.shape[1], bool)
+        covered[[k for k, _, _ in grid.starts]] = True
+        if not covered.all():
+            acc[:, ~covered] = np.asarray(fill, np.float32)[:, None, None, None]
+        return acc[:, :K, :J, :I]
     covered = norm > 0
     acc[:, covered] /= norm[covered]
     if not covered.all():

@@ -1,4 +1,4 @@
-"""JSON-lines worker: one ``segment`` run in its own process, for the Slicer module (and later a server).
+"""JSON-lines worker: ``segment`` runs in a process of their own, for the Slicer module: one run, or warm (many).
 
 Run as ``python -m UNetSegmentLib.serving.worker --request request.json`` (or ``PythonSlicer -m ...`` with
 the folder holding ``UNetSegmentLib`` as working directory). ``request.json``::
@@ -13,10 +13,21 @@ It calls :func:`.job.segment_files` (or, for ``"kind": "compare"`` with a ``"pri
 * ``{"event": "progress", "stage": ..., "fraction": 0..1, "overall": 0..1, "eta_s": s | null, "message": ...}``
   — stages in :data:`STAGES` order; ``eta_s`` is the time left in the current stage.
 * ``{"event": "log", "level": "info" | "warning" | "error", "message": ...}``
-* ``{"event": "done", "output_dir": ..., "summary": {...}, "elapsed_s": ...}`` — exit status 0
+* ``{"event": "done", "output_dir": ..., "summary": {...}, "elapsed_s": ...}`` — exit status 0 (a warm
+  worker adds ``networks_built``: the networks it has built so far)
 * ``{"event": "error", "kind": "InputError", "exit_code": 3, "message": ..., "problem": ..., "fix": ...}``
   — exit status ``exit_code`` (the CLI's codes; cancel is ``CancelledError``/130, running out of GPU
   memory is ``OutOfMemoryError``/5 with ``"offer_cpu": true``, a missing package ``MissingDependency``/1).
+
+**Warm mode** (``--serve [--idle-timeout S]``): the process stays alive between runs, so the second
+run pays neither the process start nor the imports (PyTorch, SciPy, Matplotlib), and reuses the built
+network (:class:`.model_cache.ModelCache`). After ``started`` it reads stdin lines: a request (the
+path of a ``request.json``, or the JSON object itself) starts a run with the events above; ``cancel``
+stops the running one; ``quit`` (or the end of stdin) ends the process. After each run's final event
+it prints ``{"event": "ready", "exit_code": ...}`` and waits for the next line. With no request for
+``--idle-timeout`` seconds (default :data:`IDLE_TIMEOUT_S`) it prints ``{"event": "exit", "reason":
+"idle"}`` and ends, releasing its memory. A run that does not stop within the grace below ends
+the process; the client then starts a fresh one for the next run.
 
 Cancel is cooperative: creating ``stop_file``, a ``cancel`` line on stdin (``--stdin-cancel``),
 SIGTERM, or the parent process going away sets the :class:`.inference.CancelToken`, which the
@@ -52,6 +63,8 @@ STAGES = ("load", "preprocess", "inference", "gradcam", "postprocess", "write")
 STAGE_WEIGHTS = {"load": 0.08, "preprocess": 0.07, "inference": 0.55, "gradcam": 0.2, "postprocess": 0.04, "write": 0.06}
 POLL_S = 0.05
 CANCEL_GRACE_S = 0.5
+#: a warm worker with no request for this long exits (its memory goes back to the system)
+IDLE_TIMEOUT_S = 600.0
 PROGRESS_MIN_INTERVAL_S = 0.1
 
 
@@ -73,6 +86,11 @@ class Emitter:
             if final:
                 self.final_sent = True
         return True
+
+    def reset(self) -> None:
+        """A warm worker's next run: events may be written again."""
+        with self.lock:
+            self.final_sent = False
 
 
 class ProgressReporter:
@@ -140,6 +158,7 @@ class StopWatcher:
         self.parent = os.getppid()
         self.requested_at: float | None = None
         self.reason = ""
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="unetsegment-stop-watcher", daemon=True)
         if stdin_cancel:
             threading.Thread(target=self._read_stdin, name="unetsegment-stdin", daemon=True).start()
@@ -160,8 +179,12 @@ class StopWatcher:
                 self.request("cancel on stdin")
                 return
 
+    def close(self) -> None:
+        """The run is over (a warm worker goes on): stop watching."""
+        self._closed = True
+
     def _run(self) -> None:
-        while True:
+        while not self._closed:
             if self.requested_at is None:
                 if self.stop_file is not None and self.stop_file.exists():
                     self.request("stop file")
@@ -228,17 +251,33 @@ def _block_sigterm() -> None:
         _SIGTERM_BLOCKED = True
 
 
-def run(request: dict, emitter: Emitter, stdin_cancel: bool = False) -> int:
-    """Do one request; emit its events; return the exit status."""
+def run(request: dict, emitter: Emitter, stdin_cancel: bool = False, inbox: "Inbox | None" = None,
+        models=None) -> int:
+    """Do one request; emit its events; return the exit status.
+
+    ``inbox``: a warm worker's stdin (its ``cancel`` lines and SIGTERM reach this run's watcher);
+    ``models``: its :class:`.model_cache.ModelCache`."""
     from ..engine.inference import CancelToken
 
     t0 = time.perf_counter()
     token = CancelToken()
     out = Path(request["output_dir"])
     stop = Path(request["stop_file"]) if request.get("stop_file") else None
-    watcher = StopWatcher(token, emitter, stop, out, stdin_cancel)
-    _watch_sigterm(watcher)
+    watcher = StopWatcher(token, emitter, stop, out, stdin_cancel and inbox is None)
+    if inbox is None:
+        _watch_sigterm(watcher)
+    else:
+        inbox.current = watcher
     watcher.start()
+    try:
+        return _run(request, emitter, token, watcher, out, t0, models)
+    finally:
+        watcher.close()
+        if inbox is not None:
+            inbox.current = None
+
+
+def _run(request: dict, emitter: Emitter, token, watcher: StopWatcher, out: Path, t0: float, models) -> int:
     device = "auto"
     try:
         params = params_from_request(request.get("params"))
@@ -252,12 +291,13 @@ def run(request: dict, emitter: Emitter, stdin_cancel: bool = False) -> int:
             from .job import segment_files  # imports torch: may take a while, cancellable by the watcher
 
             summary = segment_files(request["inputs"], out, request.get("model"), params,
-                                    bool(request.get("overwrite", False)), reporter, token)
+                                    bool(request.get("overwrite", False)), reporter, token, models)
         for w in summary.get("warnings", []):
             emitter.emit("log", level="warning", message=w)
         emitter.emit("progress", stage="write", fraction=1.0, overall=1.0, eta_s=0.0, message="")
+        warm = {} if models is None else {"networks_built": models.builds}
         emitter.emit("done", final=True, output_dir=str(out), summary=summary,
-                     elapsed_s=round(time.perf_counter() - t0, 3))
+                     elapsed_s=round(time.perf_counter() - t0, 3), **warm)
         return 0
     except BaseException as e:  # noqa: BLE001 - every failure becomes one error event
         if isinstance(e, KeyboardInterrupt):
@@ -291,16 +331,100 @@ def _compare(request: dict, params: SegmentParams, reporter, token) -> dict:
                          reporter, token)
 
 
+class Inbox:
+    """A warm worker's stdin, read by a daemon thread: requests are queued for the main loop (``None``:
+    quit), ``cancel`` lines go straight to the running request's watcher (``current``)."""
+
+    def __init__(self, stream) -> None:
+        import queue
+
+        self.requests: "queue.Queue[str | None]" = queue.Queue()
+        self.current: StopWatcher | None = None
+        threading.Thread(target=self._read, args=(stream,), name="unetsegment-inbox", daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            text = line.strip()
+            if text.lower() in ("cancel", "stop"):
+                self.cancel("cancel on stdin")
+            elif text.lower() == "quit":
+                self.requests.put(None)
+            elif text:
+                self.requests.put(text)
+        self.requests.put(None)  # end of stdin: the client has gone
+
+    def cancel(self, reason: str) -> None:
+        current = self.current
+        if current is not None:
+            current.request(reason)
+
+
+def serve(emitter: Emitter, idle_timeout_s: float, stream=None) -> int:
+    """The warm worker's loop (module docstring): one run per request line until quit, EOF or idle."""
+    import queue
+
+    from .model_cache import ModelCache
+
+    inbox = Inbox(stream if stream is not None else sys.stdin)
+    if _SIGTERM_BLOCKED:  # SIGTERM: stop the running request, then end
+
+        def wait() -> None:
+            signal.sigwait({signal.SIGTERM})
+            inbox.requests.put(None)
+            inbox.cancel("SIGTERM")
+            if inbox.current is None:
+                os._exit(0)
+
+        threading.Thread(target=wait, name="unetsegment-sigterm", daemon=True).start()
+    models = ModelCache()
+    while True:
+        try:
+            line = inbox.requests.get(timeout=idle_timeout_s)
+        except queue.Empty:
+            emitter.emit("exit", reason="idle", idle_timeout_s=idle_timeout_s)
+            return 0
+        if line is None:
+            return 0
+        try:
+            request = _parse_request_line(line)
+        except (OSError, ValueError) as e:
+            emitter.emit("error", final=True, kind="UsageError", exit_code=2, message=f"bad request: {e}",
+                         problem="bad request", fix="check the request file")
+            code = 2
+        else:
+            code = run(request, emitter, inbox=inbox, models=models)
+        emitter.reset()
+        emitter.emit("ready", exit_code=code)
+
+
+def _parse_request_line(line: str) -> dict:
+    """A warm worker's request line: a JSON object, or the path of a request.json."""
+    if line.startswith("{"):
+        req = json.loads(line)
+        for key in ("inputs", "output_dir"):
+            if key not in req:
+                raise ValueError(f"request lacks {key!r}")
+        return req
+    return read_request(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m UNetSegmentLib.serving.worker", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--request", required=True, help="request.json (see the module docstring)")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--request", help="request.json (see the module docstring)")
+    mode.add_argument("--serve", action="store_true", help="warm mode: run the requests read from stdin, one per line")
     ap.add_argument("--stdin-cancel", action="store_true", help="also stop on a 'cancel' line on stdin")
+    ap.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S,
+                    help=f"warm mode: exit after this many seconds without a request (default {IDLE_TIMEOUT_S:g})")
     a = ap.parse_args(argv)
     _block_sigterm()
     # events own stdout; anything else printed (libraries, warnings) goes to stderr
     emitter = Emitter(sys.stdout)
     sys.stdout = sys.stderr
-    emitter.emit("started", pid=os.getpid(), version=__version__, python=sys.version.split()[0])
+    emitter.emit("started", pid=os.getpid(), version=__version__, python=sys.version.split()[0],
+                 **({"warm": True, "idle_timeout_s": a.idle_timeout} if a.serve else {}))
+    if a.serve:
+        return serve(emitter, a.idle_timeout)
     try:
         request = read_request(a.request)
     except (OSError, ValueError) as e:

@@ -34,7 +34,7 @@ from ..serving.job import display_channel
 from ..serving.worker import error_event
 from . import scene
 from .followup import CompareResult, show_comparison
-from .process import ProcessProtocol, ServerProcess, WorkerProcess
+from .process import ProcessProtocol, ServerProcess, WarmRun, WarmWorker
 from .signals import Signal
 from .volumes import image_from_volume, roi_corners_in_frame
 
@@ -175,7 +175,9 @@ class SegmentationLogic:
         self.failed = Signal("dict")  # worker error event fields
         self.cancelled = Signal()
         self.compared = Signal("CompareResult")  # a finished "compare with prior" (failures: ``failed``)
-        self.process_factory = process_factory or (lambda on_event, on_finished: WorkerProcess(on_event, on_finished))
+        #: the local worker process, kept warm between runs (see :class:`.process.WarmWorker`)
+        self.worker = WarmWorker()
+        self.process_factory = process_factory or (lambda on_event, on_finished: WarmRun(self.worker, on_event, on_finished))
         #: used for requests with a ``server_url``: (on_event, on_finished, ServerClient) -> process
         self.server_process_factory = server_process_factory or ServerProcess
         self._dependency_check = dependency_check
@@ -213,6 +215,11 @@ class SegmentationLogic:
     # --- running ----------------------------------------------------------------------------
     def is_running(self) -> bool:
         return self._process is not None and self._process.is_running()
+
+    def close(self) -> None:
+        """Module cleanup and reload: stop a run and end the warm worker process."""
+        self.cancel()
+        self.worker.shutdown()
 
     def start(self, request: RunRequest) -> None:
         """Write the inputs to a temporary folder and start the worker (returns at once)."""

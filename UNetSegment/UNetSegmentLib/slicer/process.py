@@ -1,11 +1,14 @@
 """Client side of the JSON-lines worker (:mod:`UNetSegmentLib.serving.worker`), polled from the GUI thread.
 
-The worker runs as ``<python> -m UNetSegmentLib.serving.worker --request request.json`` started with
-``slicer.util.launchConsoleProcess`` (stdout and stderr merged). A reader thread only queues lines;
-a ``qt.QTimer`` drains the queue on the main thread every :data:`POLL_MS` ms and calls back, so
-MRML and widgets are only touched from the GUI thread and the GUI never waits in a loop.
-Stopping creates the request's stop file (the worker exits within a second); a process still
-alive :data:`KILL_AFTER_S` later is killed.
+Local runs go to one warm worker (:class:`WarmWorker`): ``<python> -m UNetSegmentLib.serving.worker
+--serve`` started in Slicer's startup environment with its stdin piped. It is kept alive between
+runs, so a later Segment click pays neither the process start nor the imports. Each run
+(:class:`WarmRun`) sends the path of its request.json on stdin. A reader thread only queues the
+worker's output lines; a ``qt.QTimer`` drains the queue on the main thread every :data:`POLL_MS` ms
+and calls back, so MRML and widgets are only touched from the GUI thread and the GUI never waits in
+a loop. Stopping creates the request's stop file and sends ``cancel`` (the run stops within a
+second); a run still going :data:`KILL_AFTER_S` later has its worker killed, and the next run starts
+a fresh one, as after a crash or the worker's idle exit.
 
 :class:`ServerProcess` is the same for a run on a UNetSegment server (``unetsegment serve``): the
 HTTP calls happen in :class:`~UNetSegmentLib.serving.client.RemoteProcess`'s background thread and
@@ -94,72 +97,196 @@ class ProcessProtocol(Protocol):
     def is_running(self) -> bool: ...
 
 
-class WorkerProcess:
-    """Starts the worker and delivers its events to ``on_event`` and its end to ``on_finished(code)``."""
+def launch_piped(command: list[str]):
+    """``command`` in Slicer's startup environment (as ``slicer.util.launchConsoleProcess`` runs it)
+    with a stdin pipe too, stdout and stderr merged, text lines."""
+    import subprocess
 
-    def __init__(self, on_event: Callable[[dict], None], on_finished: Callable[[int], None], python: str | None = None):
+    import slicer
+
+    kwargs = {}
+    if os.name == "nt":  # no console window
+        info = subprocess.STARTUPINFO()
+        info.dwFlags, info.wShowWindow = 1, 0
+        kwargs["startupinfo"] = info
+    return subprocess.Popen(command, env=slicer.util.startupEnvironment(), cwd=str(package_parent()),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, bufsize=1, **kwargs)
+
+
+class WarmWorker:
+    """One long-lived worker process (``worker --serve``) shared by a logic's runs.
+
+    It is started by the first run and kept between runs, so a later run pays neither the process start
+    nor the imports, and reuses the built network. It exits by itself after ``idle_timeout_s`` without
+    a request. :meth:`shutdown` ends it (module cleanup and reload). A worker found dead at the next run
+    (idle exit, crash, a cancel it could not honour in time) is replaced by a fresh one.
+    """
+
+    def __init__(self, python: str | None = None, idle_timeout_s: float = 600.0,
+                 launch: Callable[[list[str]], object] = launch_piped):
+        self.python = python
+        self.idle_timeout_s = idle_timeout_s
+        self.launch = launch
+        self.proc = None
+        self.starts = 0  # processes started so far
+        self._queue: queue.Queue = queue.Queue()
+        self._settled = True  # False after a cancel, until the worker said "ready" or ended
+
+    def command(self) -> list[str]:
+        return [self.python or worker_python(), "-m", "UNetSegmentLib.serving.worker", "--serve",
+                "--idle-timeout", f"{self.idle_timeout_s:g}"]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def submit(self, request_path: str) -> None:
+        """Send a request, to the running worker or else to a fresh one."""
+        self._settle()
+        if not self.alive():
+            self._start()
+        try:
+            self._send(str(request_path))
+        except OSError:  # it ended between the check and the write
+            self._start()
+            self._send(str(request_path))
+
+    def cancel(self) -> None:
+        """Ask the running request to stop (a ``cancel`` line; the request's stop file is the other way)."""
+        self._settled = False
+        try:
+            self._send("cancel")
+        except OSError:
+            pass
+
+    def next_line(self):
+        """The next output line, ``None`` once the process has ended, or ``queue.Empty``."""
+        return self._queue.get_nowait()
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+
+    def shutdown(self, wait_s: float = 1.0) -> None:
+        """End the worker: ``quit``, then a kill if it is still alive ``wait_s`` later."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        try:
+            proc.stdin.write("quit\n")
+            proc.stdin.close()
+            proc.wait(timeout=wait_s)
+        except Exception:  # noqa: BLE001 - broken pipe, timeout: it goes anyway
+            proc.kill()
+            proc.wait()
+
+    def _start(self) -> None:
+        if self.proc is not None:
+            self.kill()
+            self.proc.wait()
+        self.proc = self.launch(self.command())
+        self._queue, _ = read_lines_in_background(self.proc, "unetsegment-warm-worker-reader")
+        self._settled = True
+        self.starts += 1
+
+    def _send(self, line: str) -> None:
+        if self.proc is None or self.proc.stdin is None:
+            raise OSError("no worker")
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _settle(self, timeout_s: float = KILL_AFTER_S) -> None:
+        """Before a request: drop what the idle worker printed since (``ready``, ``exit``). After a
+        cancel, wait until it is ready again or has ended; one still busy then is killed."""
+        deadline = time.monotonic() + (0.0 if self._settled else timeout_s)
+        while self.proc is not None:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if not self._settled \
+                    else self._queue.get_nowait()
+            except queue.Empty:
+                if not self._settled:
+                    self.kill()
+                break
+            if line is None:  # it has ended: a fresh one is started
+                self.proc.wait()
+                self.proc = None
+                break
+            if parse_line(line).get("event") == "ready":
+                self._settled = True
+        self._settled = True
+
+
+class WarmRun:
+    """One run on a :class:`WarmWorker`, with :class:`ProcessProtocol`: ``on_event`` gets the
+    run's events and ``on_finished(code)`` its end (0, or the error event's exit code). A worker that
+    ends before the run's final event gives a ``WorkerStopped`` error (exit code 1 if it had none)."""
+
+    def __init__(self, worker: WarmWorker, on_event: Callable[[dict], None], on_finished: Callable[[int], None]):
+        self.worker = worker
         self.on_event = on_event
         self.on_finished = on_finished
-        self.python = python
-        self.proc = None
         self.stop_file: Path | None = None
         self.stop_requested_at: float | None = None
-        self._queue: queue.Queue = queue.Queue()
-        self._reader: threading.Thread | None = None
         self._timer = None
 
-    def command(self, request_path: str) -> list[str]:
-        return [self.python or worker_python(), "-m", "UNetSegmentLib.serving.worker", "--request", str(request_path)]
-
     def start(self, request_path: str, stop_file: str) -> None:
-        import slicer
-
         if self.is_running():
             raise RuntimeError("a segmentation is already running")
         self.stop_file = Path(stop_file)
         self.stop_requested_at = None
-        self.proc = slicer.util.launchConsoleProcess(self.command(request_path), cwd=str(package_parent()))
-        self._queue, self._reader = read_lines_in_background(self.proc, "unetsegment-worker-reader")
+        self.worker.submit(request_path)
         self._timer = poll_timer(self.poll)
 
     def is_running(self) -> bool:
-        return self.proc is not None and self._timer is not None
+        return self._timer is not None
 
     def stop(self) -> None:
-        """Ask the worker to stop (stop file); :meth:`poll` kills it if it is still alive later."""
-        if not self.is_running():
+        """Ask the run to stop (stop file and a ``cancel`` line); :meth:`poll` kills the worker if the
+        run has not ended :data:`KILL_AFTER_S` later."""
+        if not self.is_running() or self.stop_requested_at is not None:
             return
-        if self.stop_requested_at is None:
-            self.stop_requested_at = time.monotonic()
-            try:
-                self.stop_file.touch()
-            except OSError:
-                self.proc.kill()
+        self.stop_requested_at = time.monotonic()
+        try:
+            self.stop_file.touch()
+        except OSError:
+            pass
+        self.worker.cancel()
 
     def poll(self) -> None:
-        """Drain queued lines (GUI thread); on end of output, reap the process and report."""
-        ended = False
-        while True:
+        """Drain the worker's lines (GUI thread); finish on the run's final event or the worker's end."""
+        while self.is_running():
             try:
-                line = self._queue.get_nowait()
+                line = self.worker.next_line()
             except queue.Empty:
                 break
             if line is None:
-                ended = True
-                break
-            self.on_event(parse_line(line))
-        if not ended and self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > KILL_AFTER_S:
-            self.proc.kill()
-        if ended:
-            self._timer.stop()
-            self._timer = None
-            code = self.proc.wait()
-            self.proc = None
-            self.on_finished(int(code))
+                code = self.worker.proc.wait() if self.worker.proc is not None else 1
+                self.on_event({"event": "error", "kind": "WorkerStopped", "exit_code": int(code or 1),
+                               "message": f"the segmentation worker stopped unexpectedly (exit status {code}) before "
+                                          "the run finished; nothing was added to the scene",
+                               "problem": "the worker stopped", "fix": "click Segment again: a fresh worker is started"})
+                self._finish(int(code or 1))
+                return
+            ev = parse_line(line)
+            kind = ev.get("event")
+            if kind in ("ready", "exit"):  # the previous run's end, or an idle exit: not this run's
+                continue
+            self.on_event(ev)
+            if kind == "done":
+                self._finish(0)
+            elif kind == "error":
+                self._finish(int(ev.get("exit_code", 1)))
+        if self.is_running() and self.stop_requested_at is not None and time.monotonic() - self.stop_requested_at > KILL_AFTER_S:
+            self.worker.kill()  # its end arrives as the None line: the run finishes as stopped
+
+    def _finish(self, code: int) -> None:
+        self._timer.stop()
+        self._timer = None
+        self.on_finished(code)
 
 
 class ServerProcess(RemoteProcess):
-    """A run on a server with :class:`WorkerProcess`'s interface and events: a ``qt.QTimer`` calls
+    """A run on a server with :class:`ProcessProtocol` and events: a ``qt.QTimer`` calls
     :meth:`~UNetSegmentLib.serving.client.RemoteProcess.poll` every :data:`POLL_MS` ms, so callbacks
     run on the GUI thread while uploads, polling and downloads stay in the background thread."""
 
