@@ -237,3 +237,23 @@ def test_hard_lesions_are_the_faint_small_ones_and_get_their_share_of_crops(tmp_
         trainer.HardLesions.from_config({"max_hu": 60, "max_area_mm2": 150, "share": 0}, norm)
     with pytest.raises(trainer.UsageError):
         trainer.HardLesions.from_config({"max_hu": 60, "max_area_mm2": 150, "share": 0.3}, {"type": "zscore"})
+
+
+def test_extra_training_cases_come_from_their_own_settings_and_seeds(tmp_path):
+    from UNetSegmentLib.errors import UsageError
+    from UNetSegmentLib.models.training.cases import TRAINING
+
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    cfg["data"]["extra_train"] = [{"cases": 2, "seed": 40, "settings": {"noise_hu": [0.0, 0.0], "negative_fraction": 0.0}}]
+    train, select = trainer._prepare_cases(cfg, tmp_path / "work", lambda m: None)
+    assert [f.name for f in train] == ["case-10.npz", "case-11.npz", "case-12.npz", "case-40.npz", "case-41.npz"]
+    assert train[-1].parent.name == "train-extra-40" and len(select) == 1
+    extra = trainer.ExtraCases.from_config(cfg["data"]["extra_train"][0])
+    assert extra.settings.noise_hu == (0.0, 0.0) and extra.settings.negative_fraction == 0.0
+    assert extra.settings.rotation_deg == TRAINING.rotation_deg  # the rest as the training settings
+    for bad, match in (({"cases": 2, "seed": 11}, "overlap other training seeds"),
+                       ({"cases": 2, "seed": 700}, "overlap the tune or validation"),
+                       ({"cases": 2, "seed": 40, "settings": {"bleed": 1}}, "unknown settings")):
+        cfg["data"]["extra_train"] = [bad]
+        with pytest.raises(UsageError, match=match):
+            trainer._prepare_cases(cfg, tmp_path / "work", lambda m: None)

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from ...params import SegmentParams
 from ...settings import RunSettings, resolve
 from ..bundle import load_weights, sha256_file, validate_meta
 from ..networks import build_network, count_parameters
-from .cases import TRAINING, VALIDATION, build_cache
+from .cases import TRAINING, VALIDATION, Settings, build_cache
 
 
 def load_config(path: Path) -> dict:
@@ -312,11 +312,45 @@ def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
     train_seeds = list(range(int(data["train_seed"]), int(data["train_seed"]) + int(data["train_cases"])))
     select_seeds = list(range(int(data[f"{split}_seed"]), int(data[f"{split}_seed"]) + int(data[f"{split}_cases"])))
     val_seeds = set(range(int(data["val_seed"]), int(data["val_seed"]) + int(data["val_cases"])))
-    if set(train_seeds) & (set(select_seeds) | val_seeds):
+    extra = [ExtraCases.from_config(e) for e in data.get("extra_train", [])]
+    seen = set(train_seeds)
+    for e in extra:
+        if seen & set(e.seeds):
+            raise UsageError(f"extra_train seeds {e.seeds[0]}…{e.seeds[-1]} overlap other training seeds",
+                             "choose disjoint seed ranges")
+        seen |= set(e.seeds)
+    if seen & (set(select_seeds) | val_seeds):
         raise UsageError("training seeds overlap the tune or validation seeds", "choose disjoint seed ranges")
-    log(f"preparing {len(train_seeds)} training and {len(select_seeds)} {split} (checkpoint selection) cases in {cache}")
-    return (build_cache(data["generator"], train_seeds, meta, cache / "train", TRAINING, log=log),
-            build_cache(data["generator"], select_seeds, meta, cache / split, VALIDATION, log=log))
+    log(f"preparing {len(seen)} training and {len(select_seeds)} {split} (checkpoint selection) cases in {cache}")
+    train = build_cache(data["generator"], train_seeds, meta, cache / "train", TRAINING, log=log)
+    for e in extra:
+        train += build_cache(data["generator"], e.seeds, meta, cache / e.folder, e.settings, log=log)
+    return train, build_cache(data["generator"], select_seeds, meta, cache / split, VALIDATION, log=log)
+
+
+@dataclass(frozen=True)
+class ExtraCases:
+    """``data.extra_train`` entry: more training cases from the same generator with some of its
+    :class:`.cases.Settings` changed (e.g. ``{cases: 64, seed: 3000, settings: {bleed_hu: [45, 60]}}``
+    for more faint bleeds), cached in a folder of their own."""
+
+    seeds: tuple[int, ...]
+    settings: Settings
+
+    @property
+    def folder(self) -> str:
+        return f"train-extra-{self.seeds[0]}"
+
+    @classmethod
+    def from_config(cls, d: dict) -> "ExtraCases":
+        known = {f.name for f in fields(Settings)}
+        over = dict(d.get("settings") or {})
+        unknown = sorted(set(over) - known)
+        if unknown or "cases" not in d or "seed" not in d:
+            raise UsageError(f"bad data.extra_train entry {d!r}" + (f": unknown settings {unknown}" if unknown else ""),
+                             "give cases, seed and settings among: " + ", ".join(sorted(known)))
+        over = {k: tuple(v) if isinstance(v, list) else v for k, v in over.items()}
+        return cls(tuple(range(int(d["seed"]), int(d["seed"]) + int(d["cases"]))), replace(TRAINING, **over))
 
 
 class _Run:
