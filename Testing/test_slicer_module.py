@@ -35,6 +35,8 @@ from UNetSegmentLib.analysis.rethreshold import load_run, rederive_run  # noqa: 
 from UNetSegmentLib.models.bundle import load_bundle  # noqa: E402
 from UNetSegmentLib.slicer import scene as sc  # noqa: E402
 from UNetSegmentLib.slicer.logic import RunRequest, SegmentationLogic  # noqa: E402
+from UNetSegmentLib.slicer import process as worker_process  # noqa: E402
+from UNetSegmentLib.slicer.process import WarmWorker  # noqa: E402
 from UNetSegmentLib.slicer.widget import PARAMETER_WIDGETS, Panel, guess_channel_volumes  # noqa: E402
 from UNetSegmentLib.serving.worker import STAGES  # noqa: E402
 from UNetSegmentLib.resources import resource_path  # noqa: E402
@@ -57,6 +59,7 @@ def fresh_scene(request):
     if "oblique_run" not in request.fixturenames:
         STANDIN.reset()
     yield STANDIN
+    WarmWorker.shutdown_all()  # each logic's warm worker (≈ 0.4 GB) ends with its test
 
 
 # --- reading the real scene -------------------------------------------------------------------------
@@ -391,6 +394,20 @@ def test_a_crashed_worker_is_a_clear_error_and_the_next_run_starts_a_fresh_one()
     assert node_ids() == before and not logic.is_running()
     again = run_and_wait(logic, RunRequest([node], "tiny-blob", CPU))
     assert "result" in again and logic.worker.starts == 2
+    logic.close()
+
+
+def test_a_worker_that_left_when_idle_is_replaced_by_the_next_run(monkeypatch):
+    node, _, _ = add_head()
+    logic = SegmentationLogic(dependency_check=lambda: True)
+    logic.worker.idle_timeout_s = 0.5
+    monkeypatch.setattr(worker_process, "RETIRE_MARGIN_S", -1e9)  # the client never retires it first
+    assert "result" in run_and_wait(logic, RunRequest([node], "tiny-blob", CPU))
+    proc = logic.worker.proc
+    proc.wait(timeout=60)  # it says "exit" after 0.5 s idle and ends
+    again = run_and_wait(logic, RunRequest([node], "tiny-blob", CPU))
+    assert "result" in again, again
+    assert logic.worker.starts == 2 and logic.worker.proc is not proc
     logic.close()
 
 

@@ -49,6 +49,7 @@ def segment(node, model: str, heatmaps=("gradcam",)):
     logic.start(RunRequest([node], model, SegmentParams(device="cpu", heatmaps=heatmaps)))
     assert STANDIN.run_until(lambda: bool(out), 300), "the run did not end"
     assert "result" in out, out
+    logic.worker.shutdown()  # the result is in the scene: no need to keep the warm worker
     return logic, out["result"]
 
 

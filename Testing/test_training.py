@@ -247,13 +247,24 @@ def test_extra_training_cases_come_from_their_own_settings_and_seeds(tmp_path):
     cfg["data"]["extra_train"] = [{"cases": 2, "seed": 40, "settings": {"noise_hu": [0.0, 0.0], "negative_fraction": 0.0}}]
     train, select = trainer._prepare_cases(cfg, tmp_path / "work", lambda m: None)
     assert [f.name for f in train] == ["case-10.npz", "case-11.npz", "case-12.npz", "case-40.npz", "case-41.npz"]
-    assert train[-1].parent.name == "train-extra-40" and len(select) == 1
+    assert train[-1].parent.name.startswith("train-extra-40-") and len(select) == 1
     extra = trainer.ExtraCases.from_config(cfg["data"]["extra_train"][0])
     assert extra.settings.noise_hu == (0.0, 0.0) and extra.settings.negative_fraction == 0.0
     assert extra.settings.rotation_deg == TRAINING.rotation_deg  # the rest as the training settings
+    assert extra.record() == {"cases": 2, "seed": 40, "settings": {"negative_fraction": 0.0, "noise_hu": [0.0, 0.0]}}
+    # other settings, same seeds: other cases in another folder, never the cached ones
+    cfg["data"]["extra_train"][0]["settings"]["noise_hu"] = [0.0, 5.0]
+    train2, _ = trainer._prepare_cases(cfg, tmp_path / "work", lambda m: None)
+    assert train2[-1].parent != train[-1].parent and train2[-1].is_file()
     for bad, match in (({"cases": 2, "seed": 11}, "overlap other training seeds"),
                        ({"cases": 2, "seed": 700}, "overlap the tune or validation"),
-                       ({"cases": 2, "seed": 40, "settings": {"bleed": 1}}, "unknown settings")):
+                       ({"cases": 2, "seed": 40, "settings": {"bleed": 1}}, "unknown settings"),
+                       ({"cases": 0, "seed": 40}, "bad data.extra_train entry"),
+                       ({"cases": 2.7, "seed": 40}, "bad data.extra_train entry"),
+                       ("cases", "bad data.extra_train entry"),
+                       ({"cases": 2, "seed": 40, "settings": {"bleed_hu": [60, 45]}}, "reversed"),
+                       ({"cases": 2, "seed": 40, "settings": {"scale": 5}}, "not 2 numbers"),
+                       ({"cases": 2, "seed": 40, "settings": {"max_lesions": "many"}}, "not a int")):
         cfg["data"]["extra_train"] = [bad]
         with pytest.raises(UsageError, match=match):
             trainer._prepare_cases(cfg, tmp_path / "work", lambda m: None)

@@ -288,3 +288,13 @@ def test_warm_worker_exits_by_itself_when_idle():
     evs = w.until("exit")
     assert evs[-1] == {"event": "exit", "reason": "idle", "idle_timeout_s": 0.5}
     assert w.proc.wait(timeout=60) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="POSIX niceness")
+def test_low_priority_worker_runs_below_its_parent():
+    w = WarmProcess("--low-priority")
+    w.until("started")
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, w.proc.pid) == min(19, ours + 10)
+    w.send("quit")
+    assert w.close() == 0

@@ -14,10 +14,17 @@ Grad-CAM relative to one inference pass, an ablation of the engine's speed-ups (
 on the network-grid volume), and the forward pass's effective GFLOP/s next to this machine's
 measured fp32 and bf16 matrix-multiply throughput.
 
-``--cases DIR`` also runs both on every case folder of DIR (``image.nii.gz`` + ``label.nii.gz``,
-e.g. the evaluation cases of ``make evaluate``) and checks that they find the same lesions.
+On the evaluation cases (``--cases DIR``, default ``.cache/eval-ct-hemorrhage`` from ``make evaluate``:
+case folders with ``image.nii.gz`` + ``label.nii.gz``) it runs, case by case and interleaved, MONAI
+(fp32), MONAI under bf16 autocast and ours (defaults), ``--rounds`` times (≥ 3). Per round the ratio
+is MONAI's total time over ours; ``ratio: X`` is the median over the rounds (with no case folder: the
+demo case's ratio). It also prints the ratio against MONAI in bf16, ours per stage (read, preprocess,
+inference, postprocess) and the share of the windows run at full resolution, and the equal-Dice
+check: on every case with ≥ 1 mL of lesion |Dice(ours) − Dice(MONAI)| ≤ 0.005 against the truth, and
+the same true lesions ≥ 0.5 mL found.
 
 usage: python bench/inference_vs_monai.py [--model NAME|PATH] [--case PATH] [--repeats N] [--cases DIR]
+                                          [--rounds N] [--limit N]
 """
 from __future__ import annotations
 
@@ -43,6 +50,16 @@ from UNetSegmentLib.params import SegmentParams  # noqa: E402
 from UNetSegmentLib.engine.pipeline import segment  # noqa: E402
 from UNetSegmentLib.engine.preprocess import prepare_inputs  # noqa: E402
 from UNetSegmentLib.settings import RunSettings, resolve  # noqa: E402
+
+
+def autocast_bf16(net):
+    """``net`` under CPU bf16 autocast, its output in fp32: MONAI at its best precision on a bf16 CPU."""
+
+    def run(x):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return net(x).float()
+
+    return run
 
 
 def monai_pipeline(image: Image, settings: RunSettings, net) -> np.ndarray:
@@ -93,7 +110,10 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--case", default=None, help="input volume (default: the demo case on the sample head CT)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--cases", type=Path, default=None, help="also compare the lesions found on these case folders")
+    ap.add_argument("--cases", type=Path, default=Path(".cache/eval-ct-hemorrhage"),
+                    help="evaluation case folders (default: make evaluate's); skipped when absent")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the evaluation cases (≥ 3)")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many evaluation cases")
     a = ap.parse_args()
     import monai
 
@@ -135,13 +155,72 @@ def main() -> int:
     print(f"ours with Grad-CAM ({r_cam.extra.get('cam_method')}): inference {r_cam.timings['inference_s']:.2f} s, "
           f"Grad-CAM {r_cam.timings.get('gradcam_s', 0):.2f} s (×{r_cam.timings.get('gradcam_s', 0) / r_cam.timings['inference_s']:.2f} of inference)")
     ablation(case, bundle, net, a.repeats)
-    if a.cases:
-        compare_lesions(a.cases, defaults, lambda img: segment([img], bundle, network=net, settings=defaults),
-                        lambda img: monai_pipeline(img, defaults, net))
     print(f"precision of ours: {r_ours.precision}; threads: {torch.get_num_threads()}")
-    print(f"ratio at equal precision and windows: {t_monai / t_eq:.2f}")
-    print(f"ratio: {t_monai / t_ours:.2f}")
-    return 0
+    print(f"demo case: ratio at equal precision and windows: {t_monai / t_eq:.2f}; ratio {t_monai / t_ours:.2f}")
+    cases = sorted(p for p in a.cases.iterdir() if (p / "image.nii.gz").exists())[: a.limit] if a.cases.is_dir() else []
+    if not cases:
+        print(f"(no evaluation cases in {a.cases}: `make evaluate` makes them; the ratio below is the demo case's)")
+        print(f"ratio: {t_monai / t_ours:.2f}")
+        return 0
+    ratio, equal = over_cases(cases, bundle, net, defaults, max(3, a.rounds))
+    print(f"ratio: {ratio:.2f}")
+    return 0 if equal else 1
+
+
+def over_cases(cases: list[Path], bundle, net, settings: RunSettings, rounds: int) -> tuple[float, bool]:
+    """MONAI (fp32 and bf16) and ours, interleaved case by case over ``rounds`` rounds; the median round
+    ratio, the per-stage breakdown, and the equal-Dice check. Returns (median ratio, check passed)."""
+    from UNetSegmentLib.analysis.evaluate import score_case
+    from UNetSegmentLib.analysis.lesions import remove_small_lesions
+
+    net16 = autocast_bf16(net)
+    t = {k: np.zeros((rounds, len(cases))) for k in ("monai", "monai_bf16", "ours")}
+    stages = {k: np.zeros((rounds, len(cases))) for k in ("read_s", "preprocess_s", "inference_s", "postprocess_s")}
+    fraction, last_ours, last_monai = [], {}, {}
+    for r in range(rounds):
+        for n, c in enumerate(cases):
+            t0 = time.perf_counter()
+            p_monai = monai_pipeline(read_image(c / "image.nii.gz"), settings, net)
+            t1 = time.perf_counter()
+            monai_pipeline(read_image(c / "image.nii.gz"), settings, net16)
+            t2 = time.perf_counter()
+            img = read_image(c / "image.nii.gz")
+            t_read = time.perf_counter() - t2
+            res = segment([img], bundle, network=net, settings=settings)
+            t3 = time.perf_counter()
+            t["monai"][r, n], t["monai_bf16"][r, n], t["ours"][r, n] = t1 - t0, t2 - t1, t3 - t2
+            stages["read_s"][r, n] = t_read
+            for k in ("preprocess_s", "inference_s", "postprocess_s"):
+                stages[k][r, n] = res.timings.get(k, 0.0)
+            if r == rounds - 1:
+                last_ours[c.name], last_monai[c.name] = res, p_monai
+                fraction.append(res.extra.get("coarse_to_fine", {}).get("full_resolution_fraction", 1.0))
+    per_round = t["monai"].sum(1) / t["ours"].sum(1)
+    per_round_bf16 = t["monai_bf16"].sum(1) / t["ours"].sum(1)
+    mid = int(np.argsort(per_round)[len(per_round) // 2])
+    print(f"evaluation cases: {len(cases)}, {rounds} interleaved rounds; totals per round (s): MONAI "
+          + ", ".join(f"{v:.1f}" for v in t["monai"].sum(1)) + "; MONAI bf16 " + ", ".join(f"{v:.1f}" for v in t["monai_bf16"].sum(1))
+          + "; ours " + ", ".join(f"{v:.1f}" for v in t["ours"].sum(1)))
+    print("ours per stage (the median round, s): " + ", ".join(f"{k[:-2]} {stages[k][mid].sum():.1f}" for k in stages)
+          + f", other {t['ours'][mid].sum() - sum(stages[k][mid].sum() for k in stages):.1f}")
+    print(f"windows run at full resolution: {np.mean(fraction):.0%} (the full pass: no coarse-to-fine first pass)")
+    print(f"ratio against MONAI under bf16 autocast (median of rounds): {np.median(per_round_bf16):.2f}")
+    thr, min_ml = settings.threshold, settings.min_lesion_ml
+    worst, same, n_pos = 0.0, True, 0
+    for c in cases:
+        truth, res, p_monai = read_image(c / "label.nii.gz"), last_ours[c.name], last_monai[c.name]
+        ours_lab = remove_small_lesions(res.labels, min_ml)
+        monai_lab = remove_small_lesions(Image(lesion(p_monai, thr).astype(np.uint8), res.labels.ijk_to_ras), min_ml)
+        so, sm = score_case(c.name, truth, ours_lab), score_case(c.name, truth, monai_lab)
+        same &= [x["detected"] for x in so.true_lesions if x["volume_ml"] >= 0.5] == \
+                [x["detected"] for x in sm.true_lesions if x["volume_ml"] >= 0.5]
+        if so.true_ml >= 1.0:
+            n_pos += 1
+            worst = max(worst, abs(so.dice - sm.dice))
+    equal = worst <= 0.005 and same
+    print(f"equal-Dice check on the {n_pos} cases with ≥ 1 mL of lesion: max |ΔDice| {worst:.4f} (≤ 0.005), "
+          f"same true lesions ≥ 0.5 mL found: {same} → {'passed' if equal else 'FAILED'}")
+    return float(np.median(per_round)), equal
 
 
 def matmul_tflops(dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -211,31 +290,6 @@ def ablation(case: Path, bundle, net, repeats: int) -> None:
 def lesion(p_foreground: np.ndarray, threshold: float) -> np.ndarray:
     """Lesion voxels of a P(not background) map by the engine's threshold rule (one label)."""
     return labels_from_probabilities({1: p_foreground}, threshold) > 0
-
-
-def compare_lesions(cases_dir: Path, settings: RunSettings, ours_fn, monai_fn) -> None:
-    """Ours (defaults) vs MONAI on every case folder: Dice vs truth and the true lesions ≥ 0.5 mL each finds."""
-    from UNetSegmentLib.analysis.evaluate import score_case
-    from UNetSegmentLib.analysis.lesions import remove_small_lesions
-
-    thr, min_ml = settings.threshold, settings.min_lesion_ml  # as `unetsegment evaluate` does, for both
-    rows, same = [], True
-    for c in sorted(p for p in cases_dir.iterdir() if (p / "image.nii.gz").exists()):
-        img, truth = read_image(c / "image.nii.gz"), read_image(c / "label.nii.gz")
-        r = ours_fn(img)
-        p_monai = monai_fn(img)
-        ours_lab = remove_small_lesions(r.labels, min_ml)
-        monai_lab = remove_small_lesions(Image(lesion(p_monai, thr).astype(np.uint8), img.ijk_to_ras), min_ml)
-        so, sm = score_case(c.name, truth, ours_lab), score_case(c.name, truth, monai_lab)
-        found_o = [l["detected"] for l in so.true_lesions if l["volume_ml"] >= 0.5]
-        found_m = [l["detected"] for l in sm.true_lesions if l["volume_ml"] >= 0.5]
-        same &= found_o == found_m
-        rows.append((c.name, so.dice, sm.dice, sum(found_o), sum(found_m), len(found_o)))
-    print(f"evaluation cases ({cases_dir}): case, Dice ours / MONAI, true lesions ≥ 0.5 mL found ours / MONAI")
-    for name, do, dm, fo, fm, n in rows:
-        print(f"  {name:<14} {do:.4f} / {dm:.4f}   {fo}/{n} / {fm}/{n}")
-    dd = [r[1] - r[2] for r in rows]
-    print(f"mean ΔDice (ours − MONAI) {np.mean(dd):+.4f}, max |ΔDice| {np.max(np.abs(dd)):.4f}; same lesions found: {same}")
 
 
 if __name__ == "__main__":

@@ -162,8 +162,9 @@ FIELDS: tuple[Field, ...] = (
           "(default: the model's)", optional=True),
     Field("heatmaps", "kinds", "extra maps beside probability.nrrd: comma list of gradcam, uncertainty, or none",
           flag="--heatmap"),
-    Field("threads", "int", "CPU threads for inference (default: the cores available to this process; in Slicer one "
-          "fewer, so the application stays responsive)", low=1, optional=True, server_owned=True),
+    Field("threads", "int", "CPU threads for inference (default: the cores available to this process; in Slicer "
+          "too, with the worker at a lower CPU priority so the application stays responsive)", low=1, optional=True,
+          server_owned=True),
     Field("gradcam_layer", "str", "network layer for Grad-CAM (default: the model's, a deep decoder stage such as "
           "decoder.0)", optional=True),
     Field("cam_method", "str", "hirescam (element-wise gradient × activation; stays on the lesion it explains) or "

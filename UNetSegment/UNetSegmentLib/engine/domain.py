@@ -172,8 +172,8 @@ def _canonical_blocks(img: Image, sampling_mm: float) -> tuple[np.ndarray, np.nd
     J2, I2 = (J // fj) * fj, (I // fi) * fi
     if J2 == 0 or I2 == 0:
         return a, a, sp
-    # block sums and maxima over strided views (one per offset in the block): the same values as a
-    # reshape-and-reduce, five times faster on a 256² × 108 CT
+    # block sums and maxima over strided views (one per offset in the block): a reshape-and-reduce's
+    # values up to float32 rounding (maxima exactly), five times faster on a 256² × 108 CT
     views = [a[:, dj:J2:fj, di:I2:fi] for dj in range(fj) for di in range(fi)]
     total, peak = views[0].copy(), views[0].copy()
     for v in views[1:]:

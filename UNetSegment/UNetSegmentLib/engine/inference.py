@@ -203,9 +203,10 @@ def blend_region(volume: np.ndarray, grid: WindowGrid, fn: WindowFn, plan: Windo
         padded[:] = plan.pad_value[:, None, None, None]
         padded[:, :K, :J, :I] = volume
         volume = padded
-    # one window per slice (the fitted 2D windows): nothing overlaps, so blending would divide each
-    # window's weights out again; its result is written as it is
-    tiled = roi[0] == 1 and all(j == 0 and i == 0 for _, j, i in grid.starts)
+    # one window per slice covering it (the fitted 2D windows): nothing overlaps, so blending would
+    # divide each window's weights out again (up to float rounding); its result is written as it is
+    tiled = (roi[0] == 1 and roi[1] >= volume.shape[2] and roi[2] >= volume.shape[3]
+             and all(j == 0 and i == 0 for _, j, i in grid.starts))
     weights = gaussian_importance(roi)
     acc = np.zeros((out_channels, *volume.shape[1:]), np.float32)
     norm = None if tiled else np.zeros(volume.shape[1:], np.float32)

@@ -1,11 +1,13 @@
 """Models kept between the runs of a long-lived process (the warm worker, :mod:`.worker`'s ``--serve``).
 
 :meth:`ModelCache.get` loads the bundle every time — cheap, and it checks the weights' sha256 — and
-reuses the network built for that bundle folder and digest, so a bundle changed on disk is built
-afresh. The few most recently used networks are kept.
+reuses the network built for that bundle folder and ``model.json`` (which holds the weights' sha256),
+so a bundle whose weights or architecture changed on disk is built afresh. The few most recently used networks are kept.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import OrderedDict
 from typing import Any
 
@@ -24,7 +26,7 @@ class ModelCache:
     def get(self, model: str | None) -> tuple[Bundle, Any]:
         """The bundle named ``model`` (a name, folder or zip; None: the default) and its network (CPU, eval)."""
         bundle = load_bundle(model or default_model_name())
-        key = (str(bundle.root), str(bundle.meta["weights"]["sha256"]))
+        key = (str(bundle.root), hashlib.sha256(json.dumps(bundle.meta, sort_keys=True, default=str).encode()).hexdigest())
         if key in self._networks:
             self._networks.move_to_end(key)
         else:

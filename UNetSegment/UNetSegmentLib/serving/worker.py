@@ -63,6 +63,8 @@ STAGES = ("load", "preprocess", "inference", "gradcam", "postprocess", "write")
 STAGE_WEIGHTS = {"load": 0.08, "preprocess": 0.07, "inference": 0.55, "gradcam": 0.2, "postprocess": 0.04, "write": 0.06}
 POLL_S = 0.05
 CANCEL_GRACE_S = 0.5
+#: ``--low-priority``: the worker's niceness increment (POSIX)
+LOW_PRIORITY_NICE = 10
 #: a warm worker with no request for this long exits (its memory goes back to the system)
 IDLE_TIMEOUT_S = 600.0
 PROGRESS_MIN_INTERVAL_S = 0.1
@@ -180,8 +182,11 @@ class StopWatcher:
                 return
 
     def close(self) -> None:
-        """The run is over (a warm worker goes on): stop watching."""
+        """The run is over (a warm worker goes on): stop watching. Joined, so that no late stop request
+        can end the process after the run's final event."""
         self._closed = True
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _run(self) -> None:
         while not self._closed:
@@ -226,11 +231,7 @@ def _watch_sigterm(watcher: StopWatcher) -> None:
 
 
 def read_request(path: str | os.PathLike) -> dict:
-    req = json.loads(Path(path).read_text(encoding="utf-8"))
-    for key in ("inputs", "output_dir"):
-        if key not in req:
-            raise ValueError(f"request {path} lacks {key!r}")
-    return req
+    return checked_request(json.loads(Path(path).read_text(encoding="utf-8")), f"request {path}")
 
 
 def params_from_request(d: dict | None) -> SegmentParams:
@@ -351,7 +352,8 @@ class Inbox:
                 self.requests.put(None)
             elif text:
                 self.requests.put(text)
-        self.requests.put(None)  # end of stdin: the client has gone
+        self.requests.put(None)  # end of stdin: the client has gone, so has any use of the running request
+        self.cancel("stdin closed")
 
     def cancel(self, reason: str) -> None:
         current = self.current
@@ -376,6 +378,9 @@ def serve(emitter: Emitter, idle_timeout_s: float, stream=None) -> int:
                 os._exit(0)
 
         threading.Thread(target=wait, name="unetsegment-sigterm", daemon=True).start()
+    from ..engine.acceleration import default_threads
+
+    default_threads()  # torch's own thread count, seen before any run sets another
     models = ModelCache()
     while True:
         try:
@@ -393,19 +398,37 @@ def serve(emitter: Emitter, idle_timeout_s: float, stream=None) -> int:
             code = 2
         else:
             code = run(request, emitter, inbox=inbox, models=models)
+            _release_gpu_cache()
         emitter.reset()
         emitter.emit("ready", exit_code=code)
 
 
+def _release_gpu_cache() -> None:
+    """After a run: the memory PyTorch keeps reserved on a GPU goes back, so an idle warm worker does
+    not hold it from other programs (the network stays on the CPU between runs)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def _parse_request_line(line: str) -> dict:
     """A warm worker's request line: a JSON object, or the path of a request.json."""
-    if line.startswith("{"):
-        req = json.loads(line)
-        for key in ("inputs", "output_dir"):
-            if key not in req:
-                raise ValueError(f"request lacks {key!r}")
-        return req
-    return read_request(line)
+    return checked_request(json.loads(line), "the request") if line.startswith("{") else read_request(line)
+
+
+def checked_request(req, where: str) -> dict:
+    """``req`` if it has the fields a request needs, of the right types; else ValueError naming the field."""
+    if not isinstance(req, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(p, str) for p in inputs):
+        raise ValueError(f"{where} lacks 'inputs' (a list of paths)")
+    if not isinstance(req.get("output_dir"), str):
+        raise ValueError(f"{where} lacks 'output_dir' (a path)")
+    for key in ("stop_file", "model", "prior"):
+        if req.get(key) is not None and not isinstance(req[key], str):
+            raise ValueError(f"{where}'s {key!r} is not a path")
+    return req
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,9 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--request", help="request.json (see the module docstring)")
     mode.add_argument("--serve", action="store_true", help="warm mode: run the requests read from stdin, one per line")
     ap.add_argument("--stdin-cancel", action="store_true", help="also stop on a 'cancel' line on stdin")
+    ap.add_argument("--low-priority", action="store_true",
+                    help="run at a lower CPU priority (POSIX nice +10), so an application beside it stays responsive")
     ap.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S,
                     help=f"warm mode: exit after this many seconds without a request (default {IDLE_TIMEOUT_S:g})")
     a = ap.parse_args(argv)
+    if a.low_priority and hasattr(os, "nice"):  # Windows: the client starts it BELOW_NORMAL_PRIORITY_CLASS
+        os.nice(LOW_PRIORITY_NICE)
     _block_sigterm()
     # events own stdout; anything else printed (libraries, warnings) goes to stderr
     emitter = Emitter(sys.stdout)

@@ -410,7 +410,7 @@ class Panel:
             overlap=round(float(ui.overlapSlider.value), 4),
             tta=bool(ui.ttaCheckBox.checked),
             heatmaps=tuple(k for k in HEATMAP_KINDS if self.heatmap_boxes[k].checked),
-            threads=max(1, usable_cores() - 1),  # leave Slicer's own GUI a core
+            threads=usable_cores(),  # the worker runs at a lower CPU priority: Slicer's GUI goes first
         )
 
     def checked_parameters(self) -> SegmentParams | None:

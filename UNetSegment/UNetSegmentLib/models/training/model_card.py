@@ -212,7 +212,9 @@ def render(meta: dict, evaluation: dict | None, extra: str = "", previous: dict 
         f"- Threshold {meta['threshold']}, inference defaults {json.dumps(meta.get('inference', {}))}; Grad-CAM layer `{arch.get('cam_layer', 'decoder.0')}`.",
         "",
         "## Training",
-        f"- Data: generator `{t.get('generator')}` ({t.get('train_cases')} training cases from seed {t.get('train_seed')}, "
+        f"- Data: generator `{t.get('generator')}` ({t.get('train_cases')} training cases from seed {t.get('train_seed')}"
+        + "".join(f" + {e['cases']} from seed {e['seed']} with {json.dumps(e['settings'])}" for e in t.get("extra_train", []))
+        + ", "
         f"{t.get('val_cases')} validation cases from seed {t.get('val_seed')} with different generator settings); "
         "see `UNetSegmentLib/training/cases.py` and the config in `Resources/Training/`.",
         f"- {t.get('steps')} steps, batch {t.get('batch_size')}, crops {t.get('crop')}, seed {t.get('seed')}, "

@@ -15,7 +15,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -312,7 +312,7 @@ def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
     train_seeds = list(range(int(data["train_seed"]), int(data["train_seed"]) + int(data["train_cases"])))
     select_seeds = list(range(int(data[f"{split}_seed"]), int(data[f"{split}_seed"]) + int(data[f"{split}_cases"])))
     val_seeds = set(range(int(data["val_seed"]), int(data["val_seed"]) + int(data["val_cases"])))
-    extra = [ExtraCases.from_config(e) for e in data.get("extra_train", [])]
+    extra = extra_cases(data)
     seen = set(train_seeds)
     for e in extra:
         if seen & set(e.seeds):
@@ -324,33 +324,65 @@ def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
     log(f"preparing {len(seen)} training and {len(select_seeds)} {split} (checkpoint selection) cases in {cache}")
     train = build_cache(data["generator"], train_seeds, meta, cache / "train", TRAINING, log=log)
     for e in extra:
-        train += build_cache(data["generator"], e.seeds, meta, cache / e.folder, e.settings, log=log)
+        train += build_cache(data["generator"], e.seeds, meta, cache / e.folder(data["generator"], meta), e.settings, log=log)
     return train, build_cache(data["generator"], select_seeds, meta, cache / split, VALIDATION, log=log)
+
+
+def extra_cases(data: dict) -> list["ExtraCases"]:
+    """``data.extra_train`` (a list, or absent) as :class:`ExtraCases`; :class:`UsageError` on a bad entry."""
+    entries = data.get("extra_train") or []
+    if not isinstance(entries, list):
+        raise UsageError("data.extra_train is not a list", "give a list of {cases, seed, settings} entries")
+    return [ExtraCases.from_config(e) for e in entries]
 
 
 @dataclass(frozen=True)
 class ExtraCases:
     """``data.extra_train`` entry: more training cases from the same generator with some of its
     :class:`.cases.Settings` changed (e.g. ``{cases: 64, seed: 3000, settings: {bleed_hu: [45, 60]}}``
-    for more faint bleeds), cached in a folder of their own."""
+    for more faint bleeds), cached in a folder of their own whose name carries a digest of what makes
+    them (generator, settings, the model's grid), so changed settings never reuse old cases."""
 
     seeds: tuple[int, ...]
     settings: Settings
+    overrides: tuple[tuple[str, object], ...] = ()
 
-    @property
-    def folder(self) -> str:
-        return f"train-extra-{self.seeds[0]}"
+    def folder(self, generator: str, meta: dict) -> str:
+        what = {"generator": generator, "settings": asdict(self.settings), "target_spacing": meta.get("target_spacing"),
+                "dimensions": meta.get("dimensions"), "inputs": [c.get("normalization") for c in meta.get("inputs", [])]}
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:8]
+        return f"train-extra-{self.seeds[0]}-{digest}"
+
+    def record(self) -> dict:
+        """What ``model.json``'s training record says about these cases."""
+        return {"cases": len(self.seeds), "seed": self.seeds[0], "settings": {k: list(v) if isinstance(v, tuple) else v
+                                                                              for k, v in self.overrides}}
 
     @classmethod
-    def from_config(cls, d: dict) -> "ExtraCases":
-        known = {f.name for f in fields(Settings)}
-        over = dict(d.get("settings") or {})
-        unknown = sorted(set(over) - known)
-        if unknown or "cases" not in d or "seed" not in d:
-            raise UsageError(f"bad data.extra_train entry {d!r}" + (f": unknown settings {unknown}" if unknown else ""),
-                             "give cases, seed and settings among: " + ", ".join(sorted(known)))
-        over = {k: tuple(v) if isinstance(v, list) else v for k, v in over.items()}
-        return cls(tuple(range(int(d["seed"]), int(d["seed"]) + int(d["cases"]))), replace(TRAINING, **over))
+    def from_config(cls, d) -> "ExtraCases":
+        known = {f.name: f for f in fields(Settings)}
+        fix = "give {cases: N ≥ 1, seed: integer, settings: {…}} with settings among: " + ", ".join(sorted(known))
+        if not isinstance(d, dict) or not isinstance(d.get("cases"), int) or isinstance(d.get("cases"), bool) \
+                or d["cases"] < 1 or not isinstance(d.get("seed"), int) or isinstance(d.get("seed"), bool):
+            raise UsageError(f"bad data.extra_train entry {d!r}", fix)
+        over = d.get("settings") or {}
+        if not isinstance(over, dict) or sorted(set(over) - set(known)):
+            raise UsageError(f"bad data.extra_train entry {d!r}: unknown settings {sorted(set(over) - set(known))}", fix)
+        clean = {}
+        for k, v in over.items():
+            default = getattr(TRAINING, k)
+            if isinstance(default, tuple) or (default is None and isinstance(v, list)):
+                n = len(default) if isinstance(default, tuple) else 2
+                if not isinstance(v, (list, tuple)) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                    raise UsageError(f"data.extra_train setting {k} is {v!r}, not {n} numbers", fix)
+                if n == 2 and v[0] > v[1]:
+                    raise UsageError(f"data.extra_train setting {k} is {v!r}: the range is reversed", fix)
+                v = tuple(float(x) for x in v)
+            elif v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                                    or (isinstance(default, int) and not isinstance(v, int))):
+                raise UsageError(f"data.extra_train setting {k} is {v!r}, not a {type(default).__name__}", fix)
+            clean[k] = v
+        return cls(tuple(range(d["seed"], d["seed"] + d["cases"])), replace(TRAINING, **clean), tuple(sorted(clean.items())))
 
 
 class _Run:
@@ -438,6 +470,7 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
         "train_seed": cfg["data"]["train_seed"], "val_seed": cfg["data"]["val_seed"], "steps": cfg["train"]["steps"],
         "batch_size": cfg["train"].get("batch_size", 12), "crop": cfg["train"].get("crop"), "seed": cfg["train"].get("seed", 0),
         "selection_split": selection_split(cfg["data"]),
+        **({"extra_train": [e.record() for e in extra_cases(cfg["data"])]} if cfg["data"].get("extra_train") else {}),
         "best_val_dice_network_grid": round(best, 4), "minutes": round(minutes, 1), "device": str(device),
         "precision": precision, "host": f"{platform.machine()} {os.cpu_count()} CPU(s)", "history": history,
     }
