@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,14 @@ def test_fine_tuning_starts_from_the_named_weights_and_refuses_others(tmp_path):
 
 def test_train_writes_a_valid_bundle_and_is_reproducible(tmp_path):
     cfg = _config(tmp_path)
-    meta = trainer.train(cfg, tmp_path / "a", log=lambda m: None)
+    old = os.umask(0o022)
+    try:
+        meta = trainer.train(cfg, tmp_path / "a", log=lambda m: None)
+    finally:
+        os.umask(old)
+    # a bundle is for sharing: its files get 0666 & ~umask (safetensors' own save_file made 0600 weights)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "a").iterdir() if f.is_file()} == {
+        f.name: "0o644" for f in (tmp_path / "a").iterdir() if f.is_file()}
     b = load_bundle(tmp_path / "a")
     assert b.name == "phantom-test" and meta["training"]["steps"] == 6 and len(meta["training"]["history"]) == 2
     # the checkpoint is chosen on the tune split: the reported validation cases are never generated here

@@ -211,6 +211,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def save_weights(state: dict, path: Path) -> None:
+    """Write a state dict as ``.safetensors``, atomically, with the mode a plain ``open()`` gives.
+
+    ``safetensors.torch.save_file`` creates its own 0600 file, which would leave a trained bundle
+    unreadable to anyone but its writer: serialise to bytes and write those instead.
+    """
+    from safetensors.torch import save
+
+    from ..io.writers import atomic_output
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
 def load_weights(path: Path) -> dict:
     """Tensors from ``.safetensors`` or a plain state dict ``.pt`` (``weights_only=True``)."""
     import torch

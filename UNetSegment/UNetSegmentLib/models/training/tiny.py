@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from ...engine.preprocess import normalize
-from ..bundle import sha256_file
+from ..bundle import save_weights, sha256_file
 from ..networks import build_network, count_parameters
 
 SPACING_MM = 1.5
@@ -73,7 +73,6 @@ def batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def train(output_dir: Path, steps: int = 500, seed: int = 0, batch_size: int = 12) -> dict:
     import torch
-    from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -104,7 +103,7 @@ def train(output_dir: Path, steps: int = 500, seed: int = 0, batch_size: int = 1
     dice = float(2 * (pred & (y > 0)).sum() / max(1, pred.sum() + (y > 0).sum()))
     output_dir.mkdir(parents=True, exist_ok=True)
     wfile = output_dir / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(wfile))
+    save_weights(net.state_dict(), wfile)
     meta = {
         "schema_version": 1,
         "name": "tiny-blob",

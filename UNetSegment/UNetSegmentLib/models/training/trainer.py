@@ -29,7 +29,7 @@ from ...errors import UsageError
 from ...io.writers import atomic_path, write_text
 from ...params import SegmentParams
 from ...settings import RunSettings, resolve
-from ..bundle import load_weights, sha256_file, validate_meta
+from ..bundle import load_weights, save_weights, sha256_file, validate_meta
 from ..networks import build_network, count_parameters
 from .cases import TRAINING, VALIDATION, Settings, build_cache
 
@@ -457,11 +457,8 @@ class _Run:
 
 def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: list, best: float, minutes: float,
                  device, precision: str, net) -> dict:
-    from safetensors.torch import save_file
-
     wfile = output_dir / "model.safetensors"
-    with atomic_path(wfile) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp))
+    save_weights(state, wfile)
     meta = copy.deepcopy(meta)
     meta["architecture"]["parameters"] = count_parameters(net)
     meta["weights"] = {"file": wfile.name, "sha256": sha256_file(wfile)}
