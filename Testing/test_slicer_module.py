@@ -324,9 +324,17 @@ def test_export_table_and_export_all_write_the_cli_files(oblique_run, tmp_path):
     logic.export_table(r, str(tmp_path / "t.tsv"))
     assert (tmp_path / "t.csv").read_text() == (r.run.folder / "lesions.csv").read_text()
     assert (tmp_path / "t.tsv").read_text() == (r.run.folder / "lesions.tsv").read_text()
+    # the worker leaves the report out (the views show the result: a faster click); export renders it
+    assert not (r.run.folder / "report.png").exists()
+    assert json.loads((r.run.folder / "summary.json").read_text())["report"]["file"] is None
     logic.export_all(r, str(tmp_path / "all"))
     written = {p.name for p in (tmp_path / "all").iterdir()}
-    assert written == {p.name for p in r.run.folder.iterdir()} and written <= set(CONTRACT_FILES)
+    assert written == {p.name for p in r.run.folder.iterdir()} | {"report.png"} and written <= set(CONTRACT_FILES)
+    assert (tmp_path / "all" / "lesions.csv").read_text() == (r.run.folder / "lesions.csv").read_text()
+    assert np.array_equal(read_image(tmp_path / "all" / "segmentation.nii.gz").array,
+                          read_image(r.run.folder / "segmentation.nii.gz").array)
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["report"] == {"file": "report.png"} and "report.png" in summary["files_sha256"]
     with pytest.raises(Exception, match="already holds outputs"):
         logic.export_all(r, str(tmp_path / "all"))
 
@@ -646,9 +654,17 @@ def test_panel_cancel_button_stops_the_run_and_scene_is_unchanged():
     panel.refresh_models(select="tiny-blob")
     ui.deviceComboBox.setCurrentIndex(1)
     before = node_ids()
+    seen = []
+
+    def cancel_at_inference(ev):  # the user clicks "Cancel" as the bar reaches inference (not a polled moment,
+        if ev["stage"] == "inference" and not seen:  # which a loaded machine could step over)
+            seen.append(ui.progressBar.format)
+            ui.segmentButton.click()  # now "Cancel"
+
+    logic.progress.connect(cancel_at_inference)
     ui.segmentButton.click()
-    assert STANDIN.run_until(lambda: "inference" in ui.progressBar.format, 120)
-    ui.segmentButton.click()  # now "Cancel"
+    assert STANDIN.run_until(lambda: seen, 120)
+    assert "inference" in seen[0]
     assert STANDIN.run_until(lambda: not logic.is_running(), 3)
     assert ui.segmentButton.text == "Segment" and "Cancelled" in ui.statusLabel.text
     assert node_ids() == before and panel.result is None
@@ -906,7 +922,8 @@ def test_segment_on_a_live_server_gives_the_same_nodes_as_the_local_run(tmp_path
         else:
             assert got == pytest.approx(want, abs=1e-6), name
     assert remote.summary["parameters"]["threshold"] == local.summary["parameters"]["threshold"]
-    assert {p.name for p in remote.run.folder.iterdir()} == {p.name for p in local.run.folder.iterdir()}
+    # the server writes the CLI's whole set; the local worker leaves the report for export to render
+    assert {p.name for p in remote.run.folder.iterdir()} == {p.name for p in local.run.folder.iterdir()} | {"report.png"}
     assert "1 lesion(s)" in ui.lesionSummaryLabel.text and ui.resultsCollapsibleButton.enabled
 
 

@@ -276,3 +276,34 @@ def test_extra_training_cases_come_from_their_own_settings_and_seeds(tmp_path):
         cfg["data"]["extra_train"] = [bad]
         with pytest.raises(UsageError, match=match):
             trainer._prepare_cases(cfg, tmp_path / "work", lambda m: None)
+
+
+def test_extra_validation_sets_use_validation_settings_and_their_own_seeds(tmp_path):
+    from UNetSegmentLib.errors import UsageError
+    from UNetSegmentLib.models.training.cases import VALIDATION
+    from UNetSegmentLib.models.training.trainer import extra_validation_sets
+
+    data = {"train_seed": 10, "train_cases": 3, "val_seed": 500, "val_cases": 2, "tune_seed": 700, "tune_cases": 2,
+            "extra_train": [{"cases": 2, "seed": 50, "settings": {}}],
+            "extra_val": [{"name": "faint", "cases": 3, "seed": 900, "settings": {"bleed_hu": [45, 60], "negative_fraction": 0.0}}]}
+    faint = extra_validation_sets(data)["faint"]
+    assert faint.seeds == (900, 901, 902)
+    assert faint.settings.bleed_hu == (45.0, 60.0) and faint.settings.negative_fraction == 0.0
+    assert faint.settings.rotation_deg == VALIDATION.rotation_deg and faint.settings.max_lesions == VALIDATION.max_lesions
+    assert faint.folder("phantom", {}, "val-extra").startswith("val-extra-900-")
+    for seed in (11, 51, 501, 701):  # meets training, extra training, validation, tune seeds
+        with pytest.raises(UsageError, match="overlaps other seeds"):
+            extra_validation_sets({**data, "extra_val": [{"name": "x", "cases": 1, "seed": seed}]})
+    for bad in ([{"cases": 1, "seed": 900}], [{"name": "a b", "cases": 1, "seed": 900}],
+                [{"name": "a", "cases": 1, "seed": 900}, {"name": "a", "cases": 1, "seed": 950}],
+                [{"name": "a", "cases": 1, "seed": 900, "settings": {"no_such": 1}}]):
+        with pytest.raises(UsageError):
+            extra_validation_sets({**data, "extra_val": bad})
+    # the trainer refuses an overlapping set before it prepares any case
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    cfg["data"]["extra_val"] = [{"name": "faint", "cases": 1, "seed": cfg["data"]["val_seed"]}]
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UsageError, match="overlaps"):
+        trainer.train(bad_cfg, tmp_path / "out", log=lambda m: None)
+    assert not (tmp_path / "cache").exists()

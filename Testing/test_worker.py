@@ -247,9 +247,17 @@ def test_warm_worker_takes_a_request_as_json_and_reports_a_bad_one_then_goes_on(
     evs = w.until("ready")
     assert evs[-2]["event"] == "error" and evs[-2]["exit_code"] == 2 and evs[-1]["exit_code"] == 2
     _, req = request_file(tmp_path, image, "inline")
-    w.send(json.dumps(req))
+    w.send(json.dumps({**req, "report": "no"}))  # a field of the wrong type is named
+    evs = w.until("ready")
+    assert evs[-2]["event"] == "error" and "'report' is not true or false" in evs[-2]["message"]
+    w.send(json.dumps({**req, "report": False}))  # as the Slicer module asks: no report.png
     evs = w.until("ready")
     assert evs[-2]["event"] == "done" and evs[-2]["output_dir"] == req["output_dir"]
+    files = set(os.listdir(req["output_dir"]))
+    assert "report.png" not in files and {"segmentation.seg.nrrd", "probability.nrrd", "summary.json"} <= files
+    summary = json.loads((Path(req["output_dir"]) / "summary.json").read_text())
+    assert summary["report"]["file"] is None and "report.png" not in summary["files_sha256"]
+    assert summary["timings_s"]["report_s"] == 0.0
     assert w.close() == 0  # the end of stdin ends it
 
 

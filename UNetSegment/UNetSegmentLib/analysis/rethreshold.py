@@ -135,7 +135,8 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
     """Write the CLI's file set for ``run`` into ``dest`` (staged: all files or none); returns the summary.
 
     At the run's own threshold (or ``threshold`` None) the files are copied unchanged. At another
-    threshold, or with ``rewrite`` (e.g. ``run`` was put back from an ROI crop onto the full grid),
+    threshold, with ``rewrite`` (e.g. ``run`` was put back from an ROI crop onto the full grid), or when
+    the run was written without its report (the Slicer module's runs: ``"report": false``),
     they are written again by :func:`.job.write_outputs` from the re-derived label map (``bundle``
     and ``inputs`` — the run's input images, for the intensity columns and the report — are then
     required).
@@ -144,7 +145,7 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
     if threshold is None:
         threshold = run.threshold
     with StagedOutput(dest, overwrite) as stage:
-        if same and not rewrite:
+        if same and not rewrite and (run.folder / "report.png").is_file():
             for f in CONTRACT_FILES:
                 if (run.folder / f).is_file():
                     shutil.copy2(run.folder / f, stage.path / f)

@@ -73,11 +73,13 @@ def segment_files(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
     models: ModelCache | None = None,
+    report: bool = True,
 ) -> dict:
     """Read inputs, segment, write the contract's files atomically; returns the summary dict.
 
     ``models``: a :class:`.model_cache.ModelCache` whose network for ``model`` is reused (a long-lived
-    process); else the bundle's network is built for this run."""
+    process); else the bundle's network is built for this run. ``report=False`` leaves out
+    ``report.png`` (for a caller that shows the result itself and renders the report on export)."""
     params = params or SegmentParams()
     t_all = time.perf_counter()
     bundle, network = models.get(model) if models is not None else (load_bundle(model or default_model_name()), None)
@@ -97,7 +99,7 @@ def segment_files(
         cancel.check()
     try:
         with stage:
-            summary = write_outputs(stage.path, result, bundle, params, paths)
+            summary = write_outputs(stage.path, result, bundle, params, paths, report=report)
             summary["timings_s"]["total_s"] = round(time.perf_counter() - t_all, 4)
             if cancel is not None:
                 cancel.check()  # the last moment before the commit: the staged files are dropped
@@ -127,8 +129,11 @@ def _memory_budget(n_inputs: int, n_classes: int) -> HeaderCheck:
 WRITE_TIMINGS = ("write_s", "table_s", "volumes_s", "report_s", "total_s")
 
 
-def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: SegmentParams, paths: Sequence[Path]) -> dict:
-    """Write every volume/table/report of one result into ``folder``; return the summary dict."""
+def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: SegmentParams, paths: Sequence[Path],
+                  report: bool = True) -> dict:
+    """Write every volume/table/report of one result into ``folder``; return the summary dict.
+
+    ``report=False``: no ``report.png`` (``summary.json`` says so under ``report``)."""
     t = time.perf_counter()
     settings = result.settings or resolve(params, bundle, hardware=False)
     min_ml, connectivity = settings.min_lesion_ml, settings.connectivity
@@ -174,29 +179,31 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     dicom_sr = _write_sr(ref, paths[0], folder, table, bundle, show, result.warnings)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t_volumes = time.perf_counter()
-    render_report(
-        folder / "report.png",
-        image=result.inputs[show],
-        labels=ref,
-        probability=result.probability,
-        gradcam=result.heatmaps.get("gradcam"),
-        table=table,
-        model_name=bundle.name,
-        model_version=bundle.version,
-        input_name=", ".join(Path(p).name for p in paths),
-        created=created,
-        window=display_window(bundle, result.inputs[show]),
-        label_colors={l["value"]: tuple(l["color"]) for l in bundle.labels},
-        parameters=used,
-        modality=bundle.meta["inputs"][show]["modality"],
-        intensity_label=_intensity_label(bundle, show),
-        unusual_input=result.extra.get("unusual_input"),
-    )
+    if report:
+        render_report(
+            folder / "report.png",
+            image=result.inputs[show],
+            labels=ref,
+            probability=result.probability,
+            gradcam=result.heatmaps.get("gradcam"),
+            table=table,
+            model_name=bundle.name,
+            model_version=bundle.version,
+            input_name=", ".join(Path(p).name for p in paths),
+            created=created,
+            window=display_window(bundle, result.inputs[show]),
+            label_colors={l["value"]: tuple(l["color"]) for l in bundle.labels},
+            parameters=used,
+            modality=bundle.meta["inputs"][show]["modality"],
+            intensity_label=_intensity_label(bundle, show),
+            unusual_input=result.extra.get("unusual_input"),
+        )
     timings = dict(result.timings)
     end = time.perf_counter()
     # write_s: all of the outputs; its parts: the lesion table (analysis, CSV, TSV), the volume files
     # (segmentation, maps, DICOM), the report
-    timings.update({"write_s": end - t, "table_s": t_table - t, "volumes_s": t_volumes - t_table, "report_s": end - t_volumes})
+    timings.update({"write_s": end - t, "table_s": t_table - t, "volumes_s": t_volumes - t_table,
+                    "report_s": end - t_volumes if report else 0.0})
     summary = build_summary(result, bundle, used, paths, timings, created)
     summary.update(table.summary_dict())
     summary["segments"] = [{"value": s["value"], "name": s["name"], "category": s["category"], "code": s["code"],
@@ -204,6 +211,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     if dicom_seg is not None:
         summary["dicom_seg"] = dicom_seg
     summary["dicom_sr"] = dicom_sr
+    summary["report"] = {"file": "report.png"} if report else {"file": None, "absent_because": "not asked for (rendered on export)"}
     summary["files_sha256"] = file_digests(folder)  # ties every file to this summary (and its run_id)
     return summary
 

@@ -4,7 +4,10 @@ Run as ``python -m UNetSegmentLib.serving.worker --request request.json`` (or ``
 the folder holding ``UNetSegmentLib`` as working directory). ``request.json``::
 
     {"inputs": ["ct.nrrd"], "output_dir": "out", "model": "tiny-blob" | "/path/bundle" | null,
-     "params": {<SegmentParams fields>}, "overwrite": false, "stop_file": "out.stop" | null}
+     "params": {<SegmentParams fields>}, "overwrite": false, "stop_file": "out.stop" | null, "report": true}
+
+``"report": false`` leaves out ``report.png`` (the Slicer module shows the result in its views and
+renders the report only when the user exports; :func:`.rethreshold.export_run` writes it then).
 
 It calls :func:`.job.segment_files` (or, for ``"kind": "compare"`` with a ``"prior"``, :func:`.compare.compare_files`;
 ``"rules"`` and ``"affine"`` as the ``compare`` command's options) and prints one JSON object per line on stdout:
@@ -292,7 +295,8 @@ def _run(request: dict, emitter: Emitter, token, watcher: StopWatcher, out: Path
             from .job import segment_files  # imports torch: may take a while, cancellable by the watcher
 
             summary = segment_files(request["inputs"], out, request.get("model"), params,
-                                    bool(request.get("overwrite", False)), reporter, token, models)
+                                    bool(request.get("overwrite", False)), reporter, token, models,
+                                    report=bool(request.get("report", True)))
         for w in summary.get("warnings", []):
             emitter.emit("log", level="warning", message=w)
         emitter.emit("progress", stage="write", fraction=1.0, overall=1.0, eta_s=0.0, message="")
@@ -428,6 +432,9 @@ def checked_request(req, where: str) -> dict:
     for key in ("stop_file", "model", "prior"):
         if req.get(key) is not None and not isinstance(req[key], str):
             raise ValueError(f"{where}'s {key!r} is not a path")
+    for key in ("overwrite", "report", "affine"):
+        if key in req and not isinstance(req[key], bool):
+            raise ValueError(f"{where}'s {key!r} is not true or false")
     return req
 
 

@@ -252,7 +252,8 @@ class SegmentationLogic:
             paths.append(str(p))
         out, stop = work / "out", work / "stop"
         req = {"inputs": paths, "output_dir": str(out), "model": str(bundle.root), "params": request.params.as_dict(),
-               "overwrite": False, "stop_file": str(stop)}
+               "overwrite": False, "stop_file": str(stop),
+               "report": False}  # the views show the result; export_all renders the report when asked
         (work / "request.json").write_text(json.dumps(req, indent=2), encoding="utf-8")
         self._pending = PendingRun(request, bundle, images, paths, box, work)
         self._done_event = self._error_event = None

@@ -273,16 +273,30 @@ def main() -> None:
     ap.add_argument("--split", choices=["val", "tune", "train"], default="val",
                     help="val: the reported validation cases; tune: other seeds with the validation settings, for "
                          "choosing post-processing (never reported); train: the training cases")
+    ap.add_argument("--extra-val", metavar="NAME",
+                    help="instead of --split: the config's data.extra_val set NAME (e.g. faint: only 45–60 HU bleeds)")
     ap.add_argument("--output-dir", required=True, type=Path)
     a = ap.parse_args()
     cfg = yaml.safe_load(a.config.read_text(encoding="utf-8"))
     d = cfg["data"]
+    cache_root = Path(os.path.expandvars(d.get("cache_dir", ".cache/unetsegment/train")))
+    if a.extra_val:
+        from .trainer import extra_validation_sets
+
+        sets = extra_validation_sets(d)
+        if a.extra_val not in sets:
+            ap.error(f"the config has no data.extra_val set {a.extra_val!r}; it has: {', '.join(sets) or 'none'}")
+        x = sets[a.extra_val]
+        build_cache(d["generator"], list(x.seeds), cfg["bundle"], cache_root / x.folder(d["generator"], cfg["bundle"], "val-extra"),
+                    x.settings, case_dir=a.output_dir)
+        print(f"{len(x.seeds)} {a.extra_val} validation cases in {a.output_dir}")
+        return
     first, n = {"val": (d["val_seed"], d["val_cases"]), "tune": (d.get("tune_seed", 800000), d.get("tune_cases", 12)),
                 "train": (d["train_seed"], d["train_cases"])}[a.split]
     first, n = int(first), int(n)
     settings = TRAINING if a.split == "train" else VALIDATION
-    cache = Path(os.path.expandvars(d.get("cache_dir", ".cache/unetsegment/train"))) / a.split
-    build_cache(d["generator"], list(range(first, first + n)), cfg["bundle"], cache, settings, case_dir=a.output_dir)
+    build_cache(d["generator"], list(range(first, first + n)), cfg["bundle"], cache_root / a.split, settings,
+                case_dir=a.output_dir)
     print(f"{n} {a.split} cases in {a.output_dir}")
 
 

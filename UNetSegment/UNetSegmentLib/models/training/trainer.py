@@ -321,6 +321,7 @@ def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
         seen |= set(e.seeds)
     if seen & (set(select_seeds) | val_seeds):
         raise UsageError("training seeds overlap the tune or validation seeds", "choose disjoint seed ranges")
+    extra_validation_sets(data)  # a bad or overlapping extra validation set is refused before hours of training
     log(f"preparing {len(seen)} training and {len(select_seeds)} {split} (checkpoint selection) cases in {cache}")
     train = build_cache(data["generator"], train_seeds, meta, cache / "train", TRAINING, log=log)
     for e in extra:
@@ -336,22 +337,51 @@ def extra_cases(data: dict) -> list["ExtraCases"]:
     return [ExtraCases.from_config(e) for e in entries]
 
 
+def extra_validation_sets(data: dict) -> dict[str, "ExtraCases"]:
+    """``data.extra_val``: named validation sets reported beside the main one (e.g. only faint bleeds, to
+    measure one density bin on enough lesions), from :data:`.cases.VALIDATION` with some settings changed.
+    Their seeds may not meet any training, tune or validation seed."""
+    entries = data.get("extra_val") or []
+    fix = "give a list of {name, cases, seed, settings} entries with distinct names"
+    if not isinstance(entries, list):
+        raise UsageError("data.extra_val is not a list", fix)
+    sets: dict[str, ExtraCases] = {}
+    for e in entries:
+        name = e.get("name") if isinstance(e, dict) else None
+        if not isinstance(name, str) or not name.replace("-", "").isalnum() or name in sets:
+            raise UsageError(f"bad data.extra_val entry {e!r}: no name, a bad name or a repeated one", fix)
+        sets[name] = ExtraCases.from_config({k: v for k, v in e.items() if k != "name"}, VALIDATION, "data.extra_val")
+    used = set(_seed_range(data, "train")) | {s for x in extra_cases(data) for s in x.seeds}
+    used |= set(_seed_range(data, "val")) | (set(_seed_range(data, "tune")) if "tune_seed" in data else set())
+    for name, x in sets.items():
+        if used & set(x.seeds):
+            raise UsageError(f"data.extra_val set {name!r} (seeds {x.seeds[0]}…{x.seeds[-1]}) overlaps other seeds",
+                             "choose a seed range no other split uses")
+        used |= set(x.seeds)
+    return sets
+
+
+def _seed_range(data: dict, split: str) -> range:
+    return range(int(data[f"{split}_seed"]), int(data[f"{split}_seed"]) + int(data[f"{split}_cases"]))
+
+
 @dataclass(frozen=True)
 class ExtraCases:
     """``data.extra_train`` entry: more training cases from the same generator with some of its
     :class:`.cases.Settings` changed (e.g. ``{cases: 64, seed: 3000, settings: {bleed_hu: [45, 60]}}``
     for more faint bleeds), cached in a folder of their own whose name carries a digest of what makes
-    them (generator, settings, the model's grid), so changed settings never reuse old cases."""
+    them (generator, settings, the model's grid), so changed settings never reuse old cases. A
+    ``data.extra_val`` entry is the same on top of the validation settings."""
 
     seeds: tuple[int, ...]
     settings: Settings
     overrides: tuple[tuple[str, object], ...] = ()
 
-    def folder(self, generator: str, meta: dict) -> str:
+    def folder(self, generator: str, meta: dict, prefix: str = "train-extra") -> str:
         what = {"generator": generator, "settings": asdict(self.settings), "target_spacing": meta.get("target_spacing"),
                 "dimensions": meta.get("dimensions"), "inputs": [c.get("normalization") for c in meta.get("inputs", [])]}
         digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:8]
-        return f"train-extra-{self.seeds[0]}-{digest}"
+        return f"{prefix}-{self.seeds[0]}-{digest}"
 
     def record(self) -> dict:
         """What ``model.json``'s training record says about these cases."""
@@ -359,30 +389,30 @@ class ExtraCases:
                                                                               for k, v in self.overrides}}
 
     @classmethod
-    def from_config(cls, d) -> "ExtraCases":
+    def from_config(cls, d, base: Settings = TRAINING, key: str = "data.extra_train") -> "ExtraCases":
         known = {f.name: f for f in fields(Settings)}
         fix = "give {cases: N ≥ 1, seed: integer, settings: {…}} with settings among: " + ", ".join(sorted(known))
         if not isinstance(d, dict) or not isinstance(d.get("cases"), int) or isinstance(d.get("cases"), bool) \
                 or d["cases"] < 1 or not isinstance(d.get("seed"), int) or isinstance(d.get("seed"), bool):
-            raise UsageError(f"bad data.extra_train entry {d!r}", fix)
+            raise UsageError(f"bad {key} entry {d!r}", fix)
         over = d.get("settings") or {}
         if not isinstance(over, dict) or sorted(set(over) - set(known)):
-            raise UsageError(f"bad data.extra_train entry {d!r}: unknown settings {sorted(set(over) - set(known))}", fix)
+            raise UsageError(f"bad {key} entry {d!r}: unknown settings {sorted(set(over) - set(known))}", fix)
         clean = {}
         for k, v in over.items():
-            default = getattr(TRAINING, k)
+            default = getattr(base, k)
             if isinstance(default, tuple) or (default is None and isinstance(v, list)):
                 n = len(default) if isinstance(default, tuple) else 2
                 if not isinstance(v, (list, tuple)) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                    raise UsageError(f"data.extra_train setting {k} is {v!r}, not {n} numbers", fix)
+                    raise UsageError(f"{key} setting {k} is {v!r}, not {n} numbers", fix)
                 if n == 2 and v[0] > v[1]:
-                    raise UsageError(f"data.extra_train setting {k} is {v!r}: the range is reversed", fix)
+                    raise UsageError(f"{key} setting {k} is {v!r}: the range is reversed", fix)
                 v = tuple(float(x) for x in v)
             elif v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
                                     or (isinstance(default, int) and not isinstance(v, int))):
-                raise UsageError(f"data.extra_train setting {k} is {v!r}, not a {type(default).__name__}", fix)
+                raise UsageError(f"{key} setting {k} is {v!r}, not a {type(default).__name__}", fix)
             clean[k] = v
-        return cls(tuple(range(d["seed"], d["seed"] + d["cases"])), replace(TRAINING, **clean), tuple(sorted(clean.items())))
+        return cls(tuple(range(d["seed"], d["seed"] + d["cases"])), replace(base, **clean), tuple(sorted(clean.items())))
 
 
 class _Run:
