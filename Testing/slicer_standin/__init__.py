@@ -140,6 +140,34 @@ class _Environment:
         return os.environ.get(key, "")
 
 
+def EventLoopRendering():
+    """The render scheduling of Slicer's views (``ctkVTKAbstractView::scheduleRender``, Qt): a render
+    request starts a single-shot timer and the view renders once when the event loop next turns, however
+    many requests came meanwhile. trame-slicer's ``DirectRendering`` renders on every displayable-manager
+    update instead, which would charge a scene change for renders Slicer never makes."""
+    from trame_slicer.views.render_scheduler import ScheduledRenderStrategy
+
+    class _EventLoopRendering(ScheduledRenderStrategy):
+        def __init__(self):
+            super().__init__()
+            self._timer = qtlike.QTimer()
+            self._timer.setSingleShot(True)
+            self._timer.connect("timeout()", self._render)
+
+        def schedule_render(self):
+            if not self._timer.isActive():
+                self._timer.start(0)
+
+        def did_render(self):  # rendered meanwhile (e.g. a screenshot): the request is served
+            self._timer.stop()
+
+        def _render(self):
+            if self.abstract_view is not None:
+                self.abstract_view.render()
+
+    return _EventLoopRendering()
+
+
 class StandIn:
     """Handle on the installed harness (one per test session; :meth:`reset` between tests)."""
 
@@ -180,6 +208,7 @@ class StandIn:
                              ("coronal", ViewLayoutDefinition.coronal_view()), ("3d", ViewLayoutDefinition.threed_view())):
             view = self.app.view_manager.create_view(layout)
             view.render_window().SetSize(*VIEW_SIZE)
+            view.set_scheduled_render(EventLoopRendering())
             self.views[name] = view
         self.dialogs = []  # (kind, text) of every message box shown
         self.confirm_answers = []  # scripted answers for confirm*Display (default True, as in --testing)

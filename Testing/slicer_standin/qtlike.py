@@ -37,6 +37,8 @@ def run_until(predicate, timeout: float = 60.0, step: float = 0.01) -> bool:
 
 
 def reset() -> None:
+    for t in _timers:  # stopped, not just forgotten: isActive() is False and start() arms them again
+        t._active = False
     _timers.clear()
     QSettings.store.clear()
 
