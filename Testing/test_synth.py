@@ -249,3 +249,20 @@ def test_density_override_sets_the_bleed_density(phantom, density):
     assert abs(float(np.median(out.array[core])) - density) <= 4.0
     with pytest.raises(Exception, match="density_hu"):
         synth.synthesize_hemorrhage(img, np.random.default_rng(9), "intraparenchymal", 8.0, brain=brain, density_hu=-5.0)
+
+
+@pytest.mark.parametrize("contrast", [10.0, 25.0])
+def test_contrast_override_sets_the_bleed_above_the_brain_around_it(phantom, contrast):
+    """A bleed asked for by contrast sits that many HU above the median brain next to it, whatever its HU."""
+    img, _, brain = phantom
+    out, label = synth.synthesize_hemorrhage(img, np.random.default_rng(9), "intraparenchymal", 8.0, brain=brain,
+                                             contrast_hu=contrast)
+    lab = label.array > 0
+    core = ndimage.binary_erosion(lab, iterations=2)
+    ring = ndimage.binary_dilation(lab, iterations=6) & ~ndimage.binary_dilation(lab, iterations=3) & brain
+    ring &= (img.array > 0) & (img.array < 80)
+    assert core.sum() > 20 and ring.sum() > 20
+    assert abs(float(np.median(out.array[core])) - float(np.median(img.array[ring])) - contrast) <= 5.0
+    with pytest.raises(Exception, match="contrast_hu"):
+        synth.synthesize_hemorrhage(img, np.random.default_rng(9), "intraparenchymal", 8.0, brain=brain,
+                                    contrast_hu=10.0, density_hu=50.0)

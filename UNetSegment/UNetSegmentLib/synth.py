@@ -176,6 +176,7 @@ class _Ctx:
         self.voxel_mm3 = ct.voxel_volume_mm3
         self.brain = brain
         self.density_hu: float | None = None  # one bleed density for every bleed painted (None: by kind)
+        self.contrast_hu: float | None = None  # or: this many HU above the brain around the bleed
         if not brain.any():
             raise InputError("the brain mask is empty", "pass a head CT in Hounsfield units that covers the brain")
         self.bb = _bbox(brain, margin=1)
@@ -287,7 +288,11 @@ def _paint(ctx: _Ctx, out: np.ndarray, label: np.ndarray, box, lab: np.ndarray, 
         rim *= brain_box * (1.0 - w)
         ct -= drop * rim
     resid = np.clip(ct - ndimage.median_filter(ct, size=3, mode="nearest"), -25.0, 25.0) * brain_box
-    if ctx.density_hu is not None:
+    if ctx.contrast_hu is not None:  # relative to the brain next to the bleed (what makes it visible)
+        near = brain_box & ~lab & (ct > 0.0) & (ct < 80.0)
+        base = (float(np.median(ct[near])) if near.any() else 35.0) + ctx.contrast_hu
+        lo, hi = base - DENSITY_SPREAD_HU, base + DENSITY_SPREAD_HU
+    elif ctx.density_hu is not None:
         base = ctx.density_hu
         lo, hi = base - DENSITY_SPREAD_HU, base + DENSITY_SPREAD_HU
     else:
@@ -499,6 +504,7 @@ def synthesize_hemorrhage(
     *,
     brain: np.ndarray | None = None,
     density_hu: float | None = None,
+    contrast_hu: float | None = None,
 ) -> tuple[Image, Image]:
     """Paint one synthetic bleed into a copy of ``ct`` (HU); returns ``(ct_with_bleed, label)``.
 
@@ -522,8 +528,10 @@ def synthesize_hemorrhage(
     sizes are in mm/mL, so any spacing and orientation works. ``brain`` is a precomputed
     :func:`brain_mask` (saves ~1 s per call). ``density_hu`` replaces the kind's HU range by one
     mean bleed density (texture within ±15 HU of it): hyperacute-to-early-subacute blood spans about
-    45–90 HU, and faint bleeds are the ones a model trained on the kinds' ranges misses. ``ct`` is
-    not modified.
+    45–90 HU, and faint bleeds are the ones a model trained on the kinds' ranges misses.
+    ``contrast_hu`` (instead of ``density_hu``) sets the mean density this many HU above the median
+    brain (0–80 HU) around the bleed: a faint bleed is hard when it is close to its surroundings, and
+    the same HU is subtle on grey matter and plain on white matter. ``ct`` is not modified.
     """
     if kind not in _MAKERS:
         raise UsageError(f"unknown hemorrhage kind {kind!r}", f"use one of {', '.join(KINDS)}")
@@ -531,8 +539,11 @@ def synthesize_hemorrhage(
         raise UsageError(f"volume_ml must be positive, got {volume_ml}", "pass a volume in mL, e.g. 10")
     if density_hu is not None and not (0.0 < density_hu < 200.0):
         raise UsageError(f"density_hu must be a blood density in HU (0–200), got {density_hu}", "pass e.g. 55")
+    if contrast_hu is not None and (density_hu is not None or not (0.0 < contrast_hu < 150.0)):
+        raise UsageError(f"contrast_hu must be a positive contrast in HU (0–150) and not given with density_hu, "
+                         f"got {contrast_hu}", "pass one of density_hu or contrast_hu, e.g. contrast_hu=15")
     ctx = _Ctx(ct, brain_mask(ct) if brain is None else _check_brain(brain, ct))
-    ctx.density_hu = density_hu
+    ctx.density_hu, ctx.contrast_hu = density_hu, contrast_hu
     out = np.array(ct.array, copy=True)
     label = np.zeros(ct.array.shape[:3], dtype=np.uint8)
     _MAKERS[kind](ctx, rng, out, label, volume_ml)

@@ -41,6 +41,8 @@ class Settings:
     background_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # real, deformed, MNI
     perfusion_noise_scale: float = 1.0  # × the perfusion maps' per-channel noise (mr_perfusion)
     bleed_hu: tuple[float, float] | None = (45.0, 90.0)  # each bleed's density, uniform (None: by kind)
+    # or: each bleed's contrast, uniform, in HU above the brain around it (overrides bleed_hu)
+    bleed_contrast_hu: tuple[float, float] | None = None
 
 
 TRAINING = Settings()
@@ -139,8 +141,11 @@ def ct_hemorrhage_case(seed: int, s: Settings = TRAINING,
         for _ in range(int(rng.integers(1, s.max_lesions + 1))):
             kind = str(rng.choice(KINDS))
             density = float(rng.uniform(*s.bleed_hu)) if s.bleed_hu else None
+            contrast = None
+            if s.bleed_contrast_hu:  # drawn only then: the cases of other settings keep their seeds' draws
+                density, contrast = None, float(rng.uniform(*s.bleed_contrast_hu))
             try:
-                ct, lab = synthesize_hemorrhage(ct, rng, kind, brain=brain, density_hu=density)
+                ct, lab = synthesize_hemorrhage(ct, rng, kind, brain=brain, density_hu=density, contrast_hu=contrast)
             except Exception:  # noqa: BLE001 - a geometry that cannot host this kind: try the next
                 continue
             label |= lab.array.astype(np.uint8)
