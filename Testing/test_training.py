@@ -292,11 +292,14 @@ def test_extra_validation_sets_use_validation_settings_and_their_own_seeds(tmp_p
     assert faint.settings.rotation_deg == VALIDATION.rotation_deg and faint.settings.max_lesions == VALIDATION.max_lesions
     assert faint.folder("phantom", {}, "val-extra").startswith("val-extra-900-")
     for seed in (11, 51, 501, 701):  # meets training, extra training, validation, tune seeds
-        with pytest.raises(UsageError, match="overlaps other seeds"):
+        with pytest.raises(UsageError, match="overlaps the"):
             extra_validation_sets({**data, "extra_val": [{"name": "x", "cases": 1, "seed": seed}]})
     for bad in ([{"cases": 1, "seed": 900}], [{"name": "a b", "cases": 1, "seed": 900}],
                 [{"name": "a", "cases": 1, "seed": 900}, {"name": "a", "cases": 1, "seed": 950}],
-                [{"name": "a", "cases": 1, "seed": 900, "settings": {"no_such": 1}}]):
+                [{"name": "a", "cases": 1, "seed": 900, "settings": {"no_such": 1}}],
+                [{"name": "a", "cases": 1, "seed": 900, "settings": {"bleed_contrast_hu": 10}}],  # not a range
+                [{"name": "a", "cases": 1, "seed": 900, "settings": {"bleed_contrast_hu": [-5, 10]}}],
+                [{"name": "a", "cases": 1, "seed": 900, "settings": {"bleed_hu": [60, 45]}}]):
         with pytest.raises(UsageError):
             extra_validation_sets({**data, "extra_val": bad})
     # the trainer refuses an overlapping set before it prepares any case

@@ -54,6 +54,7 @@ KIND_VOLUME_ML = {
 
 #: Texture range either side of a bleed density given to :func:`synthesize_hemorrhage`.
 DENSITY_SPREAD_HU = 15.0
+BLOOD_HU = (40.0, 100.0)  # the mean density a bleed asked for by contrast is kept within
 
 SKULL_HU = 300.0
 BRAIN_HU = (0.0, 80.0)
@@ -289,8 +290,9 @@ def _paint(ctx: _Ctx, out: np.ndarray, label: np.ndarray, box, lab: np.ndarray, 
         ct -= drop * rim
     resid = np.clip(ct - ndimage.median_filter(ct, size=3, mode="nearest"), -25.0, 25.0) * brain_box
     if ctx.contrast_hu is not None:  # relative to the brain next to the bleed (what makes it visible)
-        near = brain_box & ~lab & (ct > 0.0) & (ct < 80.0)
+        near = brain_box & ~lab & (label[box] == 0) & (ct > 0.0) & (ct < 80.0)  # not earlier bleeds
         base = (float(np.median(ct[near])) if near.any() else 35.0) + ctx.contrast_hu
+        base = float(np.clip(base, *BLOOD_HU))  # still blood: next to CSF a "contrast" alone could make it 20 HU
         lo, hi = base - DENSITY_SPREAD_HU, base + DENSITY_SPREAD_HU
     elif ctx.density_hu is not None:
         base = ctx.density_hu

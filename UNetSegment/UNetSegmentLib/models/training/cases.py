@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from ...engine.preprocess import prepare_inputs
+from ...errors import UsageError
 from ...image import Image, make_ijk_to_ras, resample
 from ...io.writers import atomic_path
 from ...settings import ModelSettings
@@ -146,6 +147,8 @@ def ct_hemorrhage_case(seed: int, s: Settings = TRAINING,
                 density, contrast = None, float(rng.uniform(*s.bleed_contrast_hu))
             try:
                 ct, lab = synthesize_hemorrhage(ct, rng, kind, brain=brain, density_hu=density, contrast_hu=contrast)
+            except UsageError:  # bad settings are an error, not a case without this bleed
+                raise
             except Exception:  # noqa: BLE001 - a geometry that cannot host this kind: try the next
                 continue
             label |= lab.array.astype(np.uint8)
@@ -275,11 +278,12 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--config", required=True, type=Path)
-    ap.add_argument("--split", choices=["val", "tune", "train"], default="val",
-                    help="val: the reported validation cases; tune: other seeds with the validation settings, for "
-                         "choosing post-processing (never reported); train: the training cases")
-    ap.add_argument("--extra-val", metavar="NAME",
-                    help="instead of --split: the config's data.extra_val set NAME (e.g. faint: only 45–60 HU bleeds)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--split", choices=["val", "tune", "train"], default="val",
+                       help="val: the reported validation cases; tune: other seeds with the validation settings, for "
+                            "choosing post-processing (never reported); train: the training cases")
+    which.add_argument("--extra-val", metavar="NAME",
+                       help="instead of --split: the config's data.extra_val set NAME (e.g. faint: only 45–60 HU bleeds)")
     ap.add_argument("--output-dir", required=True, type=Path)
     a = ap.parse_args()
     cfg = yaml.safe_load(a.config.read_text(encoding="utf-8"))
@@ -288,7 +292,10 @@ def main() -> None:
     if a.extra_val:
         from .trainer import extra_validation_sets
 
-        sets = extra_validation_sets(d)
+        try:
+            sets = extra_validation_sets(d)
+        except UsageError as e:
+            ap.error(f"{e} ({e.fix})" if getattr(e, "fix", None) else str(e))
         if a.extra_val not in sets:
             ap.error(f"the config has no data.extra_val set {a.extra_val!r}; it has: {', '.join(sets) or 'none'}")
         x = sets[a.extra_val]

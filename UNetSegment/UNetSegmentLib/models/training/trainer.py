@@ -329,6 +329,10 @@ def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
     return train, build_cache(data["generator"], select_seeds, meta, cache / split, VALIDATION, log=log)
 
 
+#: settings that are HU ranges, and the open interval their ends must lie in
+RANGE_SETTINGS = {"bleed_hu": (0.0, 200.0), "bleed_contrast_hu": (0.0, 150.0)}
+
+
 def extra_cases(data: dict) -> list["ExtraCases"]:
     """``data.extra_train`` (a list, or absent) as :class:`ExtraCases`; :class:`UsageError` on a bad entry."""
     entries = data.get("extra_train") or []
@@ -350,19 +354,24 @@ def extra_validation_sets(data: dict) -> dict[str, "ExtraCases"]:
         name = e.get("name") if isinstance(e, dict) else None
         if not isinstance(name, str) or not name.replace("-", "").isalnum() or name in sets:
             raise UsageError(f"bad data.extra_val entry {e!r}: no name, a bad name or a repeated one", fix)
-        sets[name] = ExtraCases.from_config({k: v for k, v in e.items() if k != "name"}, VALIDATION, "data.extra_val")
-    used = set(_seed_range(data, "train")) | {s for x in extra_cases(data) for s in x.seeds}
-    used |= set(_seed_range(data, "val")) | (set(_seed_range(data, "tune")) if "tune_seed" in data else set())
+        sets[name] = ExtraCases.from_config({k: v for k, v in e.items() if k != "name"}, VALIDATION,
+                                            f"data.extra_val {name!r}")
+    used = {"training": set(_seed_range(data, "train")), "extra training": {s for x in extra_cases(data) for s in x.seeds},
+            "validation": set(_seed_range(data, "val")), "tune": set(_seed_range(data, "tune"))}
     for name, x in sets.items():
-        if used & set(x.seeds):
-            raise UsageError(f"data.extra_val set {name!r} (seeds {x.seeds[0]}…{x.seeds[-1]}) overlaps other seeds",
-                             "choose a seed range no other split uses")
-        used |= set(x.seeds)
+        for split, seeds in used.items():
+            if seeds & set(x.seeds):
+                raise UsageError(f"data.extra_val set {name!r} (seeds {x.seeds[0]}…{x.seeds[-1]}) overlaps the "
+                                 f"{split} seeds", "choose a seed range no other split uses")
+        used[f"extra_val {name!r}"] = set(x.seeds)
     return sets
 
 
 def _seed_range(data: dict, split: str) -> range:
-    return range(int(data[f"{split}_seed"]), int(data[f"{split}_seed"]) + int(data[f"{split}_cases"]))
+    """A split's seeds; the tune split's defaults are those ``cases.py --split tune`` uses."""
+    defaults = {"tune_seed": 800000, "tune_cases": 12}
+    first = int(data.get(f"{split}_seed", defaults.get(f"{split}_seed", 0)))
+    return range(first, first + int(data.get(f"{split}_cases", defaults.get(f"{split}_cases", 0))))
 
 
 @dataclass(frozen=True)
@@ -378,7 +387,9 @@ class ExtraCases:
     overrides: tuple[tuple[str, object], ...] = ()
 
     def folder(self, generator: str, meta: dict, prefix: str = "train-extra") -> str:
-        what = {"generator": generator, "settings": asdict(self.settings), "target_spacing": meta.get("target_spacing"),
+        # settings left at None (e.g. bleed_contrast_hu) are not hashed: adding such a setting keeps old folders
+        settings = {k: v for k, v in asdict(self.settings).items() if v is not None}
+        what = {"generator": generator, "settings": settings, "target_spacing": meta.get("target_spacing"),
                 "dimensions": meta.get("dimensions"), "inputs": [c.get("normalization") for c in meta.get("inputs", [])]}
         digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:8]
         return f"{prefix}-{self.seeds[0]}-{digest}"
@@ -401,6 +412,15 @@ class ExtraCases:
         clean = {}
         for k, v in over.items():
             default = getattr(base, k)
+            if k in RANGE_SETTINGS and v is not None:
+                lo, hi = RANGE_SETTINGS[k]
+                if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(
+                        isinstance(x, (int, float)) and not isinstance(x, bool) and lo < x < hi for x in v):
+                    raise UsageError(f"{key} setting {k} is {v!r}, not a range [low, high] within {lo:g}–{hi:g} HU", fix)
+                if v[0] > v[1]:
+                    raise UsageError(f"{key} setting {k} is {v!r}: the range is reversed", fix)
+                clean[k] = (float(v[0]), float(v[1]))
+                continue
             if isinstance(default, tuple) or (default is None and isinstance(v, list)):
                 n = len(default) if isinstance(default, tuple) else 2
                 if not isinstance(v, (list, tuple)) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
