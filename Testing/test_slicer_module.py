@@ -335,6 +335,11 @@ def test_export_table_and_export_all_write_the_cli_files(oblique_run, tmp_path):
                           read_image(r.run.folder / "segmentation.nii.gz").array)
     summary = json.loads((tmp_path / "all" / "summary.json").read_text())
     assert summary["report"] == {"file": "report.png"} and "report.png" in summary["files_sha256"]
+    run_summary = json.loads((r.run.folder / "summary.json").read_text())  # the run's own, not a new one
+    assert {k: v for k, v in summary.items() if k not in ("report", "files_sha256")} == \
+        {k: v for k, v in run_summary.items() if k not in ("report", "files_sha256")}
+    for f, digest in run_summary["files_sha256"].items():  # the copied files are the run's, byte for byte
+        assert summary["files_sha256"][f] == digest, f
     with pytest.raises(Exception, match="already holds outputs"):
         logic.export_all(r, str(tmp_path / "all"))
 

@@ -129,15 +129,33 @@ def rederive_run(run: RunOutputs, bundle: Bundle, threshold: float, intensity: I
                     connectivity=run.connectivity, modality=bundle.meta["inputs"][0]["modality"], previous=run.labels)
 
 
+def _add_report(run: RunOutputs, folder: Path, bundle: Bundle | None, inputs, input_paths) -> dict:
+    """Render the report a run was written without into ``folder`` (a copy of the run); the summary
+    there names it and its digest, and stays the run's (same ``run_id``, timings, warnings)."""
+    from ..io.outputs import file_digests
+    from ..serving.job import write_report
+
+    if bundle is None or not inputs:
+        raise InputError("rendering the report needs the model and the input volumes", "pass bundle and inputs")
+    s = run.summary
+    paths = list(input_paths) if input_paths else [i["path"] for i in s.get("inputs", [])]
+    write_report(folder / "report.png", bundle, list(inputs), run.labels, run.probability, run.heatmaps.get("gradcam"),
+                 table_from_summary(s), paths, s.get("created", ""), s["parameters"], s.get("unusual_input"))
+    summary = {**s, "report": {"file": "report.png"}}
+    summary["files_sha256"] = file_digests(folder)
+    write_json(summary, folder / "summary.json")
+    return summary
+
+
 def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | None = None, threshold: float | None = None,
                inputs: Sequence[Image] | None = None, input_paths: Sequence[str] | None = None,
                overwrite: bool = False, rewrite: bool = False) -> dict:
     """Write the CLI's file set for ``run`` into ``dest`` (staged: all files or none); returns the summary.
 
-    At the run's own threshold (or ``threshold`` None) the files are copied unchanged. At another
-    threshold, with ``rewrite`` (e.g. ``run`` was put back from an ROI crop onto the full grid), or when
-    the run was written without its report (the Slicer module's runs: ``"report": false``),
-    they are written again by :func:`.job.write_outputs` from the re-derived label map (``bundle``
+    At the run's own threshold (or ``threshold`` None) the files are copied unchanged; a run written
+    without its report (the Slicer module's: ``"report": false``) gets it rendered from the run's own
+    files, and ``summary.json`` (same ``run_id``) names it. At another threshold, or with ``rewrite``
+    (e.g. ``run`` was put back from an ROI crop onto the full grid), they are written again by :func:`.job.write_outputs` from the re-derived label map (``bundle``
     and ``inputs`` — the run's input images, for the intensity columns and the report — are then
     required).
     """
@@ -145,11 +163,13 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
     if threshold is None:
         threshold = run.threshold
     with StagedOutput(dest, overwrite) as stage:
-        if same and not rewrite and (run.folder / "report.png").is_file():
+        if same and not rewrite:
             for f in CONTRACT_FILES:
                 if (run.folder / f).is_file():
                     shutil.copy2(run.folder / f, stage.path / f)
-            return run.summary
+            if (run.folder / "report.png").is_file():
+                return run.summary
+            return _add_report(run, stage.path, bundle, inputs, input_paths)
         if bundle is None or not inputs:
             raise InputError("re-deriving the outputs needs the model and the input volumes", "pass bundle and inputs")
         from ..serving.job import WRITE_TIMINGS, write_outputs

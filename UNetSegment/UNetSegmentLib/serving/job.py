@@ -161,9 +161,10 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     write_seg_nrrd(ref, segments, folder / "segmentation.seg.nrrd")
     write_image(ref, folder / "segmentation.nii.gz")
     d = ref.direction
-    if np.abs(d.T @ d - np.eye(3)).max() > 1e-4:
-        result.warnings.append("the input grid is sheared (gantry tilt): segmentation.nii.gz cannot store that and was "
-                               "written on the nearest orthogonal grid; use segmentation.seg.nrrd or the .nrrd files")
+    sheared = ("the input grid is sheared (gantry tilt): segmentation.nii.gz cannot store that and was written on "
+               "the nearest orthogonal grid; use segmentation.seg.nrrd or the .nrrd files")
+    if np.abs(d.T @ d - np.eye(3)).max() > 1e-4 and sheared not in result.warnings:  # once, also when re-derived
+        result.warnings.append(sheared)
     write_image(result.probability, folder / "probability.nrrd")
     for kind, img in result.heatmaps.items():
         write_image(img, folder / f"{kind}.nrrd")
@@ -180,24 +181,8 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t_volumes = time.perf_counter()
     if report:
-        render_report(
-            folder / "report.png",
-            image=result.inputs[show],
-            labels=ref,
-            probability=result.probability,
-            gradcam=result.heatmaps.get("gradcam"),
-            table=table,
-            model_name=bundle.name,
-            model_version=bundle.version,
-            input_name=", ".join(Path(p).name for p in paths),
-            created=created,
-            window=display_window(bundle, result.inputs[show]),
-            label_colors={l["value"]: tuple(l["color"]) for l in bundle.labels},
-            parameters=used,
-            modality=bundle.meta["inputs"][show]["modality"],
-            intensity_label=_intensity_label(bundle, show),
-            unusual_input=result.extra.get("unusual_input"),
-        )
+        write_report(folder / "report.png", bundle, result.inputs, ref, result.probability, result.heatmaps.get("gradcam"),
+                     table, paths, created, used, result.extra.get("unusual_input"))
     timings = dict(result.timings)
     end = time.perf_counter()
     # write_s: all of the outputs; its parts: the lesion table (analysis, CSV, TSV), the volume files
@@ -214,6 +199,31 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     summary["report"] = {"file": "report.png"} if report else {"file": None, "absent_because": "not asked for (rendered on export)"}
     summary["files_sha256"] = file_digests(folder)  # ties every file to this summary (and its run_id)
     return summary
+
+
+def write_report(path: Path, bundle: Bundle, inputs: Sequence, labels, probability, gradcam, table,
+                 paths: Sequence, created: str, parameters: dict, unusual_input) -> None:
+    """``report.png`` of one run: the display channel of ``inputs`` with ``labels`` (after small-lesion
+    removal), its probability and Grad-CAM maps, the lesion ``table`` and the run's ``parameters``."""
+    show = display_channel(bundle)
+    render_report(
+        path,
+        image=inputs[show],
+        labels=labels,
+        probability=probability,
+        gradcam=gradcam,
+        table=table,
+        model_name=bundle.name,
+        model_version=bundle.version,
+        input_name=", ".join(Path(p).name for p in paths),
+        created=created,
+        window=display_window(bundle, inputs[show]),
+        label_colors={l["value"]: tuple(l["color"]) for l in bundle.labels},
+        parameters=parameters,
+        modality=bundle.meta["inputs"][show]["modality"],
+        intensity_label=_intensity_label(bundle, show),
+        unusual_input=unusual_input,
+    )
 
 
 def _write_sr(labels: Image, source: str, folder: Path, table, bundle: Bundle, show: int, warnings: list) -> dict:
