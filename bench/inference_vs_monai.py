@@ -217,6 +217,9 @@ def over_cases(cases: list[Path], bundle, net, settings: RunSettings, rounds: in
         if so.true_ml >= 1.0:
             n_pos += 1
             worst = max(worst, abs(so.dice - sm.dice))
+            if abs(so.dice - sm.dice) > 0.005:  # which case, and whose Dice is the higher
+                print(f"  {c.name}: Dice vs truth ours {so.dice:.4f}, MONAI {sm.dice:.4f} (ΔDice {so.dice - sm.dice:+.4f}); "
+                      f"voxels ours {int((ours_lab.array > 0).sum())}, MONAI {int((monai_lab.array > 0).sum())}")
     equal = worst <= 0.005 and same
     print(f"equal-Dice check on the {n_pos} cases with ≥ 1 mL of lesion: max |ΔDice| {worst:.4f} (≤ 0.005), "
           f"same true lesions ≥ 0.5 mL found: {same} → {'passed' if equal else 'FAILED'}")
