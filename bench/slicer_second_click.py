@@ -37,6 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import slicer_standin
+    from slicer_standin import qtlike
 
     harness = slicer_standin.install()
     import slicer
@@ -76,8 +77,6 @@ def main() -> None:
         if not harness.run_until(finished, 600):
             raise SystemExit("the run did not finish")
         # the views render the new nodes when the event loop next turns (as Slicer's do): count that render
-        from slicer_standin import qtlike
-
         qtlike.process_events()
         waits = [b - a for a, b in zip(ticks, ticks[1:])][:-1]  # the last one loads the result
         gaps.append(max(waits, default=0.0))

@@ -289,13 +289,12 @@ def _paint(ctx: _Ctx, out: np.ndarray, label: np.ndarray, box, lab: np.ndarray, 
         rim *= brain_box * (1.0 - w)
         ct -= drop * rim
     resid = np.clip(ct - ndimage.median_filter(ct, size=3, mode="nearest"), -25.0, 25.0) * brain_box
-    if ctx.contrast_hu is not None:  # relative to the brain next to the bleed (what makes it visible)
-        near = brain_box & ~lab & (label[box] == 0) & (ct > 0.0) & (ct < 80.0)  # not earlier bleeds
-        base = (float(np.median(ct[near])) if near.any() else 35.0) + ctx.contrast_hu
-        base = float(np.clip(base, *BLOOD_HU))  # still blood: next to CSF a "contrast" alone could make it 20 HU
-        lo, hi = base - DENSITY_SPREAD_HU, base + DENSITY_SPREAD_HU
-    elif ctx.density_hu is not None:
+    if ctx.contrast_hu is not None or ctx.density_hu is not None:
         base = ctx.density_hu
+        if ctx.contrast_hu is not None:  # relative to the brain next to the bleed (what makes it visible)
+            near = brain_box & ~lab & (label[box] == 0) & (ct > 0.0) & (ct < 80.0)  # not earlier bleeds
+            base = (float(np.median(ct[near])) if near.any() else 35.0) + ctx.contrast_hu
+            base = float(np.clip(base, *BLOOD_HU))  # still blood: next to CSF a "contrast" alone could make it 20 HU
         lo, hi = base - DENSITY_SPREAD_HU, base + DENSITY_SPREAD_HU
     else:
         lo, hi = hu

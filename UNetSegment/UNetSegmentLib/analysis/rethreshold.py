@@ -155,9 +155,9 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
     At the run's own threshold (or ``threshold`` None) the files are copied unchanged; a run written
     without its report (the Slicer module's: ``"report": false``) gets it rendered from the run's own
     files, and ``summary.json`` (same ``run_id``) names it. At another threshold, or with ``rewrite``
-    (e.g. ``run`` was put back from an ROI crop onto the full grid), they are written again by :func:`.job.write_outputs` from the re-derived label map (``bundle``
-    and ``inputs`` — the run's input images, for the intensity columns and the report — are then
-    required).
+    (e.g. ``run`` was put back from an ROI crop onto the full grid), they are written again by
+    :func:`.job.write_outputs` from the re-derived label map (``bundle`` and ``inputs`` — the run's
+    input images, for the intensity columns and the report — are then required).
     """
     same = threshold is None or abs(float(threshold) - run.threshold) < 1e-9
     if threshold is None:

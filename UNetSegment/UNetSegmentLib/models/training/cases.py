@@ -289,9 +289,9 @@ def main() -> None:
     cfg = yaml.safe_load(a.config.read_text(encoding="utf-8"))
     d = cfg["data"]
     cache_root = Path(os.path.expandvars(d.get("cache_dir", ".cache/unetsegment/train")))
-    if a.extra_val:
-        from .trainer import extra_validation_sets
+    from .trainer import extra_validation_sets, split_seeds  # the trainer imports this module
 
+    if a.extra_val:
         try:
             sets = extra_validation_sets(d)
         except UsageError as e:
@@ -303,13 +303,10 @@ def main() -> None:
                     x.settings, case_dir=a.output_dir)
         print(f"{len(x.seeds)} {a.extra_val} validation cases in {a.output_dir}")
         return
-    first, n = {"val": (d["val_seed"], d["val_cases"]), "tune": (d.get("tune_seed", 800000), d.get("tune_cases", 12)),
-                "train": (d["train_seed"], d["train_cases"])}[a.split]
-    first, n = int(first), int(n)
+    seeds = list(split_seeds(d, a.split))
     settings = TRAINING if a.split == "train" else VALIDATION
-    build_cache(d["generator"], list(range(first, first + n)), cfg["bundle"], cache_root / a.split, settings,
-                case_dir=a.output_dir)
-    print(f"{n} {a.split} cases in {a.output_dir}")
+    build_cache(d["generator"], seeds, cfg["bundle"], cache_root / a.split, settings, case_dir=a.output_dir)
+    print(f"{len(seeds)} {a.split} cases in {a.output_dir}")
 
 
 if __name__ == "__main__":

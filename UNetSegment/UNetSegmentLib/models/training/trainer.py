@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -309,9 +310,8 @@ def _prepare_cases(cfg: dict, work: Path, log) -> tuple[list[Path], list[Path]]:
     data, meta = cfg["data"], cfg["bundle"]
     cache = Path(os.path.expandvars(data.get("cache_dir", str(work / "cache"))))
     split = selection_split(data)
-    train_seeds = list(range(int(data["train_seed"]), int(data["train_seed"]) + int(data["train_cases"])))
-    select_seeds = list(range(int(data[f"{split}_seed"]), int(data[f"{split}_seed"]) + int(data[f"{split}_cases"])))
-    val_seeds = set(range(int(data["val_seed"]), int(data["val_seed"]) + int(data["val_cases"])))
+    train_seeds, select_seeds = list(split_seeds(data, "train")), list(split_seeds(data, split))
+    val_seeds = set(split_seeds(data, "val"))
     extra = extra_cases(data)
     seen = set(train_seeds)
     for e in extra:
@@ -356,8 +356,8 @@ def extra_validation_sets(data: dict) -> dict[str, "ExtraCases"]:
             raise UsageError(f"bad data.extra_val entry {e!r}: no name, a bad name or a repeated one", fix)
         sets[name] = ExtraCases.from_config({k: v for k, v in e.items() if k != "name"}, VALIDATION,
                                             f"data.extra_val {name!r}")
-    used = {"training": set(_seed_range(data, "train")), "extra training": {s for x in extra_cases(data) for s in x.seeds},
-            "validation": set(_seed_range(data, "val")), "tune": set(_seed_range(data, "tune"))}
+    used = {"training": set(split_seeds(data, "train")), "extra training": {s for x in extra_cases(data) for s in x.seeds},
+            "validation": set(split_seeds(data, "val")), "tune": set(split_seeds(data, "tune"))}
     for name, x in sets.items():
         for split, seeds in used.items():
             if seeds & set(x.seeds):
@@ -367,8 +367,8 @@ def extra_validation_sets(data: dict) -> dict[str, "ExtraCases"]:
     return sets
 
 
-def _seed_range(data: dict, split: str) -> range:
-    """A split's seeds; the tune split's defaults are those ``cases.py --split tune`` uses."""
+def split_seeds(data: dict, split: str) -> range:
+    """The seeds of split ``train``, ``val`` or ``tune`` of a config's ``data`` (tune: 12 from 800000 unless set)."""
     defaults = {"tune_seed": 800000, "tune_cases": 12}
     first = int(data.get(f"{split}_seed", defaults.get(f"{split}_seed", 0)))
     return range(first, first + int(data.get(f"{split}_cases", defaults.get(f"{split}_cases", 0))))
@@ -412,19 +412,13 @@ class ExtraCases:
         clean = {}
         for k, v in over.items():
             default = getattr(base, k)
-            if k in RANGE_SETTINGS and v is not None:
-                lo, hi = RANGE_SETTINGS[k]
-                if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(
-                        isinstance(x, (int, float)) and not isinstance(x, bool) and lo < x < hi for x in v):
-                    raise UsageError(f"{key} setting {k} is {v!r}, not a range [low, high] within {lo:g}–{hi:g} HU", fix)
-                if v[0] > v[1]:
-                    raise UsageError(f"{key} setting {k} is {v!r}: the range is reversed", fix)
-                clean[k] = (float(v[0]), float(v[1]))
-                continue
-            if isinstance(default, tuple) or (default is None and isinstance(v, list)):
+            if isinstance(default, tuple) or (default is None and isinstance(v, list)) or (k in RANGE_SETTINGS and v is not None):
                 n = len(default) if isinstance(default, tuple) else 2
                 if not isinstance(v, (list, tuple)) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
                     raise UsageError(f"{key} setting {k} is {v!r}, not {n} numbers", fix)
+                lo, hi = RANGE_SETTINGS.get(k, (-math.inf, math.inf))
+                if not all(lo < x < hi for x in v):
+                    raise UsageError(f"{key} setting {k} is {v!r}, not within {lo:g}–{hi:g} HU", fix)
                 if n == 2 and v[0] > v[1]:
                     raise UsageError(f"{key} setting {k} is {v!r}: the range is reversed", fix)
                 v = tuple(float(x) for x in v)
