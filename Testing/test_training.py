@@ -249,14 +249,14 @@ def test_hard_lesions_are_the_faint_small_ones_and_get_their_share_of_crops(tmp_
 
 def test_extra_training_cases_come_from_their_own_settings_and_seeds(tmp_path):
     from UNetSegmentLib.errors import UsageError
-    from UNetSegmentLib.models.training.cases import TRAINING
+    from UNetSegmentLib.models.training.cases import TRAINING, ExtraCases
 
     cfg = yaml.safe_load(_config(tmp_path).read_text())
     cfg["data"]["extra_train"] = [{"cases": 2, "seed": 40, "settings": {"noise_hu": [0.0, 0.0], "negative_fraction": 0.0}}]
     train, select = trainer._prepare_cases(cfg, tmp_path / "work", lambda m: None)
     assert [f.name for f in train] == ["case-10.npz", "case-11.npz", "case-12.npz", "case-40.npz", "case-41.npz"]
     assert train[-1].parent.name.startswith("train-extra-40-") and len(select) == 1
-    extra = trainer.ExtraCases.from_config(cfg["data"]["extra_train"][0])
+    extra = ExtraCases.from_config(cfg["data"]["extra_train"][0])
     assert extra.settings.noise_hu == (0.0, 0.0) and extra.settings.negative_fraction == 0.0
     assert extra.settings.rotation_deg == TRAINING.rotation_deg  # the rest as the training settings
     assert extra.record() == {"cases": 2, "seed": 40, "settings": {"negative_fraction": 0.0, "noise_hu": [0.0, 0.0]}}
@@ -281,7 +281,7 @@ def test_extra_training_cases_come_from_their_own_settings_and_seeds(tmp_path):
 def test_extra_validation_sets_use_validation_settings_and_their_own_seeds(tmp_path):
     from UNetSegmentLib.errors import UsageError
     from UNetSegmentLib.models.training.cases import VALIDATION
-    from UNetSegmentLib.models.training.trainer import extra_validation_sets
+    from UNetSegmentLib.models.training.cases import extra_validation_sets
 
     data = {"train_seed": 10, "train_cases": 3, "val_seed": 500, "val_cases": 2, "tune_seed": 700, "tune_cases": 2,
             "extra_train": [{"cases": 2, "seed": 50, "settings": {}}],

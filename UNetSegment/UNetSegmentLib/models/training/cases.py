@@ -15,8 +15,11 @@ sharpening kernel. Validation cases use other seeds *and* other generator settin
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -267,6 +270,106 @@ def build_cache(generator: str, seeds: list[int], meta: dict, cache: Path, setti
     return out
 
 
+#: settings that are HU ranges, and the open interval their ends must lie in
+RANGE_SETTINGS = {"bleed_hu": (0.0, 200.0), "bleed_contrast_hu": (0.0, 150.0)}
+
+
+def extra_cases(data: dict) -> list["ExtraCases"]:
+    """``data.extra_train`` (a list, or absent) as :class:`ExtraCases`; :class:`UsageError` on a bad entry."""
+    entries = data.get("extra_train") or []
+    if not isinstance(entries, list):
+        raise UsageError("data.extra_train is not a list", "give a list of {cases, seed, settings} entries")
+    return [ExtraCases.from_config(e) for e in entries]
+
+
+def extra_validation_sets(data: dict) -> dict[str, "ExtraCases"]:
+    """``data.extra_val``: named validation sets reported beside the main one (e.g. only faint bleeds, to
+    measure one density bin on enough lesions), from :data:`.cases.VALIDATION` with some settings changed.
+    Their seeds may not meet any training, tune or validation seed."""
+    entries = data.get("extra_val") or []
+    fix = "give a list of {name, cases, seed, settings} entries with distinct names"
+    if not isinstance(entries, list):
+        raise UsageError("data.extra_val is not a list", fix)
+    sets: dict[str, ExtraCases] = {}
+    for e in entries:
+        name = e.get("name") if isinstance(e, dict) else None
+        if not isinstance(name, str) or not name.replace("-", "").isalnum() or name in sets:
+            raise UsageError(f"bad data.extra_val entry {e!r}: no name, a bad name or a repeated one", fix)
+        sets[name] = ExtraCases.from_config({k: v for k, v in e.items() if k != "name"}, VALIDATION,
+                                            f"data.extra_val {name!r}")
+    used = {"training": set(split_seeds(data, "train")), "extra training": {s for x in extra_cases(data) for s in x.seeds},
+            "validation": set(split_seeds(data, "val")), "tune": set(split_seeds(data, "tune"))}
+    for name, x in sets.items():
+        for split, seeds in used.items():
+            if seeds & set(x.seeds):
+                raise UsageError(f"data.extra_val set {name!r} (seeds {x.seeds[0]}…{x.seeds[-1]}) overlaps the "
+                                 f"{split} seeds", "choose a seed range no other split uses")
+        used[f"extra_val {name!r}"] = set(x.seeds)
+    return sets
+
+
+def split_seeds(data: dict, split: str) -> range:
+    """The seeds of split ``train``, ``val`` or ``tune`` of a config's ``data`` (tune: 12 from 800000 unless set)."""
+    defaults = {"tune_seed": 800000, "tune_cases": 12}
+    first = int(data.get(f"{split}_seed", defaults.get(f"{split}_seed", 0)))
+    return range(first, first + int(data.get(f"{split}_cases", defaults.get(f"{split}_cases", 0))))
+
+
+@dataclass(frozen=True)
+class ExtraCases:
+    """``data.extra_train`` entry: more training cases from the same generator with some of its
+    :class:`.cases.Settings` changed (e.g. ``{cases: 64, seed: 3000, settings: {bleed_hu: [45, 60]}}``
+    for more faint bleeds), cached in a folder of their own whose name carries a digest of what makes
+    them (generator, settings, the model's grid), so changed settings never reuse old cases. A
+    ``data.extra_val`` entry is the same on top of the validation settings."""
+
+    seeds: tuple[int, ...]
+    settings: Settings
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def folder(self, generator: str, meta: dict, prefix: str = "train-extra") -> str:
+        # settings left at None (e.g. bleed_contrast_hu) are not hashed: adding such a setting keeps old folders
+        settings = {k: v for k, v in asdict(self.settings).items() if v is not None}
+        what = {"generator": generator, "settings": settings, "target_spacing": meta.get("target_spacing"),
+                "dimensions": meta.get("dimensions"), "inputs": [c.get("normalization") for c in meta.get("inputs", [])]}
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()[:8]
+        return f"{prefix}-{self.seeds[0]}-{digest}"
+
+    def record(self) -> dict:
+        """What ``model.json``'s training record says about these cases."""
+        return {"cases": len(self.seeds), "seed": self.seeds[0], "settings": {k: list(v) if isinstance(v, tuple) else v
+                                                                              for k, v in self.overrides}}
+
+    @classmethod
+    def from_config(cls, d, base: Settings = TRAINING, key: str = "data.extra_train") -> "ExtraCases":
+        known = {f.name: f for f in fields(Settings)}
+        fix = "give {cases: N ≥ 1, seed: integer, settings: {…}} with settings among: " + ", ".join(sorted(known))
+        if not isinstance(d, dict) or not isinstance(d.get("cases"), int) or isinstance(d.get("cases"), bool) \
+                or d["cases"] < 1 or not isinstance(d.get("seed"), int) or isinstance(d.get("seed"), bool):
+            raise UsageError(f"bad {key} entry {d!r}", fix)
+        over = d.get("settings") or {}
+        if not isinstance(over, dict) or sorted(set(over) - set(known)):
+            raise UsageError(f"bad {key} entry {d!r}: unknown settings {sorted(set(over) - set(known))}", fix)
+        clean = {}
+        for k, v in over.items():
+            default = getattr(base, k)
+            if isinstance(default, tuple) or (default is None and isinstance(v, list)) or (k in RANGE_SETTINGS and v is not None):
+                n = len(default) if isinstance(default, tuple) else 2
+                if not isinstance(v, (list, tuple)) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                    raise UsageError(f"{key} setting {k} is {v!r}, not {n} numbers", fix)
+                lo, hi = RANGE_SETTINGS.get(k, (-math.inf, math.inf))
+                if not all(lo < x < hi for x in v):
+                    raise UsageError(f"{key} setting {k} is {v!r}, not within {lo:g}–{hi:g} HU", fix)
+                if n == 2 and v[0] > v[1]:
+                    raise UsageError(f"{key} setting {k} is {v!r}: the range is reversed", fix)
+                v = tuple(float(x) for x in v)
+            elif v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                                    or (isinstance(default, int) and not isinstance(v, int))):
+                raise UsageError(f"{key} setting {k} is {v!r}, not a {type(default).__name__}", fix)
+            clean[k] = v
+        return cls(tuple(range(d["seed"], d["seed"] + d["cases"])), replace(base, **clean), tuple(sorted(clean.items())))
+
+
 def main() -> None:
     """Write a config's validation (or training) cases as NIfTI case folders for ``unetsegment evaluate``."""
     import argparse
@@ -289,8 +392,6 @@ def main() -> None:
     cfg = yaml.safe_load(a.config.read_text(encoding="utf-8"))
     d = cfg["data"]
     cache_root = Path(os.path.expandvars(d.get("cache_dir", ".cache/unetsegment/train")))
-    from .trainer import extra_validation_sets, split_seeds  # the trainer imports this module
-
     if a.extra_val:
         try:
             sets = extra_validation_sets(d)
