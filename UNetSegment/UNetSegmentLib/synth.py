@@ -178,6 +178,10 @@ class _Ctx:
         self.brain = brain
         self.density_hu: float | None = None  # one bleed density for every bleed painted (None: by kind)
         self.contrast_hu: float | None = None  # or: this many HU above the brain around the bleed
+        # compartment labels (synth_compartments): the label value per kind and of the oedema rim;
+        # None: every bleed is 1 and the rim is not labelled (the one-label models)
+        self.kind_values: dict[str, int] | None = None
+        self.oedema_value: int | None = None
         if not brain.any():
             raise InputError("the brain mask is empty", "pass a head CT in Hounsfield units that covers the brain")
         self.bb = _bbox(brain, margin=1)
@@ -272,8 +276,10 @@ def _weight(ctx: _Ctx, lab: np.ndarray, brain_box: np.ndarray) -> np.ndarray:
 
 
 def _paint(ctx: _Ctx, out: np.ndarray, label: np.ndarray, box, lab: np.ndarray, rng: np.random.Generator,
-           hu: tuple[float, float], texture_sd: float, oedema: tuple[float, float] | None) -> None:
-    """Blend a bleed (box-local hard label ``lab``) into ``out`` (in place) and mark ``label``."""
+           hu: tuple[float, float], texture_sd: float, oedema: tuple[float, float] | None, kind: str = "") -> None:
+    """Blend a bleed (box-local hard label ``lab``) of ``kind`` into ``out`` (in place) and mark ``label``
+    (1, or the kind's value in ``ctx.kind_values``; the oedema rim where it dominates gets
+    ``ctx.oedema_value`` on voxels no bleed holds)."""
     if not lab.any():
         return
     sub = _bbox(lab, margin=int(math.ceil((8.0 + (oedema[1] if oedema else 0.0)) / ctx.sampling.min())))
@@ -305,7 +311,11 @@ def _paint(ctx: _Ctx, out: np.ndarray, label: np.ndarray, box, lab: np.ndarray, 
         info = np.iinfo(out.dtype)
         blended = np.clip(np.rint(blended), info.min, info.max)
     out[box] = blended.astype(out.dtype)
-    label[box][lab] = 1
+    value = ctx.kind_values.get(kind, 1) if ctx.kind_values else 1
+    if oedema is not None and ctx.oedema_value is not None:
+        region = label[box]
+        region[(rim >= 0.5) & ~lab & (region == 0)] = ctx.oedema_value
+    label[box][lab] = value
 
 
 # --- lesion shapes ------------------------------------------------------------------------------
@@ -368,7 +378,7 @@ def _intraparenchymal(ctx, rng, out, label, volume_ml, exclude=None, side=None, 
     box = ctx.box(centre, r * (1.0 + 4.0 * amp) + 4.0)
     lab = _select(_deformed_blobs(ctx, rng, box, [centre], [r], amp, exclude), _n_voxels(ctx, v), connected=True)
     oedema = (rng.uniform(10.0, 20.0), rng.uniform(2.0, 6.0)) if rng.random() < 0.6 else None
-    _paint(ctx, out, label, box, lab, rng, KIND_HU["intraparenchymal"], rng.uniform(2.0, 5.0), oedema)
+    _paint(ctx, out, label, box, lab, rng, KIND_HU["intraparenchymal"], rng.uniform(2.0, 5.0), oedema, "intraparenchymal")
 
 
 def _contusion(ctx, rng, out, label, volume_ml, exclude=None, side=None, n_blobs=None):
@@ -404,7 +414,7 @@ def _contusion(ctx, rng, out, label, volume_ml, exclude=None, side=None, n_blobs
     box = ctx.box(base, 15.0 + 2.5 * max(radii) + 4.0)
     lab = _select(_deformed_blobs(ctx, rng, box, centres, radii, amp, exclude), _n_voxels(ctx, v), connected=False)
     oedema = (rng.uniform(10.0, 20.0), rng.uniform(3.0, 8.0)) if rng.random() < 0.8 else None
-    _paint(ctx, out, label, box, lab, rng, KIND_HU["contusion"], rng.uniform(4.0, 9.0), oedema)
+    _paint(ctx, out, label, box, lab, rng, KIND_HU["contusion"], rng.uniform(4.0, 9.0), oedema, "contusion")
 
 
 def _subdural(ctx, rng, out, label, volume_ml, exclude=None, side=None):
@@ -428,7 +438,7 @@ def _subdural(ctx, rng, out, label, volume_ml, exclude=None, side=None):
         allowed &= ~exclude[box]
     score[~allowed] = np.inf
     lab = _select(score, _n_voxels(ctx, v), connected=True)
-    _paint(ctx, out, label, box, lab, rng, KIND_HU["subdural"], rng.uniform(2.0, 4.0), None)
+    _paint(ctx, out, label, box, lab, rng, KIND_HU["subdural"], rng.uniform(2.0, 4.0), None, "subdural")
 
 
 def _ventricles(ctx: _Ctx, box) -> np.ndarray:
@@ -485,7 +495,7 @@ def _intraventricular(ctx, rng, out, label, volume_ml, exclude=None, side=None):
         score[~vent] = np.inf
     score[~allowed] = np.inf
     lab = _select(score, _n_voxels(ctx, v), connected=False)
-    _paint(ctx, out, label, box, lab, rng, KIND_HU["intraventricular"], rng.uniform(2.0, 4.0), None)
+    _paint(ctx, out, label, box, lab, rng, KIND_HU["intraventricular"], rng.uniform(2.0, 4.0), None, "intraventricular")
 
 
 _MAKERS = {

@@ -126,18 +126,7 @@ def ct_hemorrhage_case(seed: int, s: Settings = TRAINING,
     from ...synth import KINDS, brain_mask, synthesize_hemorrhage
 
     rng = np.random.default_rng(seed)
-    real = _cached_sample(load_sample)
-    kind_bg = rng.choice(3, p=np.asarray(s.background_weights) / sum(s.background_weights))
-    if kind_bg == 0:
-        bg = real
-    elif kind_bg == 1:
-        from .backgrounds import deformed_ct
-
-        bg = deformed_ct(real, rng)
-    else:
-        from .backgrounds import mni_pseudo_ct
-
-        bg = mni_pseudo_ct(rng)
+    bg = _background(rng, s, _cached_sample(load_sample))
     ct, _ = reslice(bg, rng, s)
     label = np.zeros(ct.array.shape, np.uint8)
     if rng.random() >= s.negative_fraction:
@@ -159,6 +148,49 @@ def ct_hemorrhage_case(seed: int, s: Settings = TRAINING,
                 lesions.append((kind, lab.array > 0))
     ct = intensity_augment(ct, rng, s)
     return [ct], ct.with_array(label)
+
+
+#: bleed kinds of the compartment cases and how often each is drawn (per class: IPH 0.35, EAH 0.45, IVH 0.2)
+COMPARTMENT_KIND_WEIGHTS = {"intraparenchymal": 0.25, "contusion": 0.10, "subdural": 0.20, "epidural": 0.12,
+                            "subarachnoid": 0.13, "intraventricular": 0.20}
+
+
+def ct_hemorrhage_compartments_case(seed: int, s: Settings = TRAINING) -> tuple[list[Image], Image]:
+    """One synthetic head CT for the compartment model (ct-hemorrhage 2.x): the backgrounds, reslicing
+    and scanner variety of :func:`ct_hemorrhage_case`; 0–``max_lesions`` bleeds of the kinds of
+    :data:`COMPARTMENT_KIND_WEIGHTS` (each of one density from ``bleed_hu``), and in 60 % of the cases,
+    positive or negative, 1–2 hemorrhage mimics (:data:`..synth_compartments.MIMICS`, never labelled).
+    The label holds the classes of :data:`..synth_compartments.CLASSES`."""
+    from ...io.sample import load_sample
+    from ...synth import brain_mask
+    from ...synth_compartments import MIMICS, Bleed, synthesize_compartments
+
+    rng = np.random.default_rng(seed)
+    bg = _background(rng, s, _cached_sample(load_sample))
+    ct, _ = reslice(bg, rng, s)
+    kinds, weights = list(COMPARTMENT_KIND_WEIGHTS), np.array(list(COMPARTMENT_KIND_WEIGHTS.values()))
+    bleeds = []
+    if rng.random() >= s.negative_fraction:
+        bleeds = [Bleed(str(rng.choice(kinds, p=weights / weights.sum()))) for _ in range(int(rng.integers(1, s.max_lesions + 1)))]
+    mimics = tuple(str(m) for m in rng.choice(MIMICS, size=int(rng.integers(1, 3)), replace=False)) if rng.random() < 0.6 else ()
+    density = float(rng.uniform(*s.bleed_hu)) if s.bleed_hu else None
+    ct, label = synthesize_compartments(ct, rng, bleeds, mimics, brain=brain_mask(ct), density_hu=density)
+    ct = intensity_augment(ct, rng, s)
+    return [ct], label
+
+
+def _background(rng: np.random.Generator, s: Settings, real: Image) -> Image:
+    """The real sample CT, a deformed copy or an MNI152 pseudo-CT, by ``s.background_weights``."""
+    kind_bg = rng.choice(3, p=np.asarray(s.background_weights) / sum(s.background_weights))
+    if kind_bg == 0:
+        return real
+    if kind_bg == 1:
+        from .backgrounds import deformed_ct
+
+        return deformed_ct(real, rng)
+    from .backgrounds import mni_pseudo_ct
+
+    return mni_pseudo_ct(rng)
 
 
 _SAMPLE: dict = {}
@@ -206,6 +238,7 @@ def phantom_case(seed: int, s: Settings = TRAINING) -> tuple[list[Image], Image]
 
 
 GENERATORS["phantom"] = phantom_case
+GENERATORS["ct_hemorrhage_compartments"] = ct_hemorrhage_compartments_case
 
 
 def to_network_grid(channels: list[Image], label: Image, meta: dict) -> tuple[np.ndarray, np.ndarray]:

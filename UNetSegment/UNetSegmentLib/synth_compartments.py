@@ -1,0 +1,237 @@
+"""Compartment-labelled head bleeds, their oedema, and hemorrhage mimics (cases for ct-hemorrhage 2.0).
+
+The class scheme is BLAST-CT's (Monteiro et al. 2020): 1 intraparenchymal haemorrhage (IPH), 2
+extra-axial haemorrhage (EAH: subdural, epidural, subarachnoid), 3 intraventricular haemorrhage
+(IVH), 4 perilesional oedema. Bleeds are painted as in :mod:`.synth` (same geometry context, the same
+blending, physical units), with these additions:
+
+* ``epidural`` — a biconvex lens against the inner table: a narrow cone (12–24°) whose thickness falls
+  to zero at its rim, so the bleed stops short instead of tapering along the skull as a subdural does
+  (an epidural bleed is bounded by the sutures where the dura is fixed; the cone stands in for one
+  bone's extent). 55–90 HU.
+* ``subarachnoid`` — thin hyperdensity in CSF spaces: cerebrospinal-fluid-density voxels in the
+  sulci of one convexity, or in the basal cisterns (the lowest part of the brain near the midline),
+  spreading from a seed along the CSF; 45–75 HU (blood mixed with CSF).
+* fluid levels — some IPH get a haematocrit level: the dependent (posterior, patient supine) part
+  denser, the rest lighter, with a sharp boundary.
+* the oedema rim around IPH and contusions (hypodense, 10–20 HU below the brain) is labelled 4 where
+  it dominates and no bleed lies.
+* mimics, never labelled: calcifications of the choroid plexus, the pineal gland, the basal ganglia
+  and the falx; a hyperdense superior sagittal sinus; a beam-hardening band near the skull base.
+
+:func:`synthesize_compartments` paints a list of bleeds and mimics into one CT. The CT is never modified.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import UsageError
+from .image import Image
+from .synth import _MAKERS, _Ctx, _deformed_blobs, _loguniform, _n_voxels, _paint, _select, _ventricles, brain_mask
+
+#: label value → name, the BLAST-CT classes
+CLASSES = {1: "IPH", 2: "EAH", 3: "IVH", 4: "oedema"}
+OEDEMA = 4
+#: which class each bleed kind is
+KIND_CLASS = {"intraparenchymal": 1, "contusion": 1, "subdural": 2, "epidural": 2, "subarachnoid": 2, "intraventricular": 3}
+BLEED_KINDS = tuple(KIND_CLASS)
+MIMICS = ("choroid_calcification", "pineal_calcification", "basal_ganglia_calcification", "falx_calcification",
+          "dense_sinus", "beam_hardening")
+
+EXTRA_KIND_HU = {"epidural": (55.0, 90.0), "subarachnoid": (45.0, 75.0)}
+EXTRA_KIND_VOLUME_ML = {"epidural": (4.0, 60.0), "subarachnoid": (0.5, 12.0)}
+CSF_HU = (-5.0, 22.0)  # CSF after 1 mm smoothing (sulci, cisterns)
+
+
+@dataclass(frozen=True)
+class Bleed:
+    """One bleed to paint: its kind, volume (None: the kind's range, log-uniform) and whether an IPH
+    gets a fluid level (None: 25 % of them)."""
+
+    kind: str
+    volume_ml: float | None = None
+    fluid_level: bool | None = None
+
+
+# --- extra bleed kinds -------------------------------------------------------------------------
+def _cone(ctx: _Ctx, rng, side: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Angle (rad) of every voxel of the brain box from a random outward axis on one side, and the axis."""
+    side = int(rng.choice([-1, 1])) if side is None else side
+    axis = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(-0.1, 0.6)])
+    axis /= np.linalg.norm(axis)
+    R, A, S = ctx.ras_grid(ctx.bb)
+    dx, dy, dz = R - ctx.centroid[0], A - ctx.centroid[1], S - ctx.centroid[2]
+    cosang = (dx * axis[0] + dy * axis[1] + dz * axis[2]) / np.maximum(np.sqrt(dx * dx + dy * dy + dz * dz), 1e-3)
+    return np.arccos(np.clip(cosang, -1.0, 1.0)), axis
+
+
+def _epidural(ctx: _Ctx, rng, out, label, volume_ml, exclude=None, side=None):
+    v = _loguniform(rng, *EXTRA_KIND_VOLUME_ML["epidural"]) if volume_ml is None else float(volume_ml)
+    theta, _ = _cone(ctx, rng, side)
+    half_angle = math.radians(rng.uniform(12.0, 24.0))
+    depth = ctx.fine_depth()
+    # lens: thickness ∝ 1 − (θ/half)²; the N voxels of lowest depth/thickness fill depth < s·thickness(θ),
+    # a biconvex lens against the inner table, thickest in the middle (1–3 cm for 10–40 mL)
+    thick = np.clip(1.0 - (theta / half_angle) ** 2, 0.0, 1.0)
+    thick *= 1.0 + 0.08 * ctx.noise(rng, depth.shape, 10.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = (np.maximum(depth - 0.5 * float(ctx.sampling.min()), 0.0) / thick).astype(np.float32)
+    allowed = ctx.brain[ctx.bb] & (theta < half_angle)
+    if exclude is not None:
+        allowed &= ~exclude[ctx.bb]
+    score[~allowed | ~np.isfinite(score)] = np.inf
+    lab = _select(score, _n_voxels(ctx, v), connected=True)
+    _paint(ctx, out, label, ctx.bb, lab, rng, EXTRA_KIND_HU["epidural"], rng.uniform(2.0, 5.0), None, "epidural")
+
+
+def _csf(ctx: _Ctx) -> np.ndarray:
+    """CSF-density voxels of the brain box (sulci, cisterns, ventricles)."""
+    ct = np.asarray(ctx.ct.array)[ctx.bb].astype(np.float32)
+    sm = ndimage.gaussian_filter(ct, sigma=1.0 / ctx.sampling, truncate=3.0)
+    return (sm >= CSF_HU[0]) & (sm <= CSF_HU[1]) & ctx.brain[ctx.bb]
+
+
+def _subarachnoid(ctx: _Ctx, rng, out, label, volume_ml, exclude=None, side=None):
+    v = _loguniform(rng, *EXTRA_KIND_VOLUME_ML["subarachnoid"]) if volume_ml is None else float(volume_ml)
+    depth = ctx.fine_depth()
+    R, A, S = ctx.ras_grid(ctx.bb)
+    shape = depth.shape
+    csf = _csf(ctx)
+    if rng.random() < 0.5:  # basal cisterns: the lowest 30 mm of the brain, within 25 mm of the midline
+        s_low = float(np.min(np.broadcast_to(S, shape)[ctx.brain[ctx.bb]]))
+        where = (np.broadcast_to(S, shape) < s_low + 30.0) & (np.abs(np.broadcast_to(R, shape) - ctx.centroid[0]) < 25.0)
+    else:  # sulci of one convexity: within 12 mm of the brain surface, in a wide cone
+        theta, _ = _cone(ctx, rng, side)
+        where = (depth <= 12.0) & (theta < math.radians(rng.uniform(40.0, 70.0)))
+    cand = csf & where
+    if exclude is not None:
+        cand &= ~exclude[ctx.bb]
+    if int(cand.sum()) < _n_voxels(ctx, v):  # too little CSF seen (a pseudo-CT without sulci): the thin outer shell
+        cand |= where & (depth > 0) & (depth <= 2.5) & ctx.brain[ctx.bb]
+    if not cand.any():
+        raise UsageError("no CSF space for a subarachnoid bleed", "use another kind")
+    pts = np.argwhere(cand)
+    seed = pts[int(rng.integers(len(pts)))]
+    sr, sa, ss = (float(np.broadcast_to(g, shape)[tuple(seed)]) for g in (R, A, S))
+    score = np.sqrt((R - sr) ** 2 + (A - sa) ** 2 + (S - ss) ** 2).astype(np.float32) + 3.0 * ctx.noise(rng, shape, 5.0)
+    score[~cand] = np.inf
+    lab = _select(score, _n_voxels(ctx, v), connected=False)
+    _paint(ctx, out, label, ctx.bb, lab, rng, EXTRA_KIND_HU["subarachnoid"], rng.uniform(2.0, 4.0), None, "subarachnoid")
+
+
+_EXTRA_MAKERS = {"epidural": _epidural, "subarachnoid": _subarachnoid}
+
+
+def _fluid_level(ctx: _Ctx, rng, out: np.ndarray, new: np.ndarray) -> None:
+    """A haematocrit level in the bleed ``new`` (full-volume mask): below a level in A (posterior is
+    dependent for a supine patient) +8–15 HU, above it −5–10 HU, a sharp boundary."""
+    idx = np.argwhere(new)
+    if len(idx) < 20:
+        return
+    a = ctx.ct.ijk_to_ras_points(idx[:, ::-1].astype(np.float64))[:, 1]
+    level = np.percentile(a, rng.uniform(30.0, 60.0))
+    lower = a <= level
+    delta = np.where(lower, rng.uniform(8.0, 15.0), -rng.uniform(5.0, 10.0))
+    vals = out[tuple(idx.T)].astype(np.float32) + delta
+    if np.issubdtype(out.dtype, np.integer):
+        vals = np.rint(vals)
+    out[tuple(idx.T)] = vals.astype(out.dtype)
+
+
+# --- mimics (never labelled) -------------------------------------------------------------------
+def _blob(ctx: _Ctx, rng, out, scratch, centre, radius_mm: float, hu: tuple[float, float]) -> None:
+    box = ctx.box(centre, radius_mm * 2.0 + 3.0)
+    score = _deformed_blobs(ctx, rng, box, [centre], [radius_mm], 0.2, None)
+    lab = _select(score, _n_voxels(ctx, 4.0 / 3.0 * math.pi * radius_mm ** 3 / 1000.0), connected=True)
+    _paint(ctx, out, scratch, box, lab, rng, hu, 5.0, None, "mimic")
+
+
+def _deep_point(ctx: _Ctx, lateral_mm: float, posterior_mm: float, up_mm: float) -> np.ndarray:
+    """The brain point nearest to centroid + (lateral, −posterior, up) mm."""
+    target = ctx.centroid + np.array([lateral_mm, -posterior_mm, up_mm])
+    kji, ras = ctx.coarse_points(ctx.coarse_depth > 0)
+    return ras[int(np.argmin(np.linalg.norm(ras - target, axis=1)))]
+
+
+def _mimic(ctx: _Ctx, rng, out: np.ndarray, kind: str) -> None:
+    scratch = np.zeros(out.shape[:3], np.uint8)
+    if kind == "choroid_calcification":  # in the posterior (dependent) part of the lateral ventricles
+        vent = _ventricles(ctx, ctx.bb)
+        if vent.sum() < 50:
+            centre = _deep_point(ctx, float(rng.choice([-1, 1])) * 15.0, 20.0, 5.0)
+        else:
+            pts = np.argwhere(vent) + np.array([b.start for b in ctx.bb])
+            ras = ctx.ct.ijk_to_ras_points(pts[:, ::-1].astype(np.float64))
+            back = ras[ras[:, 1] <= np.percentile(ras[:, 1], 15)]
+            centre = back[int(rng.integers(len(back)))]
+        _blob(ctx, rng, out, scratch, centre, rng.uniform(1.5, 3.5), (150.0, 350.0))
+    elif kind == "pineal_calcification":
+        _blob(ctx, rng, out, scratch, _deep_point(ctx, 0.0, rng.uniform(10.0, 20.0), rng.uniform(-5.0, 5.0)),
+              rng.uniform(1.5, 3.0), (120.0, 300.0))
+    elif kind == "basal_ganglia_calcification":  # bilateral, roughly symmetric, faint to dense
+        lat, ant, up, r, hu = rng.uniform(18.0, 26.0), rng.uniform(-10.0, 5.0), rng.uniform(-8.0, 4.0), rng.uniform(2.0, 4.5), rng.uniform(70.0, 160.0)
+        for side in (-1, 1):
+            _blob(ctx, rng, out, scratch, _deep_point(ctx, side * lat, ant, up), r, (hu - 15.0, hu + 15.0))
+    elif kind == "falx_calcification":  # a thin plate in the midline, above the centre
+        R, A, S = ctx.ras_grid(ctx.bb)
+        a0 = ctx.centroid[1] + rng.uniform(-30.0, 30.0)
+        length, height = rng.uniform(10.0, 30.0), rng.uniform(4.0, 10.0)
+        s0 = ctx.centroid[2] + rng.uniform(20.0, 45.0)
+        plate = (np.abs(R - ctx.centroid[0]) <= 0.8) & (np.abs(A - a0) <= length / 2) & (np.abs(S - s0) <= height / 2)
+        _paint(ctx, out, scratch, ctx.bb, plate & ctx.brain[ctx.bb], rng, (150.0, 400.0), 20.0, None, "mimic")
+    elif kind == "dense_sinus":  # superior sagittal sinus: midline, against the posterior/superior inner table
+        R, A, S = ctx.ras_grid(ctx.bb)
+        depth = ctx.fine_depth()
+        sinus = (np.abs(R - ctx.centroid[0]) <= rng.uniform(3.0, 5.0)) & (depth > 0) & (depth <= 4.0) \
+            & (A < ctx.centroid[1] + 20.0) & (S > ctx.centroid[2] - 10.0)
+        _paint(ctx, out, scratch, ctx.bb, sinus, rng, (58.0, 75.0), 2.0, None, "mimic")
+    elif kind == "beam_hardening":  # a faint hyperdense band across the lowest brain, between the petrous bones
+        R, A, S = ctx.ras_grid(ctx.bb)
+        shape = ctx.fine_depth().shape
+        s_low = float(np.min(np.broadcast_to(S, shape)[ctx.brain[ctx.bb]]))
+        band = (np.broadcast_to(S, shape) < s_low + rng.uniform(12.0, 25.0)) & ctx.brain[ctx.bb]
+        streak = np.clip(np.cos((np.broadcast_to(A, shape) - ctx.centroid[1]) / rng.uniform(6.0, 12.0)), 0, 1)
+        add = (rng.uniform(10.0, 25.0) * streak * band).astype(np.float32)
+        sub = out[ctx.bb].astype(np.float32) + add
+        out[ctx.bb] = (np.rint(sub) if np.issubdtype(out.dtype, np.integer) else sub).astype(out.dtype)
+    else:
+        raise UsageError(f"unknown mimic {kind!r}", f"use one of {', '.join(MIMICS)}")
+
+
+# --- public API ---------------------------------------------------------------------------------
+def synthesize_compartments(ct: Image, rng: np.random.Generator, bleeds: list[Bleed], mimics: tuple[str, ...] = (), *,
+                            brain: np.ndarray | None = None, density_hu: float | None = None) -> tuple[Image, Image]:
+    """Paint ``mimics`` and then ``bleeds`` into a copy of ``ct`` (HU); returns ``(ct, label)`` with the
+    label values of :data:`CLASSES` (oedema only where no bleed lies; a later bleed overwrites an earlier
+    one where they meet). A bleed whose geometry does not fit this head (no ventricles, no CSF) is
+    skipped; ``density_hu`` as in :func:`.synth.synthesize_hemorrhage`."""
+    for b in bleeds:
+        if b.kind not in KIND_CLASS:
+            raise UsageError(f"unknown bleed kind {b.kind!r}", f"use one of {', '.join(BLEED_KINDS)}")
+    for m in mimics:
+        if m not in MIMICS:
+            raise UsageError(f"unknown mimic {m!r}", f"use one of {', '.join(MIMICS)}")
+    ctx = _Ctx(ct, brain_mask(ct) if brain is None else np.asarray(brain, bool))
+    ctx.kind_values, ctx.oedema_value, ctx.density_hu = dict(KIND_CLASS), OEDEMA, density_hu
+    out = np.array(ct.array, copy=True)
+    label = np.zeros(ct.array.shape[:3], np.uint8)
+    for m in mimics:
+        saved, ctx.density_hu = ctx.density_hu, None  # a mimic keeps its own density
+        _mimic(ctx, rng, out, m)
+        ctx.density_hu = saved
+    for b in bleeds:
+        before = label == KIND_CLASS[b.kind]
+        maker = _EXTRA_MAKERS.get(b.kind) or _MAKERS[b.kind]
+        try:
+            maker(ctx, rng, out, label, b.volume_ml)
+        except UsageError:
+            continue
+        if b.kind == "intraparenchymal" and (b.fluid_level if b.fluid_level is not None else rng.random() < 0.25):
+            _fluid_level(ctx, rng, out, (label == 1) & ~before)
+    return Image(out, ct.ijk_to_ras), Image(label, ct.ijk_to_ras)
+
+
