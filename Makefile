@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup gl-libs sample demo test slicer-test bench evaluate compare-perfusion clean
+.PHONY: setup gl-libs sample demo test slicer-test bench bench-blast evaluate compare-perfusion clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ gl-libs: setup
 bench: setup
 	$(BIN)/python bench/inference_vs_monai.py
 	$(BIN)/python bench/scaling_and_memory.py
+
+# BLAST-CT's DeepMedic (random weights: its package ships none) against ours on the demo CT (#19)
+bench-blast: setup sample
+	$(BIN)/pip install -q --no-deps blast-ct==2.1.0
+	$(BIN)/python bench/blast_ct_speed.py
 
 evaluate: sample
 	$(BIN)/python -m UNetSegmentLib.models.training.cases --config Resources/Training/ct-hemorrhage.yaml --split val --output-dir .cache/eval-ct-hemorrhage

@@ -157,49 +157,66 @@ def _deep_point(ctx: _Ctx, lateral_mm: float, posterior_mm: float, up_mm: float)
     return ras[int(np.argmin(np.linalg.norm(ras - target, axis=1)))]
 
 
-def _mimic(ctx: _Ctx, rng, out: np.ndarray, kind: str) -> None:
-    scratch = np.zeros(out.shape[:3], np.uint8)
-    if kind == "choroid_calcification":  # in the posterior (dependent) part of the lateral ventricles
-        vent = _ventricles(ctx, ctx.bb)
-        if vent.sum() < 50:
-            centre = _deep_point(ctx, float(rng.choice([-1, 1])) * 15.0, 20.0, 5.0)
-        else:
-            pts = np.argwhere(vent) + np.array([b.start for b in ctx.bb])
-            ras = ctx.ct.ijk_to_ras_points(pts[:, ::-1].astype(np.float64))
-            back = ras[ras[:, 1] <= np.percentile(ras[:, 1], 15)]
-            centre = back[int(rng.integers(len(back)))]
-        _blob(ctx, rng, out, scratch, centre, rng.uniform(1.5, 3.5), (150.0, 350.0))
-    elif kind == "pineal_calcification":
-        _blob(ctx, rng, out, scratch, _deep_point(ctx, 0.0, rng.uniform(10.0, 20.0), rng.uniform(-5.0, 5.0)),
-              rng.uniform(1.5, 3.0), (120.0, 300.0))
-    elif kind == "basal_ganglia_calcification":  # bilateral, roughly symmetric, faint to dense
-        lat, ant, up, r, hu = rng.uniform(18.0, 26.0), rng.uniform(-10.0, 5.0), rng.uniform(-8.0, 4.0), rng.uniform(2.0, 4.5), rng.uniform(70.0, 160.0)
-        for side in (-1, 1):
-            _blob(ctx, rng, out, scratch, _deep_point(ctx, side * lat, ant, up), r, (hu - 15.0, hu + 15.0))
-    elif kind == "falx_calcification":  # a thin plate in the midline, above the centre
-        R, A, S = ctx.ras_grid(ctx.bb)
-        a0 = ctx.centroid[1] + rng.uniform(-30.0, 30.0)
-        length, height = rng.uniform(10.0, 30.0), rng.uniform(4.0, 10.0)
-        s0 = ctx.centroid[2] + rng.uniform(20.0, 45.0)
-        plate = (np.abs(R - ctx.centroid[0]) <= 0.8) & (np.abs(A - a0) <= length / 2) & (np.abs(S - s0) <= height / 2)
-        _paint(ctx, out, scratch, ctx.bb, plate & ctx.brain[ctx.bb], rng, (150.0, 400.0), 20.0, None, "mimic")
-    elif kind == "dense_sinus":  # superior sagittal sinus: midline, against the posterior/superior inner table
-        R, A, S = ctx.ras_grid(ctx.bb)
-        depth = ctx.fine_depth()
-        sinus = (np.abs(R - ctx.centroid[0]) <= rng.uniform(3.0, 5.0)) & (depth > 0) & (depth <= 4.0) \
-            & (A < ctx.centroid[1] + 20.0) & (S > ctx.centroid[2] - 10.0)
-        _paint(ctx, out, scratch, ctx.bb, sinus, rng, (58.0, 75.0), 2.0, None, "mimic")
-    elif kind == "beam_hardening":  # a faint hyperdense band across the lowest brain, between the petrous bones
-        R, A, S = ctx.ras_grid(ctx.bb)
-        shape = ctx.fine_depth().shape
-        s_low = float(np.min(np.broadcast_to(S, shape)[ctx.brain[ctx.bb]]))
-        band = (np.broadcast_to(S, shape) < s_low + rng.uniform(12.0, 25.0)) & ctx.brain[ctx.bb]
-        streak = np.clip(np.cos((np.broadcast_to(A, shape) - ctx.centroid[1]) / rng.uniform(6.0, 12.0)), 0, 1)
-        add = (rng.uniform(10.0, 25.0) * streak * band).astype(np.float32)
-        sub = out[ctx.bb].astype(np.float32) + add
-        out[ctx.bb] = (np.rint(sub) if np.issubdtype(out.dtype, np.integer) else sub).astype(out.dtype)
+def _choroid_calcification(ctx: _Ctx, rng, out, scratch) -> None:
+    """In the posterior (dependent) part of the lateral ventricles, where the glomus calcifies."""
+    vent = _ventricles(ctx, ctx.bb)
+    if vent.sum() < 50:
+        centre = _deep_point(ctx, float(rng.choice([-1, 1])) * 15.0, 20.0, 5.0)
     else:
-        raise UsageError(f"unknown mimic {kind!r}", f"use one of {', '.join(MIMICS)}")
+        pts = np.argwhere(vent) + np.array([b.start for b in ctx.bb])
+        ras = ctx.ct.ijk_to_ras_points(pts[:, ::-1].astype(np.float64))
+        back = ras[ras[:, 1] <= np.percentile(ras[:, 1], 15)]
+        centre = back[int(rng.integers(len(back)))]
+    _blob(ctx, rng, out, scratch, centre, rng.uniform(1.5, 3.5), (150.0, 350.0))
+
+
+def _pineal_calcification(ctx: _Ctx, rng, out, scratch) -> None:
+    _blob(ctx, rng, out, scratch, _deep_point(ctx, 0.0, rng.uniform(10.0, 20.0), rng.uniform(-5.0, 5.0)),
+          rng.uniform(1.5, 3.0), (120.0, 300.0))
+
+
+def _basal_ganglia_calcification(ctx: _Ctx, rng, out, scratch) -> None:
+    """Bilateral and roughly symmetric, faint to dense."""
+    lat, ant, up = rng.uniform(18.0, 26.0), rng.uniform(-10.0, 5.0), rng.uniform(-8.0, 4.0)
+    r, hu = rng.uniform(2.0, 4.5), rng.uniform(70.0, 160.0)
+    for side in (-1, 1):
+        _blob(ctx, rng, out, scratch, _deep_point(ctx, side * lat, ant, up), r, (hu - 15.0, hu + 15.0))
+
+
+def _falx_calcification(ctx: _Ctx, rng, out, scratch) -> None:
+    """A thin plate in the midline, above the centre of the brain."""
+    R, A, S = ctx.ras_grid(ctx.bb)
+    a0 = ctx.centroid[1] + rng.uniform(-30.0, 30.0)
+    length, height = rng.uniform(10.0, 30.0), rng.uniform(4.0, 10.0)
+    s0 = ctx.centroid[2] + rng.uniform(20.0, 45.0)
+    plate = (np.abs(R - ctx.centroid[0]) <= 0.8) & (np.abs(A - a0) <= length / 2) & (np.abs(S - s0) <= height / 2)
+    _paint(ctx, out, scratch, ctx.bb, plate & ctx.brain[ctx.bb], rng, (150.0, 400.0), 20.0, None, "mimic")
+
+
+def _dense_sinus(ctx: _Ctx, rng, out, scratch) -> None:
+    """The superior sagittal sinus as dense as blood: midline, against the posterior/superior inner table."""
+    R, A, S = ctx.ras_grid(ctx.bb)
+    depth = ctx.fine_depth()
+    sinus = (np.abs(R - ctx.centroid[0]) <= rng.uniform(3.0, 5.0)) & (depth > 0) & (depth <= 4.0) \
+        & (A < ctx.centroid[1] + 20.0) & (S > ctx.centroid[2] - 10.0)
+    _paint(ctx, out, scratch, ctx.bb, sinus, rng, (58.0, 75.0), 2.0, None, "mimic")
+
+
+def _beam_hardening(ctx: _Ctx, rng, out, scratch) -> None:
+    """A faint hyperdense band across the lowest brain, between the petrous bones, striped along A."""
+    R, A, S = ctx.ras_grid(ctx.bb)
+    shape = ctx.fine_depth().shape
+    s_low = float(np.min(np.broadcast_to(S, shape)[ctx.brain[ctx.bb]]))
+    band = (np.broadcast_to(S, shape) < s_low + rng.uniform(12.0, 25.0)) & ctx.brain[ctx.bb]
+    streak = np.clip(np.cos((np.broadcast_to(A, shape) - ctx.centroid[1]) / rng.uniform(6.0, 12.0)), 0, 1)
+    sub = out[ctx.bb].astype(np.float32) + (rng.uniform(10.0, 25.0) * streak * band).astype(np.float32)
+    out[ctx.bb] = (np.rint(sub) if np.issubdtype(out.dtype, np.integer) else sub).astype(out.dtype)
+
+
+_MIMIC_MAKERS = {"choroid_calcification": _choroid_calcification, "pineal_calcification": _pineal_calcification,
+                 "basal_ganglia_calcification": _basal_ganglia_calcification, "falx_calcification": _falx_calcification,
+                 "dense_sinus": _dense_sinus, "beam_hardening": _beam_hardening}
+assert tuple(_MIMIC_MAKERS) == MIMICS
 
 
 # --- public API ---------------------------------------------------------------------------------
@@ -219,9 +236,10 @@ def synthesize_compartments(ct: Image, rng: np.random.Generator, bleeds: list[Bl
     ctx.kind_values, ctx.oedema_value, ctx.density_hu = dict(KIND_CLASS), OEDEMA, density_hu
     out = np.array(ct.array, copy=True)
     label = np.zeros(ct.array.shape[:3], np.uint8)
+    scratch = np.zeros(out.shape[:3], np.uint8)  # mimics are painted like bleeds but never labelled
     for m in mimics:
         saved, ctx.density_hu = ctx.density_hu, None  # a mimic keeps its own density
-        _mimic(ctx, rng, out, m)
+        _MIMIC_MAKERS[m](ctx, rng, out, scratch)
         ctx.density_hu = saved
     for b in bleeds:
         before = label == KIND_CLASS[b.kind]
