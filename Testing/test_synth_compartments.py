@@ -116,3 +116,17 @@ def test_compartment_case_generator_is_deterministic_with_every_class():
         if seed == 0:
             np.testing.assert_array_equal(ct_hemorrhage_compartments_case(0)[1].array, label.array)
     assert {1, 2} <= seen, seen
+
+
+def test_one_label_cases_can_carry_unlabelled_mimics():
+    """``Settings.mimic_fraction`` paints mimics into one-label cases and leaves them out of the label."""
+    from UNetSegmentLib.models.training.cases import TRAINING, Settings, ct_hemorrhage_case
+
+    quiet = {**TRAINING.__dict__, "negative_fraction": 1.0, "noise_hu": (0.0, 0.0), "hu_shift": (0.0, 0.0)}
+    (with_mimics,), label = ct_hemorrhage_case(11, Settings(**{**quiet, "mimic_fraction": 1.0}))
+    (plain,), plain_label = ct_hemorrhage_case(11, Settings(**quiet))
+    assert not label.array.any() and not plain_label.array.any()  # negatives: mimics are not bleeds
+    assert with_mimics.same_grid(plain)
+    inside = ndimage.binary_erosion(synth.brain_mask(plain), iterations=3)
+    # a calcification (this seed draws one): ≥ 60 HU above the same head without mimics, inside the brain
+    assert ((with_mimics.array - plain.array) > 60)[inside].sum() > 5

@@ -47,6 +47,9 @@ class Settings:
     bleed_hu: tuple[float, float] | None = (45.0, 90.0)  # each bleed's density, uniform (None: by kind)
     # or: each bleed's contrast, uniform, in HU above the brain around it (overrides bleed_hu)
     bleed_contrast_hu: tuple[float, float] | None = None
+    # share of cases given 1–2 hemorrhage mimics (calcifications, dense sinus, beam hardening; never
+    # labelled) before their bleeds; None: no mimics and no draw, so other settings keep their seeds' cases
+    mimic_fraction: float | None = None
 
 
 TRAINING = Settings()
@@ -129,6 +132,11 @@ def ct_hemorrhage_case(seed: int, s: Settings = TRAINING,
     bg = _background(rng, s, _cached_sample(load_sample))
     ct, _ = reslice(bg, rng, s)
     label = np.zeros(ct.array.shape, np.uint8)
+    if s.mimic_fraction is not None and rng.random() < s.mimic_fraction:
+        from ...synth_compartments import MIMICS, synthesize_compartments
+
+        mimics = tuple(str(m) for m in rng.choice(MIMICS, size=int(rng.integers(1, 3)), replace=False))
+        ct = synthesize_compartments(ct, rng, [], mimics, brain=brain_mask(ct))[0]
     if rng.random() >= s.negative_fraction:
         brain = brain_mask(ct)
         for _ in range(int(rng.integers(1, s.max_lesions + 1))):
