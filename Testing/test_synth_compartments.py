@@ -2,6 +2,8 @@
 compartment case generator, on the analytic head phantom of test_synth and on the real head CT."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -36,6 +38,8 @@ def test_each_kind_gets_its_class(phantom, kind):
     assert abs(_ml(img, bleed) - volume) <= max(img.voxel_volume_mm3 / 1000.0, 0.01 * volume) + 1e-9
     assert not (bleed & ~brain).any()
     assert out.array[bleed].mean() > before[bleed].mean() + 10.0  # hyperdense
+    if kind == "subarachnoid":  # in CSF spaces, never in the ventricles (the phantom's 5 HU ellipsoids)
+        assert not (bleed & (before < 15)).any()
 
 
 def test_oedema_is_a_labelled_hypodense_rim_that_never_covers_blood(phantom):
@@ -53,6 +57,13 @@ def test_oedema_is_a_labelled_hypodense_rim_that_never_covers_blood(phantom):
     assert out.array[oedema].mean() < img.array[oedema].mean() - 5.0  # darker than the brain it was
 
 
+def _thickness_and_width(img, lab) -> tuple[float, float]:
+    """(2 × the deepest point's distance to the lesion's edge, 2 × the farthest voxel from its centroid), mm."""
+    thick = 2.0 * float(ndimage.distance_transform_edt(lab, sampling=img.spacing[::-1]).max())
+    ras = img.ijk_to_ras_points(np.argwhere(lab)[:, ::-1].astype(np.float64))
+    return thick, 2.0 * float(np.linalg.norm(ras - ras.mean(axis=0), axis=1).max())
+
+
 def test_epidural_is_a_thick_lens_and_subdural_a_thin_crescent(head_ct):
     brain = synth.brain_mask(head_ct)
     thickness = {}
@@ -60,8 +71,12 @@ def test_epidural_is_a_thick_lens_and_subdural_a_thin_crescent(head_ct):
         _, label = synthesize_compartments(head_ct, np.random.default_rng(1), [Bleed(kind, 20.0)], brain=brain)
         lab = label.array == 2
         assert ndimage.label(lab, np.ones((3, 3, 3)))[1] == 1
-        thickness[kind] = 2.0 * ndimage.distance_transform_edt(lab, sampling=head_ct.spacing[::-1]).max()
-    assert thickness["epidural"] >= 12.0 and thickness["epidural"] > 1.5 * thickness["subdural"], thickness
+        thickness[kind] = _thickness_and_width(head_ct, lab)[0]
+    assert thickness["epidural"] >= 10.0 and thickness["epidural"] > 2.0 * thickness["subdural"], thickness
+    for seed, volume in ((1, 40.0), (5, 13.0), (7, 60.0)):  # a lens, never a cone reaching into the brain
+        _, label = synthesize_compartments(head_ct, np.random.default_rng(seed), [Bleed("epidural", volume)], brain=brain)
+        thick, width = _thickness_and_width(head_ct, label.array == 2)
+        assert thick <= 0.75 * width, (seed, volume, thick, width)
 
 
 def test_fluid_level_makes_the_dependent_part_denser(phantom):
@@ -89,12 +104,27 @@ def test_mimics_change_the_ct_but_are_never_labelled(head_ct, mimic):
         assert 55 <= np.median(out.array[changed]) <= 80  # as dense as blood: the mimic to learn
 
 
+def test_bleeds_keep_away_from_mimics(head_ct):
+    """Calcifications next to bleeds and their oedema stay unlabelled."""
+    brain = synth.brain_mask(head_ct)
+    bleeds = [Bleed("intraparenchymal", 15.0, False), Bleed("contusion", 5.0), Bleed("intraventricular", 4.0)]
+    mimics = ("basal_ganglia_calcification", "choroid_calcification", "pineal_calcification")
+    for seed in range(2):
+        out, label = synthesize_compartments(head_ct, np.random.default_rng(seed), bleeds, mimics, brain=brain)
+        assert (out.array > 140).sum() > (head_ct.array > 140).sum()  # the calcifications are there
+        assert not (out.array[label.array > 0] >= 140).any()
+
+
 def test_bad_kinds_are_refused(phantom):
     img, brain = phantom
     with pytest.raises(UsageError, match="unknown bleed kind"):
         synthesize_compartments(img, np.random.default_rng(0), [Bleed("hygroma")], brain=brain)
     with pytest.raises(UsageError, match="unknown mimic"):
         synthesize_compartments(img, np.random.default_rng(0), [], ("tumour",), brain=brain)
+    with pytest.raises(UsageError, match="volume must be positive"):
+        Bleed("epidural", -2.0)
+    with pytest.raises(UsageError, match="contrast"):
+        Bleed("subdural", density_hu=60.0, contrast_hu=15.0)
 
 
 def test_single_label_cases_are_unchanged_by_the_class_machinery(phantom):
@@ -104,7 +134,7 @@ def test_single_label_cases_are_unchanged_by_the_class_machinery(phantom):
     assert set(np.unique(label.array).tolist()) == {0, 1}
 
 
-def test_compartment_case_generator_is_deterministic_with_every_class():
+def test_compartment_case_generator_is_deterministic_and_labels_bleed_classes():
     from UNetSegmentLib.models.training.cases import ct_hemorrhage_compartments_case
 
     seen: set[int] = set()
@@ -120,11 +150,11 @@ def test_compartment_case_generator_is_deterministic_with_every_class():
 
 def test_one_label_cases_can_carry_unlabelled_mimics():
     """``Settings.mimic_fraction`` paints mimics into one-label cases and leaves them out of the label."""
-    from UNetSegmentLib.models.training.cases import TRAINING, Settings, ct_hemorrhage_case
+    from UNetSegmentLib.models.training.cases import TRAINING, ct_hemorrhage_case
 
-    quiet = {**TRAINING.__dict__, "negative_fraction": 1.0, "noise_hu": (0.0, 0.0), "hu_shift": (0.0, 0.0)}
-    (with_mimics,), label = ct_hemorrhage_case(11, Settings(**{**quiet, "mimic_fraction": 1.0}))
-    (plain,), plain_label = ct_hemorrhage_case(11, Settings(**quiet))
+    quiet = replace(TRAINING, negative_fraction=1.0, noise_hu=(0.0, 0.0), hu_shift=(0.0, 0.0))
+    (with_mimics,), label = ct_hemorrhage_case(11, replace(quiet, mimic_fraction=1.0))
+    (plain,), plain_label = ct_hemorrhage_case(11, quiet)
     assert not label.array.any() and not plain_label.array.any()  # negatives: mimics are not bleeds
     assert with_mimics.same_grid(plain)
     inside = ndimage.binary_erosion(synth.brain_mask(plain), iterations=3)

@@ -15,9 +15,10 @@ input patch lies inside.
 Both sides read the same CT. BLAST-CT's side: resampling to 1 mm isotropic and its intensity window
 (−15–100 HU), then its network over every patch (batch ``--batch-size``; BLAST-CT's GPU batch of 32
 does not fit a laptop's memory at 110³). Ours: :func:`segment` at its defaults (fast engine,
-automatic precision) with the default heatmaps and without. One DeepMedic model is timed over the
-whole volume; the ensemble's time is that × ``--ensemble`` (BLAST-CT runs every model of the ensemble
-on every batch: ``ModelInferenceEnsemble``), printed as such.
+automatic precision) with the default heatmaps and without, and in fp32. One DeepMedic model is timed
+over the whole volume; the ensemble's time is that × ``--ensemble`` (BLAST-CT runs every model of the
+ensemble on every batch, ``ModelInferenceEnsemble``, and also reloads each model's weights per batch,
+which is not counted: the projection is on BLAST-CT's side of fair).
 
 usage: python bench/blast_ct_speed.py [--case PATH] [--model NAME|PATH] [--ensemble N] [--batch-size N]
 """
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 
 from UNetSegmentLib.demo import demo_case  # noqa: E402
 from UNetSegmentLib.engine.pipeline import segment  # noqa: E402
-from UNetSegmentLib.image import Image, resample  # noqa: E402
+from UNetSegmentLib.image import Image  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.models.bundle import default_model_name, load_bundle  # noqa: E402
 from UNetSegmentLib.params import SegmentParams  # noqa: E402
@@ -60,23 +61,29 @@ def blast_network():
     return net, cfg
 
 
-def at_1mm(img: Image, resolution: float = 1.0) -> np.ndarray:
-    """``img`` resampled (linear) to ``resolution`` mm isotropic on its own axes, as BLAST-CT's ``rescale``."""
-    extent = np.array(img.shape_ijk) * img.spacing
-    shape_ijk = np.maximum(1, np.round(extent / resolution)).astype(int)
-    m = img.ijk_to_ras.copy()
-    m[:3, :3] = img.direction * resolution
-    return resample(img, tuple(shape_ijk[::-1]), m, order=1, fill=-1024.0).array
+def blast_volume(img: Image, cfg: dict) -> np.ndarray:
+    """``img`` as BLAST-CT prepares it: its own ``rescale`` to the config's resolution (SimpleITK, linear),
+    then its intensity window scaled to 0–1."""
+    from blast_ct.nifti.rescale import rescale
+
+    import SimpleITK as sitk
+
+    from UNetSegmentLib.image import to_sitk
+
+    vol = sitk.GetArrayFromImage(rescale(cfg["data"]["resolution"], to_sitk(img))).astype(np.float32)
+    lo, hi = cfg["data"]["transformation"]["IntensityWindowNormalization"].values()
+    return (np.clip(vol, lo, hi) - lo) / (hi - lo)
 
 
-def blast_patches(vol: np.ndarray, in_size: tuple[int, ...], out_size: tuple[int, ...]) -> list[np.ndarray]:
-    """BLAST-CT's input patches over ``vol`` (centres on its grid; the volume padded to hold them all)."""
+def blast_patches(vol: np.ndarray, in_size: tuple[int, ...], out_size: tuple[int, ...]):
+    """(number of patches, a generator of them): BLAST-CT's input patches over ``vol`` (centres on its grid,
+    ``get_center_points``; the volume padded so that every patch lies inside), made one at a time."""
     centres = list(itertools.product(*((ps * i + ps // 2 for i in range(s // ps + 1)) for s, ps in zip(vol.shape, out_size))))
     half = [i // 2 for i in in_size]
     pad = [(h, h + i) for h, i in zip(half, in_size)]
     padded = np.pad(vol, pad, constant_values=float(vol.min()))
-    return [padded[tuple(slice(c + p[0] - h, c + p[0] - h + i) for c, p, h, i in zip(cen, pad, half, in_size))]
-            for cen in centres]
+    return len(centres), (padded[tuple(slice(c + p[0] - h, c + p[0] - h + i) for c, p, h, i in zip(cen, pad, half, in_size))]
+                          for cen in centres)
 
 
 def main() -> int:
@@ -91,29 +98,27 @@ def main() -> int:
     net, cfg = blast_network()
     in_size = tuple(cfg["test"]["input_patch_size"])
     out_size = tuple(net.get_output_size(in_size))
-    print(f"case {case}; CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"case {case}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads for both")
     print(f"BLAST-CT DeepMedic: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, input patch {in_size} "
           f"→ output {out_size}; ours: {bundle.name} {bundle.version}, {bundle.meta['architecture'].get('parameters', 0) / 1e6:.2f} M")
 
     t0 = time.perf_counter()
-    img = read_image(case)
-    lo, hi = cfg["data"]["transformation"]["IntensityWindowNormalization"].values()
-    vol = (np.clip(at_1mm(img), lo, hi) - lo) / (hi - lo)
-    patches = blast_patches(vol.astype(np.float32), in_size, out_size)
+    vol = blast_volume(read_image(case), cfg)
+    n_patches, patches = blast_patches(vol, in_size, out_size)
     t_prep = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for b in range(0, len(patches), a.batch_size):
-            x = torch.from_numpy(np.stack(patches[b : b + a.batch_size]))[:, None]
-            net(x)
+        while batch := list(itertools.islice(patches, a.batch_size)):
+            net(torch.from_numpy(np.stack(batch))[:, None])
     t_net = time.perf_counter() - t0
-    print(f"BLAST-CT: 1 mm volume {vol.shape}, {len(patches)} patches; read+resample+window {t_prep:.1f} s; "
+    print(f"BLAST-CT: 1 mm volume {vol.shape}, {n_patches} patches; read+resample+window {t_prep:.1f} s; "
           f"one model {t_net:.1f} s (fp32, batch {a.batch_size}); ensemble of {a.ensemble}: {t_net * a.ensemble:.0f} s")
 
     img = read_image(case)
     network = bundle.build_network()
     times = {}
-    for name, params in (("defaults (Grad-CAM + uncertainty)", SegmentParams()), ("no heatmaps", SegmentParams(heatmaps=()))):
+    for name, params in (("defaults (Grad-CAM + uncertainty)", SegmentParams()), ("no heatmaps", SegmentParams(heatmaps=())),
+                         ("fp32, defaults", SegmentParams(precision="fp32"))):
         s = resolve(params, bundle)
         segment([img], bundle, network=network, settings=s)  # warm (the network is prepared once)
         t0 = time.perf_counter()

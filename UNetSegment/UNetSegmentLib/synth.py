@@ -314,7 +314,7 @@ def _paint(ctx: _Ctx, out: np.ndarray, label: np.ndarray, box, lab: np.ndarray, 
     value = ctx.kind_values.get(kind, 1) if ctx.kind_values else 1
     if oedema is not None and ctx.oedema_value is not None:
         region = label[box]
-        region[(rim >= 0.5) & ~lab & (region == 0)] = ctx.oedema_value
+        region[(rim >= 0.5) & ~lab & (region == 0) & (blended < 100.0)] = ctx.oedema_value  # not on a calcification
     label[box][lab] = value
 
 

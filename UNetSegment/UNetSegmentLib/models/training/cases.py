@@ -132,11 +132,12 @@ def ct_hemorrhage_case(seed: int, s: Settings = TRAINING,
     bg = _background(rng, s, _cached_sample(load_sample))
     ct, _ = reslice(bg, rng, s)
     label = np.zeros(ct.array.shape, np.uint8)
-    if s.mimic_fraction is not None and rng.random() < s.mimic_fraction:
-        from ...synth_compartments import MIMICS, synthesize_compartments
+    if s.mimic_fraction is not None:
+        from ...synth_compartments import synthesize_compartments
 
-        mimics = tuple(str(m) for m in rng.choice(MIMICS, size=int(rng.integers(1, 3)), replace=False))
-        ct = synthesize_compartments(ct, rng, [], mimics, brain=brain_mask(ct))[0]
+        mimics = _draw_mimics(rng, s.mimic_fraction)
+        if mimics:
+            ct = synthesize_compartments(ct, rng, [], mimics, brain=brain_mask(ct))[0]
     if rng.random() >= s.negative_fraction:
         brain = brain_mask(ct)
         for _ in range(int(rng.integers(1, s.max_lesions + 1))):
@@ -166,12 +167,13 @@ COMPARTMENT_KIND_WEIGHTS = {"intraparenchymal": 0.25, "contusion": 0.10, "subdur
 def ct_hemorrhage_compartments_case(seed: int, s: Settings = TRAINING) -> tuple[list[Image], Image]:
     """One synthetic head CT for the compartment model (ct-hemorrhage 2.x): the backgrounds, reslicing
     and scanner variety of :func:`ct_hemorrhage_case`; 0–``max_lesions`` bleeds of the kinds of
-    :data:`COMPARTMENT_KIND_WEIGHTS` (each of one density from ``bleed_hu``), and in 60 % of the cases,
-    positive or negative, 1–2 hemorrhage mimics (:data:`..synth_compartments.MIMICS`, never labelled).
-    The label holds the classes of :data:`..synth_compartments.CLASSES`."""
+    :data:`COMPARTMENT_KIND_WEIGHTS`, each with its own density from ``bleed_hu`` (or contrast from
+    ``bleed_contrast_hu``); in ``mimic_fraction`` of the cases (default 60 %), positive or negative, 1–2
+    hemorrhage mimics (:data:`..synth_compartments.MIMICS`, never labelled). The label holds the classes
+    of :data:`..synth_compartments.CLASSES`."""
     from ...io.sample import load_sample
     from ...synth import brain_mask
-    from ...synth_compartments import MIMICS, Bleed, synthesize_compartments
+    from ...synth_compartments import Bleed, synthesize_compartments
 
     rng = np.random.default_rng(seed)
     bg = _background(rng, s, _cached_sample(load_sample))
@@ -179,12 +181,25 @@ def ct_hemorrhage_compartments_case(seed: int, s: Settings = TRAINING) -> tuple[
     kinds, weights = list(COMPARTMENT_KIND_WEIGHTS), np.array(list(COMPARTMENT_KIND_WEIGHTS.values()))
     bleeds = []
     if rng.random() >= s.negative_fraction:
-        bleeds = [Bleed(str(rng.choice(kinds, p=weights / weights.sum()))) for _ in range(int(rng.integers(1, s.max_lesions + 1)))]
-    mimics = tuple(str(m) for m in rng.choice(MIMICS, size=int(rng.integers(1, 3)), replace=False)) if rng.random() < 0.6 else ()
-    density = float(rng.uniform(*s.bleed_hu)) if s.bleed_hu else None
-    ct, label = synthesize_compartments(ct, rng, bleeds, mimics, brain=brain_mask(ct), density_hu=density)
+        for _ in range(int(rng.integers(1, s.max_lesions + 1))):
+            kind = str(rng.choice(kinds, p=weights / weights.sum()))
+            if s.bleed_contrast_hu:
+                bleeds.append(Bleed(kind, contrast_hu=float(rng.uniform(*s.bleed_contrast_hu))))
+            else:
+                bleeds.append(Bleed(kind, density_hu=float(rng.uniform(*s.bleed_hu)) if s.bleed_hu else None))
+    mimics = _draw_mimics(rng, 0.6 if s.mimic_fraction is None else s.mimic_fraction)
+    ct, label = synthesize_compartments(ct, rng, bleeds, mimics, brain=brain_mask(ct))
     ct = intensity_augment(ct, rng, s)
     return [ct], label
+
+
+def _draw_mimics(rng: np.random.Generator, fraction: float) -> tuple[str, ...]:
+    """With probability ``fraction``, 1–2 distinct hemorrhage mimics; else none."""
+    from ...synth_compartments import MIMICS
+
+    if rng.random() >= fraction:
+        return ()
+    return tuple(str(m) for m in rng.choice(MIMICS, size=int(rng.integers(1, 3)), replace=False))
 
 
 def _background(rng: np.random.Generator, s: Settings, real: Image) -> Image:

@@ -80,8 +80,8 @@ def build(seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray, tuple]]:
     for n, ((bg_name, bg), brain) in enumerate(zip(backgrounds, brains)):
         for kind in sorted(BLEED_KINDS, key=lambda k: KIND_CLASS[k]):
             r = np.random.default_rng([seed, n, BLEED_KINDS.index(kind)])
-            bleed = Bleed(kind, fluid_level=(n == 0) if kind == "intraparenchymal" else None)
-            painted, label = synthesize_compartments(bg, r, [bleed], brain=brain, density_hu=float(r.uniform(50, 85)))
+            bleed = Bleed(kind, fluid_level=(n == 0) if kind == "intraparenchymal" else None, density_hu=float(r.uniform(50, 85)))
+            painted, label = synthesize_compartments(bg, r, [bleed], brain=brain)
             cells.append((f"{CLASSES[KIND_CLASS[kind]]}: {kind} ({bg_name})", *_cell(bg, painted, label, mimic=False)))
     for n, ((bg_name, bg), brain) in enumerate(zip(backgrounds, brains)):
         for m in MIMICS:
