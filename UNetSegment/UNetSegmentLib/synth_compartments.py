@@ -3,22 +3,23 @@
 The classes are BLAST-CT's (Monteiro et al. 2020), numbered as issue #19 asks: 1 intraparenchymal
 haemorrhage (IPH), 2 extra-axial haemorrhage (EAH: subdural, epidural, subarachnoid), 3
 intraventricular haemorrhage (IVH), 4 perilesional oedema. BLAST-CT numbers the last two the other way
-round (3 oedema, 4 IVH): :data:`TO_BLAST_CT` maps ours to theirs for any comparison of label maps. Bleeds are painted as in :mod:`.synth` (same geometry context, the same
-blending, physical units), with these additions:
+round (3 oedema, 4 IVH): :data:`TO_BLAST_CT` maps ours to theirs for any comparison of label maps.
+Bleeds are painted as in :mod:`.synth` (same geometry context, the same blending, physical units),
+with these additions:
 
 * ``epidural`` — a biconvex lens against the inner table, its footprint sized from its volume (about
-  twice as wide as thick) and its thickness falling to zero at its rim, so the bleed stops short instead of tapering along the skull as a subdural does
-  (an epidural bleed is bounded by the sutures where the dura is fixed; the cone stands in for one
-  bone's extent). 55–90 HU.
+  twice as wide as thick) and its thickness falling to zero at its rim, so the bleed stops short
+  instead of tapering along the skull as a subdural does (an epidural bleed is bounded by the sutures
+  where the dura is fixed). 55–90 HU.
 * ``subarachnoid`` — thin hyperdensity in CSF spaces: voxels well below the brain's density, outside the
   ventricles, in the sulci of one convexity or in the basal cisterns (below and in front of the centre),
   spreading from a seed along the CSF; 45–75 HU (blood mixed with CSF).
 * fluid levels — some IPH get a haematocrit level: the dependent (posterior, patient supine) part
   denser, the rest lighter, with a sharp boundary.
 * the oedema rim around IPH and contusions (hypodense, 10–20 HU below the brain) is labelled 4 where
-  it dominates and no bleed lies.
+  it dominates and no bleed or calcification lies.
 * mimics, never labelled: calcifications of the choroid plexus, the pineal gland, the basal ganglia
-  and the falx; a hyperdense superior sagittal sinus; a beam-hardening band near the skull base.
+  and the falx; a hyperdense superior sagittal sinus; a beam-hardening band between the petrous ridges.
 
 :func:`synthesize_compartments` paints a list of bleeds and mimics into one CT. The CT is never modified.
 """
@@ -74,26 +75,26 @@ class Bleed:
 
 # --- extra bleed kinds -------------------------------------------------------------------------
 def _cone(ctx: _Ctx, rng, side: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Angle (rad) of every voxel of the brain box from a random outward axis on one side, and the axis."""
+    """For every voxel of the brain box: its angle (rad) from a random outward axis on one side, seen from
+    the brain's centroid, and its distance (mm) from the centroid."""
     side = int(rng.choice([-1, 1])) if side is None else side
     axis = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(-0.1, 0.6)])
     axis /= np.linalg.norm(axis)
     R, A, S = ctx.ras_grid(ctx.bb)
     dx, dy, dz = R - ctx.centroid[0], A - ctx.centroid[1], S - ctx.centroid[2]
-    cosang = (dx * axis[0] + dy * axis[1] + dz * axis[2]) / np.maximum(np.sqrt(dx * dx + dy * dy + dz * dz), 1e-3)
-    return np.arccos(np.clip(cosang, -1.0, 1.0)), axis
+    dist = np.sqrt(dx * dx + dy * dy + dz * dz)
+    cosang = (dx * axis[0] + dy * axis[1] + dz * axis[2]) / np.maximum(dist, 1e-3)
+    return np.arccos(np.clip(cosang, -1.0, 1.0)), dist
 
 
 def _epidural(ctx: _Ctx, rng, out, label, volume_ml, exclude=None, side=None):
     v = _loguniform(rng, *EXTRA_KIND_VOLUME_ML["epidural"]) if volume_ml is None else float(volume_ml)
-    theta, axis = _cone(ctx, rng, side)
+    theta, dist = _cone(ctx, rng, side)
     depth = ctx.fine_depth()
     # a lens of footprint radius r and parabolic profile holds (π/2)·r²·t; with its thickness t about r/2
     # (a 6 cm wide, 1.5 cm thick epidural), r = (4v/π)^(1/3); as an angle seen from the brain's centre,
     # at the brain surface's distance from it along the cone's axis
     radius = (4.0 * v * 1000.0 / math.pi) ** (1.0 / 3.0) * rng.uniform(0.85, 1.1)
-    R, A, S = ctx.ras_grid(ctx.bb)
-    dist = np.sqrt((R - ctx.centroid[0]) ** 2 + (A - ctx.centroid[1]) ** 2 + (S - ctx.centroid[2]) ** 2)
     along = ctx.brain[ctx.bb] & (theta < math.radians(6.0))
     surface = float(np.broadcast_to(dist, depth.shape)[along].max()) if along.any() else 70.0
     half_angle = min(radius / max(surface, 30.0), math.radians(45.0))
@@ -150,7 +151,7 @@ def _subarachnoid(ctx: _Ctx, rng, out, label, volume_ml, exclude=None, side=None
     sr, sa, ss = (float(np.broadcast_to(g, shape)[tuple(seed)]) for g in (R, A, S))
     score = np.sqrt((R - sr) ** 2 + (A - sa) ** 2 + (S - ss) ** 2).astype(np.float32) + 3.0 * ctx.noise(rng, shape, 5.0)
     score[~cand] = np.inf
-    lab = _select(score, _n_voxels(ctx, v), connected=False)
+    lab = _select(score, n, connected=False)
     _paint(ctx, out, label, ctx.bb, lab, rng, EXTRA_KIND_HU["subarachnoid"], rng.uniform(2.0, 4.0), None, "subarachnoid")
 
 

@@ -12,6 +12,10 @@ contusion, subdural, intraventricular; 15 % of cases negative), each of one dens
 45–90 HU (hyperacute to early subacute blood; ``Settings.bleed_hu``); then noise, HU shift and an in-plane blur or
 sharpening kernel. Validation cases use other seeds *and* other generator settings
 (``VALIDATION``): larger rotations, thicker slices, more noise.
+
+``ct_hemorrhage_compartments``: the same backgrounds and scanner variety with bleeds labelled by
+compartment (IPH, extra-axial, intraventricular, oedema) and unlabelled hemorrhage mimics
+(:mod:`...synth_compartments`), for the compartment model.
 """
 from __future__ import annotations
 
