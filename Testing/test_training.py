@@ -310,3 +310,25 @@ def test_extra_validation_sets_use_validation_settings_and_their_own_seeds(tmp_p
     with pytest.raises(UsageError, match="overlaps"):
         trainer.train(bad_cfg, tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "cache").exists()
+
+
+def test_dice_loss_is_the_one_label_formula_and_the_mean_over_classes():
+    """Two outputs: the soft Dice of the lesion channel; more (compartments + oedema): the mean over the
+    foreground classes, each against its own voxels."""
+    import torch
+
+    from UNetSegmentLib.models.training.trainer import _dice_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 16, 16, generator=g)
+    target = (torch.rand(2, 16, 16, generator=g) > 0.7).long()
+    p = torch.softmax(logits, 1)[:, 1]
+    one_label = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    assert torch.allclose(_dice_loss(logits, target), one_label)
+    logits = torch.randn(2, 5, 16, 16, generator=g)
+    target = torch.randint(0, 5, (2, 16, 16), generator=g)
+    target[0] = 0  # one class missing from part of the batch still counts once
+    p = torch.softmax(logits, 1)
+    per_class = [1 - (2 * (p[:, c] * (target == c)).sum() + 1) / (p[:, c].sum() + (target == c).sum() + 1) for c in range(1, 5)]
+    assert torch.allclose(_dice_loss(logits, target), torch.stack(per_class).mean())
+    assert not torch.allclose(_dice_loss(logits, target), per_class[0])

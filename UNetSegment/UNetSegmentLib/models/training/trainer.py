@@ -181,12 +181,16 @@ class _Sampler3D(_Sampler):
 
 
 def _dice_loss(logits, target):
+    """Soft Dice loss over the batch, averaged over the foreground classes (one for the one-label models;
+    each compartment and the oedema for a multi-class bundle), smoothed by 1 so empty classes stay finite."""
     import torch
 
-    p = torch.softmax(logits.float(), 1)[:, 1]
-    t = (target > 0).float()
-    inter = (p * t).sum()
-    return 1 - (2 * inter + 1) / (p.sum() + t.sum() + 1)
+    p = torch.softmax(logits.float(), 1)
+    losses = []
+    for c in range(1, p.shape[1]):
+        pc, tc = p[:, c], (target == c).float()
+        losses.append(1 - (2 * (pc * tc).sum() + 1) / (pc.sum() + tc.sum() + 1))
+    return torch.stack(losses).mean()
 
 
 def validate(net, files: list[Path], settings: RunSettings, every: int = 6) -> float:
