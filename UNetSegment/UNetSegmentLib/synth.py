@@ -196,6 +196,7 @@ class _Ctx:
         kji = np.argwhere(cb) * np.array(self.stride) + np.array([b.start for b in self.bb])
         self.centroid = ct.ijk_to_ras_points(kji[:, ::-1].mean(axis=0))[0]
         self._fine_depth = None
+        self._smoothed = None
 
     # coordinates ------------------------------------------------------------------------------
     def coarse_points(self, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,6 +234,14 @@ class _Ctx:
             n = n[: shape[0], : shape[1], : shape[2]]
         sd = float(n.std())
         return (n - float(n.mean())) / (sd if sd > 0 else 1.0)
+
+    def smoothed_ct(self) -> np.ndarray:
+        """The input CT over ``self.bb`` smoothed at 1 mm (float32): what tissue-class thresholds (CSF,
+        ventricles) are applied to, computed once per context."""
+        if self._smoothed is None:
+            ct = np.asarray(self.ct.array)[self.bb].astype(np.float32)
+            self._smoothed = ndimage.gaussian_filter(ct, sigma=1.0 / self.sampling, truncate=3.0)
+        return self._smoothed
 
     def fine_depth(self) -> np.ndarray:
         """Depth below the brain surface in mm over ``self.bb`` (0 outside the brain)."""
@@ -348,6 +357,19 @@ def _blob_centre(ctx: _Ctx, rng, reach_mm: float, exclude: np.ndarray | None, si
     return _pick(rng, ras[far])
 
 
+def _cone(ctx: _Ctx, rng, side: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """For every voxel of the brain box: its angle (rad) from a random outward axis on one side (``side``
+    +1 = right, −1 = left, None = drawn), seen from the brain's centroid, and its distance (mm) from it."""
+    side = int(rng.choice([-1, 1])) if side is None else side
+    axis = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(-0.1, 0.6)])
+    axis /= np.linalg.norm(axis)
+    R, A, S = ctx.ras_grid(ctx.bb)
+    dx, dy, dz = R - ctx.centroid[0], A - ctx.centroid[1], S - ctx.centroid[2]
+    dist = np.sqrt(dx * dx + dy * dy + dz * dz)
+    cosang = (dx * axis[0] + dy * axis[1] + dz * axis[2]) / np.maximum(dist, 1e-3)
+    return np.arccos(np.clip(cosang, -1.0, 1.0)), dist
+
+
 def _deformed_blobs(ctx: _Ctx, rng, box, centres, radii, amp: float, exclude) -> np.ndarray:
     """Score (mm) of a union of noise-deformed spheres on ``box``; inf outside the brain."""
     R, A, S = ctx.ras_grid(box)
@@ -419,16 +441,10 @@ def _contusion(ctx, rng, out, label, volume_ml, exclude=None, side=None, n_blobs
 
 def _subdural(ctx, rng, out, label, volume_ml, exclude=None, side=None):
     v = _loguniform(rng, *KIND_VOLUME_ML["subdural"]) if volume_ml is None else float(volume_ml)
-    side = int(rng.choice([-1, 1])) if side is None else side
-    axis = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(-0.1, 0.6)])
-    axis /= np.linalg.norm(axis)
+    theta, _ = _cone(ctx, rng, side)
     half_angle = math.radians(rng.uniform(45.0, 75.0))
     box = ctx.bb
     depth = ctx.fine_depth()
-    R, A, S = ctx.ras_grid(box)
-    dx, dy, dz = R - ctx.centroid[0], A - ctx.centroid[1], S - ctx.centroid[2]
-    cosang = (dx * axis[0] + dy * axis[1] + dz * axis[2]) / np.maximum(np.sqrt(dx * dx + dy * dy + dz * dz), 1e-3)
-    theta = np.arccos(np.clip(cosang, -1.0, 1.0))
     thick = np.cos(0.5 * math.pi * np.minimum(theta / half_angle, 1.0)) ** 0.7  # crescent profile
     thick *= 1.0 + 0.15 * ctx.noise(rng, depth.shape, 8.0)
     with np.errstate(divide="ignore"):
@@ -441,12 +457,11 @@ def _subdural(ctx, rng, out, label, volume_ml, exclude=None, side=None):
     _paint(ctx, out, label, box, lab, rng, KIND_HU["subdural"], rng.uniform(2.0, 4.0), None, "subdural")
 
 
-def _ventricles(ctx: _Ctx, box) -> np.ndarray:
-    """Low-density (0–15 HU after 1 mm smoothing) voxels ≥ 12 mm deep in the brain, in the larger
-    connected pieces near its centre."""
-    ct = np.asarray(ctx.ct.array)[box].astype(np.float32)
-    sm = ndimage.gaussian_filter(ct, sigma=1.0 / ctx.sampling, truncate=3.0)
-    vent = (sm >= VENTRICLE_HU[0]) & (sm <= VENTRICLE_HU[1]) & (ctx.fine_depth() >= 12.0) & ctx.brain[box]
+def _ventricles(ctx: _Ctx) -> np.ndarray:
+    """Over the brain box: low-density (0–15 HU after 1 mm smoothing) voxels ≥ 12 mm deep in the brain,
+    in the larger connected pieces near its centre."""
+    sm = ctx.smoothed_ct()
+    vent = (sm >= VENTRICLE_HU[0]) & (sm <= VENTRICLE_HU[1]) & (ctx.fine_depth() >= 12.0) & ctx.brain[ctx.bb]
     lab, n = ndimage.label(vent)
     if n == 0:
         return vent
@@ -457,7 +472,7 @@ def _ventricles(ctx: _Ctx, box) -> np.ndarray:
 
 def _intraventricular(ctx, rng, out, label, volume_ml, exclude=None, side=None):
     box = ctx.bb
-    vent = _ventricles(ctx, box)
+    vent = _ventricles(ctx)
     if exclude is not None:
         vent &= ~exclude[box]
     vent_ml = float(vent.sum()) * ctx.voxel_mm3 / 1000.0

@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from .errors import InputError, UsageError
 from .image import Image
-from .synth import _MAKERS, _Ctx, _deformed_blobs, _loguniform, _n_voxels, _paint, _select, _ventricles, brain_mask
+from .synth import _MAKERS, _cone, _Ctx, _deformed_blobs, _loguniform, _n_voxels, _paint, _select, _ventricles, brain_mask
 
 #: label value → name, the BLAST-CT classes
 CLASSES = {1: "IPH", 2: "EAH", 3: "IVH", 4: "oedema"}
@@ -74,19 +74,6 @@ class Bleed:
 
 
 # --- extra bleed kinds -------------------------------------------------------------------------
-def _cone(ctx: _Ctx, rng, side: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """For every voxel of the brain box: its angle (rad) from a random outward axis on one side, seen from
-    the brain's centroid, and its distance (mm) from the centroid."""
-    side = int(rng.choice([-1, 1])) if side is None else side
-    axis = np.array([side, rng.uniform(-0.8, 0.8), rng.uniform(-0.1, 0.6)])
-    axis /= np.linalg.norm(axis)
-    R, A, S = ctx.ras_grid(ctx.bb)
-    dx, dy, dz = R - ctx.centroid[0], A - ctx.centroid[1], S - ctx.centroid[2]
-    dist = np.sqrt(dx * dx + dy * dy + dz * dz)
-    cosang = (dx * axis[0] + dy * axis[1] + dz * axis[2]) / np.maximum(dist, 1e-3)
-    return np.arccos(np.clip(cosang, -1.0, 1.0)), dist
-
-
 def _epidural(ctx: _Ctx, rng, out, label, volume_ml, exclude=None, side=None):
     v = _loguniform(rng, *EXTRA_KIND_VOLUME_ML["epidural"]) if volume_ml is None else float(volume_ml)
     theta, dist = _cone(ctx, rng, side)
@@ -115,11 +102,10 @@ def _epidural(ctx: _Ctx, rng, out, label, volume_ml, exclude=None, side=None):
 def _subarachnoid_space(ctx: _Ctx) -> np.ndarray:
     """CSF outside the ventricles in the brain box: at least :data:`CSF_BELOW_BRAIN_HU` below the brain's
     median (scans differ in calibration: an absolute window would take in grey matter on some)."""
-    ct = np.asarray(ctx.ct.array)[ctx.bb].astype(np.float32)
-    sm = ndimage.gaussian_filter(ct, sigma=1.0 / ctx.sampling, truncate=3.0)
+    sm = ctx.smoothed_ct()
     brain = ctx.brain[ctx.bb]
     tissue = float(np.median(sm[brain & (sm > 0.0) & (sm < 80.0)])) if brain.any() else 30.0
-    return (sm >= -10.0) & (sm <= tissue - CSF_BELOW_BRAIN_HU) & brain & ~_ventricles(ctx, ctx.bb)
+    return (sm >= -10.0) & (sm <= tissue - CSF_BELOW_BRAIN_HU) & brain & ~_ventricles(ctx)
 
 
 def _subarachnoid(ctx: _Ctx, rng, out, label, volume_ml, exclude=None, side=None):
@@ -191,7 +177,7 @@ def _deep_point(ctx: _Ctx, lateral_mm: float, posterior_mm: float, up_mm: float)
 
 def _choroid_calcification(ctx: _Ctx, rng, out, scratch) -> None:
     """In the posterior (dependent) part of the lateral ventricles, where the glomus calcifies."""
-    vent = _ventricles(ctx, ctx.bb)
+    vent = _ventricles(ctx)
     if vent.sum() < 50:
         centre = _deep_point(ctx, float(rng.choice([-1, 1])) * 15.0, 20.0, 5.0)
     else:
