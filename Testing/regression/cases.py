@@ -100,10 +100,22 @@ CASES = [
 
 
 def cpu_capability() -> str:
-    """The SIMD level torch's kernels use: runs are bit-identical only where it (and torch) match."""
+    """The SIMD level torch's kernels use: runs are bit-identical only where it (and torch) match.
+
+    AMX tiles are named too (appended only where present, so older records stay valid): oneDNN runs
+    the bf16 convolutions on them, which rounds differently from AVX512-BF16 on the same SIMD level."""
     import torch
 
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {platform.machine()}"
+    amx = ", AMX" if _has_amx() else ""
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}{amx}, {platform.machine()}"
+
+
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
 
 
 def _array_record(a: np.ndarray) -> dict:
