@@ -57,6 +57,42 @@ def write_bundle(folder: Path, *, channels=("CT",), dims="2d", patch=(32, 32), b
     return folder
 
 
+#: the labels of :func:`write_compartment_bundle` (ct-hemorrhage 2.x's); 4 is context (``"lesion": false``)
+COMPARTMENT_NAMES = {1: "intraparenchymal hemorrhage", 2: "extra-axial hemorrhage", 3: "intraventricular hemorrhage",
+                     4: "perilesional oedema"}
+
+
+def write_compartment_bundle(folder: Path) -> Path:
+    """tiny-blob (trained) widened to IPH/EAH/IVH + oedema (``"lesion": false``): the blob is IPH, EAH and
+    IVH never win the vote, and the oedema output is the mean of the blob and background outputs plus a
+    margin, so it wins on the blob's rim — a multi-class bundle with real, deterministic outputs."""
+    from safetensors.torch import save_file
+
+    from UNetSegmentLib.models.bundle import load_weights
+    from UNetSegmentLib.models.networks import build_network
+    from UNetSegmentLib.models.training.trainer import expand_output_classes
+
+    src = REPO / "Resources" / "Models" / "tiny-blob"
+    meta = json.loads((src / "model.json").read_text())
+    meta["architecture"]["kwargs"]["out_channels"] = 5
+    net = build_network(meta["architecture"]["name"], **meta["architecture"]["kwargs"])
+    st = expand_output_classes(load_weights(src / "model.safetensors"), net.state_dict(), [0, 1, 1, 1, 0])
+    w, b = st["out_conv.weight"], st["out_conv.bias"]
+    b[2] -= 2.0
+    b[3] -= 2.0
+    w[4] = 0.5 * (w[0] + w[1])
+    b[4] = 0.5 * (b[0] + b[1]) + 1.5
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in st.items()}, str(folder / "model.safetensors"))
+    colors = {1: [0.86, 0.08, 0.08], 2: [0.98, 0.55, 0.05], 3: [0.62, 0.18, 0.82], 4: [0.35, 0.8, 0.35]}
+    meta["labels"] = [{"value": v, "name": n, "color": colors[v], **({"lesion": False} if v == 4 else {})}
+                      for v, n in COMPARTMENT_NAMES.items()]
+    meta["name"], meta["version"] = "test-compartments", "0.0.1"
+    meta["weights"] = {"file": "model.safetensors", "sha256": sha256_file(folder / "model.safetensors")}
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
 @pytest.fixture
 def tiny_bundle(tmp_path) -> Path:
     return write_bundle(tmp_path / "bundle")

@@ -25,7 +25,7 @@ CONTRACT_32 = (
     "mean_intensity,std_intensity,max_intensity,mean_probability,max_probability,side,touches_border"
 ).split(",")
 #: the 32, then the columns this round's issues append (DICOM references last; empty for other input)
-EXPECTED_COLUMNS = CONTRACT_32 + ["abc2_ml", "abc2_a_mm", "abc2_b_mm", "abc2_c_mm"] + [
+EXPECTED_COLUMNS = CONTRACT_32 + ["abc2_ml", "abc2_a_mm", "abc2_b_mm", "abc2_c_mm", "compartment", "perilesional_oedema_ml"] + [
     "dicom_instance_number", "dicom_sop_instance_uid", "dicom_largest_instance_number", "dicom_largest_sop_instance_uid"]
 
 

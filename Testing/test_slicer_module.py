@@ -1239,3 +1239,32 @@ def test_compare_with_prior_adds_the_registered_prior_and_the_comparison_and_row
     assert column(again.table, "status") == ["grown", "grown"]
     assert again.comparison["lesions"][0]["prior_ml"] == pytest.approx(row["prior_ml"], rel=1e-6)
     assert again.comparison["prior"]["folder"] == str((folder / "run").resolve())
+
+
+def test_a_compartment_model_gives_one_segment_per_class_its_table_columns_and_a_live_threshold(tmp_path):
+    """A multi-class bundle (compartments + perilesional oedema, ``"lesion": false``) through the real
+    scene: one segment per class with its name, colour and terminology, voxel for voxel the core's
+    labels; the table's compartment and oedema columns; the live threshold moves the lesions only."""
+    from conftest import COMPARTMENT_NAMES, write_compartment_bundle
+
+    bundle_dir = write_compartment_bundle(tmp_path / "compartments")
+    node, _, _ = add_head()
+    logic = SegmentationLogic(dependency_check=lambda: True)
+    r = run_logic(logic, RunRequest([node], str(bundle_dir), SegmentParams(device="cpu", heatmaps=())))["result"]
+    core = read_image(r.run.folder / "segmentation.nii.gz").array
+    assert set(np.unique(core)) >= {1, 4}
+    segmentation = r.segmentation.GetSegmentation()
+    for lab in r.bundle.labels:
+        sid = sc.segment_id(lab["value"])
+        segment = segmentation.GetSegment(sid)
+        assert segment.GetName() == COMPARTMENT_NAMES[lab["value"]] and np.allclose(segment.GetColor(), lab["color"])
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sid, node)
+        assert np.array_equal(mask, (core == lab["value"]).astype(np.uint8)), lab["name"]
+    assert column(r.table, "compartment") == [COMPARTMENT_NAMES[1]] * r.table.GetNumberOfRows()
+    oedema = column(r.table, "perilesional_oedema_ml")
+    assert oedema and all(v > 0 for v in oedema)
+    logic.set_threshold(r, 0.8)
+    raised = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(1), node)
+    assert 0 < raised.sum() < (core == 1).sum()  # fewer lesion voxels at a higher threshold
+    kept = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(4), node)
+    assert (kept.astype(bool) >= ((core == 4) & ~np.isin(core, (1, 2, 3)))).all()  # the oedema stays

@@ -30,6 +30,13 @@ class ModelSettings:
     out_channels: int  # background + one per label
     tta_axes: tuple[str, ...]  # canonical axes the model may be mirrored along (i, j, k)
     temperature: float = 1.0  # softmax temperature from model.json's calibration (1: uncalibrated)
+    lesion_values: tuple[int, ...] = (1,)  # labels that are lesions (the rest, e.g. oedema, is context)
+    label_values: tuple[int, ...] = (1,)  # every label, in output-channel order (channel c is label_values[c - 1])
+
+    @property
+    def lesion_channels(self) -> tuple[int, ...]:
+        """The network output channels whose labels are lesions."""
+        return tuple(c for c, v in enumerate(self.label_values, start=1) if v in self.lesion_values)
 
     @property
     def spatial_dims(self) -> int:
@@ -59,7 +66,20 @@ class ModelSettings:
             out_channels=1 + len(meta["labels"]),
             tta_axes=tuple(inference.get("tta_axes", FALLBACKS["tta_axes"])),
             temperature=float((meta.get("calibration") or {}).get("temperature", 1.0)),
+            lesion_values=lesion_label_values(meta),
+            label_values=tuple(int(l["value"]) for l in meta["labels"]),
         )
+
+
+def lesion_label_values(meta: Mapping[str, Any]) -> tuple[int, ...]:
+    """The label values of ``model.json`` that are lesions (every label unless it says ``"lesion": false``)."""
+    return tuple(int(l["value"]) for l in meta["labels"] if l.get("lesion", True))
+
+
+def context_label_values(meta: Mapping[str, Any]) -> tuple[int, ...]:
+    """The label values of ``model.json`` that are context around the lesions, not lesions (``"lesion": false``,
+    e.g. the perilesional oedema); the lesion table measures them per lesion."""
+    return tuple(int(l["value"]) for l in meta["labels"] if not l.get("lesion", True))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,16 @@ with :func:`lesions.analyze_lesions`, the same code as the lesion table):
   lesions overlapping it; 0 when missed); sensitivity and median lesion Dice of lesions ≥ 0.5 mL per
   density bin (45–60 HU: early subacute, faint; 60–75; 75–90 HU: acute).
 
+For models with compartments and context labels (``"lesion": false`` in ``model.json``, e.g.
+ct-hemorrhage 2.x) the figures above are any-lesion figures: lesions are components of the lesion
+labels together and the context (oedema) is no lesion, in the truth as in the prediction. Per class
+besides: Dice (over cases with ≥ 1 mL of the class in the truth), the volume error (median over cases
+with the class in the truth), per true compartment the sensitivity ≥ 0.5 mL (detected by any lesion
+label) and the false lesions per scan by predicted compartment; and the compartment confusion over
+detected true lesions ≥ 0.5 mL: a true lesion's compartment is its majority label, the predicted one
+the majority predicted lesion label over the true lesion's voxels. The HU baseline predicts one
+label, so it has the per-compartment sensitivity and false lesions only.
+
 The baseline is what a user would do by hand in Segment Editor: threshold 50–90 HU inside a brain
 mask (:func:`synth.brain_mask`: skull-enclosed soft tissue, eroded), drop components < 0.1 mL.
 """
@@ -54,6 +64,26 @@ class CaseResult:
     true_lesions: list[dict] = field(default_factory=list)  # volume_ml, detected, centroid_err_mm, slice_agree
     false_lesions: int = 0
     seconds: float = 0.0
+    #: models with several labels: per label value {true_ml, pred_ml, dice}; false lesions by predicted label
+    classes: dict = field(default_factory=dict)
+    false_by_class: dict = field(default_factory=dict)
+
+
+def case_labels(cases_dir: Path) -> dict | None:
+    """The cases' own label definitions (``labels.json`` beside the case folders, written by the cases
+    module for generators with several labels: ``{"labels": {value: name}, "lesion_values": [...]}``), or None."""
+    import json
+
+    f = Path(cases_dir) / "labels.json"
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+        return {"labels": {str(k): str(v) for k, v in d["labels"].items()},
+                "lesion_values": tuple(int(v) for v in d["lesion_values"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{f} is not a label definition ({e})",
+                         'write {"labels": {"1": "name", ...}, "lesion_values": [1, ...]} or remove it') from None
 
 
 def find_cases(cases_dir: Path, channels: list[str]) -> list[Path]:
@@ -73,11 +103,21 @@ def case_inputs(case: Path, channels: list[str]) -> list[Path]:
     return paths
 
 
-def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, intensity: Image | None = None) -> CaseResult:
-    """Compare two label maps on the same grid (any non-zero label = lesion); with ``intensity``, each
-    true lesion's density too (module docstring)."""
-    t_lab = truth.with_array((truth.array > 0).astype(np.uint8))
-    p_lab = pred.with_array((pred.array > 0).astype(np.uint8))
+def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, intensity: Image | None = None,
+               label_values: tuple[int, ...] | None = None, lesion_values: tuple[int, ...] | None = None,
+               predicts_classes: bool = True, truth_lesion_values: tuple[int, ...] | None = None) -> CaseResult:
+    """Compare two label maps on the same grid; with ``intensity``, each true lesion's density too
+    (module docstring). Lesion voxels are those of ``lesion_values`` (None: any non-zero label); with
+    ``label_values`` (a model with several labels) also the per-class figures and each true lesion's
+    true and predicted compartment (``predicts_classes=False``, e.g. the one-label HU baseline: the
+    true compartments only). ``truth_lesion_values``: the lesion labels of the truth when they differ
+    from the model's (a one-label model on compartment cases; default ``lesion_values``)."""
+    def lesion_mask(a: np.ndarray, values) -> np.ndarray:
+        return a > 0 if values is None else np.isin(a, values)
+
+    truth_values = truth_lesion_values if truth_lesion_values is not None else lesion_values
+    t_lab = truth.with_array(lesion_mask(truth.array, truth_values).astype(np.uint8))
+    p_lab = pred.with_array(lesion_mask(pred.array, lesion_values).astype(np.uint8))
     tt = analyze_lesions(t_lab, connectivity=26, lesion_map=True)
     pt = analyze_lesions(p_lab, connectivity=26, lesion_map=True)
     tm = tt.lesion_map if tt.lesion_map is not None else np.zeros(truth.array.shape, np.int32)
@@ -103,7 +143,37 @@ def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, inten
             entry["slice_agree"] = abs(int(row["slice_index"]) - int(m["slice_index"])) <= 1
         lesions.append(entry)
     false = int((overlap[1:, 1:].sum(axis=0) == 0).sum()) if npd else 0
-    return CaseResult(name, tt.total_volume_ml, pt.total_volume_ml, dice, lesions, false, seconds)
+    result = CaseResult(name, tt.total_volume_ml, pt.total_volume_ml, dice, lesions, false, seconds)
+    if label_values is not None and len(label_values) > 1:
+        _score_classes(result, truth.array, pred.array, tm, pm, overlap, label_values, lesion_values or label_values,
+                       truth_values or lesion_values or label_values, truth.voxel_volume_mm3 / 1000.0, predicts_classes)
+    return result
+
+
+def _majority(values: np.ndarray, among: tuple[int, ...]) -> int | None:
+    """The most frequent of ``among`` in ``values`` (ties: the lower value); None when none occurs."""
+    counts = [int((values == v).sum()) for v in among]
+    return among[int(np.argmax(counts))] if max(counts, default=0) > 0 else None
+
+
+def _score_classes(r: CaseResult, truth: np.ndarray, pred: np.ndarray, tm: np.ndarray, pm: np.ndarray,
+                   overlap: np.ndarray, label_values: tuple[int, ...], lesion_values: tuple[int, ...],
+                   truth_lesion_values: tuple[int, ...], voxel_ml: float, predicts_classes: bool = True) -> None:
+    """Per class: volumes and Dice; per true lesion: its true and predicted compartment; false lesions
+    by their predicted compartment (module docstring)."""
+    for v in label_values:
+        a, b = truth == v, pred == v
+        r.classes[int(v)] = {"true_ml": float(a.sum() * voxel_ml),
+                             "pred_ml": float(b.sum() * voxel_ml) if predicts_classes else None,
+                             "dice": _lesion_dice(a, b) if predicts_classes else None}
+    for n, entry in enumerate(r.true_lesions, start=1):
+        inside = tm == n
+        entry["compartment_true"] = _majority(truth[inside], tuple(truth_lesion_values))
+        entry["compartment_pred"] = (_majority(pred[inside], lesion_values)
+                                     if entry["detected"] and predicts_classes else None)
+    for n in np.flatnonzero(overlap[1:, 1:].sum(axis=0) == 0) + 1 if overlap.shape[1] > 1 else ():
+        c = _majority(pred[pm == n], lesion_values) if predicts_classes else None
+        r.false_by_class[c] = r.false_by_class.get(c, 0) + 1
 
 
 def _lesion_dice(true: np.ndarray, pred: np.ndarray) -> float:
@@ -162,7 +232,42 @@ def summarize(results: list[CaseResult]) -> dict:
         "slice_agreement": (sum(l["slice_agree"] for l in matched) / len(matched)) if matched else None,
         "seconds_per_case": float(np.mean([r.seconds for r in results])) if results else None,
         "by_density": by_density(all_true),
+        **({"per_class": per_class(results)} if any(r.classes for r in results) else {}),
     }
+
+
+def per_class(results: list[CaseResult]) -> dict:
+    """Per label value: Dice, volume error, sensitivity ≥ 0.5 mL by true compartment, false lesions per
+    scan by predicted compartment; and the compartment confusion of detected true lesions ≥ 0.5 mL
+    (``confusion[true][predicted]`` counts, ``compartment_accuracy`` their diagonal share)."""
+    values = sorted({v for r in results for v in r.classes})
+    lesions = [l for r in results for l in r.true_lesions if l["volume_ml"] >= 0.5 and "compartment_true" in l]
+    out: dict = {"classes": {}}
+    predicted = any(c["dice"] is not None for r in results for c in r.classes.values())
+    for v in values:
+        dice = [r.classes[v]["dice"] for r in results
+                if v in r.classes and r.classes[v]["true_ml"] >= DICE_MIN_TRUE_ML and r.classes[v]["dice"] is not None]
+        err = [abs(r.classes[v]["pred_ml"] - r.classes[v]["true_ml"]) / r.classes[v]["true_ml"]
+               for r in results if v in r.classes and r.classes[v]["true_ml"] > 0 and r.classes[v]["pred_ml"] is not None]
+        mine = [l for l in lesions if l["compartment_true"] == v]
+        out["classes"][str(v)] = {
+            "dice_mean": float(np.mean(dice)) if dice else None, "n_cases_dice": len(dice),
+            "volume_error_median": float(np.median(err)) if err else None,
+            "sensitivity_ge_0.5ml": (sum(l["detected"] for l in mine) / len(mine)) if mine else None,
+            "n_true_lesions_ge_0.5ml": len(mine),
+            "false_lesions_per_scan": (float(np.mean([r.false_by_class.get(v, 0) for r in results]))
+                                       if results and predicted else None),
+        }
+    detected = [l for l in lesions if l["detected"] and l["compartment_pred"] is not None]
+    confusion: dict = {}
+    for l in detected:
+        row = confusion.setdefault(str(l["compartment_true"]), {})
+        row[str(l["compartment_pred"])] = row.get(str(l["compartment_pred"]), 0) + 1
+    out["confusion"] = confusion
+    out["compartment_accuracy"] = (sum(l["compartment_true"] == l["compartment_pred"] for l in detected) / len(detected)
+                                   if detected else None)
+    out["n_detected_lesions_ge_0.5ml"] = len(detected)
+    return out
 
 
 def _settings(bundle: Bundle, params: SegmentParams | None) -> RunSettings:
@@ -175,6 +280,10 @@ def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = Non
     s = _settings(bundle, params)
     cases = find_cases(cases_dir, bundle.channel_names)
     network = bundle.build_network()
+    lesion = s.model.lesion_values
+    classes = s.model.label_values if len(s.model.label_values) > 1 else None
+    defined = case_labels(cases_dir)
+    truth_lesion = defined["lesion_values"] if defined else None
     model_results, base_results = [], []
     for i, case in enumerate(cases):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
@@ -183,17 +292,20 @@ def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = Non
             raise InputError(f"case {case.name}: label.nii.gz is not on the image's grid", "write the label on the image's grid")
         t = time.perf_counter()
         res = segment(images, bundle, network=network, settings=s)
-        pred = remove_small_lesions(res.labels, s.min_lesion_ml, s.connectivity)
-        model_results.append(score_case(case.name, truth, pred, time.perf_counter() - t, intensity=images[0]))
+        pred = remove_small_lesions(res.labels, s.min_lesion_ml, s.connectivity, lesion)
+        model_results.append(score_case(case.name, truth, pred, time.perf_counter() - t, intensity=images[0],
+                                        label_values=classes, lesion_values=lesion, truth_lesion_values=truth_lesion))
         if baseline and bundle.meta["inputs"][0]["modality"].upper() == "CT":
             t = time.perf_counter()
             base_results.append(score_case(case.name, truth, hu_baseline(images[0]), time.perf_counter() - t,
-                                           intensity=images[0]))
+                                           intensity=images[0], label_values=classes, lesion_values=(1,),
+                                           predicts_classes=False, truth_lesion_values=truth_lesion or lesion))
         if progress:
             r = model_results[-1]
             progress(f"[{i + 1}/{len(cases)}] {case.name}: Dice {r.dice:.3f}, true {r.true_ml:.2f} mL, predicted {r.pred_ml:.2f} mL, "
                      f"{r.false_lesions} false lesion(s)")
     out = {"model": {"name": bundle.name, "version": bundle.version}, "cases_dir": str(cases_dir),
+           "labels": {str(l["value"]): l["name"] for l in bundle.labels},
            "definitions": __doc__.split("Definitions", 1)[1].strip(), "model_metrics": summarize(model_results),
            "per_case": [r.__dict__ for r in model_results]}
     if base_results:
@@ -211,13 +323,17 @@ def sweep_min_lesion(bundle: Bundle, cases_dir: Path, candidates: list[float], p
     s = _settings(bundle, params)
     cases = find_cases(cases_dir, bundle.channel_names)
     network = bundle.build_network()
+    defined = case_labels(cases_dir)
+    truth_lesion = defined["lesion_values"] if defined else None
     per: dict[float, list[CaseResult]] = {c: [] for c in candidates}
     for i, case in enumerate(cases):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
         truth = read_image(case / "label.nii.gz")
         res = segment(images, bundle, network=network, settings=s)
+        lesion = s.model.lesion_values
         for c in candidates:
-            per[c].append(score_case(case.name, truth, remove_small_lesions(res.labels, c, s.connectivity)))
+            per[c].append(score_case(case.name, truth, remove_small_lesions(res.labels, c, s.connectivity, lesion),
+                                     lesion_values=lesion, truth_lesion_values=truth_lesion))
         if progress:
             progress(f"[{i + 1}/{len(cases)}] {case.name}")
     return [{"min_lesion_ml": c, **summarize(per[c])} for c in candidates]
@@ -268,6 +384,33 @@ def format_table(result: dict) -> str:
         fmt = lambda d: "—" if d["sensitivity"] is None else f"{d['sensitivity']:.2f}/{d['lesion_dice_median']:.2f} (n={d['n']})"  # noqa: E731
         lines.append(f"{'sens/Dice ≥0.5 mL ' + name:<28}{fmt(d):>16}" + (f"{fmt(db):>16}" if b else ""))
     lines.append(f"{m['n_cases']} cases, {m['n_cases_dice']} with ≥ 1 mL of lesion")
+    if "per_class" in m:
+        lines.append(format_classes(result))
+    return "\n".join(lines)
+
+
+def format_classes(result: dict) -> str:
+    """The per-class table (model, and the baseline's per-compartment sensitivity) and the confusion table."""
+    names = result.get("labels", {})
+    m = result["model_metrics"]["per_class"]
+    b = result.get("baseline", {}).get("metrics", {}).get("per_class")
+    f = lambda v, fmt: "—" if v is None else fmt.format(v)  # noqa: E731
+    lines = ["", f"{'class':<30}{'Dice':>8}{'vol err':>9}{'sens ≥0.5':>11}{'n':>5}{'false/scan':>12}"
+             + (f"{'baseline sens':>15}" if b else "")]
+    for v, c in m["classes"].items():
+        lines.append(f"{names.get(v, v):<30}{f(c['dice_mean'], '{:.3f}'):>8}{f(c['volume_error_median'], '{:.1%}'):>9}"
+                     f"{f(c['sensitivity_ge_0.5ml'], '{:.3f}'):>11}{c['n_true_lesions_ge_0.5ml']:>5}"
+                     f"{f(c['false_lesions_per_scan'], '{:.2f}'):>12}"
+                     + (f"{f(b['classes'].get(v, {}).get('sensitivity_ge_0.5ml'), '{:.3f}'):>15}" if b else ""))
+    lesion_classes = [v for v in m["classes"] if v in m["confusion"] or any(v in row for row in m["confusion"].values())]
+    lines.append("")
+    lines.append("compartment confusion (detected true lesions ≥ 0.5 mL; rows: true, columns: predicted)")
+    short = {v: names.get(v, v).split()[0][:14] for v in lesion_classes}
+    lines.append(f"{'':<16}" + "".join(f"{short[v]:>16}" for v in lesion_classes))
+    for t in lesion_classes:
+        row = m["confusion"].get(t, {})
+        lines.append(f"{short[t]:<16}" + "".join(f"{row.get(p, 0):>16}" for p in lesion_classes))
+    lines.append(f"compartment correct: {f(m['compartment_accuracy'], '{:.3f}')} of {m['n_detected_lesions_ge_0.5ml']}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Collection
+
 import numpy as np
 
 from ..errors import InputError, UsageError
@@ -66,11 +68,39 @@ def check_grid(labels: Image, other: Image | None, what: str) -> None:
         )
 
 
-def components(lab: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
-    """Component id map (1..n, int32) over all label values, and the label value of each id."""
+def components(lab: np.ndarray, connectivity: int,
+               lesion_values: Collection[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Component id map (1..n, int32) of the lesion voxels, and each component's label value.
+
+    ``lesion_values`` given (what a bundle's run passes: its lesion labels): a lesion is a connected
+    component of those labels together, so a bleed spanning two compartments is one lesion, whose
+    label is the one most of its voxels carry (ties: the lower value); voxels of other labels
+    (context such as oedema) belong to no component. ``None``: every non-zero value is its own kind
+    of finding and is labelled separately (touching components of two values are two lesions).
+    """
     from scipy import ndimage
 
     structure = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
+    if lesion_values is None:
+        return _components_per_value(lab, structure)
+    mask = np.isin(lab, np.asarray(list(lesion_values), dtype=lab.dtype))
+    comp, nc = ndimage.label(mask, structure=structure)
+    comp = comp.astype(np.int32, copy=False)
+    if nc == 0:
+        return comp, np.zeros(0, np.int64)
+    ids, values = comp[mask], lab[mask].astype(np.int64)
+    present = np.unique(values)
+    if present.size == 1:
+        return comp, np.full(nc, int(present[0]), np.int64)
+    pairs = (ids.astype(np.int64) - 1) * present.size + np.searchsorted(present, values)
+    counts = np.bincount(pairs, minlength=nc * present.size).reshape(nc, present.size)
+    return comp, present[np.argmax(counts, axis=1)]  # argmax: the first (lower) value on ties
+
+
+def _components_per_value(lab: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`components` of each label value separately (one full-volume pass per value)."""
+    from scipy import ndimage
+
     if np.issubdtype(lab.dtype, np.unsignedinteger) and lab.dtype.itemsize <= 2:
         present = np.flatnonzero(np.bincount(lab.reshape(-1), minlength=1))
         values = present[present != 0]

@@ -8,7 +8,7 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -63,7 +63,12 @@ DICOM_COLUMNS: tuple[str, ...] = (
 #: Every column of ``lesions.csv``/``.tsv`` and of ``summary.json``'s lesions, in order. Columns
 #: appended after the 32 keep this order: abc2_ml, abc2_a_mm, abc2_b_mm, abc2_c_mm, compartment,
 #: perilesional_oedema_ml, then the DICOM columns (a column not implemented is simply absent).
-COLUMNS: tuple[str, ...] = CONTRACT_COLUMNS + ABC2_COLUMNS + DICOM_COLUMNS
+#: models whose labels are compartments of one finding and context around it (ct-hemorrhage 2.x):
+#: the lesion's majority compartment and the context (oedema) volume around it; empty for one-label models
+COMPARTMENT_COLUMNS: tuple[str, ...] = ("compartment", "perilesional_oedema_ml")
+#: oedema voxels at most this far (mm) from a lesion count for it (each for its nearest lesion only)
+PERILESIONAL_MM = 10.0
+COLUMNS: tuple[str, ...] = CONTRACT_COLUMNS + ABC2_COLUMNS + COMPARTMENT_COLUMNS + DICOM_COLUMNS
 
 #: stands for the intensity channel's unit in :data:`COLUMN_DOCS` (HU for CT; see :func:`column_docs`)
 INTENSITY_UNIT = "{intensity_unit}"
@@ -120,6 +125,12 @@ COLUMN_DOCS: dict[str, tuple[str, str]] = {
     "abc2_b_mm": ("mm", "B: the longest chord perpendicular to A on that slice that stays inside the lesion, edge to edge"),
     "abc2_c_mm": ("mm", "C: the lesion's slices weighted 1 (area ≥ 75 % of the largest), 0.5 (25–75 %) or 0 (< 25 %), "
                         "summed, × the slice thickness (distance between slice planes)"),
+    "compartment": ("", "models with compartments only (e.g. ct-hemorrhage 2.x): the label most of the lesion's voxels "
+                        "carry (a lesion is a connected component of all lesion labels together, so a bleed spanning "
+                        "two compartments is one row); empty for one-label models"),
+    "perilesional_oedema_ml": ("mL", "models with a perilesional label only (e.g. ct-hemorrhage 2.x): volume of "
+                                     "that label (oedema) within 10 mm of the lesion, each voxel counted for its "
+                                     "nearest lesion; total row: all oedema within 10 mm of any lesion"),
     "dicom_instance_number": ("", "DICOM input only: InstanceNumber (0020,0013) of the source image holding the "
                                   "centroid (its k index rounded half up; for axial series the centroid slice)"),
     "dicom_sop_instance_uid": ("", "DICOM input only: SOPInstanceUID (0008,0018) of that image"),
@@ -226,6 +237,21 @@ class LesionTable:
         }
 
 
+def compartment_breakdown(rows: Sequence[Mapping[str, Any]], total: Mapping[str, Any]) -> str:
+    """Per compartment, the volume and lesion count, and the perilesional oedema, as one line (models with
+    compartments, e.g. ct-hemorrhage 2.x; '' for one-label models)."""
+    parts: dict[str, list] = {}
+    for r in rows:
+        if r.get("compartment"):
+            v = parts.setdefault(str(r["compartment"]), [0.0, 0])
+            v[0] += float(r.get("volume_ml") or 0.0)
+            v[1] += 1
+    text = "   ·   ".join(f"{name} {ml:.2f} mL ({n})" for name, (ml, n) in parts.items())
+    if total.get("perilesional_oedema_ml") is not None and rows:
+        text += ("   ·   " if text else "") + f"perilesional oedema {float(total['perilesional_oedema_ml']):.2f} mL"
+    return text
+
+
 def dropped_summary(volumes_ml) -> dict:
     """``summary.json``'s account of the components removed by the minimum lesion size."""
     v = sorted((float(x) for x in volumes_ml), reverse=True)
@@ -273,12 +299,14 @@ def format_cell(v) -> str:
     return str(v)
 
 
-def total_row(voxels: int, voxel_mm3: float, total_int, total_prob, abc2_ml: float = 0.0) -> dict:
+def total_row(voxels: int, voxel_mm3: float, total_int, total_prob, abc2_ml: float = 0.0,
+              oedema_ml: float | None = None) -> dict:
     """The ``total`` row: summed voxels, volume and ABC/2 (``abc2_ml``), intensity/probability statistics
-    pooled over all lesions."""
+    pooled over all lesions, the perilesional oedema (``oedema_ml``; None for models without it)."""
     row = {c: None for c in COLUMNS}
     vol = voxels * voxel_mm3
-    row.update(lesion="total", voxels=voxels, volume_mm3=vol, volume_ml=vol / 1000.0, abc2_ml=abc2_ml)
+    row.update(lesion="total", voxels=voxels, volume_mm3=vol, volume_ml=vol / 1000.0, abc2_ml=abc2_ml,
+               perilesional_oedema_ml=oedema_ml)
     row["mean_intensity"], row["std_intensity"], row["max_intensity"] = total_int
     row["mean_probability"], row["max_probability"] = total_prob
     return row

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -70,6 +70,8 @@ from .lesion_measures import (
 )
 from .lesion_table import (
     ABC2_COLUMNS,
+    COMPARTMENT_COLUMNS,
+    PERILESIONAL_MM,
     COLUMN_DOCS,
     COLUMNS,
     CONTRACT_COLUMNS,
@@ -85,7 +87,7 @@ from .lesion_table import (
 )
 
 __all__ = [
-    "ABC2_COLUMNS", "COLUMN_DOCS", "COLUMNS", "CONTRACT_COLUMNS", "CT_AUTODETECT_MIN", "CT_HEAD_THRESHOLD_HU", "DICOM_COLUMNS",
+    "ABC2_COLUMNS", "COLUMN_DOCS", "COMPARTMENT_COLUMNS", "PERILESIONAL_MM", "COLUMNS", "CONTRACT_COLUMNS", "CT_AUTODETECT_MIN", "CT_HEAD_THRESHOLD_HU", "DICOM_COLUMNS",
     "INTENSITY_UNIT", "LesionTable", "MIDLINE_TOLERANCE_MM", "MIN_SIZE_RTOL", "NONCT_HEAD_PERCENTILE", "analyze_lesions",
     "column_docs", "columns_markdown", "dropped_note", "dropped_summary", "format_cell", "remove_small_lesions",
     "small_lesion_filter", "split_small_lesions",
@@ -116,14 +118,18 @@ def small_lesion_filter(voxel_counts: np.ndarray, voxel_mm3: float,
     return keep, tuple(sorted((float(v) for v in volume_ml[~keep]), reverse=True))
 
 
-def remove_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int = 26) -> Image:
+def remove_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int = 26,
+                         lesion_values: Collection[int] | None = None) -> Image:
     """The label map without connected lesions smaller than ``min_lesion_ml`` (same components as the table)."""
-    return split_small_lesions(labels, min_lesion_ml, connectivity)[0]
+    return split_small_lesions(labels, min_lesion_ml, connectivity, lesion_values)[0]
 
 
-def split_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int = 26) -> tuple[Image, tuple[float, ...]]:
+def split_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int = 26,
+                        lesion_values: Collection[int] | None = None) -> tuple[Image, tuple[float, ...]]:
     """:func:`remove_small_lesions` and the volumes (mL, largest first) of the components it dropped.
 
+    Lesions are the components of the ``lesion_values`` labels together (None: every label; see
+    :func:`.lesion_measures.components`); voxels of other labels (oedema) are kept as they are.
     A run whose every component is under the minimum reports "no lesion" although the model found
     something; the dropped volumes let the outputs say so.
     """
@@ -134,12 +140,12 @@ def split_small_lesions(labels: Image, min_lesion_ml: float, connectivity: int =
     if box is None:
         return labels, ()
     sub = lab[box]  # components only where there are labels: a 512×512×300 scan's lesions fill a small box
-    comp, _ = components(sub, connectivity)
+    comp, _ = components(sub, connectivity, lesion_values)
     keep, dropped = small_lesion_filter(np.bincount(comp.reshape(-1))[1:], labels.voxel_volume_mm3, min_lesion_ml)
     if not dropped:
         return labels, ()
     out = np.array(lab, dtype=labels.array.dtype, copy=True)
-    out[box] = np.where(np.concatenate(([False], keep))[comp], sub, 0)
+    out[box] = np.where(np.concatenate(([True], keep))[comp], sub, 0)  # id 0: background or context, kept
     return labels.with_array(out), dropped
 
 
@@ -160,8 +166,10 @@ def analyze_lesions(
     intensity_channel: str | None = None,
     intensity_unit: str | None = None,
     dicom_slices: Sequence[Any] | None = None,
+    lesion_values: Collection[int] | None = None,
+    perilesional_values: Collection[int] = (),
 ) -> LesionTable:
-    """Connected components of each label value of ``labels``, measured (see module docstring).
+    """The lesions of ``labels`` (connected components, see ``lesion_values``), measured (module docstring).
 
     ``intensity`` — the original input intensities on the same grid (None: intensity columns
     empty). ``probability`` — float probability of the lesion class on the same grid, or a dict
@@ -172,18 +180,27 @@ def analyze_lesions(
     ``intensity_channel``/``intensity_unit`` name what ``intensity`` is (recorded in the table).
     ``dicom_slices`` — for a DICOM series on this grid, one reference per k index (objects with
     ``instance_number`` and ``sop_instance_uid``, see :func:`.io.readers.dicom_slice_refs`): fills
-    the :data:`DICOM_COLUMNS`.
+    the :data:`DICOM_COLUMNS`. ``lesion_values`` — the labels that are lesions, whose components are
+    taken together (a bundle's run passes its lesion labels; with more than one, ``compartment``
+    names each lesion's majority label); None: every label value is labelled separately. ``perilesional_values`` —
+    labels counted in ``perilesional_oedema_ml`` (e.g. a bundle's oedema: ``"lesion": false``).
     """
     lab, probability, min_lesion_ml = _checked_inputs(labels, intensity, probability, connectivity, min_lesion_ml,
                                                       dicom_slices)
     grid = _Grid.of(labels, lab.shape)
     midline = estimate_midline(intensity, midline_x_ras, modality)
-    voxels = _lesion_voxels(lab, connectivity, min_lesion_ml, grid.voxel_mm3)
+    voxels = _lesion_voxels(lab, connectivity, min_lesion_ml, grid.voxel_mm3, lesion_values)
     common = dict(midline=midline, connectivity=int(connectivity), min_lesion_ml=min_lesion_ml,
                   dropped_ml=voxels.dropped_ml, intensity_channel=intensity_channel, intensity_unit=intensity_unit)
     if voxels.n == 0:
-        return LesionTable([], total_row(0, 0.0, (None,) * 3, (None,) * 2), **common)
-    columns = _geometry_columns(voxels, grid, dict(label_names or {}), midline, dicom_slices)
+        return LesionTable([], total_row(0, 0.0, (None,) * 3, (None,) * 2,
+                                         oedema_ml=0.0 if perilesional_values else None), **common)
+    names = dict(label_names or {})
+    columns = _geometry_columns(voxels, grid, names, midline, dicom_slices)
+    columns["compartment"] = ([names.get(v, str(v)) for v in voxels.label_value.tolist()]
+                              if lesion_values is not None and len(set(lesion_values)) > 1 else [None] * voxels.n)
+    oedema, total_oedema = _perilesional_ml(lab, voxels, grid, perilesional_values)
+    columns["perilesional_oedema_ml"] = oedema
     intensity_columns, total_intensity = _intensity_columns(intensity, voxels)
     probability_columns, total_probability = _probability_columns(probability, voxels)
     columns.update(intensity_columns, **probability_columns)
@@ -191,7 +208,7 @@ def analyze_lesions(
     order = np.lexsort((voxels.flat[voxels.starts], voxels.label_value, -voxels.counts))
     rows = _sorted_rows(columns, order)
     total = total_row(int(voxels.counts.sum()), grid.voxel_mm3, total_intensity, total_probability,
-                      float(sum(columns["abc2_ml"])))
+                      float(sum(columns["abc2_ml"])), total_oedema)
     numbers = _lesion_number_map(voxels, order, grid.shape) if lesion_map else None
     return LesionTable(rows, total, lesion_map=numbers, **common)
 
@@ -283,9 +300,10 @@ class _Voxels:
         return i, j, k
 
 
-def _lesion_voxels(lab: np.ndarray, connectivity: int, min_lesion_ml: float, voxel_mm3: float) -> _Voxels:
-    """Connected components of each label value (one full-volume pass per value), without those under the minimum size."""
-    comp, label_value = components(lab, connectivity)
+def _lesion_voxels(lab: np.ndarray, connectivity: int, min_lesion_ml: float, voxel_mm3: float,
+                   lesion_values: Collection[int] | None = None) -> _Voxels:
+    """Connected components of the lesion labels, without those under the minimum size."""
+    comp, label_value = components(lab, connectivity, lesion_values)
     flat = np.flatnonzero(comp)
     lesion_of = comp.reshape(-1)[flat].astype(np.int64) - 1
     del comp
@@ -496,6 +514,33 @@ def _dicom_columns(refs: Sequence[Any] | None, centroid_k: list[int], inside_k: 
         "dicom_largest_instance_number": [r.instance_number for r in inside],
         "dicom_largest_sop_instance_uid": [r.sop_instance_uid for r in inside],
     }
+
+
+def _perilesional_ml(lab: np.ndarray, voxels: _Voxels, grid: _Grid,
+                     values: Collection[int]) -> tuple[list[float | None], float | None]:
+    """Per lesion, the volume (mL) of the ``values`` labels within :data:`PERILESIONAL_MM` of it, each
+    voxel counted for its nearest lesion (Euclidean distance in mm between voxel centres, the grid's
+    spacing along each axis); and the total. ``[None…], None`` when the model has no such label."""
+    if not values:
+        return [None] * voxels.n, None
+    from scipy import ndimage
+
+    context = np.isin(lab, np.asarray(list(values), dtype=lab.dtype))
+    if not context.any():
+        return [0.0] * voxels.n, 0.0
+    spacing_kji = np.linalg.norm(grid.linear, axis=0)[::-1]
+    margin = np.ceil(PERILESIONAL_MM / spacing_kji).astype(int) + 1
+    k, j, i = np.unravel_index(voxels.flat, voxels.shape)
+    lo = np.maximum([k.min(), j.min(), i.min()] - margin, 0)
+    hi = np.minimum(np.array([k.max(), j.max(), i.max()]) + margin + 1, voxels.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    owner = np.zeros(tuple(hi - lo), np.int64)  # lesion id + 1 of each lesion voxel in the box
+    owner[k - lo[0], j - lo[1], i - lo[2]] = voxels.lesion_of + 1
+    dist, idx = ndimage.distance_transform_edt(owner == 0, sampling=spacing_kji, return_indices=True)
+    near = context[box] & (dist <= PERILESIONAL_MM)
+    nearest = owner[tuple(ix[near] for ix in idx)] - 1
+    ml = np.bincount(nearest, minlength=voxels.n) * grid.voxel_mm3 / 1000.0
+    return ml.tolist(), float(ml.sum())
 
 
 # --------------------------------------------------------------------------------------------

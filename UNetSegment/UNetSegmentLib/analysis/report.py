@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from ..errors import InputError, UsageError
 from ..image import Image
 from ..image import slice_axis as _slice_axis
 from .heatmap_scale import per_lesion
+from .lesion_table import compartment_breakdown
 from .lesions import CT_AUTODETECT_MIN, LesionTable, dropped_note, dropped_summary
 
 RESEARCH_NOTE = "Research use only — not for diagnosis"
@@ -376,6 +377,7 @@ def render_report(
     intensity_label: str | None = None,
     unusual_input: str | None = None,
     heatmap_scale: str = "lesion",
+    lesion_values: Collection[int] | None = None,
 ) -> ReportLayout:
     """Write the report PNG to ``path`` (atomically) and return what was drawn.
 
@@ -389,6 +391,9 @@ def render_report(
     header saying the results are not findings. ``heatmap_scale``: 'lesion' (default) rescales the
     Grad-CAM around each lesion to that lesion's own peak (:func:`.heatmap_scale.per_lesion`), so a
     small lesion next to a large one stays visible; 'volume' shows the map as stored (volume peak = 1).
+    ``lesion_values``: the labels that are lesions, whose components together are the table's lesions
+    (None: each label separately, as :func:`.lesions.analyze_lesions`); contours are drawn in each
+    label's own colour, so compartments and oedema are told apart.
     """
     _check_inputs(image, labels, probability, gradcam, window, max_lesions, max_rows)
     if not isinstance(heatmap_scale, str) or heatmap_scale not in HEATMAP_SCALES:
@@ -405,7 +410,7 @@ def render_report(
 
     page = _Page.new(_figure_height(counts, len(params)) + (_BANNER_H if unusual_input else 0.0))
     y = _draw_header(page, counts, table.total_volume_ml, model_name=model_name, model_version=model_version,
-                     input_name=input_name, created=created)
+                     input_name=input_name, created=created, breakdown=compartment_breakdown(rows, table.total))
     if unusual_input:
         y = _draw_unusual_banner(page, y, unusual_input)
     panel_points: list[tuple[float, float]] = []
@@ -417,7 +422,7 @@ def render_report(
         colors = {int(k): _rgb(v) for k, v in (label_colors or {}).items()}
         y, panel_points = _draw_lesion_panels(page, y, rows, counts, labels=labels, canon=canon, window=window,
                                               colors=colors, unit=unit, connectivity=table.connectivity,
-                                              cam_label=HEATMAP_SCALES[heatmap_scale])
+                                              cam_label=HEATMAP_SCALES[heatmap_scale], lesion_values=lesion_values)
         y, table_cells = _draw_table(page, y, rows[: counts.n_table], table.total, unit, counts.n_more)
     _draw_footer(page, y, params)
 
@@ -525,7 +530,7 @@ def _figure_height(counts: _Counts, n_param_lines: int) -> float:
 
 
 def _draw_header(page: _Page, counts: _Counts, total_volume_ml, *, model_name: str, model_version: str,
-                 input_name: str, created: str) -> float:
+                 input_name: str, created: str, breakdown: str = "") -> float:
     """Title, research-use badge, model/input/date, the lesion count and the orientation note; returns y below."""
     W, H = page.width, page.height
     y = _MARGIN_TOP
@@ -542,6 +547,8 @@ def _draw_header(page: _Page, counts: _Counts, total_volume_ml, *, model_name: s
         summary = f"{n} lesion{'s' if n != 1 else ''}   ·   total volume {_f(total_volume_ml, '.2f')} mL"
     page.text(_MARGIN_L, y + 0.82, summary, fontsize=15, fontweight="bold",
               color=_RED if not counts.negative else _GREEN)
+    if breakdown and not counts.negative:  # beside the count, in the body text size
+        page.text(_MARGIN_L + 0.16 * len(summary) + 0.4, y + 0.845, breakdown, fontsize=12, color="#333333")
     page.text(_MARGIN_L, y + 1.17,
               "Images in radiological convention: patient's LEFT on the image RIGHT, anterior at the top (axial), "
               "superior at the top (coronal). Coordinates: RAS, mm.", fontsize=10, color="#444444")
@@ -551,8 +558,8 @@ def _draw_header(page: _Page, counts: _Counts, total_volume_ml, *, model_name: s
 
 
 def _draw_lesion_panels(page: _Page, y: float, rows: list, counts: _Counts, *, labels: Image, canon: _Canonical,
-                        window, colors, unit: str, connectivity: int,
-                        cam_label: str) -> tuple[float, list[tuple[float, float]]]:
+                        window, colors, unit: str, connectivity: int, cam_label: str,
+                        lesion_values: Collection[int] | None = None) -> tuple[float, list[tuple[float, float]]]:
     """One row of panels per shown lesion, then a note when some lesions have none.
 
     Returns y below them and, per row, where the lesion's inside point lies in its axial panel."""
@@ -563,7 +570,7 @@ def _draw_lesion_panels(page: _Page, y: float, rows: list, counts: _Counts, *, l
     for row in rows[: counts.n_panels]:
         y, frac = _draw_lesion_row(page, y, row, labels=labels, canon=canon, window=window, colors=colors,
                                    colormaps=colormaps, unit=unit, connectivity=connectivity, cache=comp_cache,
-                                   cam_label=cam_label)
+                                   cam_label=cam_label, lesion_values=lesion_values)
         points.append(frac)
     if counts.n_rows > counts.n_panels:
         note = (f"Panels shown for the {counts.n_panels} largest of {counts.n_rows} lesions" if counts.n_panels else
@@ -648,8 +655,12 @@ def _max_probability(probability: Image | None) -> tuple[float | None, np.ndarra
     return float(a.reshape(-1)[flat]), probability.ijk_to_ras_points([i, j, k])[0]
 
 
-def _lesion_component(row, labels: Image, canon_lab: Image, cijk, connectivity: int, cache: dict):
-    """(label value, canonical k0, 3D bool mask of this lesion's component in canonical slab k0..)."""
+def _lesion_component(row, labels: Image, canon_lab: Image, cijk, connectivity: int, cache: dict,
+                      lesion_values: Collection[int] | None = None):
+    """(label value, canonical k0, 3D bool mask of this lesion's component in canonical slab k0..).
+
+    The component is of the voxel's own label, or of all ``lesion_values`` together when given (the
+    table's lesions; see :func:`.lesion_measures.components`)."""
     from scipy import ndimage
 
     p = np.array([row["inside_r"], row["inside_a"], row["inside_s"]], dtype=np.float64)
@@ -669,10 +680,13 @@ def _lesion_component(row, labels: Image, canon_lab: Image, cijk, connectivity: 
     Kc = canon_lab.array.shape[0]
     k0 = int(np.clip(math.floor(ck.min() + 0.5), 0, Kc - 1))
     k1 = int(np.clip(math.floor(ck.max() + 0.5), 0, Kc - 1))
-    key = (value, k0, k1)
+    together = lesion_values is not None and value in lesion_values
+    key = ("lesions" if together else value, k0, k1)
     if key not in cache:
         st = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}.get(int(connectivity), 3))
-        cache[key] = ndimage.label(np.asarray(canon_lab.array[k0 : k1 + 1]) == value, structure=st)[0]
+        slab = np.asarray(canon_lab.array[k0 : k1 + 1])
+        mask = np.isin(slab, np.asarray(list(lesion_values), slab.dtype)) if together else slab == value
+        cache[key] = ndimage.label(mask, structure=st)[0]
     comp = cache[key]
     ci, cj, ckk = (int(np.clip(math.floor(x + 0.5), 0, n - 1)) for x, n in zip(cijk, canon_lab.shape_ijk))
     if not k0 <= ckk <= k1:
@@ -692,6 +706,7 @@ class _LesionSlice:
     component: np.ndarray | None  # this lesion's 3D component in the canonical slab k0.. (None: not found)
     k0: int
     color: tuple  # contour colour of the lesion's label
+    label_colors: Mapping[int, tuple]  # contour colour of every label (compartments, oedema)
     zoom_mm: float
     zoom_box: tuple[float, float, float, float]
 
@@ -700,26 +715,28 @@ def _inside_point(row) -> np.ndarray:
     return np.array([row["inside_r"], row["inside_a"], row["inside_s"]], dtype=np.float64)
 
 
-def _lesion_slice(row, labels: Image, canon: _Canonical, colors, connectivity: int, cache: dict) -> _LesionSlice:
+def _lesion_slice(row, labels: Image, canon: _Canonical, colors, connectivity: int, cache: dict,
+                  lesion_values: Collection[int] | None = None) -> _LesionSlice:
     cijk = canon.labels.ras_to_ijk_points(_inside_point(row))[0]
-    value, k0, comp = _lesion_component(row, labels, canon.labels, cijk, connectivity, cache)
+    value, k0, comp = _lesion_component(row, labels, canon.labels, cijk, connectivity, cache, lesion_values)
     view = _reformat(canon.image, cijk, "axial")
     k = view.index
     this_ax = comp[k - k0] if comp is not None and 0 <= k - k0 < comp.shape[0] else None
     zoom_mm = max(ZOOM_MIN_MM, ZOOM_DIAMETERS * float(row.get("max_inplane_diameter_mm") or 0))
     return _LesionSlice(
         cijk=cijk, view=view, labels_axial=_reformat(canon.labels, cijk, "axial").array, this_axial=this_ax,
-        component=comp, k0=k0, color=colors.get(value, _ALL_LESIONS_COLOR), zoom_mm=zoom_mm,
+        component=comp, k0=k0, color=colors.get(value, _ALL_LESIONS_COLOR), label_colors=colors, zoom_mm=zoom_mm,
         zoom_box=_zoom_box(view, zoom_mm),
     )
 
 
 def _draw_lesion_row(page: _Page, y: float, row, *, labels: Image, canon: _Canonical, window, colors, colormaps,
-                     unit: str, connectivity: int, cache: dict, cam_label: str) -> tuple[float, tuple[float, float]]:
+                     unit: str, connectivity: int, cache: dict, cam_label: str,
+                     lesion_values: Collection[int] | None = None) -> tuple[float, tuple[float, float]]:
     """Title lines and the five panels of one lesion: full axial slice, zoomed contour, zoomed
     probability, zoomed Grad-CAM, coronal locator. Returns y below the row and the inside point's
     position in the axial panel (fractions of width and height)."""
-    sl = _lesion_slice(row, labels, canon, colors, connectivity, cache)
+    sl = _lesion_slice(row, labels, canon, colors, connectivity, cache, lesion_values)
     y = _draw_lesion_title(page, y, row, unit)
     x = _MARGIN_L
     _draw_full_slice_panel(page, x, y, sl, window)
@@ -743,14 +760,20 @@ def _draw_lesion_title(page: _Page, y: float, row, unit: str) -> float:
               (f"{abc2}   ·   " if abc2 else "") + f"{_mean_text(row.get('mean_intensity'), unit)}   ·   mean probability "
               f"{_f(row.get('mean_probability'), '.2f')}   ·   max probability {_f(row.get('max_probability'), '.2f')}"
               f"   ·   inside point RAS ({_f(p[0])}, {_f(p[1])}, {_f(p[2])}) mm   ·   "
-              f"{row.get('n_slices', '–')} slice(s)",
+              f"{row.get('n_slices', '–')} slice(s)"
+              + (f"   ·   oedema {_f(row['perilesional_oedema_ml'], '.2f')} mL"
+                 if row.get("perilesional_oedema_ml") is not None else ""),
               fontsize=10.5, color="#333333")
     return y + _ROW_TITLE_H
 
 
 def _draw_lesion_outlines(ax, sl: _LesionSlice, lw_all: float, lw_this: float) -> None:
-    """All lesion voxels in their label colour, this lesion's component highlighted on top."""
-    _draw_outline(ax, sl.labels_axial > 0, sl.view, sl.color, lw_all)
+    """Every label's voxels in that label's colour, this lesion's component highlighted on top."""
+    present = [int(v) for v in np.unique(sl.labels_axial) if v]
+    if len(present) <= 1:
+        _draw_outline(ax, sl.labels_axial > 0, sl.view, sl.color, lw_all)
+    for v in present if len(present) > 1 else ():
+        _draw_outline(ax, sl.labels_axial == v, sl.view, sl.label_colors.get(v, sl.color), lw_all)
     if sl.this_axial is not None:
         _draw_outline(ax, sl.this_axial, sl.view, _HIGHLIGHT_COLOR, lw_this, zorder=4)
 
@@ -877,21 +900,27 @@ def _draw_table(page: _Page, y: float, rows, total, unit: str, n_more: int) -> t
     """The lesion table under the panels; the new ``y`` and the cells drawn (header first)."""
     page.text(_MARGIN_L, y + 0.05, "Lesion table", fontsize=14, fontweight="bold")
     y += _TABLE_TITLE_H
-    header = ["#", "label", "volume\nmL", "ABC/2\nmL", "centroid\nslice", "slice range", "largest-area\nslice",
-              "diameter\nmm", "side", f"mean\n{unit}", "mean\nprobability", "centroid RAS (mm)"]
+    oedema = total.get("perilesional_oedema_ml") is not None  # models with a perilesional label (ct-hemorrhage 2.x)
+    header = ["#", "label", "volume\nmL", "ABC/2\nmL", *(["oedema\nmL"] if oedema else []), "centroid\nslice",
+              "slice range", "largest-area\nslice", "diameter\nmm", "side", f"mean\n{unit}", "mean\nprobability",
+              "centroid RAS (mm)"]
+    name_len = min(28, max([len(str(r.get("label") or "")) for r in rows] + [12]))
     cells = []
     for r in rows:
         ax_name = r.get("slice_axis") or "k"
         cells.append([
-            str(r["lesion"]), _ellipsize(r.get("label", ""), 18), _f(r.get("volume_ml"), ".2f"), _f(r.get("abc2_ml"), ".2f"),
+            str(r["lesion"]), _ellipsize(r.get("label", ""), name_len), _f(r.get("volume_ml"), ".2f"),
+            _f(r.get("abc2_ml"), ".2f"), *([_f(r.get("perilesional_oedema_ml"), ".2f")] if oedema else []),
             f"{ax_name}={r.get('slice_index')}", f"{r.get('slice_first')}–{r.get('slice_last')}",
             f"{ax_name}={r.get('largest_area_slice')}", _f(r.get("max_inplane_diameter_mm")), r.get("side") or "–",
             _f(r.get("mean_intensity"), _intensity_fmt(unit)), _f(r.get("mean_probability"), ".2f"),
             f"({_f(r.get('centroid_r'))}, {_f(r.get('centroid_a'))}, {_f(r.get('centroid_s'))})",
         ])
-    cells.append(["total", "", _f(total.get("volume_ml"), ".2f"), _f(total.get("abc2_ml"), ".2f"), "", "", "", "", "",
+    cells.append(["total", "", _f(total.get("volume_ml"), ".2f"), _f(total.get("abc2_ml"), ".2f"),
+                  *([_f(total.get("perilesional_oedema_ml"), ".2f")] if oedema else []), "", "", "", "", "",
                   _f(total.get("mean_intensity"), _intensity_fmt(unit)), _f(total.get("mean_probability"), ".2f"), ""])
-    widths = np.array([0.6, 1.4, 0.9, 0.9, 1.0, 1.0, 1.1, 0.9, 0.8, 0.8, 1.0, 2.0])
+    widths = np.array([0.6, max(1.4, 0.095 * name_len), 0.9, 0.9, *([0.9] if oedema else []), 1.0, 1.0, 1.1, 0.9,
+                       0.8, 0.8, 1.0, 2.0])
     tw = float(widths.sum())
     nrows = len(cells) + 1
     h = (nrows + 0.6) * _TABLE_ROW_H  # header row is two lines

@@ -1,14 +1,15 @@
 """Re-derive a finished run's segmentation at another threshold without running the network again.
 
 The Slicer module's live threshold slider and its "Export all…" use this: the probability map the
-run wrote (``probability.nrrd``, P(not background) on the input grid) is thresholded the same way
-:func:`..engine.labels.labels_from_probabilities` says, small lesions are removed with :func:`.lesions.remove_small_lesions`
-and the table is recomputed with :func:`.lesions.analyze_lesions`, with the arguments
-:func:`.job.write_outputs` uses. For one-label models (every bundled model) the result equals a
-fresh ``segment --threshold T`` run exactly. For models with several labels, which label a voxel
-gets comes from the run's own label map where that had one, else from the nearest labelled voxel
-(the per-class maps are not part of the file set); ``mean/max_probability`` then describe
-P(not background).
+run wrote (``probability.nrrd``, P(lesion) on the input grid: the lesion labels' probabilities summed)
+is thresholded the same way :func:`..engine.labels.labels_from_probabilities` says, small lesions are
+removed with :func:`.lesions.remove_small_lesions` and the table is recomputed with
+:func:`.lesions.analyze_lesions`, with the arguments :func:`.job.write_outputs` uses. For one-label
+models the result equals a fresh ``segment --threshold T`` run exactly. For models with several lesion
+labels, which label a voxel gets comes from the run's own label map where that had one, else from the
+nearest voxel of a lesion label (the per-class maps are not part of the file set), and
+``mean/max_probability`` describe P(lesion); labels that are not lesions (oedema) keep the run's voxels
+wherever they do not become lesion, since the network, not the threshold, decides them.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ..io.readers import read_image
 from ..io.writers import write_json
 from ..models.bundle import Bundle
 from ..params import FIELD, HEATMAP_KINDS, SegmentParams
+from ..settings import lesion_label_values
 from .lesions import LesionTable, analyze_lesions, remove_small_lesions
 
 
@@ -77,22 +79,29 @@ def table_from_summary(summary: dict) -> LesionTable:
 
 
 def labels_at_threshold(probability: Image, threshold: float, label_values: Sequence[int],
-                        previous: Image | None = None) -> Image:
-    """The raw label map (before small-lesion removal) at ``threshold``; see the module docstring."""
+                        previous: Image | None = None, lesion_values: Sequence[int] | None = None) -> Image:
+    """The raw label map (before small-lesion removal) at ``threshold``; see the module docstring.
+
+    ``lesion_values``: the labels that are lesions (default: all). Voxels of the other labels (context
+    such as oedema, which the network decides by itself, not by the threshold) keep the run's label
+    wherever they do not become lesion."""
     values = [int(v) for v in label_values]
+    lesions = [v for v in values if lesion_values is None or v in lesion_values]
     fg = np.asarray(probability.array, dtype=np.float32)
+    prev = np.zeros(fg.shape, np.uint8) if previous is None else np.asarray(previous.array)
     if len(values) == 1:
         return probability.with_array(labels_from_probabilities({values[0]: fg}, float(threshold)))
     keep = labels_from_probabilities({1: fg}, float(threshold)) > 0  # the rule; which label: below
-    prev = np.zeros(fg.shape, np.uint8) if previous is None else np.asarray(previous.array)
-    if not prev.any():
-        arr = np.where(keep, values[0], 0)
+    prev_lesion = np.isin(prev, lesions) if prev.any() else np.zeros(fg.shape, bool)
+    if len(lesions) == 1 or not prev_lesion.any():
+        arr = np.where(keep, lesions[0], 0)
     else:
         from scipy import ndimage
 
-        idx = ndimage.distance_transform_edt(prev == 0, return_distances=False, return_indices=True)
-        nearest = prev[tuple(idx)]
-        arr = np.where(keep, nearest, 0)
+        idx = ndimage.distance_transform_edt(~prev_lesion, return_distances=False, return_indices=True)
+        arr = np.where(keep, prev[tuple(idx)], 0)
+    context = ~keep & ~np.isin(prev, lesions) & (prev != 0)
+    arr = np.where(context, prev, arr)
     return probability.with_array(arr.astype(np.uint8))
 
 
@@ -109,16 +118,19 @@ def rederive(probability: Image, threshold: float, labels_meta: Sequence[dict], 
              previous: Image | None = None) -> Rederived:
     """Label map and lesion table at ``threshold`` (``labels_meta``: the bundle's ``labels``)."""
     values = [int(l["value"]) for l in labels_meta]
-    raw = labels_at_threshold(probability, threshold, values, previous)
-    ref = remove_small_lesions(raw, min_lesion_ml, connectivity)
+    lesion_values = [v for v, l in zip(values, labels_meta) if l.get("lesion", True)]
+    raw = labels_at_threshold(probability, threshold, values, previous, lesion_values)
+    ref = remove_small_lesions(raw, min_lesion_ml, connectivity, lesion_values)
     table = analyze_lesions(
         ref,
         intensity=intensity,
-        probability={v: probability for v in values},
+        probability={v: probability for v in lesion_values},
         label_names={int(l["value"]): l["name"] for l in labels_meta},
         connectivity=connectivity,
         min_lesion_ml=min_lesion_ml,
         modality=modality,
+        lesion_values=lesion_values,
+        perilesional_values=[v for v in values if v not in lesion_values],
     )
     return Rederived(ref, table, float(threshold), raw)
 
@@ -174,7 +186,8 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
             raise InputError("re-deriving the outputs needs the model and the input volumes", "pass bundle and inputs")
         from ..serving.job import WRITE_TIMINGS, write_outputs
 
-        raw = labels_at_threshold(run.probability, float(threshold), [l["value"] for l in bundle.labels], run.labels)
+        raw = labels_at_threshold(run.probability, float(threshold), [l["value"] for l in bundle.labels], run.labels,
+                                  lesion_label_values(bundle.meta))
         s = run.summary
         p = dict(s["parameters"])
         p["heatmaps"] = tuple(p.get("heatmaps") or ())

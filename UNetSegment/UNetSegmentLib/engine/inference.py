@@ -91,10 +91,17 @@ def tta_flips(spatial_dims: int, axes: Sequence[str] = ("i", "j", "k")) -> list[
     return out
 
 
-def with_mirror_tta(inner: Predictor, flips: Sequence[tuple[int, ...]]) -> Predictor:
+def with_mirror_tta(inner: Predictor, flips: Sequence[tuple[int, ...]],
+                    lesion_channels: Sequence[int] | None = None) -> Predictor:
     """The mean of ``inner`` over mirrored copies of each window (test-time augmentation), plus one more
-    channel: the per-voxel variance of P(not background) across the copies."""
+    channel: the per-voxel variance of P(lesion) across the copies — the sum of the ``lesion_channels``
+    (default: every channel but the background, i.e. 1 − P(background))."""
     import torch
+
+    def lesion_probability(p):
+        if lesion_channels is None or set(lesion_channels) == set(range(1, p.shape[1])):
+            return 1 - p[:, :1]  # every label a lesion (as before, bit for bit)
+        return p[:, list(lesion_channels)].sum(1, keepdim=True)
 
     def predict(x):
         p_sum = sq_sum = None
@@ -102,11 +109,11 @@ def with_mirror_tta(inner: Predictor, flips: Sequence[tuple[int, ...]]) -> Predi
             p = inner(torch.flip(x, f) if f else x)
             if f:
                 p = torch.flip(p, f)
-            fg = 1 - p[:, :1]
+            fg = lesion_probability(p)
             p_sum = p if p_sum is None else p_sum + p
             sq_sum = fg * fg if sq_sum is None else sq_sum + fg * fg
         mean = p_sum / len(flips)
-        var = (sq_sum / len(flips) - (1 - mean[:, :1]) ** 2).clamp_min(0)
+        var = (sq_sum / len(flips) - lesion_probability(mean) ** 2).clamp_min(0)
         return torch.cat([mean, var], 1)
 
     return Predictor(predict, inner.out_channels + 1)

@@ -96,7 +96,7 @@ def segment(
     if "gradcam" in s.heatmaps:
         def explain(a: Attempt) -> np.ndarray:
             t0 = time.perf_counter()
-            cam = gradcam(volume, runner.network_on(a.device), _plan_for(plan, a), _explained_channels(probs, s.threshold),
+            cam = gradcam(volume, runner.network_on(a.device), _plan_for(plan, a), _explained_channels(probs, s.threshold, s.model.lesion_channels),
                           layer=cam_layer, method=s.cam_method, batch_size=a.batch_size, device=a.device,
                           precision=a.precision, progress=report, cancel=cancel)
             timings["gradcam_s"] = time.perf_counter() - t0
@@ -191,7 +191,8 @@ class _NetworkRunner:
         s = self.settings
         p = softmax_predictor(self.network_on(attempt.device), s.model.out_channels, attempt.precision,
                               s.model.temperature)
-        return with_mirror_tta(p, tta_flips(s.model.spatial_dims, s.model.tta_axes)) if s.tta else p
+        return (with_mirror_tta(p, tta_flips(s.model.spatial_dims, s.model.tta_axes), s.model.lesion_channels)
+                if s.tta else p)
 
     def release(self, gpu: str) -> None:
         """Before a CPU fallback: nothing of this run stays on the GPU."""
@@ -200,10 +201,15 @@ class _NetworkRunner:
             self.network.to("cpu")
 
 
-def _explained_channels(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Per voxel of the network grid, the output channel Grad-CAM explains: that of the voxel's label
-    by the threshold rule (:func:`.labels.labels_from_probabilities`), 0 where it is background."""
-    return labels_from_probabilities({c: probs[c] for c in range(1, probs.shape[0])}, threshold)
+def _explained_channels(probs: np.ndarray, threshold: float, lesion_channels: tuple[int, ...] | None = None) -> np.ndarray:
+    """Per voxel of the network grid, the output channel Grad-CAM explains: that of the voxel's lesion
+    label by the threshold rule (:func:`.labels.labels_from_probabilities`), 0 where it is background
+    or context that is not a lesion (oedema: the maps explain the findings)."""
+    out = labels_from_probabilities({c: probs[c] for c in range(1, probs.shape[0])}, threshold,
+                                    lesion_values=lesion_channels)
+    if lesion_channels is not None:
+        out[~np.isin(out, np.asarray(lesion_channels, np.uint8))] = 0
+    return out
 
 
 def _on_input_grid(probs: np.ndarray, heat_net: dict[str, np.ndarray], mapping: GridMapping, bundle: Bundle,
@@ -212,8 +218,8 @@ def _on_input_grid(probs: np.ndarray, heat_net: dict[str, np.ndarray], mapping: 
     floor = PROBABILITY_FLOOR if s.threshold > 2 * PROBABILITY_FLOOR else 0.0
     class_probs = {lab["value"]: mapping.to_input(probs[idx], floor=floor) for idx, lab in enumerate(bundle.labels, start=1)}
     arrays = {v: im.array for v, im in class_probs.items()}
-    fg = foreground_probability(arrays)
-    labels = labels_from_probabilities(arrays, s.threshold, fg)
+    fg = foreground_probability(arrays, s.model.lesion_values)
+    labels = labels_from_probabilities(arrays, s.threshold, fg, s.model.lesion_values)
     ref = mapping.reference
     return SegmentResult(
         labels=Image(labels, ref.ijk_to_ras),

@@ -134,6 +134,9 @@ def validate_meta(meta: Any, where: str = "model.json") -> None:
     values = [l["value"] for l in meta["labels"]]
     if len(set(values)) != len(values):
         raise ModelError(f"{where}: duplicate label values {values}", "give each label its own value")
+    if not any(l.get("lesion", True) for l in meta["labels"]):
+        raise ModelError(f"{where}: every label says \"lesion\": false, so the model would find nothing",
+                         "mark the finding's label(s) as lesions (leave \"lesion\" out or set it true)")
     from .terminology import check_label_codes
 
     check_label_codes(meta, where)

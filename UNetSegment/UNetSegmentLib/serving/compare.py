@@ -78,9 +78,13 @@ def load_run(folder: Path) -> ScanRun:
     probability = read_image(folder / "probability.nrrd") if (folder / "probability.nrrd").is_file() else None
     if probability is not None and not probability.same_grid(labels, atol=1e-3):
         probability = None
+    segs = summary.get("segments", [])
+    marked = any("lesion" in s for s in segs)  # runs before lesion/context labels: every label its own finding
     table = analyze_lesions(labels, intensity=image, probability=probability, label_names=names, lesion_map=True,
                             connectivity=int(params.get("connectivity", 26)),
-                            min_lesion_ml=float(params.get("min_lesion_ml") or 0.0))
+                            min_lesion_ml=float(params.get("min_lesion_ml") or 0.0),
+                            lesion_values=[int(s["value"]) for s in segs if s.get("lesion", True)] if marked else None,
+                            perilesional_values=[int(s["value"]) for s in segs if not s.get("lesion", True)])
     numbers = table.lesion_map if table.lesion_map is not None else np.zeros(labels.array.shape, np.int32)  # no lesion
     return ScanRun(folder, summary, image, table.rows, labels.with_array(numbers))
 

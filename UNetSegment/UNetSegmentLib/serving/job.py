@@ -27,7 +27,7 @@ from ..io.writers import write_image, write_json, write_seg_nrrd
 from ..models.bundle import Bundle, default_model_name, load_bundle
 from ..models.terminology import label_codes, label_terminology
 from ..params import SegmentParams
-from ..settings import resolve, resolved_parameters
+from ..settings import context_label_values, lesion_label_values, resolve, resolved_parameters
 from .model_cache import ModelCache
 
 
@@ -138,7 +138,8 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     settings = result.settings or resolve(params, bundle, hardware=False)
     min_ml, connectivity = settings.min_lesion_ml, settings.connectivity
     used = resolved_parameters(params, settings, result.extra.get("batch_size"))
-    ref, dropped_ml = split_small_lesions(result.labels, min_ml, connectivity)
+    lesion_values, context_values = settings.model.lesion_values, context_label_values(bundle.meta)
+    ref, dropped_ml = split_small_lesions(result.labels, min_ml, connectivity, lesion_values)
     show = display_channel(bundle)  # the channel a reader expects (e.g. Tmax): report and intensity columns
     dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
     table = analyze_lesions(
@@ -152,6 +153,8 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
         intensity_channel=bundle.channel_names[show],
         intensity_unit=channel_unit(bundle, show),
         dicom_slices=dicom_refs,
+        lesion_values=lesion_values,
+        perilesional_values=context_values,
     )
     table.dropped_ml = dropped_ml
     table.write_csv(folder / "lesions.csv")
@@ -191,8 +194,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
                     "report_s": end - t_volumes if report else 0.0})
     summary = build_summary(result, bundle, used, paths, timings, created)
     summary.update(table.summary_dict())
-    summary["segments"] = [{"value": s["value"], "name": s["name"], "category": s["category"], "code": s["code"],
-                            "terminology": s["terminology"]} for s in segments]
+    summary["segments"] = segment_totals(ref, segments, table, lesion_values)
     if dicom_seg is not None:
         summary["dicom_seg"] = dicom_seg
     summary["dicom_sr"] = dicom_sr
@@ -223,6 +225,7 @@ def write_report(path: Path, bundle: Bundle, inputs: Sequence, labels, probabili
         modality=bundle.meta["inputs"][show]["modality"],
         intensity_label=_intensity_label(bundle, show),
         unusual_input=unusual_input,
+        lesion_values=lesion_label_values(bundle.meta),
     )
 
 
@@ -238,6 +241,22 @@ def _write_sr(labels: Image, source: str, folder: Path, table, bundle: Bundle, s
         absent = f"DICOM SR could not be written: {e}"
         warnings.append(absent)
     return {"file": None, "absent_because": absent} if absent else {"file": "measurements.dcm"}
+
+
+def segment_totals(labels: Image, segments: Sequence[dict], table, lesion_values: Sequence[int]) -> list[dict]:
+    """``summary.json``'s ``segments``: each label's codes, whether it is a lesion label, its volume in the
+    final segmentation (mL) and, for lesion labels, how many lesions have it as their ``label``
+    (their majority compartment) — the per-class totals of a multi-class model."""
+    counts = np.bincount(np.asarray(labels.array).reshape(-1), minlength=256)
+    voxel_ml = labels.voxel_volume_mm3 / 1000.0
+    out = []
+    for seg in segments:
+        v = int(seg["value"])
+        lesion = v in lesion_values
+        out.append({"value": v, "name": seg["name"], "category": seg["category"], "code": seg["code"],
+                    "terminology": seg["terminology"], "lesion": lesion, "volume_ml": float(counts[v] * voxel_ml),
+                    "lesions": sum(1 for r in table.rows if r["label"] == seg["name"]) if lesion else None})
+    return out
 
 
 def segment_meta(label: dict) -> dict:

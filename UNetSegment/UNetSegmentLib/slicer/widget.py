@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ..analysis.lesion_table import compartment_breakdown
 from ..engine.acceleration import usable_cores
 from ..errors import UNetSegmentError, UsageError
 from ..io.outputs import CONTRACT_FILES
@@ -577,6 +578,7 @@ class Panel:
                                             if unusual else "")
                                            + f"{t.n_lesions} lesion(s), total {t.total_volume_ml:.2f} mL"
                                            + (f" (ABC/2 {t.total['abc2_ml']:.2f} mL)" if t.n_lesions else "")
+                                           + (f" — {breakdown}" if (breakdown := compartment_breakdown(t.rows, t.total)) else "")
                                            + f" at threshold {self.result.threshold:.2f}. "
                                            "Research use only — not for diagnosis.")
 

@@ -268,6 +268,25 @@ GENERATORS["phantom"] = phantom_case
 GENERATORS["ct_hemorrhage_compartments"] = ct_hemorrhage_compartments_case
 
 
+def generator_labels(generator: str) -> dict | None:
+    """The label definitions of a generator with several labels (written as ``labels.json`` beside its
+    case folders, read by ``evaluate``: which truth labels are lesions), else None (label 1 = lesion)."""
+    if generator != "ct_hemorrhage_compartments":
+        return None
+    from ...synth_compartments import CLASSES, OEDEMA
+
+    return {"labels": {str(v): n for v, n in CLASSES.items()}, "lesion_values": [v for v in CLASSES if v != OEDEMA]}
+
+
+def _write_case_labels(generator: str, case_dir: Path) -> None:
+    labels = generator_labels(generator)
+    if labels is not None:
+        from ...io.writers import write_json
+
+        case_dir.mkdir(parents=True, exist_ok=True)
+        write_json(labels, case_dir / "labels.json")
+
+
 def to_network_grid(channels: list[Image], label: Image, meta: dict) -> tuple[np.ndarray, np.ndarray]:
     """The inference pre-processing applied to a training case: (C, K, J, I) float32, (K, J, I) uint8."""
     x, mapping, _ = prepare_inputs(channels, ModelSettings.from_meta(meta))
@@ -462,11 +481,13 @@ def main() -> None:
         x = sets[a.extra_val]
         build_cache(d["generator"], list(x.seeds), cfg["bundle"], cache_root / x.folder(d["generator"], cfg["bundle"], "val-extra"),
                     x.settings, case_dir=a.output_dir)
+        _write_case_labels(d["generator"], a.output_dir)
         print(f"{len(x.seeds)} {a.extra_val} validation cases in {a.output_dir}")
         return
     seeds = list(split_seeds(d, a.split))
     settings = TRAINING if a.split == "train" else VALIDATION
     build_cache(d["generator"], seeds, cfg["bundle"], cache_root / a.split, settings, case_dir=a.output_dir)
+    _write_case_labels(d["generator"], a.output_dir)
     print(f"{len(seeds)} {a.split} cases in {a.output_dir}")
 
 

@@ -16,11 +16,26 @@ from ...analysis.evaluate import format_table
 
 NOT_FOR = {
     "ct_hemorrhage": "such as contrast-enhanced CT, MR, or non-head scans.",
+    "ct_hemorrhage_compartments": "such as contrast-enhanced CT, MR, or non-head scans; nor for grading a bleed's "
+                                  "age, or for subtypes the model does not separate (subdural, epidural and "
+                                  "subarachnoid blood are one class, extra-axial).",
     "mr_perfusion": "such as raw perfusion source images, maps from a different deconvolution whose units or scaling "
                     "differ, maps not co-registered with each other, or non-brain scans.",
 }
 
 LIMITS = {
+    "ct_hemorrhage_compartments": [
+        "- Training and validation bleeds, oedema and mimics are **synthetic** (UNetSegmentLib/synth_compartments.py), "
+        "and the only real CT background is one head CT (ProMED CT 0051, Debian `invesalius-examples`); the others "
+        "are deformed copies of it and MNI152 pseudo-CTs, whose tissue maps give the ventricles, sulci and cisterns. "
+        "Performance on real scans is **unmeasured**.",
+        "- Compartments are learned from where the generator puts blood: extra-axial crescents and lenses against the "
+        "inner table, subarachnoid blood in cisterns and sulci, intraventricular casts in the ventricles. Real "
+        "bleeds that cross compartments, post-operative collections, and subarachnoid blood outside these sites "
+        "were not in the data.",
+        "- Mimics (calcified choroid plexus, pineal, basal ganglia and falx, a dense sinus, beam hardening) are "
+        "simple shapes at typical sites; no contrast, metal or motion.",
+    ],
     "ct_hemorrhage": [
         "- Training and validation lesions are **synthetic**, and the only real CT background is one head CT "
         "(ProMED CT 0051, Debian `invesalius-examples`); the others are deformed copies of it and MNI152 pseudo-CTs. "
@@ -59,6 +74,31 @@ def target_table(evaluation: dict, previous: dict | None) -> list[str]:
         cell = "—" if v is None else fmt.format(v)
         lines.append(f"| {label} | {cell} | {'yes' if v is not None and ok(v) else '**no**'} |"
                      + (f" {fmt.format(p[key]) if p.get(key) is not None else '—'} |" if p else ""))
+    return lines
+
+
+#: per-class targets of a compartment model (ct-hemorrhage 2.x): (label values, minimum Dice)
+CLASS_DICE_TARGETS = (("intraparenchymal", 0.75), ("extra-axial", 0.75), ("intraventricular", 0.75), ("oedema", 0.6))
+COMPARTMENT_ACCURACY_TARGET = 0.9
+
+
+def class_target_table(evaluation: dict) -> list[str]:
+    """Per-class Dice and the compartment accuracy against the compartment model's targets."""
+    pc = evaluation["model_metrics"]["per_class"]
+    names = evaluation.get("labels", {})
+    lines = ["| target | value | met |", "|---|---|---|"]
+    for v, c in pc["classes"].items():
+        name = names.get(v, v)
+        need = next((t for key, t in CLASS_DICE_TARGETS if key in name), None)
+        if need is None:
+            continue
+        d = c["dice_mean"]
+        lines.append(f"| {name}: Dice ≥ {need:g} (cases with ≥ 1 mL; n={c['n_cases_dice']}) | {_f(d)} | "
+                     f"{'yes' if d is not None and d >= need else '**no**'} |")
+    acc = pc["compartment_accuracy"]
+    lines.append(f"| compartment correct for ≥ {COMPARTMENT_ACCURACY_TARGET:.0%} of detected lesions ≥ 0.5 mL "
+                 f"(n={pc['n_detected_lesions_ge_0.5ml']}) | {_f(acc)} | "
+                 f"{'yes' if acc is not None and acc >= COMPARTMENT_ACCURACY_TARGET else '**no**'} |")
     return lines
 
 
@@ -236,6 +276,8 @@ def render(meta: dict, evaluation: dict | None, extra: str = "", previous: dict 
                       "", "```", format_table(previous), "```", ""]
         if meta.get("name") == "ct-hemorrhage":
             lines += ["### Targets", "", *target_table(evaluation, previous), ""]
+        if "per_class" in evaluation["model_metrics"]:
+            lines += ["### Per-class targets", "", *class_target_table(evaluation), ""]
         if any(d["n"] for d in evaluation["model_metrics"].get("by_density", {}).values()):
             lines += ["### By lesion density", "", *density_table(evaluation, previous), ""]
         lines += ["Definitions: " + evaluation.get("definitions", "").replace("\n", " "), ""]

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import yaml
@@ -194,7 +195,11 @@ def _dice_loss(logits, target):
 
 
 def validate(net, files: list[Path], settings: RunSettings, every: int = 6) -> float:
-    """Mean Dice over validation cases, on the network grid, with the inference engine and threshold rule.
+    """The checkpoint-selection score over validation cases, on the network grid, with the inference
+    engine and threshold rule: the mean of the any-lesion Dice (the lesion classes together, as the
+    one-label models were always scored) and the mean per-class Dice. For a one-label model both are
+    the same number, so its score is the Dice it always was; for a multi-class bundle a checkpoint that
+    finds the bleeds but confuses their compartments (or misses the oedema) scores lower.
 
     2D/2.5D models are scored on the slices with lesion plus every ``every``-th other slice (each with
     its context slices: :meth:`.WindowPlan.on_slices`), which keeps validation quick without hiding
@@ -202,7 +207,8 @@ def validate(net, files: list[Path], settings: RunSettings, every: int = 6) -> f
     """
     m = settings.model
     predictor = softmax_predictor(net, m.out_channels, settings.precision)
-    dices = []
+    lesion = np.asarray(m.lesion_channels)  # the cases' label values are the channel indices
+    scores = []
     net.eval()
     for f in files:
         d = np.load(f)
@@ -211,15 +217,23 @@ def validate(net, files: list[Path], settings: RunSettings, every: int = 6) -> f
                             fast=False, size_divisor=int(getattr(net, "size_divisor", 16)))
         ks = slice(None)
         if m.spatial_dims == 2:
-            lesion = np.flatnonzero(y.reshape(y.shape[0], -1).any(1))
-            ks = np.array(sorted(set(range(0, y.shape[0], every)) | {int(k) for k in lesion}))
+            present = np.flatnonzero(y.reshape(y.shape[0], -1).any(1))
+            ks = np.array(sorted(set(range(0, y.shape[0], every)) | {int(k) for k in present}))
             plan = plan.on_slices(ks)
         probs = sliding_window(x, predictor, plan, batch_size=settings.batch_size, device=settings.device)[:, ks]
-        pred = labels_from_probabilities({c: probs[c] for c in range(1, probs.shape[0])}, settings.threshold) > 0
-        truth = y[ks] > 0
-        s = pred.sum() + truth.sum()
-        dices.append(1.0 if s == 0 else 2 * (pred & truth).sum() / s)
-    return float(np.mean(dices))
+        pred = labels_from_probabilities({c: probs[c] for c in range(1, probs.shape[0])}, settings.threshold,
+                                         lesion_values=m.lesion_channels)
+        truth = y[ks]
+        any_lesion = _dice(np.isin(pred, lesion), np.isin(truth, lesion))
+        per_class = [_dice(pred == c, truth == c) for c in range(1, m.out_channels)]
+        scores.append((any_lesion + float(np.mean(per_class))) / 2)
+    return float(np.mean(scores))
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two masks; 1 when both are empty."""
+    s = int(pred.sum()) + int(truth.sum())
+    return 1.0 if s == 0 else 2.0 * int((pred & truth).sum()) / s
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -280,6 +294,30 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     state = torch.load(work / "best.pt", map_location="cpu", weights_only=True)
     return write_bundle(output_dir, meta, state, cfg, run.history, run.best, (time.time() - t0) / 60, settings.device,
                         settings.precision, run.net)
+
+
+def expand_output_classes(state: Mapping[str, Any], target: Mapping[str, Any], class_map: list[int]) -> dict:
+    """``state`` (a trained network's weights) reshaped for a network with more output classes.
+
+    ``class_map[c]`` names the trained class whose output weights start new class ``c`` (e.g. a
+    one-label hemorrhage model seeds the bleed compartments from its hemorrhage channel and the oedema
+    from its background: ``[0, 1, 1, 1, 0]``). Only the output layers (whose first dimension is the
+    class count) change; every other tensor must match ``target`` exactly.
+    """
+    import torch
+
+    old_n = 1 + max(class_map)
+    out = {}
+    for name, value in state.items():
+        want = target[name].shape if name in target else None
+        if want is None or value.shape == want:
+            out[name] = value
+        elif value.shape[0] == old_n and want[0] == len(class_map) and value.shape[1:] == want[1:]:
+            out[name] = value[torch.as_tensor(class_map)].clone()
+        else:
+            raise UsageError(f"train.init_from: {name} has shape {tuple(value.shape)}, the network needs {tuple(want)}",
+                             "start from weights of the same architecture (only the class count may differ)")
+    return out
 
 
 def _init_weights_spec(cfg: dict, config_path: Path) -> dict | None:
@@ -357,8 +395,13 @@ class _Run:
         if run.checkpoint.exists():
             run._resume(work, log)
         elif tc.get("init_from"):
-            net.load_state_dict(load_weights(Path(tc["init_from"]["path"])))
-            log(f"initialised from {tc['init_from']['path']} (sha256 {tc['init_from']['sha256'][:12]}…)")
+            state = load_weights(Path(tc["init_from"]["path"]))
+            class_map = tc["init_from"].get("class_map")
+            if class_map is not None:
+                state = expand_output_classes(state, net.state_dict(), class_map)
+            net.load_state_dict(state)
+            log(f"initialised from {tc['init_from']['path']} (sha256 {tc['init_from']['sha256'][:12]}…"
+                + (f", output classes from {class_map}" if class_map is not None else "") + ")")
         return run
 
     def _resume(self, work: Path, log) -> None:
