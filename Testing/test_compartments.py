@@ -206,7 +206,7 @@ def test_evaluation_scores_any_bleed_per_class_and_the_compartment_confusion():
     pred[2:12, 25:35, 25:35] = 3  # EAH found, called IVH
     pred[15:18, 35:38, 2:5] = 3  # a false lesion (IVH)
     img = lambda a: _img(a)  # noqa: E731
-    r = score_case("c", img(truth), img(pred), label_values=(1, 2, 3, 4), lesion_values=LESION)
+    r = score_case("c", img(truth), img(pred), label_values=(1, 2, 3, 4), lesion_values=LESION, truth_lesion_values=LESION)
     assert r.true_ml == pytest.approx(2.0) and r.false_lesions == 1  # oedema is not lesion volume
     assert r.classes[1]["dice"] == pytest.approx(2 * 900 / 1900) and r.classes[4]["dice"] == 1.0
     assert r.classes[2]["dice"] == 0.0 and r.classes[3]["dice"] == 0.0
@@ -242,6 +242,9 @@ def test_a_one_label_model_is_scored_on_compartment_cases_by_their_own_label_def
     r = score_case("c", _img(truth), _img(pred), lesion_values=(1,), truth_lesion_values=defined["lesion_values"])
     assert len(r.true_lesions) == 2 and all(l["detected"] for l in r.true_lesions) and r.false_lesions == 0
     assert r.dice == 1.0
+    # without a label definition any non-zero truth voxel is lesion, as always (e.g. masks stored as 0/255)
+    r = score_case("c", _img(np.where(pred > 0, 255, 0).astype(np.uint8)), _img(pred), lesion_values=(1,))
+    assert r.dice == 1.0 and r.false_lesions == 0
 
 
 def test_tta_variance_is_that_of_p_lesion_not_of_the_context():
@@ -258,3 +261,43 @@ def test_tta_variance_is_that_of_p_lesion_not_of_the_context():
     var_lesion = with_mirror_tta(Predictor(fn, 3), flips, lesion_channels=(1,)).fn(x)[:, -1]
     var_any = with_mirror_tta(Predictor(fn, 3), flips).fn(x)[:, -1]
     assert float(var_lesion.abs().max()) < 1e-7 and float(var_any.max()) > 1e-3
+
+
+def test_perilesional_distance_is_measured_in_ras_on_a_sheared_grid():
+    """Gantry tilt: the k column is (2, 0, 1) mm, so index offset (−2, 0, +1) is 1 mm away, not 3."""
+    m = np.eye(4)
+    m[:3, 2] = (2.0, 0.0, 1.0)
+    lab = np.zeros((12, 3, 30), np.uint8)
+    lab[0, 1, 20] = 1
+    lab[1, 1, 18] = 4  # 1 mm from the lesion
+    lab[11, 1, 0] = 4  # 11 slices up, 20 columns back: (−20 + 22, 0, 11) → |(2, 0, 11)| ≈ 11.2 mm: out
+    t = analyze_lesions(Image(lab, m), label_names=NAMES, lesion_values=LESION, perilesional_values=OEDEMA)
+    assert t.rows[0]["perilesional_oedema_ml"] == pytest.approx(abs(np.linalg.det(m[:3, :3])) / 1000)
+
+
+def test_per_lesion_heatmap_scale_ignores_the_context():
+    from UNetSegmentLib.analysis.heatmap_scale import per_lesion
+
+    lab = np.zeros((10, 40, 40), np.uint8)
+    lab[5, 5:8, 5:8] = 1
+    lab[5, 30:33, 30:33] = 4  # oedema far from the bleed (its own bleed was too small and removed)
+    heat = np.zeros(lab.shape, np.float32)
+    heat[5, 6, 6] = 1.0
+    heat[5, 31, 31] = 0.1  # weak response at the oedema
+    out = per_lesion(_img(heat), _img(lab), radius_mm=5.0, lesion_values=LESION).array
+    assert out[5, 31, 31] == pytest.approx(0.1)  # not stretched to 1: no lesion there
+    assert per_lesion(_img(heat), _img(lab), radius_mm=5.0).array[5, 31, 31] == pytest.approx(1.0)  # the old rule
+
+
+def test_a_resumed_cohort_copies_tables_written_before_the_compartment_columns(tmp_path):
+    from UNetSegmentLib.analysis.lesions import COLUMNS
+    from UNetSegmentLib.serving import cohort_tables
+
+    old = [c for c in COLUMNS if c not in ("compartment", "perilesional_oedema_ml")]
+    (tmp_path / "case1").mkdir()
+    (tmp_path / "case1" / "lesions.csv").write_text(",".join(old) + "\n" + ",".join(str(i) for i in range(len(old)))
+                                                    + "\ntotal" + "," * (len(old) - 1) + "\n")
+    text = cohort_tables._lesions_csv(tmp_path, [{"case_id": "case1", "status": cohort_tables.STATUS_RESUMED}])
+    header, row = [line.split(",") for line in text.strip().splitlines()]
+    assert header == ["case_id", *COLUMNS] and row[header.index("compartment")] == ""
+    assert row[header.index("abc2_c_mm")] == str(old.index("abc2_c_mm"))

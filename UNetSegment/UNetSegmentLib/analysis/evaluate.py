@@ -110,13 +110,12 @@ def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, inten
     (module docstring). Lesion voxels are those of ``lesion_values`` (None: any non-zero label); with
     ``label_values`` (a model with several labels) also the per-class figures and each true lesion's
     true and predicted compartment (``predicts_classes=False``, e.g. the one-label HU baseline: the
-    true compartments only). ``truth_lesion_values``: the lesion labels of the truth when they differ
-    from the model's (a one-label model on compartment cases; default ``lesion_values``)."""
+    true compartments only). ``truth_lesion_values``: the truth's lesion labels, as the cases declare
+    them (``labels.json``, :func:`case_labels`); None: any non-zero truth voxel is lesion."""
     def lesion_mask(a: np.ndarray, values) -> np.ndarray:
         return a > 0 if values is None else np.isin(a, values)
 
-    truth_values = truth_lesion_values if truth_lesion_values is not None else lesion_values
-    t_lab = truth.with_array(lesion_mask(truth.array, truth_values).astype(np.uint8))
+    t_lab = truth.with_array(lesion_mask(truth.array, truth_lesion_values).astype(np.uint8))
     p_lab = pred.with_array(lesion_mask(pred.array, lesion_values).astype(np.uint8))
     tt = analyze_lesions(t_lab, connectivity=26, lesion_map=True)
     pt = analyze_lesions(p_lab, connectivity=26, lesion_map=True)
@@ -146,7 +145,8 @@ def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, inten
     result = CaseResult(name, tt.total_volume_ml, pt.total_volume_ml, dice, lesions, false, seconds)
     if label_values is not None and len(label_values) > 1:
         _score_classes(result, truth.array, pred.array, tm, pm, overlap, label_values, lesion_values or label_values,
-                       truth_values or lesion_values or label_values, truth.voxel_volume_mm3 / 1000.0, predicts_classes)
+                       truth_lesion_values or lesion_values or label_values, truth.voxel_volume_mm3 / 1000.0,
+                       predicts_classes)
     return result
 
 
@@ -281,9 +281,10 @@ def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = Non
     cases = find_cases(cases_dir, bundle.channel_names)
     network = bundle.build_network()
     lesion = s.model.lesion_values
-    classes = s.model.label_values if len(s.model.label_values) > 1 else None
     defined = case_labels(cases_dir)
     truth_lesion = defined["lesion_values"] if defined else None
+    # per-class figures only where the cases declare their labels (else a label's meaning is unknown)
+    classes = s.model.label_values if len(s.model.label_values) > 1 and defined else None
     model_results, base_results = [], []
     for i, case in enumerate(cases):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]

@@ -134,10 +134,11 @@ def evaluate_explanations(bundle: Bundle, cases_dir: Path, params: SegmentParams
     rng = np.random.default_rng(0)
     per_case, ratios = [], []
     defined = case_labels(cases_dir)  # compartment cases: which truth labels are lesions (not the oedema)
-    truth_lesion = defined["lesion_values"] if defined else s.model.lesion_values
+    truth_lesion = defined["lesion_values"] if defined else None
     for i, case in enumerate(find_cases(cases_dir, bundle.channel_names)):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
-        truth = np.isin(read_image(case / "label.nii.gz").array, truth_lesion)
+        truth_array = read_image(case / "label.nii.gz").array
+        truth = truth_array > 0 if truth_lesion is None else np.isin(truth_array, truth_lesion)
         t = time.perf_counter()
         res = segment(images, bundle, network=network, settings=s)
         lesion = s.model.lesion_values

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Collection
 
 import numpy as np
 
@@ -21,10 +22,12 @@ SCALES = ("lesion", "volume")
 _CONNECTIVITY = {6: 1, 18: 2, 26: 3}
 
 
-def per_lesion(heatmap: Image, labels: Image, radius_mm: float = 20.0, connectivity: int = 26) -> Image:
+def per_lesion(heatmap: Image, labels: Image, radius_mm: float = 20.0, connectivity: int = 26,
+               lesion_values: Collection[int] | None = None) -> Image:
     """``heatmap`` rescaled so that each lesion's neighbourhood peaks at 1.
 
-    A lesion is a connected component of ``labels > 0`` (``connectivity`` 6, 18 or 26). Every voxel
+    A lesion is a connected component of the ``lesion_values`` labels (None: ``labels > 0``; context
+    such as oedema is no lesion; ``connectivity`` 6, 18 or 26). Every voxel
     within ``radius_mm`` (physical distance to the nearest lesion voxel) belongs to its *nearest*
     lesion and is divided by the heatmap's maximum over the voxels that belong to that lesion.
     Voxels farther than ``radius_mm`` from every lesion are divided by the global peak (unchanged for
@@ -38,7 +41,8 @@ def per_lesion(heatmap: Image, labels: Image, radius_mm: float = 20.0, connectiv
     _check(heatmap, labels, radius_mm, connectivity)
     radius_mm = float(radius_mm)
     heat = np.asarray(heatmap.array, dtype=np.float32)
-    lesion = np.asarray(labels.array) > 0
+    lab = np.asarray(labels.array)
+    lesion = lab > 0 if lesion_values is None else np.isin(lab, np.asarray(list(lesion_values), dtype=lab.dtype))
     if not lesion.any():
         return heatmap.with_array(heat.copy())
     volume_scale = _peak(heat)

@@ -113,8 +113,9 @@ COLUMN_DOCS: dict[str, tuple[str, str]] = {
     "std_intensity": (INTENSITY_UNIT, "population standard deviation (ddof = 0) of the intensity channel; "
                                       "SimpleITK's LabelIntensityStatisticsImageFilter reports the sample std (ddof = 1)"),
     "max_intensity": (INTENSITY_UNIT, "maximum of the intensity channel over the lesion's voxels"),
-    "mean_probability": ("probability 0–1", "mean model probability of the lesion's label over its voxels"),
-    "max_probability": ("probability 0–1", "maximum model probability of the lesion's label over its voxels"),
+    "mean_probability": ("probability 0–1", "mean model probability of lesion over the lesion's voxels (P(any lesion "
+                                            "label): for a one-label model its label's probability)"),
+    "max_probability": ("probability 0–1", "maximum model probability of lesion over the lesion's voxels"),
     "side": ("", "'right', 'left' or 'midline' (the patient's side: centroid R vs the mid-sagittal plane, 'midline' "
                  "within 5 mm; summary.json: side_method); empty when it cannot be determined"),
     "touches_border": ("true/false", "the lesion reaches the edge of the volume (it may extend beyond the scan)"),

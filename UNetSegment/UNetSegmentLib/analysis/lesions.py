@@ -519,27 +519,22 @@ def _dicom_columns(refs: Sequence[Any] | None, centroid_k: list[int], inside_k: 
 def _perilesional_ml(lab: np.ndarray, voxels: _Voxels, grid: _Grid,
                      values: Collection[int]) -> tuple[list[float | None], float | None]:
     """Per lesion, the volume (mL) of the ``values`` labels within :data:`PERILESIONAL_MM` of it, each
-    voxel counted for its nearest lesion (Euclidean distance in mm between voxel centres, the grid's
-    spacing along each axis); and the total. ``[None…], None`` when the model has no such label."""
+    voxel counted for its nearest lesion (Euclidean distance in RAS mm between voxel centres, so
+    sheared and oblique grids are measured exactly); and the total. ``[None…], None`` when the model
+    has no such label."""
     if not values:
         return [None] * voxels.n, None
-    from scipy import ndimage
+    from scipy.spatial import cKDTree
 
-    context = np.isin(lab, np.asarray(list(values), dtype=lab.dtype))
-    if not context.any():
+    context = np.flatnonzero(np.isin(lab, np.asarray(list(values), dtype=lab.dtype)))
+    if context.size == 0:
         return [0.0] * voxels.n, 0.0
-    spacing_kji = np.linalg.norm(grid.linear, axis=0)[::-1]
-    margin = np.ceil(PERILESIONAL_MM / spacing_kji).astype(int) + 1
-    k, j, i = np.unravel_index(voxels.flat, voxels.shape)
-    lo = np.maximum([k.min(), j.min(), i.min()] - margin, 0)
-    hi = np.minimum(np.array([k.max(), j.max(), i.max()]) + margin + 1, voxels.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    owner = np.zeros(tuple(hi - lo), np.int64)  # lesion id + 1 of each lesion voxel in the box
-    owner[k - lo[0], j - lo[1], i - lo[2]] = voxels.lesion_of + 1
-    dist, idx = ndimage.distance_transform_edt(owner == 0, sampling=spacing_kji, return_indices=True)
-    near = context[box] & (dist <= PERILESIONAL_MM)
-    nearest = owner[tuple(ix[near] for ix in idx)] - 1
-    ml = np.bincount(nearest, minlength=voxels.n) * grid.voxel_mm3 / 1000.0
+    lesion_ras = grid.to_ras(np.stack(voxels.ijk, axis=1).astype(np.float64))
+    k, j, i = np.unravel_index(context, voxels.shape)
+    dist, nearest = cKDTree(lesion_ras).query(grid.to_ras(np.stack([i, j, k], axis=1).astype(np.float64)),
+                                              distance_upper_bound=PERILESIONAL_MM * (1 + 1e-9))
+    owner = voxels.lesion_of[nearest[np.isfinite(dist)]]
+    ml = np.bincount(owner, minlength=voxels.n) * grid.voxel_mm3 / 1000.0
     return ml.tolist(), float(ml.sum())
 
 

@@ -402,7 +402,7 @@ def render_report(
     unit = intensity_label or _unit(image, modality)
     rows = list(table.rows)
     if gradcam is not None and heatmap_scale == "lesion" and rows:
-        gradcam = per_lesion(gradcam, labels, connectivity=table.connectivity)
+        gradcam = per_lesion(gradcam, labels, connectivity=table.connectivity, lesion_values=lesion_values)
     canon = _Canonical.of(image, labels, probability, gradcam)
     pmax, pmax_ras = _max_probability(probability)
     counts = _Counts.of(len(rows), max_lesions, max_rows)
@@ -547,8 +547,12 @@ def _draw_header(page: _Page, counts: _Counts, total_volume_ml, *, model_name: s
         summary = f"{n} lesion{'s' if n != 1 else ''}   ·   total volume {_f(total_volume_ml, '.2f')} mL"
     page.text(_MARGIN_L, y + 0.82, summary, fontsize=15, fontweight="bold",
               color=_RED if not counts.negative else _GREEN)
-    if breakdown and not counts.negative:  # beside the count, in the body text size
-        page.text(_MARGIN_L + 0.16 * len(summary) + 0.4, y + 0.845, breakdown, fontsize=12, color="#333333")
+    if breakdown and not counts.negative:  # beside the count; smaller (down to 8 pt) where it would not fit
+        x = _MARGIN_L + 0.13 * len(summary) + 0.3
+        t = page.text(x, y + 0.845, breakdown, fontsize=12, color="#333333")
+        width = t.get_window_extent(renderer=page.fig.canvas.get_renderer()).width / page.fig.dpi
+        if width > W - _MARGIN_L - x:
+            t.set_fontsize(max(8.0, 12.0 * (W - _MARGIN_L - x) / width))
     page.text(_MARGIN_L, y + 1.17,
               "Images in radiological convention: patient's LEFT on the image RIGHT, anterior at the top (axial), "
               "superior at the top (coronal). Coordinates: RAS, mm.", fontsize=10, color="#444444")
@@ -846,7 +850,8 @@ def _draw_coronal_locator(page: _Page, x: float, y: float, sl: _LesionSlice, can
     cor = _reformat(canon.image, sl.cijk, "coronal")
     _show_grey(ax, cor, window)
     lab_cor = _reformat(canon.labels, sl.cijk, "coronal").array
-    _draw_outline(ax, lab_cor > 0, cor, sl.color, 0.8)
+    for v in [int(v) for v in np.unique(lab_cor) if v]:  # each label in its own colour, as on the axial panels
+        _draw_outline(ax, lab_cor == v, cor, sl.label_colors.get(v, sl.color), 0.8)
     comp = sl.component
     if comp is not None:
         Kc = canon.labels.array.shape[0]

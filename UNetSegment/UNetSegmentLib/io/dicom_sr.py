@@ -11,8 +11,10 @@ and the model's mean probability. Standard codes (SNOMED CT, DCM, UCUM) where DI
 the rest under the private coding scheme :data:`SCHEME` (declared in the SR's Coding Scheme
 Identification Sequence).
 
-A lesion is one connected component of a label; the SEG has one segment per label, so lesions of
-one label share their referenced segment and are told apart by their tracking identifier
+A lesion is one row of ``lesions.csv``: a connected component of the lesion labels (for a model with
+compartments, of its compartments together). The SEG has one segment per label, so each lesion
+references the segment of its ``label`` (its majority compartment; its volume counts all of its
+voxels), lesions of one label share that segment and are told apart by their tracking identifier
 ("lesion N", N as in ``lesions.csv``).
 """
 from __future__ import annotations

@@ -87,8 +87,8 @@ def _lesions_csv(out_dir: Path, rows: Sequence[dict]) -> str:
         with open(out_dir / r["case_id"] / "lesions.csv", newline="", encoding="utf-8") as f:
             rd = csv.reader(f)
             header = next(rd)
-            idx = [header.index(c) for c in COLUMNS]
+            idx = [header.index(c) if c in header else None for c in COLUMNS]  # a case written before a column existed
             for rec in rd:
                 if rec and rec[0] != "total":
-                    w.writerow([r["case_id"], *(rec[i] for i in idx)])
+                    w.writerow([r["case_id"], *("" if i is None else rec[i] for i in idx)])
     return buf.getvalue()

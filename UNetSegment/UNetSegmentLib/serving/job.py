@@ -145,7 +145,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     table = analyze_lesions(
         ref,
         intensity=result.inputs[show],
-        probability=result.class_probabilities,
+        probability=result.probability,  # P(lesion): the map the threshold was applied to (as a re-derived table)
         label_names={l["value"]: l["name"] for l in bundle.labels},
         connectivity=connectivity,
         min_lesion_ml=min_ml,

@@ -23,6 +23,7 @@ from ..analysis.heatmap_scale import per_lesion
 from ..analysis.lesions import LesionTable
 from ..analysis.rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
 from ..engine.grid import align_inputs
+from ..settings import lesion_label_values
 from ..engine.roi import Box, box_from_ras_corners, crop, uncrop
 from ..errors import InputError, UsageError
 from ..image import Image
@@ -153,7 +154,8 @@ def _shown_map(result: RunResult, kind: str) -> Image:
         cached = result.scaled_heatmaps.get(kind)
         if cached is None or cached[0] is not result.labels:  # toggling back and forth computes it once
             connectivity = result.lesions.connectivity if result.lesions is not None else 26
-            cached = (result.labels, per_lesion(image, result.labels, connectivity=connectivity))
+            cached = (result.labels, per_lesion(image, result.labels, connectivity=connectivity,
+                                                lesion_values=lesion_label_values(result.bundle.meta)))
             result.scaled_heatmaps[kind] = cached
         return cached[1]
     return image

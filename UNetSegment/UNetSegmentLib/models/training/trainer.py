@@ -196,10 +196,11 @@ def _dice_loss(logits, target):
 
 def validate(net, files: list[Path], settings: RunSettings, every: int = 6) -> float:
     """The checkpoint-selection score over validation cases, on the network grid, with the inference
-    engine and threshold rule: the mean of the any-lesion Dice (the lesion classes together, as the
-    one-label models were always scored) and the mean per-class Dice. For a one-label model both are
-    the same number, so its score is the Dice it always was; for a multi-class bundle a checkpoint that
-    finds the bleeds but confuses their compartments (or misses the oedema) scores lower.
+    engine and threshold rule: per case, the mean of the any-lesion Dice (the lesion classes together,
+    as the one-label models were always scored) and the mean Dice of the classes the case holds. For a
+    one-label model both are the same number, so its score is the Dice it always was; for a
+    multi-class bundle a checkpoint that finds the bleeds but confuses their compartments (or misses
+    the oedema) scores lower.
 
     2D/2.5D models are scored on the slices with lesion plus every ``every``-th other slice (each with
     its context slices: :meth:`.WindowPlan.on_slices`), which keeps validation quick without hiding
@@ -225,8 +226,10 @@ def validate(net, files: list[Path], settings: RunSettings, every: int = 6) -> f
                                          lesion_values=m.lesion_channels)
         truth = y[ks]
         any_lesion = _dice(np.isin(pred, lesion), np.isin(truth, lesion))
-        per_class = [_dice(pred == c, truth == c) for c in range(1, m.out_channels)]
-        scores.append((any_lesion + float(np.mean(per_class))) / 2)
+        # classes the case holds (a stray speck of an absent class is a false positive the any-lesion
+        # Dice already counts; scoring absent classes 1 or 0 would make the score jump with it)
+        per_class = [_dice(pred == c, truth == c) for c in range(1, m.out_channels) if (truth == c).any()]
+        scores.append((any_lesion + float(np.mean(per_class))) / 2 if per_class else any_lesion)
     return float(np.mean(scores))
 
 
@@ -301,18 +304,18 @@ def expand_output_classes(state: Mapping[str, Any], target: Mapping[str, Any], c
 
     ``class_map[c]`` names the trained class whose output weights start new class ``c`` (e.g. a
     one-label hemorrhage model seeds the bleed compartments from its hemorrhage channel and the oedema
-    from its background: ``[0, 1, 1, 1, 0]``). Only the output layers (whose first dimension is the
-    class count) change; every other tensor must match ``target`` exactly.
+    from its background: ``[0, 1, 1, 1, 0]``). It is for changing the class count: only the tensors
+    whose shape differs from ``target``'s in the first dimension (the output layers) are re-indexed;
+    every other tensor must match ``target`` exactly.
     """
     import torch
 
-    old_n = 1 + max(class_map)
     out = {}
     for name, value in state.items():
         want = target[name].shape if name in target else None
         if want is None or value.shape == want:
             out[name] = value
-        elif value.shape[0] == old_n and want[0] == len(class_map) and value.shape[1:] == want[1:]:
+        elif value.shape[0] > max(class_map) and want[0] == len(class_map) and value.shape[1:] == want[1:]:
             out[name] = value[torch.as_tensor(class_map)].clone()
         else:
             raise UsageError(f"train.init_from: {name} has shape {tuple(value.shape)}, the network needs {tuple(want)}",
