@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..image import Image
+from .lesion_measures import label_mask
 
 #: how a Grad-CAM map may be shown: each lesion's neighbourhood to its own peak, or the volume's peak = 1
 SCALES = ("lesion", "volume")
@@ -42,7 +43,7 @@ def per_lesion(heatmap: Image, labels: Image, radius_mm: float = 20.0, connectiv
     radius_mm = float(radius_mm)
     heat = np.asarray(heatmap.array, dtype=np.float32)
     lab = np.asarray(labels.array)
-    lesion = lab > 0 if lesion_values is None else np.isin(lab, np.asarray(list(lesion_values), dtype=lab.dtype))
+    lesion = label_mask(lab, lesion_values)
     if not lesion.any():
         return heatmap.with_array(heat.copy())
     volume_scale = _peak(heat)

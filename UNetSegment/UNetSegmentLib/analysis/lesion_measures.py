@@ -68,6 +68,11 @@ def check_grid(labels: Image, other: Image | None, what: str) -> None:
         )
 
 
+def label_mask(lab: np.ndarray, values: Collection[int] | None) -> np.ndarray:
+    """The voxels whose label is one of ``values`` (None: any non-zero label)."""
+    return lab != 0 if values is None else np.isin(lab, np.asarray(list(values), dtype=lab.dtype))
+
+
 def components(lab: np.ndarray, connectivity: int,
                lesion_values: Collection[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Component id map (1..n, int32) of the lesion voxels, and each component's label value.
@@ -83,7 +88,7 @@ def components(lab: np.ndarray, connectivity: int,
     structure = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity])
     if lesion_values is None:
         return _components_per_value(lab, structure)
-    mask = np.isin(lab, np.asarray(list(lesion_values), dtype=lab.dtype))
+    mask = label_mask(lab, lesion_values)
     comp, nc = ndimage.label(mask, structure=structure)
     comp = comp.astype(np.int32, copy=False)
     if nc == 0:

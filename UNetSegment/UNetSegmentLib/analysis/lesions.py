@@ -64,6 +64,7 @@ from .lesion_measures import (
     components,
     estimate_midline,
     feret_diameters,
+    label_mask,
     group_stats,
     label_array,
     nonzero_box,
@@ -526,7 +527,7 @@ def _perilesional_ml(lab: np.ndarray, voxels: _Voxels, grid: _Grid,
         return [None] * voxels.n, None
     from scipy.spatial import cKDTree
 
-    context = np.flatnonzero(np.isin(lab, np.asarray(list(values), dtype=lab.dtype)))
+    context = np.flatnonzero(label_mask(lab, values))
     if context.size == 0:
         return [0.0] * voxels.n, 0.0
     lesion_ras = grid.to_ras(np.stack(voxels.ijk, axis=1).astype(np.float64))

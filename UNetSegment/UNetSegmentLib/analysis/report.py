@@ -38,6 +38,7 @@ from ..errors import InputError, UsageError
 from ..image import Image
 from ..image import slice_axis as _slice_axis
 from .heatmap_scale import per_lesion
+from .lesion_measures import label_mask
 from .lesion_table import compartment_breakdown
 from .lesions import CT_AUTODETECT_MIN, LesionTable, dropped_note, dropped_summary
 
@@ -689,7 +690,7 @@ def _lesion_component(row, labels: Image, canon_lab: Image, cijk, connectivity: 
     if key not in cache:
         st = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}.get(int(connectivity), 3))
         slab = np.asarray(canon_lab.array[k0 : k1 + 1])
-        mask = np.isin(slab, np.asarray(list(lesion_values), slab.dtype)) if together else slab == value
+        mask = label_mask(slab, lesion_values) if together else slab == value
         cache[key] = ndimage.label(mask, structure=st)[0]
     comp = cache[key]
     ci, cj, ckk = (int(np.clip(math.floor(x + 0.5), 0, n - 1)) for x, n in zip(cijk, canon_lab.shape_ijk))
