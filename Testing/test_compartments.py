@@ -301,3 +301,27 @@ def test_a_resumed_cohort_copies_tables_written_before_the_compartment_columns(t
     header, row = [line.split(",") for line in text.strip().splitlines()]
     assert header == ["case_id", *COLUMNS] and row[header.index("compartment")] == ""
     assert row[header.index("abc2_c_mm")] == str(old.index("abc2_c_mm"))
+
+
+def test_class_balanced_crops_show_a_rare_class_as_often_as_a_common_one(tmp_path):
+    from UNetSegmentLib.models.training.trainer import _Sampler
+
+    x = np.zeros((1, 6, 64, 64), np.float32)
+    common, rare = np.zeros((6, 64, 64), np.uint8), np.zeros((6, 64, 64), np.uint8)
+    common[1:5, 10:40, 10:40] = 1  # 3600 voxels of class 1
+    rare[3, 50:52, 50:52] = 3  # 4 voxels of class 3
+    files = []
+    for name, y in (("a", common), ("b", rare)):
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+        files.append(tmp_path / f"{name}.npz")
+
+    def share_with_rare(balanced: bool) -> float:
+        s = _Sampler(files, 0, (16, 16), np.random.default_rng(0), 1.0, class_balanced=balanced)
+        return float(np.mean([(s.patch()[1] == 3).any() for _ in range(400)]))
+
+    assert share_with_rare(True) == pytest.approx(0.5, abs=0.1)  # one label in two
+    many = [tmp_path / "a.npz"] * 9 + [tmp_path / "b.npz"]  # a rare class in 1 case of 10
+    s = _Sampler(many, 0, (16, 16), np.random.default_rng(0), 1.0, class_balanced=True)
+    assert np.mean([(s.patch()[1] == 3).any() for _ in range(400)]) == pytest.approx(0.5, abs=0.1)
+    s = _Sampler(many, 0, (16, 16), np.random.default_rng(0), 1.0)
+    assert np.mean([(s.patch()[1] == 3).any() for _ in range(400)]) < 0.2

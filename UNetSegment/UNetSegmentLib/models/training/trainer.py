@@ -88,10 +88,13 @@ class HardLesions:
 class _Sampler:
     """Random 2D/2.5D training patches from cached network-grid cases: ``lesion_fraction`` of them around a
     lesion voxel, the others around a random voxel of the head (never pure air). With ``hard``, a
-    ``hard.share`` of the lesion crops centre on a faint small lesion (drawn uniformly over all cases)."""
+    ``hard.share`` of the lesion crops centre on a faint small lesion (drawn uniformly over all cases).
+    With ``class_balanced`` (multi-class bundles), each other lesion crop first draws a label uniformly
+    among those in the training cases, then a voxel of it: a rare class (IVH, oedema) is seen as often
+    as a common one, instead of in proportion to its voxels."""
 
     def __init__(self, files: list[Path], context: int, crop: tuple[int, int], rng: np.random.Generator, lesion_fraction: float,
-                 hard: HardLesions | None = None):
+                 hard: HardLesions | None = None, class_balanced: bool = False):
         self.cases = [np.load(f) for f in files]
         self.cases = [(c["x"], c["y"]) for c in self.cases]
         self.context, self.crop, self.rng, self.lesion_fraction = context, crop, rng, lesion_fraction
@@ -99,6 +102,22 @@ class _Sampler:
         self.channel_min = [x.reshape(x.shape[0], -1).min(1) for x, _ in self.cases]
         self.hard_share = hard.share if hard is not None else 0.0
         self.hard = [(n, v) for n, (x, y) in enumerate(self.cases) for v in (hard.find(x, y) if hard else [])]
+        self.class_slices: dict[int, list[tuple[int, np.ndarray]]] = {}  # label → [(case, slices holding it)]
+        for n, (_, y) in enumerate(self.cases) if class_balanced else ():
+            for c in (int(v) for v in np.unique(y) if v):
+                self.class_slices.setdefault(c, []).append((n, np.flatnonzero((y == c).reshape(y.shape[0], -1).any(1))))
+
+    def _class_voxel(self) -> tuple[int, int, int, int] | None:
+        """(case, k, j, i) of a voxel of a label drawn uniformly among the labels (class balance), else None."""
+        if not self.class_slices:
+            return None
+        rng = self.rng
+        c = sorted(self.class_slices)[int(rng.integers(len(self.class_slices)))]
+        n, ks = self.class_slices[c][int(rng.integers(len(self.class_slices[c])))]
+        k = int(ks[int(rng.integers(ks.size))])
+        jj, ii = np.nonzero(self.cases[n][1][k] == c)
+        p = int(rng.integers(jj.size))
+        return n, k, int(jj[p]), int(ii[p])
 
     def _hard_voxel(self) -> tuple[int, int, int, int] | None:
         """(case, k, j, i) of a voxel of a hard lesion for ``hard_share`` of the lesion crops, else None."""
@@ -110,7 +129,7 @@ class _Sampler:
     def patch(self) -> tuple[np.ndarray, np.ndarray]:
         rng = self.rng
         lesion_crop = rng.random() < self.lesion_fraction
-        pick = self._hard_voxel() if lesion_crop else None
+        pick = (self._hard_voxel() or self._class_voxel()) if lesion_crop else None
         n = pick[0] if pick else int(rng.integers(len(self.cases)))
         x, y = self.cases[n]
         C, K, J, I = x.shape
@@ -265,8 +284,12 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     hard = HardLesions.from_config(tc.get("hard_lesions"), meta["inputs"][0]["normalization"])
     if hard is not None and settings.model.spatial_dims == 3:
         raise UsageError("train.hard_lesions is implemented for 2D/2.5D models", "remove train.hard_lesions")
+    balanced = bool(tc.get("class_balanced", False))
+    if balanced and settings.model.spatial_dims == 3:
+        raise UsageError("train.class_balanced is implemented for 2D/2.5D models", "remove train.class_balanced")
     sampler = sampler_cls(train_files, settings.model.context, tuple(tc.get("crop", settings.model.patch)), run.rng,
-                          float(tc.get("lesion_fraction", 0.6)), *([hard] if hard else []))
+                          float(tc.get("lesion_fraction", 0.6)), *([hard] if hard else []),
+                          **({"class_balanced": True} if balanced else {}))
     if hard is not None:
         log(f"hard lesions: {len(sampler.hard)} in {len({n for n, _ in sampler.hard})} training cases, "
             f"{hard.share:.0%} of the lesion crops")
