@@ -9,7 +9,7 @@ default or a derived setting changes in this file only.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .params import SegmentParams
 
@@ -66,20 +66,21 @@ class ModelSettings:
             out_channels=1 + len(meta["labels"]),
             tta_axes=tuple(inference.get("tta_axes", FALLBACKS["tta_axes"])),
             temperature=float((meta.get("calibration") or {}).get("temperature", 1.0)),
-            lesion_values=lesion_label_values(meta),
+            lesion_values=lesion_label_values(meta["labels"]),
             label_values=tuple(int(l["value"]) for l in meta["labels"]),
         )
 
 
-def lesion_label_values(meta: Mapping[str, Any]) -> tuple[int, ...]:
-    """The label values of ``model.json`` that are lesions (every label unless it says ``"lesion": false``)."""
-    return tuple(int(l["value"]) for l in meta["labels"] if l.get("lesion", True))
+def lesion_label_values(labels: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+    """The values of the labels (``model.json``'s ``labels``, or ``summary.json``'s ``segments``) that are
+    lesions: every label unless it says ``"lesion": false``."""
+    return tuple(int(l["value"]) for l in labels if l.get("lesion", True))
 
 
-def context_label_values(meta: Mapping[str, Any]) -> tuple[int, ...]:
-    """The label values of ``model.json`` that are context around the lesions, not lesions (``"lesion": false``,
+def context_label_values(labels: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+    """The values of the labels that are context around the lesions, not lesions (``"lesion": false``,
     e.g. the perilesional oedema); the lesion table measures them per lesion."""
-    return tuple(int(l["value"]) for l in meta["labels"] if not l.get("lesion", True))
+    return tuple(int(l["value"]) for l in labels if not l.get("lesion", True))
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from ..io.readers import read_image
 from ..models.bundle import Bundle
 from ..params import SegmentParams
 from ..settings import RunSettings, resolve
+from .lesion_measures import label_mask
 from .lesions import analyze_lesions, remove_small_lesions
 
 BINS = (("<0.5 mL", 0.0, 0.5), ("0.5-5 mL", 0.5, 5.0), (">5 mL", 5.0, np.inf))
@@ -112,11 +113,8 @@ def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, inten
     true and predicted compartment (``predicts_classes=False``, e.g. the one-label HU baseline: the
     true compartments only). ``truth_lesion_values``: the truth's lesion labels, as the cases declare
     them (``labels.json``, :func:`case_labels`); None: any non-zero truth voxel is lesion."""
-    def lesion_mask(a: np.ndarray, values) -> np.ndarray:
-        return a > 0 if values is None else np.isin(a, values)
-
-    t_lab = truth.with_array(lesion_mask(truth.array, truth_lesion_values).astype(np.uint8))
-    p_lab = pred.with_array(lesion_mask(pred.array, lesion_values).astype(np.uint8))
+    t_lab = truth.with_array(label_mask(truth.array, truth_lesion_values).astype(np.uint8))
+    p_lab = pred.with_array(label_mask(pred.array, lesion_values).astype(np.uint8))
     tt = analyze_lesions(t_lab, connectivity=26, lesion_map=True)
     pt = analyze_lesions(p_lab, connectivity=26, lesion_map=True)
     tm = tt.lesion_map if tt.lesion_map is not None else np.zeros(truth.array.shape, np.int32)
@@ -326,12 +324,12 @@ def sweep_min_lesion(bundle: Bundle, cases_dir: Path, candidates: list[float], p
     network = bundle.build_network()
     defined = case_labels(cases_dir)
     truth_lesion = defined["lesion_values"] if defined else None
+    lesion = s.model.lesion_values
     per: dict[float, list[CaseResult]] = {c: [] for c in candidates}
     for i, case in enumerate(cases):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
         truth = read_image(case / "label.nii.gz")
         res = segment(images, bundle, network=network, settings=s)
-        lesion = s.model.lesion_values
         for c in candidates:
             per[c].append(score_case(case.name, truth, remove_small_lesions(res.labels, c, s.connectivity, lesion),
                                      lesion_values=lesion, truth_lesion_values=truth_lesion))

@@ -38,6 +38,7 @@ from ..models.bundle import Bundle, load_bundle
 from ..params import SegmentParams
 from ..settings import RunSettings, resolve
 from .evaluate import case_inputs, case_labels, find_cases
+from .lesion_measures import label_mask
 from .lesions import remove_small_lesions
 
 TOL_VOXELS = 2.0
@@ -135,14 +136,13 @@ def evaluate_explanations(bundle: Bundle, cases_dir: Path, params: SegmentParams
     per_case, ratios = [], []
     defined = case_labels(cases_dir)  # compartment cases: which truth labels are lesions (not the oedema)
     truth_lesion = defined["lesion_values"] if defined else None
+    lesion = s.model.lesion_values
     for i, case in enumerate(find_cases(cases_dir, bundle.channel_names)):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
-        truth_array = read_image(case / "label.nii.gz").array
-        truth = truth_array > 0 if truth_lesion is None else np.isin(truth_array, truth_lesion)
+        truth = label_mask(read_image(case / "label.nii.gz").array, truth_lesion)
         t = time.perf_counter()
         res = segment(images, bundle, network=network, settings=s)
-        lesion = s.model.lesion_values
-        pred = np.isin(remove_small_lesions(res.labels, s.min_lesion_ml, s.connectivity, lesion).array, lesion)
+        pred = label_mask(remove_small_lesions(res.labels, s.min_lesion_ml, s.connectivity, lesion).array, lesion)
         heat = res.heatmaps["gradcam"].array
         row = {"case": case.name, **pointing(heat, pred, truth, images[0].spacing[::-1])}
         ratios.append(res.timings["gradcam_s"] / res.timings["inference_s"])

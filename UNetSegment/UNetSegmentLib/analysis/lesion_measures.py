@@ -69,8 +69,8 @@ def check_grid(labels: Image, other: Image | None, what: str) -> None:
 
 
 def label_mask(lab: np.ndarray, values: Collection[int] | None) -> np.ndarray:
-    """The voxels whose label is one of ``values`` (None: any non-zero label)."""
-    return lab != 0 if values is None else np.isin(lab, np.asarray(list(values), dtype=lab.dtype))
+    """The voxels whose label is one of ``values`` (None: any label, i.e. > 0)."""
+    return lab > 0 if values is None else np.isin(lab, np.asarray(list(values), dtype=lab.dtype))
 
 
 def components(lab: np.ndarray, connectivity: int,

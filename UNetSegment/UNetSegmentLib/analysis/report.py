@@ -772,13 +772,20 @@ def _draw_lesion_title(page: _Page, y: float, row, unit: str) -> float:
     return y + _ROW_TITLE_H
 
 
-def _draw_lesion_outlines(ax, sl: _LesionSlice, lw_all: float, lw_this: float) -> None:
-    """Every label's voxels in that label's colour, this lesion's component highlighted on top."""
-    present = [int(v) for v in np.unique(sl.labels_axial) if v]
+def _draw_label_outlines(ax, labels: np.ndarray, view: SliceView, sl: _LesionSlice, lw: float) -> None:
+    """The labels on a slice: one label in the lesion's colour; several (compartments, oedema) each in
+    its own colour, so they are told apart."""
+    present = [int(v) for v in np.unique(labels) if v]
     if len(present) <= 1:
-        _draw_outline(ax, sl.labels_axial > 0, sl.view, sl.color, lw_all)
-    for v in present if len(present) > 1 else ():
-        _draw_outline(ax, sl.labels_axial == v, sl.view, sl.label_colors.get(v, sl.color), lw_all)
+        _draw_outline(ax, labels > 0, view, sl.color, lw)
+        return
+    for v in present:
+        _draw_outline(ax, labels == v, view, sl.label_colors.get(v, sl.color), lw)
+
+
+def _draw_lesion_outlines(ax, sl: _LesionSlice, lw_all: float, lw_this: float) -> None:
+    """Every label's voxels in their colours, this lesion's component highlighted on top."""
+    _draw_label_outlines(ax, sl.labels_axial, sl.view, sl, lw_all)
     if sl.this_axial is not None:
         _draw_outline(ax, sl.this_axial, sl.view, _HIGHLIGHT_COLOR, lw_this, zorder=4)
 
@@ -851,8 +858,7 @@ def _draw_coronal_locator(page: _Page, x: float, y: float, sl: _LesionSlice, can
     cor = _reformat(canon.image, sl.cijk, "coronal")
     _show_grey(ax, cor, window)
     lab_cor = _reformat(canon.labels, sl.cijk, "coronal").array
-    for v in [int(v) for v in np.unique(lab_cor) if v]:  # each label in its own colour, as on the axial panels
-        _draw_outline(ax, lab_cor == v, cor, sl.label_colors.get(v, sl.color), 0.8)
+    _draw_label_outlines(ax, lab_cor, cor, sl, 0.8)
     comp = sl.component
     if comp is not None:
         Kc = canon.labels.array.shape[0]

@@ -31,7 +31,7 @@ from ..io.readers import read_image
 from ..io.writers import write_json
 from ..models.bundle import Bundle
 from ..params import FIELD, HEATMAP_KINDS, SegmentParams
-from ..settings import lesion_label_values
+from ..settings import context_label_values, lesion_label_values
 from .lesions import LesionTable, analyze_lesions, remove_small_lesions
 
 
@@ -92,7 +92,7 @@ def labels_at_threshold(probability: Image, threshold: float, label_values: Sequ
     if len(values) == 1:
         return probability.with_array(labels_from_probabilities({values[0]: fg}, float(threshold)))
     keep = labels_from_probabilities({1: fg}, float(threshold)) > 0  # the rule; which label: below
-    prev_lesion = np.isin(prev, lesions) if prev.any() else np.zeros(fg.shape, bool)
+    prev_lesion = np.isin(prev, lesions)
     if len(lesions) == 1 or not prev_lesion.any():
         arr = np.where(keep, lesions[0], 0)
     else:
@@ -100,7 +100,7 @@ def labels_at_threshold(probability: Image, threshold: float, label_values: Sequ
 
         idx = ndimage.distance_transform_edt(~prev_lesion, return_distances=False, return_indices=True)
         arr = np.where(keep, prev[tuple(idx)], 0)
-    context = ~keep & ~np.isin(prev, lesions) & (prev != 0)
+    context = ~keep & ~prev_lesion & (prev != 0)
     arr = np.where(context, prev, arr)
     return probability.with_array(arr.astype(np.uint8))
 
@@ -118,7 +118,7 @@ def rederive(probability: Image, threshold: float, labels_meta: Sequence[dict], 
              previous: Image | None = None) -> Rederived:
     """Label map and lesion table at ``threshold`` (``labels_meta``: the bundle's ``labels``)."""
     values = [int(l["value"]) for l in labels_meta]
-    lesion_values = [v for v, l in zip(values, labels_meta) if l.get("lesion", True)]
+    lesion_values = lesion_label_values(labels_meta)
     raw = labels_at_threshold(probability, threshold, values, previous, lesion_values)
     ref = remove_small_lesions(raw, min_lesion_ml, connectivity, lesion_values)
     table = analyze_lesions(
@@ -130,7 +130,7 @@ def rederive(probability: Image, threshold: float, labels_meta: Sequence[dict], 
         min_lesion_ml=min_lesion_ml,
         modality=modality,
         lesion_values=lesion_values,
-        perilesional_values=[v for v in values if v not in lesion_values],
+        perilesional_values=context_label_values(labels_meta),
     )
     return Rederived(ref, table, float(threshold), raw)
 
@@ -187,7 +187,7 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
         from ..serving.job import WRITE_TIMINGS, write_outputs
 
         raw = labels_at_threshold(run.probability, float(threshold), [l["value"] for l in bundle.labels], run.labels,
-                                  lesion_label_values(bundle.meta))
+                                  lesion_label_values(bundle.labels))
         s = run.summary
         p = dict(s["parameters"])
         p["heatmaps"] = tuple(p.get("heatmaps") or ())

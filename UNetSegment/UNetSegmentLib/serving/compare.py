@@ -35,6 +35,7 @@ from ..io.readers import read_image
 from ..io.writers import write_image, write_json, write_text
 from ..models.bundle import load_bundle
 from ..params import SegmentParams
+from ..settings import context_label_values, lesion_label_values
 from .job import segment_files
 
 #: what ``compare`` writes in DIR, the summary last (its presence means the set is complete)
@@ -83,8 +84,8 @@ def load_run(folder: Path) -> ScanRun:
     table = analyze_lesions(labels, intensity=image, probability=probability, label_names=names, lesion_map=True,
                             connectivity=int(params.get("connectivity", 26)),
                             min_lesion_ml=float(params.get("min_lesion_ml") or 0.0),
-                            lesion_values=[int(s["value"]) for s in segs if s.get("lesion", True)] if marked else None,
-                            perilesional_values=[int(s["value"]) for s in segs if not s.get("lesion", True)])
+                            lesion_values=lesion_label_values(segs) if marked else None,
+                            perilesional_values=context_label_values(segs))
     numbers = table.lesion_map if table.lesion_map is not None else np.zeros(labels.array.shape, np.int32)  # no lesion
     return ScanRun(folder, summary, image, table.rows, labels.with_array(numbers))
 

@@ -138,7 +138,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     settings = result.settings or resolve(params, bundle, hardware=False)
     min_ml, connectivity = settings.min_lesion_ml, settings.connectivity
     used = resolved_parameters(params, settings, result.extra.get("batch_size"))
-    lesion_values, context_values = settings.model.lesion_values, context_label_values(bundle.meta)
+    lesion_values, context_values = settings.model.lesion_values, context_label_values(bundle.labels)
     ref, dropped_ml = split_small_lesions(result.labels, min_ml, connectivity, lesion_values)
     show = display_channel(bundle)  # the channel a reader expects (e.g. Tmax): report and intensity columns
     dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
@@ -225,7 +225,7 @@ def write_report(path: Path, bundle: Bundle, inputs: Sequence, labels, probabili
         modality=bundle.meta["inputs"][show]["modality"],
         intensity_label=_intensity_label(bundle, show),
         unusual_input=unusual_input,
-        lesion_values=lesion_label_values(bundle.meta),
+        lesion_values=lesion_label_values(bundle.labels),
     )
 
 

@@ -155,7 +155,7 @@ def _shown_map(result: RunResult, kind: str) -> Image:
         if cached is None or cached[0] is not result.labels:  # toggling back and forth computes it once
             connectivity = result.lesions.connectivity if result.lesions is not None else 26
             cached = (result.labels, per_lesion(image, result.labels, connectivity=connectivity,
-                                                lesion_values=lesion_label_values(result.bundle.meta)))
+                                                lesion_values=lesion_label_values(result.bundle.labels)))
             result.scaled_heatmaps[kind] = cached
         return cached[1]
     return image

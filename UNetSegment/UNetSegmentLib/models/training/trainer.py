@@ -106,14 +106,15 @@ class _Sampler:
         for n, (_, y) in enumerate(self.cases) if class_balanced else ():
             for c in (int(v) for v in np.unique(y) if v):
                 self.class_slices.setdefault(c, []).append((n, np.flatnonzero((y == c).reshape(y.shape[0], -1).any(1))))
+        self.class_slices = dict(sorted(self.class_slices.items()))  # drawn by position: an order fixed by label
 
     def _class_voxel(self) -> tuple[int, int, int, int] | None:
         """(case, k, j, i) of a voxel of a label drawn uniformly among the labels (class balance), else None."""
         if not self.class_slices:
             return None
         rng = self.rng
-        c = sorted(self.class_slices)[int(rng.integers(len(self.class_slices)))]
-        n, ks = self.class_slices[c][int(rng.integers(len(self.class_slices[c])))]
+        c, entries = list(self.class_slices.items())[int(rng.integers(len(self.class_slices)))]
+        n, ks = entries[int(rng.integers(len(entries)))]
         k = int(ks[int(rng.integers(ks.size))])
         jj, ii = np.nonzero(self.cases[n][1][k] == c)
         p = int(rng.integers(jj.size))
