@@ -1,11 +1,12 @@
-"""Temperature scaling: ECE as defined, the fit recovers a known temperature, and the engine applies
-the bundle's temperature to the softmax."""
+"""Temperature scaling: ECE as defined, the fit recovers a known temperature (two-class and multi-class),
+and the engine applies the bundle's temperature to the softmax."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from UNetSegmentLib.models.training.calibrate import ece, fit_temperature, scaled
+from UNetSegmentLib.errors import UsageError
+from UNetSegmentLib.models.training.calibrate import ece, fit_temperature, lesion_ece, scaled, truth_channels
 from UNetSegmentLib.settings import ModelSettings
 
 
@@ -25,6 +26,40 @@ def test_fit_recovers_the_temperature_that_made_the_data():
     t = fit_temperature(p_over, y)
     assert t == pytest.approx(2.0, rel=0.05)
     assert ece(scaled(p_over, t), y) < ece(p_over, y) / 3
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_class_probabilities_rescale_as_the_softmax_of_divided_logits():
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 3, (1000, 5))
+    assert np.allclose(scaled(_softmax(z), 2.5), _softmax(z / 2.5), atol=1e-6)
+    p = rng.uniform(0.01, 0.99, 1000)  # two classes as a matrix agree with the foreground form
+    assert np.allclose(scaled(np.stack([1 - p, p], 1), 1.7)[:, 1], scaled(p, 1.7), atol=1e-9)
+
+
+def test_multiclass_fit_recovers_the_temperature_and_lowers_the_lesion_ece():
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 2, (100_000, 5))
+    p_true = _softmax(z)
+    y = (rng.uniform(0, 1, (z.shape[0], 1)) > np.cumsum(p_true, 1)).sum(1)  # a class drawn from p_true
+    p_over = _softmax(2.0 * z)  # logits twice too large
+    t = fit_temperature(p_over, y)
+    assert t == pytest.approx(2.0, rel=0.05)
+    lesion = (1, 2, 3)  # channel 4 is context (oedema): not a lesion
+    assert lesion_ece(scaled(p_over, t), y, lesion) < lesion_ece(p_over, y, lesion) / 3
+
+
+def test_truth_channels_map_label_values_and_refuse_unknown_ones():
+    truth = np.array([0, 1, 2, 4, 4])
+    assert truth_channels(truth, (1,)).tolist() == [0, 1, 1, 1, 1]  # one label: any non-zero
+    assert truth_channels(truth, (1, 2, 3, 4)).tolist() == [0, 1, 2, 4, 4]
+    assert truth_channels(np.array([0, 5, 7]), (5, 7)).tolist() == [0, 1, 2]
+    with pytest.raises(UsageError, match=r"\[9\]"):
+        truth_channels(np.array([0, 9]), (1, 2))
 
 
 def test_engine_divides_the_logits_by_the_bundle_temperature():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,41 @@ def test_a_compartment_model_writes_compartments_oedema_and_per_class_totals(com
 
     r = rederive_run(load_run(out), load_bundle(compartment_bundle), 0.6)
     assert r.table.total["perilesional_oedema_ml"] > 0 and (r.labels.array == 4).any()
+
+
+def test_each_class_map_is_written_and_a_rethreshold_from_the_files_equals_a_fresh_run(compartment_bundle, tmp_path):
+    """class_probabilities.nrrd holds each label's own map (P(lesion) is their lesion labels summed), the
+    summary names its components, and the label map re-derived from the files at another threshold is
+    voxel for voxel a fresh run's at that threshold, oedema included."""
+    from UNetSegmentLib.analysis.rethreshold import export_run, load_run
+    from UNetSegmentLib.io.class_maps import read_class_probabilities
+    from UNetSegmentLib.io.readers import read_image
+    from UNetSegmentLib.io.writers import write_image
+    from UNetSegmentLib.models.bundle import load_bundle
+    from UNetSegmentLib.params import SegmentParams
+    from UNetSegmentLib.serving.job import segment_files
+
+    ct, _ = ct_phantom(shape_kji=(24, 96, 96), spacing=(1.5, 1.5, 1.5))
+    write_image(ct, tmp_path / "ct.nii.gz")
+    summary = segment_files([str(tmp_path / "ct.nii.gz")], tmp_path / "a", str(compartment_bundle), SegmentParams(heatmaps=()))
+    assert [c["value"] for c in summary["class_probabilities"]["components"]] == [1, 2, 3, 4]
+    maps = read_class_probabilities(tmp_path / "a" / "class_probabilities.nrrd")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a" / "class_probabilities.nrrd").stat().st_mode & 0o777 == 0o666 & ~umask
+    p_lesion = read_image(tmp_path / "a" / "probability.nrrd")
+    assert all(m.same_grid(p_lesion) for m in maps.values())
+    assert np.allclose(maps[1].array + maps[2].array + maps[3].array, p_lesion.array, atol=1e-6)
+    assert (maps[4].array > 0.5).any() and np.all(sum(m.array for m in maps.values()) <= 1 + 1e-5)
+    fresh = segment_files([str(tmp_path / "ct.nii.gz")], tmp_path / "b", str(compartment_bundle),
+                          SegmentParams(heatmaps=(), threshold=0.7))
+    again = export_run(load_run(tmp_path / "a"), tmp_path / "c", bundle=load_bundle(compartment_bundle), threshold=0.7,
+                       inputs=[ct])
+    a, b = (read_image(tmp_path / d / "segmentation.nii.gz").array for d in ("b", "c"))
+    assert np.array_equal(a, b) and (a == 4).any()
+    assert again["n_lesions"] == fresh["n_lesions"] and again["total_volume_ml"] == pytest.approx(fresh["total_volume_ml"])
+    copied = read_class_probabilities(tmp_path / "c" / "class_probabilities.nrrd")
+    assert all(np.array_equal(copied[v].array, maps[v].array) for v in maps)
 
 
 def test_the_report_names_compartments_and_oedema(compartment_bundle, tmp_path):

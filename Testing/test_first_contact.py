@@ -90,7 +90,8 @@ def test_every_output_file_gets_the_mode_of_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert rc == 0
     written = sorted(os.listdir(out))
-    assert written == sorted(CONTRACT_FILES), "the run must write every contract file for this test to cover them"
+    # every contract file but the multi-class one (test_compartments checks its mode)
+    assert written == sorted(set(CONTRACT_FILES) - {"class_probabilities.nrrd"}), "the run must write every contract file"
     modes = {f: oct((out / f).stat().st_mode & 0o777) for f in written}
     assert modes == {f: oct(mode) for f in written}
 

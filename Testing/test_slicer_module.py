@@ -1263,8 +1263,28 @@ def test_a_compartment_model_gives_one_segment_per_class_its_table_columns_and_a
     assert column(r.table, "compartment") == [COMPARTMENT_NAMES[1]] * r.table.GetNumberOfRows()
     oedema = column(r.table, "perilesional_oedema_ml")
     assert oedema and all(v > 0 for v in oedema)
+    # each class's own probability is an overlay of its own, after P(lesion)
+    from UNetSegmentLib.io.class_maps import read_class_probabilities
+
+    assert list(r.heatmaps) == ["probability", "class-1", "class-2", "class-3", "class-4"]
+    assert r.heatmaps["class-3"].GetName().endswith(f"P({COMPARTMENT_NAMES[3]})")
+    maps = read_class_probabilities(r.run.folder / "class_probabilities.nrrd")
+    assert np.allclose(slicer.util.arrayFromVolume(r.heatmaps["class-4"]), maps[4].array)
+    from UNetSegmentLib.slicer.widget import heatmap_title
+
+    assert [heatmap_title(k, r.bundle.labels) for k in r.heatmaps] == [
+        "Probability", *(f"Probability: {COMPARTMENT_NAMES[v]}" for v in (1, 2, 3, 4))]
     logic.set_threshold(r, 0.8)
     raised = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(1), node)
     assert 0 < raised.sum() < (core == 1).sum()  # fewer lesion voxels at a higher threshold
     kept = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(4), node)
-    assert np.array_equal(kept, (core == 4).astype(np.uint8))  # the network's oedema, untouched by the threshold
+    assert not ((core == 4) & (kept == 0)).any()  # the network's oedema stays: the threshold decides lesions only
+    # every segment as a fresh run at 0.8 would have it: the engine's rule on the class maps
+    from UNetSegmentLib.analysis.lesions import remove_small_lesions
+    from UNetSegmentLib.engine.labels import labels_from_probabilities
+
+    rule = labels_from_probabilities({v: m.array for v, m in maps.items()}, 0.8, r.run.probability.array, (1, 2, 3))
+    fresh = remove_small_lesions(r.run.probability.with_array(rule), r.run.min_lesion_ml, r.run.connectivity, (1, 2, 3))
+    for v in (1, 4):
+        shown = slicer.util.arrayFromSegmentBinaryLabelmap(r.segmentation, sc.segment_id(v), node)
+        assert np.array_equal(shown, (fresh.array == v).astype(np.uint8)), v

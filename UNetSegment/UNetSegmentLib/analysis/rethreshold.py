@@ -5,11 +5,13 @@ run wrote (``probability.nrrd``, P(lesion) on the input grid: the lesion labels'
 is thresholded the same way :func:`..engine.labels.labels_from_probabilities` says, small lesions are
 removed with :func:`.lesions.remove_small_lesions` and the table is recomputed with
 :func:`.lesions.analyze_lesions`, with the arguments :func:`.job.write_outputs` uses. For one-label
-models the result equals a fresh ``segment --threshold T`` run exactly. For models with several lesion
-labels, which label a voxel gets comes from the run's own label map where that had one, else from the
-nearest voxel of a lesion label (the per-class maps are not part of the file set), and
-``mean/max_probability`` describe P(lesion); labels that are not lesions (oedema) keep the run's voxels
-wherever they do not become lesion, since the network, not the threshold, decides them.
+models the result equals a fresh ``segment --threshold T`` run exactly. For models with several labels
+the run's ``class_probabilities.nrrd`` (each label's own map, :mod:`..io.class_maps`) gives each voxel
+its label by the engine's own rule, so the result equals a fresh run exactly too; for runs written
+before that file existed, which label a voxel gets comes from the run's own label map where that had
+one, else from the nearest voxel of a lesion label, and labels that are not lesions (oedema) keep the
+run's voxels wherever they do not become lesion, since the network, not the threshold, decides them.
+``mean/max_probability`` describe P(lesion).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from ..engine.labels import labels_from_probabilities
 from ..engine.pipeline import SegmentResult
 from ..errors import InputError
 from ..image import Image
+from ..io.class_maps import CLASS_PROBABILITIES_FILE, read_class_probabilities
 from ..io.outputs import CONTRACT_FILES, StagedOutput
 from ..io.readers import read_image
 from ..io.writers import write_json
@@ -44,6 +47,7 @@ class RunOutputs:
     probability: Image  # probability.nrrd
     heatmaps: dict[str, Image]  # gradcam / uncertainty, when written
     summary: dict  # summary.json
+    class_probabilities: dict[int, Image] = field(default_factory=dict)  # label value -> map (multi-class runs)
 
     @property
     def threshold(self) -> float:
@@ -65,7 +69,8 @@ def load_run(folder: str | os.PathLike) -> RunOutputs:
         raise InputError(f"{d} holds no complete run (summary.json missing)", "run the segmentation again")
     summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
     heat = {k: read_image(d / f"{k}.nrrd") for k in HEATMAP_KINDS if (d / f"{k}.nrrd").is_file()}
-    return RunOutputs(d, read_image(d / "segmentation.nii.gz"), read_image(d / "probability.nrrd"), heat, summary)
+    classes = read_class_probabilities(d / CLASS_PROBABILITIES_FILE) if (d / CLASS_PROBABILITIES_FILE).is_file() else {}
+    return RunOutputs(d, read_image(d / "segmentation.nii.gz"), read_image(d / "probability.nrrd"), heat, summary, classes)
 
 
 def table_from_summary(summary: dict) -> LesionTable:
@@ -79,15 +84,20 @@ def table_from_summary(summary: dict) -> LesionTable:
 
 
 def labels_at_threshold(probability: Image, threshold: float, label_values: Sequence[int],
-                        previous: Image | None = None, lesion_values: Sequence[int] | None = None) -> Image:
+                        previous: Image | None = None, lesion_values: Sequence[int] | None = None,
+                        class_probabilities: Mapping[int, Image] | None = None) -> Image:
     """The raw label map (before small-lesion removal) at ``threshold``; see the module docstring.
 
-    ``lesion_values``: the labels that are lesions (default: all). Voxels of the other labels (context
-    such as oedema, which the network decides by itself, not by the threshold) keep the run's label
-    wherever they do not become lesion."""
+    ``lesion_values``: the labels that are lesions (default: all). ``class_probabilities``: each
+    label's own map, when the run wrote them: the engine's rule applies to them as in a fresh run.
+    Without them, voxels of the labels that are not lesions (context such as oedema, which the network
+    decides by itself, not by the threshold) keep the run's label wherever they do not become lesion."""
     values = [int(v) for v in label_values]
     lesions = [v for v in values if lesion_values is None or v in lesion_values]
     fg = np.asarray(probability.array, dtype=np.float32)
+    if len(values) > 1 and class_probabilities and set(class_probabilities) == set(values):
+        maps = {v: np.asarray(class_probabilities[v].array, dtype=np.float32) for v in values}
+        return probability.with_array(labels_from_probabilities(maps, float(threshold), fg, lesions))
     prev = np.zeros(fg.shape, np.uint8) if previous is None else np.asarray(previous.array)
     if len(values) == 1:
         return probability.with_array(labels_from_probabilities({values[0]: fg}, float(threshold)))
@@ -115,11 +125,12 @@ class Rederived:
 
 def rederive(probability: Image, threshold: float, labels_meta: Sequence[dict], *, intensity: Image | None = None,
              min_lesion_ml: float = 0.0, connectivity: int = 26, modality: str | None = None,
-             previous: Image | None = None) -> Rederived:
-    """Label map and lesion table at ``threshold`` (``labels_meta``: the bundle's ``labels``)."""
+             previous: Image | None = None, class_probabilities: Mapping[int, Image] | None = None) -> Rederived:
+    """Label map and lesion table at ``threshold`` (``labels_meta``: the bundle's ``labels``;
+    ``previous``, ``class_probabilities``: see :func:`labels_at_threshold`)."""
     values = [int(l["value"]) for l in labels_meta]
     lesion_values = lesion_label_values(labels_meta)
-    raw = labels_at_threshold(probability, threshold, values, previous, lesion_values)
+    raw = labels_at_threshold(probability, threshold, values, previous, lesion_values, class_probabilities)
     ref = remove_small_lesions(raw, min_lesion_ml, connectivity, lesion_values)
     table = analyze_lesions(
         ref,
@@ -138,7 +149,8 @@ def rederive(probability: Image, threshold: float, labels_meta: Sequence[dict], 
 def rederive_run(run: RunOutputs, bundle: Bundle, threshold: float, intensity: Image | None = None) -> Rederived:
     """:func:`rederive` with the run's own minimum lesion size, connectivity and modality."""
     return rederive(run.probability, threshold, bundle.labels, intensity=intensity, min_lesion_ml=run.min_lesion_ml,
-                    connectivity=run.connectivity, modality=bundle.meta["inputs"][0]["modality"], previous=run.labels)
+                    connectivity=run.connectivity, modality=bundle.meta["inputs"][0]["modality"], previous=run.labels,
+                    class_probabilities=run.class_probabilities)
 
 
 def _add_report(run: RunOutputs, folder: Path, bundle: Bundle | None, inputs, input_paths) -> dict:
@@ -187,7 +199,7 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
         from ..serving.job import WRITE_TIMINGS, write_outputs
 
         raw = labels_at_threshold(run.probability, float(threshold), [l["value"] for l in bundle.labels], run.labels,
-                                  lesion_label_values(bundle.labels))
+                                  lesion_label_values(bundle.labels), run.class_probabilities)
         s = run.summary
         p = dict(s["parameters"])
         p["heatmaps"] = tuple(p.get("heatmaps") or ())
@@ -200,7 +212,7 @@ def export_run(run: RunOutputs, dest: str | os.PathLike, *, bundle: Bundle | Non
                  "input_domain": s.get("input_domain")}
         result = SegmentResult(
             labels=raw, probability=run.probability,
-            class_probabilities={int(l["value"]): run.probability for l in bundle.labels},
+            class_probabilities=dict(run.class_probabilities),  # none for runs written before the file existed
             heatmaps=dict(run.heatmaps), inputs=list(inputs), device=s.get("device", ""),
             precision=s.get("precision", ""),
             timings={k: v for k, v in s.get("timings_s", {}).items() if k not in WRITE_TIMINGS},

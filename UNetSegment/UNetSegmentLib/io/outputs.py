@@ -29,6 +29,7 @@ CONTRACT_FILES = (
     "probability.nrrd",
     "gradcam.nrrd",
     "uncertainty.nrrd",
+    "class_probabilities.nrrd",  # multi-class bundles: each label's own probability (io.class_maps)
     "lesions.csv",
     "lesions.tsv",
     "report.png",

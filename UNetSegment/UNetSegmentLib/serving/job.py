@@ -19,6 +19,7 @@ from ..engine.inference import CancelToken, ProgressFn
 from ..engine.pipeline import SegmentResult, segment
 from ..errors import InputError, OutputError, UsageError
 from ..image import Image
+from ..io.class_maps import CLASS_PROBABILITIES_FILE, write_class_probabilities
 from ..io.dicom_seg import write_dicom_seg
 from ..io.dicom_sr import NOT_DICOM, write_measurement_report
 from ..io.outputs import StagedOutput, file_digests
@@ -169,6 +170,7 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     if np.abs(d.T @ d - np.eye(3)).max() > 1e-4 and sheared not in result.warnings:  # once, also when re-derived
         result.warnings.append(sheared)
     write_image(result.probability, folder / "probability.nrrd")
+    class_maps = _write_class_maps(folder, result, bundle)
     for kind, img in result.heatmaps.items():
         write_image(img, folder / f"{kind}.nrrd")
     dicom_seg = None
@@ -195,12 +197,27 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     summary = build_summary(result, bundle, used, paths, timings, created)
     summary.update(table.summary_dict())
     summary["segments"] = segment_totals(ref, segments, table, lesion_values)
+    if class_maps is not None:
+        summary["class_probabilities"] = class_maps
     if dicom_seg is not None:
         summary["dicom_seg"] = dicom_seg
     summary["dicom_sr"] = dicom_sr
     summary["report"] = {"file": "report.png"} if report else {"file": None, "absent_because": "not asked for (rendered on export)"}
     summary["files_sha256"] = file_digests(folder)  # ties every file to this summary (and its run_id)
     return summary
+
+
+def _write_class_maps(folder: Path, result: SegmentResult, bundle: Bundle) -> dict | None:
+    """``class_probabilities.nrrd`` for a bundle with several labels (:mod:`..io.class_maps`), when
+    ``result`` carries every label's map (a run re-derived from files written before there was such
+    a file has none); the ``summary.json`` entry naming it, or None."""
+    names = {int(l["value"]): l["name"] for l in bundle.labels}
+    if len(names) < 2 or set(result.class_probabilities) != set(names):
+        return None
+    write_class_probabilities(result.class_probabilities, names, folder / CLASS_PROBABILITIES_FILE)
+    return {"file": CLASS_PROBABILITIES_FILE, "components": [{"value": v, "name": n} for v, n in names.items()],
+            "meaning": "each label's softmax probability on the input grid (probability.nrrd is P(lesion), their lesion "
+                       "labels summed)"}
 
 
 def write_report(path: Path, bundle: Bundle, inputs: Sequence, labels, probability, gradcam, table,

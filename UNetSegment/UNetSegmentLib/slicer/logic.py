@@ -40,6 +40,28 @@ from .signals import Signal
 from .volumes import image_from_volume, roi_corners_in_frame
 
 HEATMAP_ORDER = ("probability", "gradcam", "uncertainty")
+#: the heatmap kind of one label's own probability map (multi-class bundles; listed after HEATMAP_ORDER)
+CLASS_KIND_PREFIX = "class-"
+
+
+def class_kind(value: int) -> str:
+    """The heatmap kind showing label ``value``'s own probability (``class_probabilities.nrrd``)."""
+    return f"{CLASS_KIND_PREFIX}{int(value)}"
+
+
+def class_kind_value(kind: str) -> int | None:
+    """The label value a :func:`class_kind` names, or None for the other kinds."""
+    return int(kind[len(CLASS_KIND_PREFIX):]) if kind.startswith(CLASS_KIND_PREFIX) else None
+
+
+def run_maps(run: RunOutputs) -> dict[str, Image]:
+    """Every map a run offers as an overlay, in display order: P(lesion), the explanations, then
+    (multi-class bundles) each label's own probability."""
+    maps = {"probability": run.probability, **run.heatmaps}
+    ordered = {k: maps[k] for k in HEATMAP_ORDER if k in maps}
+    ordered.update({class_kind(v): img for v, img in run.class_probabilities.items()})
+    return ordered
+
 #: the maps that :meth:`SegmentationLogic.set_heatmap_scale` rescales (explanations stored to the volume's peak)
 PER_LESION_KINDS = ("gradcam",)
 #: seconds one HTTP request to a server may take (uploads and downloads have their own, longer limit)
@@ -149,7 +171,7 @@ def _check_heatmap_scale(scale) -> None:
 def _shown_map(result: RunResult, kind: str) -> Image:
     """The map a heatmap node shows: the run's, or for Grad-CAM at 'lesion' scale rescaled around the
     current lesions (:func:`~UNetSegmentLib.analysis.heatmap_scale.per_lesion`)."""
-    image = result.run.probability if kind == "probability" else result.run.heatmaps[kind]
+    image = run_maps(result.run)[kind]
     if kind in PER_LESION_KINDS and result.heatmap_scale == "lesion" and result.labels is not None:
         cached = result.scaled_heatmaps.get(kind)
         if cached is None or cached[0] is not result.labels:  # toggling back and forth computes it once
@@ -400,7 +422,8 @@ class SegmentationLogic:
         if box is not None:  # put the ROI run back on the input's grid
             run = dataclasses.replace(
                 run, labels=uncrop(run.labels, full, box), probability=uncrop(run.probability, full, box),
-                heatmaps={k: uncrop(v, full, box) for k, v in run.heatmaps.items()})
+                heatmaps={k: uncrop(v, full, box) for k, v in run.heatmaps.items()},
+                class_probabilities={v: uncrop(m, full, box) for v, m in run.class_probabilities.items()})
         result = RunResult(pending.request, pending.bundle, run, pending.images, pending.paths, pending.work, box,
                            threshold=run.threshold, summary=run.summary, heatmap_scale=pending.request.heatmap_scale)
         if box is not None:  # the worker's table indexes the crop: measure again on the full grid
@@ -428,13 +451,13 @@ class SegmentationLogic:
         if is_new:
             created.append(seg)
         result.labels, result.lesions = labels, lesions
-        maps = {"probability": result.run.probability, **result.run.heatmaps}
-        for kind in HEATMAP_ORDER:
-            if kind not in maps:
-                continue
+        names = {int(l["value"]): l["name"] for l in result.bundle.labels}
+        for kind in run_maps(result.run):
             role = scene.REF_ROLE.format(kind)
             old = None if is_new else seg.GetNodeReference(role)
-            node = scene.update_heatmap(old, _shown_map(result, kind), kind, f"{base} {kind}")
+            value = class_kind_value(kind)
+            title = kind if value is None else f"P({names.get(value, value)})"
+            node = scene.update_heatmap(old, _shown_map(result, kind), kind, f"{base} {title}")
             if old is None:
                 created.append(node)
             seg.SetNodeReferenceID(role, node.GetID())

@@ -22,7 +22,7 @@ from ..params import FIELD, HEATMAP_KINDS, SegmentParams
 from ..serving.worker import STAGES, error_event
 from ..settings import resolve
 from . import install
-from .logic import RunRequest, RunResult, SegmentationLogicProtocol
+from .logic import RunRequest, RunResult, SegmentationLogicProtocol, class_kind_value
 
 #: the device combo's items (the device field takes any of auto, cpu, mps, cuda, cuda:N)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -35,6 +35,14 @@ LIVE_THRESHOLD_DELAY_MS = 150
 LIVE_SURFACES_DELAY_MS = 1000
 LOG_MAX_LINES = 500
 HEATMAP_TITLES = {"probability": "Probability", "gradcam": "Grad-CAM", "uncertainty": "Uncertainty"}
+
+
+def heatmap_title(kind: str, labels: list[dict]) -> str:
+    """The overlay list's entry for a heatmap kind; a label's own map is "Probability: <label name>"."""
+    value = class_kind_value(kind)
+    if value is None:
+        return HEATMAP_TITLES.get(kind, kind)
+    return f"Probability: {next((l['name'] for l in labels if int(l['value']) == value), value)}"
 #: "Run on" choices: (settings value, combo box text)
 RUN_ON = (("local", "This computer"), ("server", "Server"))
 #: QSettings keys of the "Run on" choice, the server URL and the token file
@@ -543,7 +551,7 @@ class Panel:
         ui.heatmapComboBox.clear()
         self.heatmap_kinds = list(result.heatmaps)
         for kind in self.heatmap_kinds:
-            ui.heatmapComboBox.addItem(HEATMAP_TITLES.get(kind, kind))
+            ui.heatmapComboBox.addItem(heatmap_title(kind, result.bundle.labels))
         ui.heatmapComboBox.setCurrentIndex(0)
         ui.heatmapComboBox.blockSignals(False)
         ui.liveThresholdSlider.blockSignals(True)

@@ -6,11 +6,15 @@ probability − lesion fraction| of each bin weighted by its share of voxels) is
 *near lesions* — within ``NEAR_MM`` of a true or a predicted lesion, where the decision is made (far
 from any lesion nearly every voxel is a confident, correct 0 and would hide miscalibration).
 
-One scalar ``T`` divides the logits. For a two-class model the foreground probability is
-``σ(z)`` with ``z`` the logit difference, so ``z = logit(p)`` is read back from the probability map and
-``T`` is the minimiser of the negative log-likelihood of ``σ(z / T)`` on the tune voxels (bounded scalar
-search over 0.25–8). ``T`` is stored in ``model.json`` (``calibration``) only when it lowers the
-validation ECE; the before/after figures are stored either way and shown in the card.
+One scalar ``T`` divides the logits, of every class alike. Dividing the logits by ``T`` raises each
+class probability to ``1/T`` before renormalising (``softmax(z/T)_c ∝ p_c^(1/T)``), so ``T`` is fitted
+on the probability maps the engine writes, with no second network pass: the minimiser of the
+negative log-likelihood of the true class on the tune voxels (bounded scalar search over 0.25–8). For a
+two-class model this is ``σ(logit(p) / T)``; for a multi-class bundle (bleed compartments plus
+oedema) the likelihood is that of the true class among all of them, and the ECE is measured on what
+the threshold reads, P(lesion) (the sum of the lesion classes) against "the truth is a lesion class".
+``T`` is stored in ``model.json`` (``calibration``) only when it lowers the validation ECE; the
+before/after figures are stored either way and shown in the card.
 
 ``python -m UNetSegmentLib.models.training.calibrate --model DIR --tune CASES --val CASES``
 """
@@ -51,57 +55,97 @@ def ece(p: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> float:
 
 
 def scaled(p: np.ndarray, temperature: float) -> np.ndarray:
-    """``σ(logit(p) / T)``: the two-class foreground probability at another temperature."""
-    z = np.log(np.clip(p, EPS, 1 - EPS)) - np.log1p(-np.clip(p, EPS, 1 - EPS))
-    return 1.0 / (1.0 + np.exp(-z / temperature))
+    """Probabilities at another temperature. A 1-D ``p`` is a two-class foreground probability:
+    ``σ(logit(p) / T)``. An (N, C) ``p`` holds every class's probability (background first):
+    ``p^(1/T)`` renormalised over the classes, which is ``softmax(z / T)`` for the logits ``z``."""
+    p = np.asarray(p, np.float64)
+    if p.ndim == 1:
+        z = np.log(np.clip(p, EPS, 1 - EPS)) - np.log1p(-np.clip(p, EPS, 1 - EPS))
+        return 1.0 / (1.0 + np.exp(-z / temperature))
+    logq = np.log(np.clip(p, 1e-300, 1.0)) / temperature  # not EPS: float32 maps hold smaller probabilities
+    logq -= logq.max(axis=1, keepdims=True)
+    q = np.exp(logq)
+    return q / q.sum(axis=1, keepdims=True)
 
 
 def fit_temperature(p: np.ndarray, y: np.ndarray) -> float:
-    """The temperature minimising the negative log-likelihood of ``y`` under ``σ(logit(p) / T)``."""
-    y = np.asarray(y, np.float64)
+    """The temperature minimising the negative log-likelihood of the outcomes under :func:`scaled`:
+    ``y`` is 0/1 for a 1-D ``p``, the true class's column index for an (N, C) ``p``."""
+    p = np.asarray(p, np.float64)
+    y = np.asarray(y)
+    rows = np.arange(y.size)
 
     def nll(log_t: float) -> float:
         q = np.clip(scaled(p, float(np.exp(log_t))), EPS, 1 - EPS)
-        return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+        if p.ndim == 1:
+            yf = y.astype(np.float64)
+            return float(-np.mean(yf * np.log(q) + (1 - yf) * np.log1p(-q)))
+        return float(-np.mean(np.log(q[rows, y])))
 
     res = optimize.minimize_scalar(nll, bounds=(np.log(0.25), np.log(8.0)), method="bounded")
     return float(np.exp(res.x))
 
 
+def truth_channels(truth: np.ndarray, label_values: tuple[int, ...]) -> np.ndarray:
+    """The output channel of each true voxel (0 background, ``c`` for ``label_values[c - 1]``). A
+    one-label model reads any non-zero truth as its label, as :mod:`...analysis.evaluate` does."""
+    if len(label_values) == 1:
+        return (truth > 0).astype(np.int64)
+    lookup = {0: 0, **{v: c for c, v in enumerate(label_values, start=1)}}
+    unknown = sorted(set(np.unique(truth).tolist()) - set(lookup))
+    if unknown:
+        raise UsageError(f"the truth holds label values {unknown} that the model does not predict",
+                         f"calibrate on cases labelled with the model's values {list(label_values)}")
+    lut = np.zeros(int(truth.max()) + 1, np.int64)
+    for v, c in lookup.items():
+        lut[v] = c
+    return lut[truth]
+
+
 def near_lesion_voxels(bundle: Bundle, cases_dir: Path, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """(probability, truth) of the voxels within ``NEAR_MM`` of a true or predicted lesion, all cases,
-    with the model as shipped but *uncalibrated* (temperature 1)."""
+    """(class probabilities (N, C), background first; true channel (N,)) of the voxels within
+    ``NEAR_MM`` of a true or predicted lesion, all cases, with the model as shipped but *uncalibrated*
+    (temperature 1). Lesion means the lesion labels (not context such as oedema)."""
     meta = {**bundle.meta, "calibration": {"temperature": 1.0}}
     s = resolve(SegmentParams(heatmaps=()), meta)
     network = bundle.build_network()
+    lesion_channels = np.asarray(s.model.lesion_channels)
     ps, ys = [], []
     for case in find_cases(cases_dir, bundle.channel_names):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
-        truth = read_image(case / "label.nii.gz").array > 0
+        y = truth_channels(np.asarray(read_image(case / "label.nii.gz").array).astype(np.int64), s.model.label_values)
         res = segment(images, bundle, network=network, settings=s)
-        prob = res.probability.array
-        near = ndimage.distance_transform_edt(~(truth | (prob >= s.threshold)), sampling=images[0].spacing[::-1]) <= NEAR_MM
-        ps.append(prob[near])
-        ys.append(truth[near])
+        fg = [res.class_probabilities[v].array for v in s.model.label_values]
+        predicted = res.probability.array >= s.threshold
+        near = ndimage.distance_transform_edt(~(np.isin(y, lesion_channels) | predicted),
+                                              sampling=images[0].spacing[::-1]) <= NEAR_MM
+        cls = np.stack([f[near] for f in fg], axis=1).astype(np.float32)
+        ps.append(np.concatenate([np.clip(1.0 - cls.sum(1, keepdims=True), 0.0, 1.0), cls], axis=1))
+        ys.append(y[near].astype(np.int8))
         log(f"{case.name}: {int(near.sum())} voxels near lesions")
-    return np.concatenate(ps), np.concatenate(ys)
+    return np.concatenate(ps), np.concatenate(ys).astype(np.int64)
+
+
+def lesion_ece(p: np.ndarray, y: np.ndarray, lesion_channels: tuple[int, ...]) -> float:
+    """ECE of P(lesion) (the lesion channels of the (N, C) ``p`` summed) against "the true channel is a
+    lesion channel": the calibration of what the threshold and the heatmaps read."""
+    ch = np.asarray(lesion_channels)
+    return ece(np.clip(p[:, ch].sum(1), 0.0, 1.0), np.isin(y, ch))
 
 
 def calibrate(bundle_dir: Path, tune: Path, val: Path, log=print) -> dict:
     """Fit on ``tune``, measure on ``val``, write ``calibration`` into the bundle's model.json; returns it."""
     bundle = load_bundle(bundle_dir)
-    if len(bundle.labels) != 1:
-        raise UsageError(f"{bundle.name} has {len(bundle.labels)} labels; this fit is for two-class models",
-                         "fit a vector temperature for multi-class models")
+    lesion = resolve(SegmentParams(heatmaps=()), bundle.meta).model.lesion_channels
     p_tune, y_tune = near_lesion_voxels(bundle, tune, log)
     t = fit_temperature(p_tune, y_tune)
     p_val, y_val = near_lesion_voxels(bundle, val, log)
-    before, after = ece(p_val, y_val), ece(scaled(p_val, t), y_val)
+    before, after = lesion_ece(p_val, y_val, lesion), lesion_ece(scaled(p_val, t), y_val, lesion)
     cal = {"temperature": round(t, 4) if after < before else 1.0, "fitted_temperature": round(t, 4),
            "ece_before": round(before, 4), "ece_after": round(after, 4), "near_mm": NEAR_MM, "bins": N_BINS,
            "tune_voxels": int(p_tune.size), "val_voxels": int(p_val.size),
-           "method": "temperature scaling (Guo et al. 2017), NLL on tune voxels near lesions; ECE on validation voxels "
-                     f"within {NEAR_MM:g} mm of a true or predicted lesion, {N_BINS} equal-width bins"}
+           "method": "temperature scaling (Guo et al. 2017), NLL of the true class on tune voxels near lesions; ECE of "
+                     f"P(lesion) on validation voxels within {NEAR_MM:g} mm of a true or predicted lesion, {N_BINS} equal-width bins"}
     path = Path(bundle_dir) / "model.json"
     meta = json.loads(path.read_text(encoding="utf-8"))
     meta["calibration"] = cal
