@@ -35,7 +35,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def test_class_probabilities_rescale_as_the_softmax_of_divided_logits():
     rng = np.random.default_rng(2)
-    z = rng.normal(0, 3, (1000, 5))
+    z = rng.normal(0, 1.5, (1000, 5))  # probabilities above the 1e-6 clip that stands in for the map's floor
     assert np.allclose(scaled(_softmax(z), 2.5), _softmax(z / 2.5), atol=1e-6)
     p = rng.uniform(0.01, 0.99, 1000)  # two classes as a matrix agree with the foreground form
     assert np.allclose(scaled(np.stack([1 - p, p], 1), 1.7)[:, 1], scaled(p, 1.7), atol=1e-9)
@@ -58,8 +58,22 @@ def test_truth_channels_map_label_values_and_refuse_unknown_ones():
     assert truth_channels(truth, (1,)).tolist() == [0, 1, 1, 1, 1]  # one label: any non-zero
     assert truth_channels(truth, (1, 2, 3, 4)).tolist() == [0, 1, 2, 4, 4]
     assert truth_channels(np.array([0, 5, 7]), (5, 7)).tolist() == [0, 1, 2]
+    assert truth_channels(np.array([0, 0]), (1, 2, 3, 4)).tolist() == [0, 0]  # a case without lesion
+    assert truth_channels(np.array([0, 1, 2]), (1, 2, 3, 4)).tolist() == [0, 1, 2]  # without the highest label
     with pytest.raises(UsageError, match=r"\[9\]"):
         truth_channels(np.array([0, 9]), (1, 2))
+
+
+def test_a_multiclass_fit_refuses_cases_that_do_not_declare_the_model_labels(tmp_path):
+    from UNetSegmentLib.models.training.calibrate import check_case_labels
+
+    check_case_labels(tmp_path, (1,))  # one label: any non-zero truth is the lesion
+    with pytest.raises(UsageError, match="labels.json"):
+        check_case_labels(tmp_path, (1, 2, 3, 4))
+    (tmp_path / "labels.json").write_text('{"labels": {"1": "a", "2": "b"}, "lesion_values": [1, 2]}')
+    with pytest.raises(UsageError, match=r"declares labels \[1, 2\]"):
+        check_case_labels(tmp_path, (1, 2, 3, 4))
+    check_case_labels(tmp_path, (2, 1))
 
 
 def test_engine_divides_the_logits_by_the_bundle_temperature():

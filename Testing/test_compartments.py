@@ -216,6 +216,24 @@ def test_each_class_map_is_written_and_a_rethreshold_from_the_files_equals_a_fre
     assert again["n_lesions"] == fresh["n_lesions"] and again["total_volume_ml"] == pytest.approx(fresh["total_volume_ml"])
     copied = read_class_probabilities(tmp_path / "c" / "class_probabilities.nrrd")
     assert all(np.array_equal(copied[v].array, maps[v].array) for v in maps)
+    # a damaged class file leaves the run usable: a warning, and the label map's compartments
+    (tmp_path / "a" / "class_probabilities.nrrd").write_bytes(b"NRRD0004\ntype: float\n")
+    with pytest.warns(RuntimeWarning, match="per-class maps are left out"):
+        assert load_run(tmp_path / "a").class_probabilities == {}
+
+
+def test_class_map_names_survive_any_characters_and_an_oblique_grid(tmp_path):
+    from UNetSegmentLib.io.class_maps import read_class_probabilities, write_class_probabilities
+
+    m = make_ijk_to_ras(spacing=(0.7, 0.9, 2.5))
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    m[:3, :3] = np.array([[c, -s_, 0], [s_, c, 0], [0, 0.2, 1]]) @ m[:3, :3]  # rotated and sheared
+    rng = np.random.default_rng(0)
+    maps = {v: Image(rng.random((3, 4, 5)).astype(np.float32), m) for v in (4, 1)}
+    write_class_probabilities(maps, {4: "a|b\nc", 1: "plain"}, tmp_path / "c.nrrd")
+    back = read_class_probabilities(tmp_path / "c.nrrd")
+    assert list(back) == [4, 1]
+    assert all(np.array_equal(back[v].array, maps[v].array) and np.allclose(back[v].ijk_to_ras, m) for v in maps)
 
 
 def test_the_report_names_compartments_and_oedema(compartment_bundle, tmp_path):

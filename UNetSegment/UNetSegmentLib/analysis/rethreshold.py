@@ -7,7 +7,8 @@ removed with :func:`.lesions.remove_small_lesions` and the table is recomputed w
 :func:`.lesions.analyze_lesions`, with the arguments :func:`.job.write_outputs` uses. For one-label
 models the result equals a fresh ``segment --threshold T`` run exactly. For models with several labels
 the run's ``class_probabilities.nrrd`` (each label's own map, :mod:`..io.class_maps`) gives each voxel
-its label by the engine's own rule, so the result equals a fresh run exactly too; for runs written
+its label by the engine's own rule, so the result equals a fresh run exactly too (up to map values
+below the 0.001 storage floor, which only thresholds ≤ 0.002 could see); for runs written
 before that file existed, which label a voxel gets comes from the run's own label map where that had
 one, else from the nearest voxel of a lesion label, and labels that are not lesions (oedema) keep the
 run's voxels wherever they do not become lesion, since the network, not the threshold, decides them.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -69,8 +71,20 @@ def load_run(folder: str | os.PathLike) -> RunOutputs:
         raise InputError(f"{d} holds no complete run (summary.json missing)", "run the segmentation again")
     summary = json.loads((d / "summary.json").read_text(encoding="utf-8"))
     heat = {k: read_image(d / f"{k}.nrrd") for k in HEATMAP_KINDS if (d / f"{k}.nrrd").is_file()}
-    classes = read_class_probabilities(d / CLASS_PROBABILITIES_FILE) if (d / CLASS_PROBABILITIES_FILE).is_file() else {}
+    classes = _class_maps(d / CLASS_PROBABILITIES_FILE)
     return RunOutputs(d, read_image(d / "segmentation.nii.gz"), read_image(d / "probability.nrrd"), heat, summary, classes)
+
+
+def _class_maps(path: Path) -> dict[int, Image]:
+    """The run's per-class maps, or none (a run written before the file existed, or a damaged file:
+    the run stays usable, re-thresholds fall back to the label map's compartments, with a warning)."""
+    if not path.is_file():
+        return {}
+    try:
+        return read_class_probabilities(path)
+    except InputError as e:
+        warnings.warn(f"{e.problem}; the per-class maps are left out", RuntimeWarning, stacklevel=3)
+        return {}
 
 
 def table_from_summary(summary: dict) -> LesionTable:

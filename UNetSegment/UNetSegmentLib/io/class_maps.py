@@ -5,14 +5,16 @@ live threshold and the uncertainty read. A bundle with several labels (bleed com
 oedema) also has one softmax probability per label; they are written together, as one NRRD whose
 voxels hold a vector with one component per label in ``model.json`` order, on the input grid (the
 grid of ``probability.nrrd``, floored the same way). The NRRD key ``UNetSegment_labels`` names the
-components (``1:intraparenchymal hemorrhage|2:…``), and ``summary.json`` lists them under
-``class_probabilities``. The Slicer module shows each component as an overlay of its own
-("P(intraventricular hemorrhage)"); in Python, :func:`read_class_probabilities` gives one
+components (one JSON line: ``[[1, "intraparenchymal hemorrhage"], …]``), and ``summary.json`` lists them
+under ``class_probabilities``. The Slicer module shows each component as an overlay of its own (listed
+as "Probability: intraventricular hemorrhage", node "… P(intraventricular hemorrhage)"); in Python,
+:func:`read_class_probabilities` gives one
 :class:`~UNetSegmentLib.image.Image` per label value. One-label bundles write no such file: their
 ``probability.nrrd`` is the class's map.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -46,20 +48,25 @@ def write_class_probabilities(maps: Mapping[int, Image], names: Mapping[int, str
     vec.SetSpacing(ref.GetSpacing())
     vec.SetDirection(ref.GetDirection())
     vec.SetOrigin(ref.GetOrigin())
-    vec.SetMetaData(LABELS_KEY, "|".join(f"{v}:{names[v]}" for v in values))
+    vec.SetMetaData(LABELS_KEY, json.dumps([[int(v), str(names[v])] for v in values], ensure_ascii=True))  # one line
     with atomic_path(path) as tmp:
         sitk.WriteImage(vec, str(tmp), useCompression=True)
 
 
 def read_class_probabilities(path: str | os.PathLike) -> dict[int, Image]:
-    """The maps a :func:`write_class_probabilities` file holds: label value → probability image."""
+    """The maps a :func:`write_class_probabilities` file holds: label value → probability image.
+    A file that cannot be read, or names no classes, raises :class:`InputError`."""
     import SimpleITK as sitk
 
-    img = sitk.ReadImage(str(path))
-    if not img.HasMetaDataKey(LABELS_KEY):
-        raise InputError(f"{path} names no classes (no {LABELS_KEY} key)",
-                         "read the class_probabilities.nrrd a segment run wrote")
-    values = [int(item.split(":", 1)[0]) for item in img.GetMetaData(LABELS_KEY).split("|")]
+    from .readers import _itk_read_errors
+
+    with _itk_read_errors(os.path.basename(path)):
+        img = sitk.ReadImage(str(path))
+    try:
+        values = [int(v) for v, _ in json.loads(img.GetMetaData(LABELS_KEY))]
+    except (RuntimeError, ValueError, TypeError) as e:  # key absent (RuntimeError) or not our JSON
+        raise InputError(f"{path} does not name its classes ({LABELS_KEY}: {e})",
+                         "read the class_probabilities.nrrd a segment run wrote, or run the segmentation again") from None
     arr = sitk.GetArrayFromImage(img)
     if arr.ndim == 3:  # a one-component vector reads back as a scalar volume
         arr = arr[..., None]

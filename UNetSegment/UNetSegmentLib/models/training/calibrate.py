@@ -34,7 +34,7 @@ from ...io.writers import write_text
 from ...params import SegmentParams
 from ...settings import resolve
 from ..bundle import Bundle, load_bundle
-from ...analysis.evaluate import case_inputs, find_cases
+from ...analysis.evaluate import case_inputs, case_labels, find_cases
 
 NEAR_MM = 5.0
 N_BINS = 15
@@ -62,7 +62,7 @@ def scaled(p: np.ndarray, temperature: float) -> np.ndarray:
     if p.ndim == 1:
         z = np.log(np.clip(p, EPS, 1 - EPS)) - np.log1p(-np.clip(p, EPS, 1 - EPS))
         return 1.0 / (1.0 + np.exp(-z / temperature))
-    logq = np.log(np.clip(p, 1e-300, 1.0)) / temperature  # not EPS: float32 maps hold smaller probabilities
+    logq = np.log(np.clip(p, EPS, 1.0)) / temperature  # as the 1-D form: floored map values still depend on T
     logq -= logq.max(axis=1, keepdims=True)
     q = np.exp(logq)
     return q / q.sum(axis=1, keepdims=True)
@@ -96,10 +96,25 @@ def truth_channels(truth: np.ndarray, label_values: tuple[int, ...]) -> np.ndarr
     if unknown:
         raise UsageError(f"the truth holds label values {unknown} that the model does not predict",
                          f"calibrate on cases labelled with the model's values {list(label_values)}")
-    lut = np.zeros(int(truth.max()) + 1, np.int64)
+    lut = np.zeros(max(lookup) + 1, np.int64)
     for v, c in lookup.items():
         lut[v] = c
     return lut[truth]
+
+
+def check_case_labels(cases_dir: Path, label_values: tuple[int, ...]) -> None:
+    """A multi-class fit needs cases whose label values mean the model's labels: the cases must declare
+    them (``labels.json``, as :func:`...analysis.evaluate.case_labels` reads it) with the same values."""
+    if len(label_values) == 1:
+        return
+    defined = case_labels(cases_dir)
+    if defined is None:
+        raise UsageError(f"{cases_dir} does not declare its labels (labels.json), so its truth cannot be read per class",
+                         "calibrate on cases written by the training cases module for this model's generator")
+    declared = tuple(sorted(int(v) for v in defined["labels"]))
+    if declared != tuple(sorted(label_values)):
+        raise UsageError(f"{cases_dir} declares labels {list(declared)}, the model predicts {list(label_values)}",
+                         "calibrate on cases of the model's own generator")
 
 
 def near_lesion_voxels(bundle: Bundle, cases_dir: Path, log=print) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +125,7 @@ def near_lesion_voxels(bundle: Bundle, cases_dir: Path, log=print) -> tuple[np.n
     s = resolve(SegmentParams(heatmaps=()), meta)
     network = bundle.build_network()
     lesion_channels = np.asarray(s.model.lesion_channels)
+    check_case_labels(cases_dir, s.model.label_values)
     ps, ys = [], []
     for case in find_cases(cases_dir, bundle.channel_names):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
@@ -143,7 +159,7 @@ def calibrate(bundle_dir: Path, tune: Path, val: Path, log=print) -> dict:
     before, after = lesion_ece(p_val, y_val, lesion), lesion_ece(scaled(p_val, t), y_val, lesion)
     cal = {"temperature": round(t, 4) if after < before else 1.0, "fitted_temperature": round(t, 4),
            "ece_before": round(before, 4), "ece_after": round(after, 4), "near_mm": NEAR_MM, "bins": N_BINS,
-           "tune_voxels": int(p_tune.size), "val_voxels": int(p_val.size),
+           "tune_voxels": len(p_tune), "val_voxels": len(p_val),
            "method": "temperature scaling (Guo et al. 2017), NLL of the true class on tune voxels near lesions; ECE of "
                      f"P(lesion) on validation voxels within {NEAR_MM:g} mm of a true or predicted lesion, {N_BINS} equal-width bins"}
     path = Path(bundle_dir) / "model.json"
