@@ -262,7 +262,7 @@ def test_packaged_layout_finds_resources_and_loads_ui_and_models(tmp_path, layou
                          cwd=str(tmp_path), env=env).stdout
     got = json.loads(out.strip().splitlines()[-1])
     assert got == [str(res), "UNetSegment", str(res / "Models" / "tiny-blob"),
-                   ["ct-hemorrhage", "mr-perfusion-lesion", "tiny-blob"], True, True]
+                   ["ct-hemorrhage", "ct-hemorrhage-compartments", "mr-perfusion-lesion", "tiny-blob"], True, True]
 
 
 def test_resources_resolve_beside_the_module_first(tmp_path):

@@ -274,7 +274,7 @@ def render(meta: dict, evaluation: dict | None, extra: str = "", previous: dict 
         if previous:
             lines += [f"The previous version, {previous['model']['name']} {previous['model']['version']}, on the same cases:",
                       "", "```", format_table(previous), "```", ""]
-        if meta.get("name") == "ct-hemorrhage":
+        if meta.get("name") in ("ct-hemorrhage", "ct-hemorrhage-compartments"):  # any-bleed targets for both
             lines += ["### Targets", "", *target_table(evaluation, previous), ""]
         if "per_class" in evaluation["model_metrics"]:
             lines += ["### Per-class targets", "", *class_target_table(evaluation), ""]
