@@ -24,7 +24,7 @@ STANDIN = slicer_standin.install()
 import slicer  # noqa: E402  (Slicer's own, from slicer-core)
 import vtk  # noqa: E402
 
-from UNetSegmentLib.image import Image, make_ijk_to_ras  # noqa: E402
+from UNetSegmentLib.image import Image  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
 from UNetSegmentLib.analysis.lesions import COLUMNS  # noqa: E402
 from UNetSegmentLib.io.outputs import CONTRACT_FILES  # noqa: E402
