@@ -42,6 +42,10 @@ from .volumes import image_from_volume, roi_corners_in_frame
 HEATMAP_ORDER = ("probability", "gradcam", "uncertainty")
 #: the heatmap kind of one label's own probability map (multi-class bundles; listed after HEATMAP_ORDER)
 CLASS_KIND_PREFIX = "class-"
+#: the maps that :meth:`SegmentationLogic.set_heatmap_scale` rescales (explanations stored to the volume's peak)
+PER_LESION_KINDS = ("gradcam",)
+#: seconds one HTTP request to a server may take (uploads and downloads have their own, longer limit)
+SERVER_TIMEOUT_S = 10.0
 
 
 def class_kind(value: int) -> str:
@@ -62,10 +66,13 @@ def run_maps(run: RunOutputs) -> dict[str, Image]:
     ordered.update({class_kind(v): img for v, img in run.class_probabilities.items()})
     return ordered
 
-#: the maps that :meth:`SegmentationLogic.set_heatmap_scale` rescales (explanations stored to the volume's peak)
-PER_LESION_KINDS = ("gradcam",)
-#: seconds one HTTP request to a server may take (uploads and downloads have their own, longer limit)
-SERVER_TIMEOUT_S = 10.0
+
+def class_map_label(kind: str, labels: list[dict]) -> str | None:
+    """The name of the label whose own probability a heatmap ``kind`` shows; None for the other kinds."""
+    value = class_kind_value(kind)
+    if value is None:
+        return None
+    return next((str(l["name"]) for l in labels if int(l["value"]) == value), str(value))
 
 
 @dataclass
@@ -451,12 +458,11 @@ class SegmentationLogic:
         if is_new:
             created.append(seg)
         result.labels, result.lesions = labels, lesions
-        names = {int(l["value"]): l["name"] for l in result.bundle.labels}
         for kind in run_maps(result.run):
             role = scene.REF_ROLE.format(kind)
             old = None if is_new else seg.GetNodeReference(role)
-            value = class_kind_value(kind)
-            title = kind if value is None else f"P({names.get(value, value)})"
+            label = class_map_label(kind, result.bundle.labels)
+            title = kind if label is None else f"P({label})"
             node = scene.update_heatmap(old, _shown_map(result, kind), kind, f"{base} {title}")
             if old is None:
                 created.append(node)

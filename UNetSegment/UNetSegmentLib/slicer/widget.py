@@ -22,7 +22,7 @@ from ..params import FIELD, HEATMAP_KINDS, SegmentParams
 from ..serving.worker import STAGES, error_event
 from ..settings import resolve
 from . import install
-from .logic import RunRequest, RunResult, SegmentationLogicProtocol, class_kind_value
+from .logic import RunRequest, RunResult, SegmentationLogicProtocol, class_map_label
 
 #: the device combo's items (the device field takes any of auto, cpu, mps, cuda, cuda:N)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -35,14 +35,6 @@ LIVE_THRESHOLD_DELAY_MS = 150
 LIVE_SURFACES_DELAY_MS = 1000
 LOG_MAX_LINES = 500
 HEATMAP_TITLES = {"probability": "Probability", "gradcam": "Grad-CAM", "uncertainty": "Uncertainty"}
-
-
-def heatmap_title(kind: str, labels: list[dict]) -> str:
-    """The overlay list's entry for a heatmap kind; a label's own map is "Probability: <label name>"."""
-    value = class_kind_value(kind)
-    if value is None:
-        return HEATMAP_TITLES.get(kind, kind)
-    return f"Probability: {next((l['name'] for l in labels if int(l['value']) == value), value)}"
 #: "Run on" choices: (settings value, combo box text)
 RUN_ON = (("local", "This computer"), ("server", "Server"))
 #: QSettings keys of the "Run on" choice, the server URL and the token file
@@ -50,6 +42,12 @@ RUN_ON_SETTING = "UNetSegment/RunOn"
 SERVER_URL_SETTING = "UNetSegment/ServerURL"
 SERVER_TOKEN_FILE_SETTING = "UNetSegment/ServerTokenFile"
 SERVER_DEVICE_TOOLTIP = "The server runs on its own device(s) (unetsegment serve --device)"
+
+
+def heatmap_title(kind: str, labels: list[dict]) -> str:
+    """The overlay list's entry for a heatmap kind; a label's own map is "Probability: <label name>"."""
+    label = class_map_label(kind, labels)
+    return HEATMAP_TITLES.get(kind, kind) if label is None else f"Probability: {label}"
 
 
 def read_setting(key: str, default: str = "") -> str:
