@@ -32,7 +32,7 @@ from ...errors import UsageError
 from ...io.readers import read_image
 from ...io.writers import write_text
 from ...params import SegmentParams
-from ...settings import resolve
+from ...settings import ModelSettings, resolve
 from ..bundle import Bundle, load_bundle
 from ...analysis.evaluate import case_inputs, case_labels, find_cases
 
@@ -131,11 +131,10 @@ def near_lesion_voxels(bundle: Bundle, cases_dir: Path, log=print) -> tuple[np.n
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
         y = truth_channels(np.asarray(read_image(case / "label.nii.gz").array).astype(np.int64), s.model.label_values)
         res = segment(images, bundle, network=network, settings=s)
-        fg = [res.class_probabilities[v].array for v in s.model.label_values]
         predicted = res.probability.array >= s.threshold
         near = ndimage.distance_transform_edt(~(np.isin(y, lesion_channels) | predicted),
                                               sampling=images[0].spacing[::-1]) <= NEAR_MM
-        cls = np.stack([f[near] for f in fg], axis=1).astype(np.float32)
+        cls = np.stack([res.class_probabilities[v].array[near] for v in s.model.label_values], axis=1).astype(np.float32)
         ps.append(np.concatenate([np.clip(1.0 - cls.sum(1, keepdims=True), 0.0, 1.0), cls], axis=1))
         ys.append(y[near].astype(np.int8))
         log(f"{case.name}: {int(near.sum())} voxels near lesions")
@@ -152,7 +151,7 @@ def lesion_ece(p: np.ndarray, y: np.ndarray, lesion_channels: tuple[int, ...]) -
 def calibrate(bundle_dir: Path, tune: Path, val: Path, log=print) -> dict:
     """Fit on ``tune``, measure on ``val``, write ``calibration`` into the bundle's model.json; returns it."""
     bundle = load_bundle(bundle_dir)
-    lesion = resolve(SegmentParams(heatmaps=()), bundle.meta).model.lesion_channels
+    lesion = ModelSettings.from_meta(bundle.meta).lesion_channels
     p_tune, y_tune = near_lesion_voxels(bundle, tune, log)
     t = fit_temperature(p_tune, y_tune)
     p_val, y_val = near_lesion_voxels(bundle, val, log)
