@@ -211,3 +211,34 @@ def test_shipped_thresholds_are_the_training_configs(model, config):
 
     cfg = yaml.safe_load((ROOT / "Resources" / "Training" / f"{config}.yaml").read_text(encoding="utf-8"))
     assert load_bundle(model).meta["domain"] == cfg["bundle"]["domain"]
+
+
+def test_enclosed_region_equals_filling_the_holes_slice_by_slice():
+    """The skull's inside by one labelling is binary_fill_holes with an in-plane structure, voxel for voxel."""
+    from scipy import ndimage
+
+    from UNetSegmentLib.engine.domain import _enclosed
+
+    rng = np.random.default_rng(7)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    for _ in range(50):
+        wall = ndimage.binary_dilation(rng.random((int(rng.integers(1, 6)), 40, 50)) > rng.uniform(0.85, 0.97),
+                                       iterations=int(rng.integers(0, 3)))
+        expected = ndimage.binary_fill_holes(wall, structure=in_plane) & ~wall
+        assert np.array_equal(_enclosed(wall), expected)
+    ring = np.zeros((3, 20, 20), bool)
+    ring[:, 4:16, 4] = ring[:, 4:16, 15] = ring[:, 4, 4:16] = ring[:, 15, 4:16] = True
+    assert _enclosed(ring)[:, 5:15, 5:15].all() and _enclosed(ring).sum() == 3 * 100
+
+
+def test_percentiles_of_large_volumes_come_from_an_even_sample_without_non_finite_values():
+    from UNetSegmentLib.engine.checks import PERCENTILE_SAMPLES, finite_sample
+
+    small = np.array([1.0, np.nan, 3.0, np.inf], np.float32)
+    assert finite_sample(small).tolist() == [1.0, 3.0]
+    big = np.arange(5 * PERCENTILE_SAMPLES, dtype=np.float32)
+    sample = finite_sample(big)
+    assert PERCENTILE_SAMPLES <= sample.size <= 2 * PERCENTILE_SAMPLES
+    assert abs(np.percentile(sample, 99.5) - np.percentile(big, 99.5)) < 1e-3 * big.size
+    assert finite_sample(np.arange(10, dtype=np.int16)).size == 10  # integers are all finite

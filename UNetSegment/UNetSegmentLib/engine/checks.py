@@ -98,6 +98,20 @@ def check_for_model(img: Image, name: str, spec: dict, dimensions: str, anatomy:
     return warnings
 
 
+#: percentiles of larger arrays are taken on an evenly strided sample of at least this many values:
+#: the 0.5th and 99.5th of a 512² × 300 CT then cost milliseconds instead of most of a second, and
+#: move by far less than any threshold they are compared with
+PERCENTILE_SAMPLES = 1 << 20
+
+
+def finite_sample(values: np.ndarray, n: int = PERCENTILE_SAMPLES) -> np.ndarray:
+    """The finite values of ``values``, from an evenly strided sample of about ``n`` when there are more."""
+    flat = np.asarray(values).reshape(-1)
+    if flat.size > 2 * n:
+        flat = flat[:: flat.size // n]
+    return flat[np.isfinite(flat)] if flat.dtype.kind == "f" else flat
+
+
 def _intensity_warning(img: Image, name: str, spec: dict, need_air: bool = True) -> str | None:
     """Intensities unlike the channel's, judged per channel from the bundle's input spec.
 
@@ -110,8 +124,7 @@ def _intensity_warning(img: Image, name: str, spec: dict, need_air: bool = True)
     rng, signature = spec.get("expected_range"), spec.get("signature") or {}
     if rng is None and not signature:
         return None
-    arr = img.array
-    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    finite = finite_sample(img.array)
     if not finite.size:
         return None
     wanted = sorted({0.5, 99.5} | {float(k[1:]) for k in signature})

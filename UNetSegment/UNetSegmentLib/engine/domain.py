@@ -42,6 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..image import Image
+from .checks import finite_sample
 from .grid import canonical_grid
 
 HEAD_CT_DEFAULTS: dict[str, Any] = {
@@ -93,7 +94,7 @@ def head_ct_check(inputs: list[Image], names: list[str], meta: dict, spec: dict)
     what = meta.get("title") or "head CT"
     fix = f"pass a non-contrast head CT in Hounsfield units (this model reads: {what})"
     arr, peaks, spacing_kji = _canonical_blocks(img, float(t["sampling_mm"]))
-    finite = arr[np.isfinite(arr)]  # block means: the same air, tissue and bone, a quarter of the voxels
+    finite = finite_sample(arr)  # block means: the same air, tissue and bone, a quarter of the voxels (or fewer)
     if finite.size == 0:
         return DomainVerdict("refuse", f"input {name} holds no finite values", fix)
     p_lo, p_hi = (float(v) for v in np.percentile(finite, [0.5, 99.5]))
@@ -131,8 +132,7 @@ def perfusion_check(inputs: list[Image], names: list[str], meta: dict, spec: dic
     t = {**PERFUSION_DEFAULTS, **spec}
     m: dict[str, Any] = {}
     for img, name, ch in zip(inputs, names, meta["inputs"]):
-        a = img.array
-        finite = a[np.isfinite(a)] if a.dtype.kind == "f" else a.ravel()
+        finite = finite_sample(img.array)
         if finite.size == 0:
             return DomainVerdict("refuse", f"input {name} holds no finite values", "pass the perfusion map", m)
         p_lo, p_hi = (float(v) for v in np.percentile(finite, [0.5, 99.5]))
@@ -193,9 +193,7 @@ def _cranial_slices(arr: np.ndarray, peaks: np.ndarray, sp: np.ndarray, t: dict)
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     disk[0] = yy ** 2 + xx ** 2 <= r * r
     closed = ndimage.binary_closing(np.pad(bone, ((0, 0), (r, r), (r, r))), structure=disk)[:, r:-r, r:-r]
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    inside = ndimage.binary_fill_holes(closed, structure=in_plane) & ~closed
+    inside = _enclosed(closed)
     lo, hi = t["brain_hu"]
     brain = inside & (a >= lo) & (a <= hi)
     px_cm2 = float(sp[1] * sp[2]) / 100.0
@@ -209,6 +207,22 @@ def _cranial_slices(arr: np.ndarray, peaks: np.ndarray, sp: np.ndarray, t: dict)
     length = (jj.max() - jj.min() + 1) * sp[1]
     width = (ii.max() - ii.min() + 1) * sp[2]
     return cranial, float(width / length)
+
+
+def _enclosed(wall: np.ndarray) -> np.ndarray:
+    """Per axial slice, the voxels not in ``wall`` that ``wall`` encloses (4-connected in-plane): what
+    ``binary_fill_holes(wall, in-plane structure) & ~wall`` gives, by one labelling instead of an
+    iterated dilation."""
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    lab, n = ndimage.label(~wall, structure=in_plane)
+    if n == 0:
+        return np.zeros(wall.shape, bool)
+    border = np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(), lab[:, :, -1].ravel()])
+    open_ = np.zeros(n + 1, bool)
+    open_[border] = True
+    open_[0] = True  # the wall itself
+    return ~open_[lab]
 
 
 def _n(v: float) -> str:
