@@ -13,7 +13,7 @@ import numpy as np
 
 from ..analysis.lesions import COLUMNS, LesionTable
 from ..image import Image
-from .volumes import add_volume, labelmap_node_without_display, to_world, update_volume
+from .volumes import labelmap_node_without_display, to_world, update_volume
 
 #: colour table per heatmap kind (IDs Slicer adds to every scene; see slicer_conventions.md §5)
 HEATMAP_COLORS = {
@@ -93,10 +93,13 @@ def update_segmentation(seg_node, labels: Image, labels_meta: Sequence[dict], re
                 segment.SetTag(segment.GetTerminologyEntryTagName(), meta["terminology"])
         ids.InsertNextValue(sid)
     # ImportLabelmapToSegmentationNode maps label value v to ids[v-1]: renumber the labels 1..n
-    lut = np.zeros(max(values + [int(np.max(labels.array, initial=0))]) + 1, np.uint16)
+    arr = np.asarray(labels.array)
+    if arr.dtype.kind not in "ui":
+        arr = arr.astype(np.int64)
+    lut = np.zeros(max(values + [int(np.max(arr, initial=0))]) + 1, np.uint8 if len(values) < 256 else np.uint16)
     for n, v in enumerate(values, start=1):
         lut[v] = n
-    compact = lut[np.asarray(labels.array, dtype=np.int64)]
+    compact = lut[arr]  # indexing by the label map itself: no widened copy of it
     tmp = labelmap_node_without_display(labels.with_array(compact))
     try:
         follow_input_transform(tmp, reference_volume)
@@ -144,21 +147,25 @@ def follow_input_transform(node, input_volume) -> None:
 # --- heatmaps ---------------------------------------------------------------------------------
 def update_heatmap(node, image: Image, kind: str, name: str):
     """Create or update a float 0–1 heatmap volume with its colour table and transparent floor."""
+    import slicer
+
     img = image.with_array(np.asarray(image.array, dtype=np.float32))
     if node is None:
-        node = add_volume(img, name)
-    else:
-        update_volume(node, img)
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(name))
+    update_volume(node, img)
     display = node.GetDisplayNode()
-    if display is None:
-        node.CreateDefaultDisplayNodes()
-        display = node.GetDisplayNode()
+    new_display = display is None
+    if new_display:  # made here, window fixed first: the default display node's automatic window/level
+        # would first scan every voxel (60 ms for a 256² × 108 map) for a window replaced at once
+        display = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
     display.SetAndObserveColorNodeID(HEATMAP_COLORS.get(kind, HEATMAP_COLORS["probability"]))
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, 1.0)
     display.SetApplyThreshold(1)
     display.SetLowerThreshold(HEATMAP_DISPLAY_FLOOR)
     display.SetUpperThreshold(1.0)
+    if new_display:
+        node.SetAndObserveDisplayNodeID(display.GetID())
     return node
 
 
