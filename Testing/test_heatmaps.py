@@ -14,6 +14,7 @@ from UNetSegmentLib.engine.windows import WindowPlan, plan_windows
 from UNetSegmentLib.errors import UsageError
 from UNetSegmentLib.image import Image, make_ijk_to_ras
 from UNetSegmentLib.params import SegmentParams
+from UNetSegmentLib.settings import resolve
 from UNetSegmentLib.engine.pipeline import segment
 from UNetSegmentLib.engine.preprocess import normalize
 
@@ -235,3 +236,43 @@ def test_heatmaps_do_not_depend_on_how_the_volume_is_stored():
     np.testing.assert_array_equal(back(b.labels), a.labels.array)
     for kind in ("gradcam", "uncertainty"):
         np.testing.assert_allclose(back(b.heatmaps[kind]), a.heatmaps[kind].array, atol=1e-6)
+
+
+def test_one_pass_prediction_and_explanation_equal_the_two_passes(monkeypatch, tmp_path):
+    """With fitted windows (one per slice) the fast engine's Grad-CAM rides on the inference pass: the
+    same probabilities and the same map as inference followed by a separate Grad-CAM, for a bundle
+    whose lesion labels are several classes and one label is context (the compartment case)."""
+    from conftest import write_compartment_bundle
+
+    from UNetSegmentLib.engine import pipeline
+    from UNetSegmentLib.engine.heatmaps import explains_in_one_pass
+
+    bundle = load_bundle(str(write_compartment_bundle(tmp_path / "classes")))
+    net = bundle.build_network()
+    img, mask = ct_phantom(shape_kji=(10, 90, 80), spacing=(1.2, 1.3, 4.0),
+                           direction=np.array([[-1, 0, 0], [0, 0.97, -0.24], [0, 0.24, 0.97]]))
+    s = resolve(SegmentParams(), bundle)
+    used = []
+    real = pipeline.predict_and_explain
+    monkeypatch.setattr(pipeline, "predict_and_explain", lambda *a, **k: used.append(1) or real(*a, **k))
+    fused = segment([img], bundle, network=net, settings=s)
+    assert used, "the fast engine's fitted plan explains in the inference pass"
+    monkeypatch.setattr(pipeline, "explains_in_one_pass", lambda *a: False)
+    separate = segment([img], bundle, network=net, settings=s)
+    assert (fused.labels.array == 1).any() and (fused.labels.array == 4).any(), "a lesion and its context rim"
+    assert np.array_equal(fused.labels.array, separate.labels.array)
+    np.testing.assert_allclose(fused.probability.array, separate.probability.array, atol=1e-6)
+    for v in fused.class_probabilities:
+        np.testing.assert_allclose(fused.class_probabilities[v].array, separate.class_probabilities[v].array, atol=1e-6)
+    np.testing.assert_allclose(fused.heatmaps["gradcam"].array, separate.heatmaps["gradcam"].array, atol=1e-5)
+    assert 0.9 < fused.heatmaps["gradcam"].array.max() <= 1.0  # 1 on the network grid, resampled to the input's
+    assert fused.heatmaps["gradcam"].array[mask].mean() > 3 * fused.heatmaps["gradcam"].array[~mask].mean()
+    assert fused.timings["gradcam_s"] > 0
+    plan = plan_windows(np.zeros((1, 4, 64, 64), np.float32), spatial_dims=2, patch=(32, 32), context=0, overlap=0.25,
+                        fast=False, size_divisor=16)
+    assert not explains_in_one_pass(plan, "hirescam", False), "overlapping training-size windows: two passes"
+    fitted = plan_windows(np.pad(np.ones((1, 4, 40, 40), np.float32), ((0, 0), (0, 0), (12, 12), (12, 12))),
+                          spatial_dims=2, patch=(32, 32), context=0, overlap=0.25, fast=True, size_divisor=16)
+    assert explains_in_one_pass(fitted, "hirescam", False)
+    assert not explains_in_one_pass(fitted, "hirescam", True), "TTA: the prediction is a mean of mirrored passes"
+    assert not explains_in_one_pass(fitted, "gradinput", False), "gradient × input needs the graph from the input"

@@ -23,13 +23,21 @@ gradient at a chosen layer's activations ``A``. Two ways to combine them (``meth
 The map is computed window by window on the run's own :class:`.windows.WindowPlan` — the windows
 that made the prediction it explains — with the same Gaussian blending as inference, only on windows
 that contain target voxels (elsewhere there is nothing to explain); each window's map is up-sampled
-to the window and the blended map normalised to 0–1 over the volume.
+to the window and the blended map normalised to 0–1 over the volume. Where each window covers its
+region's whole slice (the fast engine's fitted 2D/2.5D windows: nothing overlaps, so a window's
+prediction is final), :func:`predict_and_explain` explains in the inference pass itself: the
+window's targets come from its own probabilities and the backward pass follows its forward pass,
+which saves Grad-CAM's second forward pass (on the sample CT 0.45 → 0.15 s, the same map).
 
 The default layer is a deep decoder stage (``decoder.0``, right after the bottleneck): coarse but
 semantic. The last block before the 1×1 output convolution would only reproduce a rescaled logit,
 i.e. duplicate the probability map.
 """
 from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
 
 import numpy as np
 
@@ -90,20 +98,133 @@ def gradcam(
         masks = _window_masks(target[region.box], starts, region.roi_kji(plan.spatial_dims))
         return explain(x, masks[:, 0] if plan.spatial_dims == 2 else masks)
 
+    with _frozen(network):
+        out = run_plan(volume, plan, fn, 1, np.zeros(1, np.float32), batch_size=batch_size, device=device,
+                       keep=has_target, progress=progress, cancel=cancel, stage="gradcam")[0]
+    return _normalised(out)
+
+
+def _normalised(cam: np.ndarray) -> np.ndarray:
+    """The map divided by its peak (0–1); all zero stays zero."""
+    peak = float(cam.max())
+    return (cam / peak).astype(np.float32) if peak > 0 else cam
+
+
+@contextlib.contextmanager
+def _frozen(network):
+    """``network`` in eval mode with no parameter gradients (the map needs only the activations'), restored after."""
     was_training = network.training
     grad_flags = [p.requires_grad for p in network.parameters()]
     for p in network.parameters():
         p.requires_grad_(False)
     network.eval()
     try:
-        out = run_plan(volume, plan, fn, 1, np.zeros(1, np.float32), batch_size=batch_size, device=device,
-                       keep=has_target, progress=progress, cancel=cancel, stage="gradcam")[0]
+        yield network
     finally:
         network.train(was_training)
         for p, flag in zip(network.parameters(), grad_flags):
             p.requires_grad_(flag)
-    peak = float(out.max())
-    return (out / peak).astype(np.float32) if peak > 0 else out
+
+
+def explains_in_one_pass(plan: WindowPlan, method: str, tta: bool) -> bool:
+    """Whether :func:`predict_and_explain` may replace inference followed by :func:`gradcam`: 2D/2.5D plans
+    whose windows each cover their region's whole slice (the fast engine's fitted windows), so that a
+    window's prediction is the final one and its targets are known as soon as it ran; not with TTA
+    (the prediction is a mean over mirrored passes) nor for ``gradinput`` (its graph starts at the input)."""
+    return (not tta and method in ("hirescam", "gradcam") and plan.spatial_dims == 2 and bool(plan.regions)
+            and all(r.roi[0] >= r.box[1].stop - r.box[1].start and r.roi[1] >= r.box[2].stop - r.box[2].start
+                    for r in plan.regions))
+
+
+def predict_and_explain(
+    volume: np.ndarray,
+    network,
+    plan: WindowPlan,
+    targets: Callable[[np.ndarray], np.ndarray],
+    *,
+    out_channels: int,
+    fill: np.ndarray,
+    layer: str,
+    method: str = "hirescam",
+    temperature: float = 1.0,
+    batch_size: int = 4,
+    device: str = "cpu",
+    precision: str = "fp32",
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Inference and Grad-CAM in one pass over ``plan`` (:func:`explains_in_one_pass`): each window's
+    forward pass gives its class probabilities (softmax of the logits / ``temperature``) and, where
+    ``targets(probabilities [out_channels, j, i]) → output channel per voxel`` (0: none) marks
+    voxels, the backward pass from ``layer`` gives its map — without the second forward pass that
+    :func:`gradcam` makes. ``fill``: per channel, the probabilities of voxels no window covers.
+
+    Returns (probabilities [out_channels, K, J, I], Grad-CAM [K, J, I] 0–1, seconds spent on the
+    explanation's backward passes). The same maps as :func:`.inference.sliding_window` then
+    :func:`gradcam` with the targets of the whole result, up to float rounding."""
+    import torch
+
+    method = FIELD["cam_method"].check(method)
+    amp = autocast_dtype(precision)
+    scale = 1.0 / float(temperature)
+    capture = _LayerCapture(network.get_submodule(layer))
+    spent = [0.0]
+
+    def fn(x, _starts, region: Region):
+        bj, bi = region.box[1].stop - region.box[1].start, region.box[2].stop - region.box[2].start
+        with capture, torch.enable_grad(), torch.autocast(device_type=x.device.type, dtype=amp, enabled=amp is not None):
+            logits = network(x)
+            if isinstance(logits, (list, tuple)):  # deep supervision: the full-resolution head
+                logits = logits[0]
+            probs = torch.softmax(logits.detach().float() * scale, dim=1).cpu().numpy()
+            t0 = time.perf_counter()
+            masks = np.zeros((len(probs), *probs.shape[2:]), np.int16)
+            for n, p in enumerate(probs):  # what the window's voxels are, as the whole result will say
+                masks[n, :bj, :bi] = targets(p[:, :bj, :bi])
+            cam = np.zeros((len(probs), 1, *probs.shape[2:]), np.float32)
+            if masks.any():
+                m = torch.from_numpy(masks).to(x.device)
+                score = sum((logits[:, c].float() * (m == c)).sum() for c in np.unique(masks) if c > 0)
+                (grad,) = torch.autograd.grad(score, capture.activation)
+                cam = _combine(grad, capture.activation, method, tuple(x.shape[2:]), 2)
+            spent[0] += time.perf_counter() - t0
+        return np.concatenate([probs, cam], axis=1)
+
+    with _frozen(network):
+        out = run_plan(volume, plan, fn, out_channels + 1, np.append(np.asarray(fill, np.float32), 0.0),
+                       batch_size=batch_size, device=device, progress=progress, cancel=cancel)
+    return out[:out_channels], _normalised(out[out_channels]), spent[0]
+
+
+class _LayerCapture:
+    """Within ``with``: a forward hook on ``module`` that starts the autograd graph at its output (nothing
+    before the layer is recorded, so the backward pass costs only the layers after it)."""
+
+    def __init__(self, module) -> None:
+        self.module, self.activation, self._handle = module, None, None
+
+    def _hook(self, _m, _inp, out):
+        out = out.detach().requires_grad_(True)
+        self.activation = out
+        return out
+
+    def __enter__(self) -> "_LayerCapture":
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def _combine(grad, act, method: str, size: tuple[int, ...], spatial_dims: int) -> np.ndarray:
+    """ReLU of the gradient-weighted activations (HiResCAM: element-wise; Grad-CAM: channel-averaged
+    gradients), summed over channels and up-sampled to the window: [B, 1, ...] float32."""
+    import torch.nn.functional as F
+
+    w = grad if method in ("hirescam", "gradinput") else grad.mean(dim=tuple(range(2, act.ndim)), keepdim=True)
+    cam = F.relu((w.float() * act.float()).sum(1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=size, mode="bilinear" if spatial_dims == 2 else "trilinear", align_corners=False)
+    return cam.float().cpu().numpy()
 
 
 def _window_masks(target: np.ndarray, starts, roi_kji) -> np.ndarray:
@@ -118,24 +239,16 @@ def _window_masks(target: np.ndarray, starts, roi_kji) -> np.ndarray:
 def _window_explainer(network, layer: str, method: str, precision: str, spatial_dims: int):
     """``explain(x, masks)``: the CAM of a batch of windows [B, 1, ...] for their target masks."""
     import torch
-    import torch.nn.functional as F
 
     amp = autocast_dtype(precision)
-    module = network.get_submodule(layer)
-    store: dict = {}
-
-    def hook(_m, _inp, out):
-        # the graph starts here: nothing before the layer is recorded and no weight gradients are
-        # computed, so the backward pass costs only the layers after it
-        out = out.detach().requires_grad_(True)
-        store["act"] = out
-        return out
+    capture = _LayerCapture(network.get_submodule(layer))
 
     def explain(x, masks: np.ndarray) -> np.ndarray:
         m = torch.from_numpy(masks).to(x.device)
         on_input = method == "gradinput"
-        handle = None if on_input else module.register_forward_hook(hook)
-        try:
+        with contextlib.ExitStack() as stack:
+            if not on_input:
+                stack.enter_context(capture)
             with torch.enable_grad(), torch.autocast(device_type=x.device.type, dtype=amp, enabled=amp is not None):
                 if on_input:
                     x = x.detach().requires_grad_(True)
@@ -143,16 +256,9 @@ def _window_explainer(network, layer: str, method: str, precision: str, spatial_
                 if isinstance(logits, (list, tuple)):
                     logits = logits[0]
                 score = sum((logits[:, c].float() * (m == c)).sum() for c in np.unique(masks) if c > 0)
-                act = x if on_input else store["act"]
+                act = x if on_input else capture.activation
                 (grad,) = torch.autograd.grad(score, act)
-        finally:
-            if handle is not None:
-                handle.remove()
-        w = grad if method in ("hirescam", "gradinput") else grad.mean(dim=tuple(range(2, act.ndim)), keepdim=True)
-        cam = F.relu((w.float() * act.float()).sum(1, keepdim=True)).detach()
-        mode = "bilinear" if spatial_dims == 2 else "trilinear"
-        cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode=mode, align_corners=False)
-        return cam.float().cpu().numpy()
+        return _combine(grad, act, method, tuple(x.shape[2:]), spatial_dims)
 
     return explain
 

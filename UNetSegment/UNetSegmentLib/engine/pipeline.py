@@ -2,8 +2,9 @@
 
 resolve the settings (:func:`.settings.resolve`) → check the inputs → align channels → network grid
 (:mod:`.grid`) → normalise (:mod:`.preprocess`) → plan the windows once (:mod:`.windows`) → sliding
-window (:mod:`.inference`), and Grad-CAM on the same plan (:mod:`.heatmaps`) → maps back on the
-input grid → labels (:mod:`.labels`). Pure with respect to its inputs: arrays are never modified in
+window (:mod:`.inference`), and Grad-CAM on the same plan (:mod:`.heatmaps`; with the fast engine's
+fitted windows in the same pass, :func:`.heatmaps.predict_and_explain`) → maps back on the input
+grid → labels (:mod:`.labels`). Pure with respect to its inputs: arrays are never modified in
 place, nothing is written to disk (see :mod:`..serving.job` for that).
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ from .device import cpu_fallback_precision
 from .domain import DomainVerdict, check_domain
 from .fallback import Attempt, run_with_fallback
 from .grid import PROBABILITY_FLOOR, GridMapping
-from .heatmaps import cam_layer_name, entropy_map, gradcam
-from .inference import CancelToken, ProgressFn, sliding_window, softmax_predictor, tta_flips, with_mirror_tta
+from .heatmaps import cam_layer_name, entropy_map, explains_in_one_pass, gradcam, predict_and_explain
+from .inference import (CancelToken, ProgressFn, sliding_window, softmax_predictor, tta_flips, uniform_answer,
+                        with_mirror_tta)
 from .labels import foreground_probability, labels_from_probabilities
 from .preprocess import prepare_inputs
 from .windows import WindowPlan, plan_windows
@@ -79,10 +81,25 @@ def segment(
     timings["load_model_s"] = time.perf_counter() - t
     cam_layer = cam_layer_name(runner.network, bundle.meta, s.gradcam_layer) if "gradcam" in s.heatmaps else None
     plan = plan_for(volume, s, runner.network)
+    heat_net: dict[str, np.ndarray] = {}
+
+    def explained(probs: np.ndarray) -> np.ndarray:
+        return _explained_channels(probs, s.threshold, s.model.lesion_channels)
 
     def infer(a: Attempt) -> np.ndarray:
         t0 = time.perf_counter()
-        out = sliding_window(volume, runner.predictor(a), _plan_for(plan, a), batch_size=a.batch_size, device=a.device,
+        ran = _plan_for(plan, a)
+        if cam_layer is not None and explains_in_one_pass(ran, s.cam_method, s.tta):  # Grad-CAM rides along
+            predictor = runner.predictor(a)
+            fill = _background_fill(predictor.out_channels) if ran.whole else uniform_answer(predictor, ran, a.device)
+            out, heat_net["gradcam"], explain_s = predict_and_explain(
+                volume, runner.network_on(a.device), ran, explained, out_channels=predictor.out_channels, fill=fill,
+                layer=cam_layer, method=s.cam_method, temperature=s.model.temperature, batch_size=a.batch_size,
+                device=a.device, precision=a.precision, progress=report, cancel=cancel)
+            timings["inference_s"], timings["gradcam_s"] = time.perf_counter() - t0 - explain_s, explain_s
+            report("gradcam", 1.0, "explained in the inference pass")
+            return out
+        out = sliding_window(volume, runner.predictor(a), ran, batch_size=a.batch_size, device=a.device,
                              progress=report, cancel=cancel)
         timings["inference_s"] = time.perf_counter() - t0
         return out
@@ -92,8 +109,7 @@ def segment(
     out, used = run_with_fallback(infer, first, fallback_precision, warnings, runner.release)
     probs, tta_var = (out[:-1], out[-1]) if s.tta else (out, None)
     cancel.check()
-    heat_net: dict[str, np.ndarray] = {}
-    if "gradcam" in s.heatmaps:
+    if "gradcam" in s.heatmaps and "gradcam" not in heat_net:
         def explain(a: Attempt) -> np.ndarray:
             t0 = time.perf_counter()
             cam = gradcam(volume, runner.network_on(a.device), _plan_for(plan, a), _explained_channels(probs, s.threshold, s.model.lesion_channels),
@@ -199,6 +215,11 @@ class _NetworkRunner:
         self._on.pop(gpu, None)
         if not self.settings.fast:
             self.network.to("cpu")
+
+
+def _background_fill(out_channels: int) -> np.ndarray:
+    """Per output channel what a voxel no window covers gets when the plan covers the volume: background."""
+    return np.array([1.0] + [0.0] * (out_channels - 1), np.float32)
 
 
 def _explained_channels(probs: np.ndarray, threshold: float, lesion_channels: tuple[int, ...] | None = None) -> np.ndarray:
