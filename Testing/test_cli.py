@@ -177,3 +177,20 @@ def test_dicom_series_input_also_writes_a_dicom_seg(tmp_path):
     rows = (out2 / "lesions.csv").read_text().strip().splitlines()
     assert len(rows) == 2 and rows[1].startswith("total,")
     assert (out2 / "report.png").exists() and (out2 / "segmentation.seg.nrrd").exists()
+
+
+def test_the_console_command_exits_at_once_after_segment_with_everything_written_and_printed(tmp_path, ct_file,
+                                                                                            tiny_bundle):
+    """``segment`` ends without the interpreter's teardown (cli.FAST_EXIT_COMMANDS): the outputs are
+    complete and their digests match, the result lines reach a pipe, and the exit codes stay those of
+    the documented errors."""
+    from UNetSegmentLib.io.outputs import file_digests
+
+    out = tmp_path / "out"
+    r = run_cli("segment", ct_file, "-o", out, "--model", tiny_bundle, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "model test-model" in r.stdout and str(out) in r.stdout  # stdout flushed before the exit
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["files_sha256"] == file_digests(out) and "report.png" in summary["files_sha256"]
+    bad = run_cli("segment", tmp_path / "missing.nii.gz", "-o", tmp_path / "o2", "--model", tiny_bundle)
+    assert bad.returncode == 3 and "input not found" in bad.stderr

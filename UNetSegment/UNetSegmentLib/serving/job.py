@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import __version__
 from ..analysis.lesions import analyze_lesions, split_small_lesions
-from ..analysis.report import percentile_window, render_report
+from ..analysis.report import percentile_window, preload_drawing, render_report
 from ..engine.checks import check_memory
 from ..engine.inference import CancelToken, ProgressFn
 from ..engine.pipeline import SegmentResult, segment
@@ -91,6 +91,8 @@ def segment_files(
     budget = _memory_budget(len(paths), settings.model.out_channels)
     images = [read_image(p, before_pixels=budget) for p in paths]
     t_read = time.perf_counter() - t
+    if report:  # while the network runs (it releases the GIL); beside an import or a read both would wait
+        preload_drawing()
     stage = StagedOutput(output_dir, overwrite)
     stage.check()  # refuse before the heavy work
     result = segment(images, bundle, progress=progress, cancel=cancel, settings=settings, network=network)
