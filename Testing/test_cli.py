@@ -194,3 +194,11 @@ def test_the_console_command_exits_at_once_after_segment_with_everything_written
     assert summary["files_sha256"] == file_digests(out) and "report.png" in summary["files_sha256"]
     bad = run_cli("segment", tmp_path / "missing.nii.gz", "-o", tmp_path / "o2", "--model", tiny_bundle)
     assert bad.returncode == 3 and "input not found" in bad.stderr
+    # a reader that goes away before the result is printed (``| head -1``): the run is still complete, exit 0
+    env = dict(os.environ, PYTHONPATH=str(REPO / "UNetSegment"))
+    p = subprocess.Popen(CLI + ["segment", str(ct_file), "-o", str(tmp_path / "o3"), "--model", str(tiny_bundle), "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0 and "error" not in err, err
+    assert json.loads((tmp_path / "o3" / "summary.json").read_text())["files_sha256"] == file_digests(tmp_path / "o3")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from UNetSegmentLib.engine.fallback import Attempt, is_out_of_memory, run_with_fallback
+from UNetSegmentLib.engine.fallback import Attempt, LighterOnGpuOom, is_out_of_memory, run_with_fallback
 
 
 GPU = "cuda:0"  # only a name here: nothing is sent to a GPU
@@ -115,3 +115,37 @@ def test_any_cuda_index_falls_back_and_reports_which_gpu_to_release():
 
     out, used = run_with_fallback(run, Attempt("cuda:1", "fp16", 1, False), lambda: "fp32", [], on_cpu=released.append)
     assert out == "cpu" and used.precision == "fp32" and released == ["cuda:1"]
+
+
+def test_a_heavier_pass_out_of_gpu_memory_gives_way_to_the_lighter_one_before_the_windows_or_device_change():
+    """Grad-CAM in the inference pass needs its backward graph: when that runs out of GPU memory the same
+    attempt runs inference alone (same batch, same windows, same device: the labels do not depend on
+    the heatmap being asked for), and later attempts never go back to the heavier pass."""
+    tried = []
+
+    def heavy(a):
+        tried.append(("heavy", a.batch_size, a.fit_window))
+        raise _oom()
+
+    def light(a):
+        tried.append(("light", a.batch_size, a.fit_window))
+        if a.batch_size > 2:
+            raise _oom()
+        return "labels"
+
+    warnings: list[str] = []
+    out, used = run_with_fallback(LighterOnGpuOom(heavy, light, warnings, "two passes"), Attempt(GPU, "fp16", 4, True),
+                                  lambda: "bf16", warnings)
+    assert out == "labels" and used == Attempt(GPU, "fp16", 2, True)
+    assert tried == [("heavy", 4, True), ("light", 4, True), ("light", 2, True)]
+    assert warnings[0] == "two passes" and len(warnings) == 2
+
+
+def test_the_lighter_pass_is_not_taken_for_other_errors_or_off_the_gpu():
+    def heavy(a):
+        raise _oom() if a.device == "cpu" else ValueError("a bug")
+
+    for device, error in ((GPU, ValueError), ("cpu", torch.cuda.OutOfMemoryError)):
+        run = LighterOnGpuOom(heavy, lambda a: "light", [], "two passes")
+        with pytest.raises(error):
+            run(Attempt(device, "fp32", 2, True))

@@ -276,3 +276,30 @@ def test_one_pass_prediction_and_explanation_equal_the_two_passes(monkeypatch, t
     assert explains_in_one_pass(fitted, "hirescam", False)
     assert not explains_in_one_pass(fitted, "hirescam", True), "TTA: the prediction is a mean of mirrored passes"
     assert not explains_in_one_pass(fitted, "gradinput", False), "gradient × input needs the graph from the input"
+
+
+def test_one_pass_equals_two_passes_for_a_2p5d_model_with_a_temperature(monkeypatch, tmp_path):
+    """The same for 2.5D context slices (the slab boxes hold the neighbours their windows read) and a
+    calibrated model (softmax of logits / T; Grad-CAM explains the raw logits in both paths)."""
+    from conftest import write_bundle
+
+    from UNetSegmentLib.engine import pipeline
+
+    folder = write_bundle(tmp_path / "b", dims="2.5d", context=1, n_labels=2, seed=3,
+                          extra_meta={"calibration": {"temperature": 1.7}})
+    bundle = load_bundle(str(folder))
+    net = bundle.build_network()
+    img, _ = ct_phantom(shape_kji=(11, 70, 64), spacing=(1.5, 1.5, 3.0))
+    s = resolve(SegmentParams(threshold=0.3), bundle)
+    assert s.model.temperature == pytest.approx(1.7)
+    used = []
+    real = pipeline.predict_and_explain
+    monkeypatch.setattr(pipeline, "predict_and_explain", lambda *a, **k: used.append(1) or real(*a, **k))
+    fused = segment([img], bundle, network=net, settings=s)
+    assert used
+    monkeypatch.setattr(pipeline, "explains_in_one_pass", lambda *a: False)
+    separate = segment([img], bundle, network=net, settings=s)
+    assert (fused.labels.array > 0).any() and fused.heatmaps["gradcam"].array.max() > 0
+    assert np.array_equal(fused.labels.array, separate.labels.array)
+    np.testing.assert_allclose(fused.probability.array, separate.probability.array, atol=1e-6)
+    np.testing.assert_allclose(fused.heatmaps["gradcam"].array, separate.heatmaps["gradcam"].array, atol=1e-5)

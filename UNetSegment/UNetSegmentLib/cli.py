@@ -392,10 +392,38 @@ def console_main() -> None:
     a = ap.parse_args()
     code = run_command(ap, a)
     if a.command in FAST_EXIT_COMMANDS:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_all()
         os._exit(code)
     sys.exit(code)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output's reader has gone (a broken pipe); if so, it is pointed at the null device
+    so that nothing written later, at exit either, fails again."""
+    try:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return True
+
+
+def _flush_all() -> None:
+    """Python's streams and C's stdio buffers (what ITK or oneDNN printed), before an exit that skips
+    the interpreter's teardown; a reader that has gone (``| head -1``) is no error."""
+    import ctypes
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_command(ap: argparse.ArgumentParser, a: argparse.Namespace) -> int:
@@ -449,6 +477,12 @@ def run_command(ap: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("unetsegment: cancelled — no outputs were written", file=sys.stderr)
         return 130
+    except BrokenPipeError as e:
+        if not _stdout_gone():
+            print(f"unetsegment: internal error after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {e} "
+                  "— rerun with --debug for the traceback and report it", file=sys.stderr)
+            return 1
+        return 0  # the reader of the printed result went away (``| head -1``); the work itself is done
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
         if a.debug:
             raise

@@ -1057,7 +1057,7 @@ def preload_drawing() -> threading.Thread:
         for name in _DRAWING_MODULES:
             try:
                 importlib.import_module(name)
-            except ImportError:  # drawing then reports it, with its own error
+            except Exception:  # noqa: BLE001 - drawing imports it again and reports the error itself
                 return
 
     thread = threading.Thread(target=load, name="report-imports", daemon=True)

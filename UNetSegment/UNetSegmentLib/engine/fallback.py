@@ -66,6 +66,30 @@ def run_with_fallback(run: Callable[[Attempt], T], first: Attempt, cpu_precision
             a = nxt
 
 
+class LighterOnGpuOom:
+    """``run(attempt)``, or ``lighter(attempt)`` once ``run`` has run out of GPU memory (on this attempt and every
+    later one): e.g. inference with Grad-CAM in the same pass, whose backward graph needs more memory,
+    falling back to inference alone (Grad-CAM then runs separately, with its own fallback) before the
+    windows or the device change — so asking for a heatmap never changes the labels. ``message`` is
+    recorded once as a warning."""
+
+    def __init__(self, run: Callable, lighter: Callable, warnings: list[str], message: str) -> None:
+        self.run, self.lighter, self.warnings, self.message = run, lighter, warnings, message
+        self.lightened = False
+
+    def __call__(self, attempt: "Attempt"):
+        if not self.lightened:
+            try:
+                return self.run(attempt)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory on CUDA is handled, the rest re-raised
+                if not str(attempt.device).startswith("cuda") or not is_gpu_out_of_memory(exc):
+                    raise
+                _free_cuda_cache()
+                self.lightened = True
+                self.warnings.append(self.message)
+        return self.lighter(attempt)
+
+
 def _free_cuda_cache() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():

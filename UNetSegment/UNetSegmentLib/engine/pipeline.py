@@ -24,7 +24,7 @@ from .acceleration import prepare_network
 from .checks import check_for_model, check_memory, check_volume
 from .device import cpu_fallback_precision
 from .domain import DomainVerdict, check_domain
-from .fallback import Attempt, run_with_fallback
+from .fallback import Attempt, LighterOnGpuOom, run_with_fallback
 from .grid import PROBABILITY_FLOOR, GridMapping
 from .heatmaps import cam_layer_name, entropy_map, explains_in_one_pass, gradcam, predict_and_explain
 from .inference import (CancelToken, ProgressFn, sliding_window, softmax_predictor, tta_flips, uniform_answer,
@@ -88,25 +88,34 @@ def segment(
 
     def infer(a: Attempt) -> np.ndarray:
         t0 = time.perf_counter()
-        ran = _plan_for(plan, a)
-        if cam_layer is not None and explains_in_one_pass(ran, s.cam_method, s.tta):  # Grad-CAM rides along
-            predictor = runner.predictor(a)
-            fill = _background_fill(predictor.out_channels) if ran.whole else uniform_answer(predictor, ran, a.device)
-            out, heat_net["gradcam"], explain_s = predict_and_explain(
-                volume, runner.network_on(a.device), ran, explained, out_channels=predictor.out_channels, fill=fill,
-                layer=cam_layer, method=s.cam_method, temperature=s.model.temperature, batch_size=a.batch_size,
-                device=a.device, precision=a.precision, progress=report, cancel=cancel)
-            timings["inference_s"], timings["gradcam_s"] = time.perf_counter() - t0 - explain_s, explain_s
-            report("gradcam", 1.0, "explained in the inference pass")
-            return out
-        out = sliding_window(volume, runner.predictor(a), ran, batch_size=a.batch_size, device=a.device,
+        out = sliding_window(volume, runner.predictor(a), _plan_for(plan, a), batch_size=a.batch_size, device=a.device,
                              progress=report, cancel=cancel)
         timings["inference_s"] = time.perf_counter() - t0
         return out
 
+    def infer_and_explain(a: Attempt) -> np.ndarray:
+        """Inference with Grad-CAM in the same pass where the plan allows it (:func:`.heatmaps.explains_in_one_pass`)."""
+        ran = _plan_for(plan, a)
+        if cam_layer is None or not explains_in_one_pass(ran, s.cam_method, s.tta):
+            return infer(a)
+        t0 = time.perf_counter()
+        predictor = runner.predictor(a)
+        fill = _background_fill(predictor.out_channels) if ran.whole else uniform_answer(predictor, ran, a.device)
+        out, cam, explain_s = predict_and_explain(
+            volume, runner.network_on(a.device), ran, explained, out_channels=predictor.out_channels, fill=fill,
+            layer=cam_layer, method=s.cam_method, temperature=s.model.temperature, batch_size=a.batch_size,
+            device=a.device, precision=a.precision, progress=report, cancel=cancel)
+        heat_net["gradcam"] = cam
+        # gradcam_s: the explanation's own work (its targets and backward passes); the forward pass is inference's
+        timings["inference_s"], timings["gradcam_s"] = time.perf_counter() - t0 - explain_s, explain_s
+        report("gradcam", 1.0, "explained in the inference pass")
+        return out
+
     first = Attempt(s.device, s.precision, s.batch_size, plan.fitted_windows())
     fallback_precision = lambda: cpu_fallback_precision(s.precision)  # noqa: E731
-    out, used = run_with_fallback(infer, first, fallback_precision, warnings, runner.release)
+    run = LighterOnGpuOom(infer_and_explain, infer, warnings, "GPU out of memory with Grad-CAM in the inference pass: "
+                          "inference and Grad-CAM ran one after the other")
+    out, used = run_with_fallback(run, first, fallback_precision, warnings, runner.release)
     probs, tta_var = (out[:-1], out[-1]) if s.tta else (out, None)
     cancel.check()
     if "gradcam" in s.heatmaps and "gradcam" not in heat_net:

@@ -91,15 +91,17 @@ def segment_files(
     budget = _memory_budget(len(paths), settings.model.out_channels)
     images = [read_image(p, before_pixels=budget) for p in paths]
     t_read = time.perf_counter() - t
-    if report:  # while the network runs (it releases the GIL); beside an import or a read both would wait
-        preload_drawing()
     stage = StagedOutput(output_dir, overwrite)
     stage.check()  # refuse before the heavy work
+    # while the network runs (it releases the GIL); beside an import or a read both would wait
+    drawing = preload_drawing() if report else None
     result = segment(images, bundle, progress=progress, cancel=cancel, settings=settings, network=network)
     result.timings = {"setup_s": t_setup, "read_s": t_read, **result.timings}
     # a stop asked after the last window is honoured too (exit 130, no outputs), not silently ignored
     if cancel is not None:
         cancel.check()
+    if drawing is not None:
+        drawing.join()  # long done by now; joined so that nothing of this run outlives it
     try:
         with stage:
             summary = write_outputs(stage.path, result, bundle, params, paths, report=report)
