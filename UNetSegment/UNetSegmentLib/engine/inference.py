@@ -134,10 +134,16 @@ def sliding_window(volume: np.ndarray, predictor: Predictor, plan: WindowPlan, *
         return predictor(x).float().cpu().numpy()
 
     with torch.inference_mode():
-        outside = None if plan.whole else uniform_answer(predictor, plan, device)
-        fill = outside if outside is not None else np.array([1.0] + [0.0] * (predictor.out_channels - 1), np.float32)
-        return run_plan(volume, plan, fn, predictor.out_channels, fill, batch_size=batch_size, device=device,
-                        progress=progress, cancel=cancel)
+        return run_plan(volume, plan, fn, predictor.out_channels, outside_answer(predictor, plan, device),
+                        batch_size=batch_size, device=device, progress=progress, cancel=cancel)
+
+
+def outside_answer(predictor: Predictor, plan: WindowPlan, device: str) -> np.ndarray:
+    """Per output channel, what voxels outside the plan's regions get: the answer to a uniform background
+    window (:func:`uniform_answer`), or plain background where the regions cover the volume."""
+    if plan.whole:
+        return np.array([1.0] + [0.0] * (predictor.out_channels - 1), np.float32)
+    return uniform_answer(predictor, plan, device)
 
 
 def uniform_answer(predictor: Predictor, plan: WindowPlan, device: str) -> np.ndarray:

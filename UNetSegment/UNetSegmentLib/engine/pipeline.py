@@ -27,7 +27,7 @@ from .domain import DomainVerdict, check_domain
 from .fallback import Attempt, LighterOnGpuOom, run_with_fallback
 from .grid import PROBABILITY_FLOOR, GridMapping
 from .heatmaps import cam_layer_name, entropy_map, explains_in_one_pass, gradcam, predict_and_explain
-from .inference import (CancelToken, ProgressFn, sliding_window, softmax_predictor, tta_flips, uniform_answer,
+from .inference import (CancelToken, ProgressFn, outside_answer, sliding_window, softmax_predictor, tta_flips,
                         with_mirror_tta)
 from .labels import foreground_probability, labels_from_probabilities
 from .preprocess import prepare_inputs
@@ -100,9 +100,9 @@ def segment(
             return infer(a)
         t0 = time.perf_counter()
         predictor = runner.predictor(a)
-        fill = _background_fill(predictor.out_channels) if ran.whole else uniform_answer(predictor, ran, a.device)
         out, cam, explain_s = predict_and_explain(
-            volume, runner.network_on(a.device), ran, explained, out_channels=predictor.out_channels, fill=fill,
+            volume, runner.network_on(a.device), ran, explained, out_channels=predictor.out_channels,
+            fill=outside_answer(predictor, ran, a.device),
             layer=cam_layer, method=s.cam_method, temperature=s.model.temperature, batch_size=a.batch_size,
             device=a.device, precision=a.precision, progress=report, cancel=cancel)
         heat_net["gradcam"] = cam
@@ -121,7 +121,7 @@ def segment(
     if "gradcam" in s.heatmaps and "gradcam" not in heat_net:
         def explain(a: Attempt) -> np.ndarray:
             t0 = time.perf_counter()
-            cam = gradcam(volume, runner.network_on(a.device), _plan_for(plan, a), _explained_channels(probs, s.threshold, s.model.lesion_channels),
+            cam = gradcam(volume, runner.network_on(a.device), _plan_for(plan, a), explained(probs),
                           layer=cam_layer, method=s.cam_method, batch_size=a.batch_size, device=a.device,
                           precision=a.precision, progress=report, cancel=cancel)
             timings["gradcam_s"] = time.perf_counter() - t0
@@ -224,11 +224,6 @@ class _NetworkRunner:
         self._on.pop(gpu, None)
         if not self.settings.fast:
             self.network.to("cpu")
-
-
-def _background_fill(out_channels: int) -> np.ndarray:
-    """Per output channel what a voxel no window covers gets when the plan covers the volume: background."""
-    return np.array([1.0] + [0.0] * (out_channels - 1), np.float32)
 
 
 def _explained_channels(probs: np.ndarray, threshold: float, lesion_channels: tuple[int, ...] | None = None) -> np.ndarray:
