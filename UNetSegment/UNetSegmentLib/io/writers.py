@@ -121,7 +121,8 @@ def write_seg_nrrd(labels: Image, segments: Sequence[dict], path: str | os.PathL
     """
     import slicerio
 
-    vox = np.ascontiguousarray(labels.array.transpose(2, 1, 0)).astype(np.uint8 if labels.array.max(initial=0) < 256 else np.uint16)
+    # the I,J,K view of the K,J,I array is what NRRD stores (Fortran order): written as it lies, no copy
+    vox = labels.array.transpose(2, 1, 0).astype(np.uint8 if labels.array.max(initial=0) < 256 else np.uint16, copy=False)
     ni, nj, nk = vox.shape
     segs = []
     for s in segments:

@@ -268,7 +268,8 @@ def segment_totals(labels: Image, segments: Sequence[dict], table, lesion_values
     """``summary.json``'s ``segments``: each label's codes, whether it is a lesion label, its volume in the
     final segmentation (mL) and, for lesion labels, how many lesions have it as their ``label``
     (their majority compartment) — the per-class totals of a multi-class model."""
-    counts = np.bincount(np.asarray(labels.array).reshape(-1), minlength=256)
+    arr = np.asarray(labels.array)
+    counts = {v: int(np.count_nonzero(arr == v)) for v in {int(seg["value"]) for seg in segments}}
     voxel_ml = labels.voxel_volume_mm3 / 1000.0
     out = []
     for seg in segments:
