@@ -477,13 +477,9 @@ def run_command(ap: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("unetsegment: cancelled — no outputs were written", file=sys.stderr)
         return 130
-    except BrokenPipeError as e:
-        if not _stdout_gone():
-            print(f"unetsegment: internal error after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {e} "
-                  "— rerun with --debug for the traceback and report it", file=sys.stderr)
-            return 1
-        return 0  # the reader of the printed result went away (``| head -1``); the work itself is done
     except Exception as e:  # noqa: BLE001 - last resort: one line, not a traceback
+        if isinstance(e, BrokenPipeError) and _stdout_gone():
+            return 0  # the reader of the printed result went away (``| head -1``); the work itself is done
         if a.debug:
             raise
         print(f"unetsegment: internal error after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {e} "
