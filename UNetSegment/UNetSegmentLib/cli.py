@@ -387,7 +387,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """The ``unetsegment`` console command: :func:`main`, then the process exits (at once after ``segment``)."""
+    """The ``unetsegment`` console command: :func:`main`, then the process exits (at once after ``segment``).
+    The process is ours, so freed arrays are kept for reuse (:mod:`.engine.memory_reuse`)."""
+    from .engine.memory_reuse import reuse_freed_memory
+
+    reuse_freed_memory()
     ap = build_parser()
     a = ap.parse_args()
     code = run_command(ap, a)

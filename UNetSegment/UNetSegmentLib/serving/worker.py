@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from ..engine.memory_reuse import reuse_freed_memory
+
+    reuse_freed_memory()  # this process is ours: freed arrays are kept for the next step and run
     code = main()
     sys.stdout.flush()
     sys.exit(code)
