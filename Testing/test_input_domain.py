@@ -232,6 +232,24 @@ def test_enclosed_region_equals_filling_the_holes_slice_by_slice():
     assert _enclosed(ring)[:, 5:15, 5:15].all() and _enclosed(ring).sum() == 3 * 100
 
 
+def test_ring_closing_equals_scipys_closing_with_a_disk():
+    """The bone ring's closing by running max/min filters over the disk's rectangles is scipy's
+    binary_closing with the in-plane disk, voxel for voxel, for every radius and density."""
+    from scipy import ndimage
+
+    from UNetSegmentLib.engine.domain import close_in_plane, disk_rectangles
+
+    assert disk_rectangles(3) == [(0, 3), (2, 2), (3, 0)]
+    rng = np.random.default_rng(11)
+    for _ in range(120):
+        r = int(rng.integers(1, 9))
+        mask = rng.random((int(rng.integers(1, 4)), int(rng.integers(1, 40)), int(rng.integers(1, 40)))) < rng.uniform(0.02, 0.6)
+        disk = np.zeros((1, 2 * r + 1, 2 * r + 1), bool)
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        disk[0] = yy ** 2 + xx ** 2 <= r * r
+        assert np.array_equal(close_in_plane(mask, r), ndimage.binary_closing(mask, structure=disk)), r
+
+
 def test_percentiles_of_large_volumes_come_from_an_even_sample_without_non_finite_values():
     from UNetSegmentLib.engine.checks import PERCENTILE_SAMPLES, finite_sample
 

@@ -35,6 +35,8 @@ for example, are refused).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -189,10 +191,7 @@ def _cranial_slices(arr: np.ndarray, peaks: np.ndarray, sp: np.ndarray, t: dict)
     a = np.nan_to_num(arr, nan=-1000.0)
     bone = np.nan_to_num(peaks, nan=-1000.0) > float(t["bone_hu"])
     r = max(1, int(round(float(t["ring_closing_mm"]) / float(min(sp[1:])))))
-    disk = np.zeros((1, 2 * r + 1, 2 * r + 1), bool)
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    disk[0] = yy ** 2 + xx ** 2 <= r * r
-    closed = ndimage.binary_closing(np.pad(bone, ((0, 0), (r, r), (r, r))), structure=disk)[:, r:-r, r:-r]
+    closed = close_in_plane(np.pad(bone, ((0, 0), (r, r), (r, r))), r)[:, r:-r, r:-r]
     inside = _enclosed(closed)
     lo, hi = t["brain_hu"]
     brain = inside & (a >= lo) & (a <= hi)
@@ -207,6 +206,37 @@ def _cranial_slices(arr: np.ndarray, peaks: np.ndarray, sp: np.ndarray, t: dict)
     length = (jj.max() - jj.min() + 1) * sp[1]
     width = (ii.max() - ii.min() + 1) * sp[2]
     return cranial, float(width / length)
+
+
+def disk_rectangles(r: int) -> list[tuple[int, int]]:
+    """The disk ``x² + y² ≤ r²`` (pixels) as a union of centred rectangles, by half-sizes (j, i): for
+    each row offset ``dy`` the rectangle ``|y| ≤ dy, |x| ≤ ⌊√(r² − dy²)⌋``, without those inside another."""
+    rects = [(dy, math.isqrt(r * r - dy * dy)) for dy in range(r + 1)]
+    return [(a, b) for a, b in rects if not any((c, d) != (a, b) and c >= a and d >= b for c, d in rects)]
+
+
+def close_in_plane(mask: np.ndarray, r: int) -> np.ndarray:
+    """``binary_closing(mask, disk of radius r in each axial slice)`` (scipy's, border 0), exactly, by
+    separable running max/min filters over the disk's rectangles: a dilation by a union is the union
+    of the dilations, an erosion by it the intersection of the erosions. Ten times faster than
+    scipy's element-by-element structure on a 128² × 108 bone mask."""
+    m = mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8)
+
+    def rect(a: np.ndarray, half_j: int, half_i: int, f) -> np.ndarray:
+        out = a
+        for axis, half in ((1, half_j), (2, half_i)):
+            if half:
+                out = f(out, 2 * half + 1, axis=axis, mode="constant", cval=0)
+        return out
+
+    rects = disk_rectangles(r)
+    dilated = np.zeros_like(m)
+    for a, b in rects:
+        np.maximum(dilated, rect(m, a, b, ndimage.maximum_filter1d), out=dilated)
+    closed = np.ones_like(m)
+    for a, b in rects:
+        np.minimum(closed, rect(dilated, a, b, ndimage.minimum_filter1d), out=closed)
+    return closed.astype(bool)
 
 
 def _enclosed(wall: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ place, nothing is written to disk (see :mod:`..serving.job` for that).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,9 +71,13 @@ def segment(
     warnings: list[str] = []
     t = time.perf_counter()
     report("preprocess", 0.0, "")
-    _check_inputs(inputs, bundle, s.model.out_channels, warnings)
-    domain = _check_domain(inputs, bundle, s.allow_unusual_input, warnings)
-    volume, mapping, aligned = prepare_inputs(inputs, s.model)
+    _check_inputs(inputs, bundle, s.model.out_channels, warnings)  # first: broken geometry, memory
+    # the network's input is made while the domain check looks at the image (both mostly in numpy and
+    # ITK, which release the GIL: two cores, one wait); a refusal still comes before any inference
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unetsegment-prepare") as pool:
+        prepared = pool.submit(prepare_inputs, inputs, s.model)
+        domain = _check_domain(inputs, bundle, s.allow_unusual_input, warnings)
+        volume, mapping, aligned = prepared.result()
     timings["preprocess_s"] = time.perf_counter() - t
     cancel.check()
 

@@ -37,14 +37,18 @@ def network_input(images: Sequence[Image], mapping: GridMapping, normalizations:
 
 def normalize(array: np.ndarray, spec: dict) -> np.ndarray:
     """Float32 copy normalised as the bundle's input spec says; NaN/Inf become the background value."""
+    integer = np.asarray(array).dtype.kind in "uib"
     a = np.asarray(array, dtype=np.float32)
-    bad = ~np.isfinite(a)
+    bad = np.zeros((), bool) if integer else ~np.isfinite(a)  # integers are always finite
     kind = spec["type"]
     if kind == "ct":
         lo, hi = spec["clip"]
+        out = np.array(a, dtype=np.float32, copy=True) if np.may_share_memory(a, array) else a
         if bad.any():
-            a = np.where(bad, lo, a)
-        out = (np.clip(a, lo, hi) - np.float32(spec["mean"])) / np.float32(spec["std"])
+            out[bad] = lo
+        np.clip(out, lo, hi, out=out)  # in place on this function's own copy: the same float32 steps
+        out -= np.float32(spec["mean"])
+        out /= np.float32(spec["std"])
     elif kind == "zscore":
         if bad.any():
             a = np.where(bad, 0.0, a).astype(np.float32)
