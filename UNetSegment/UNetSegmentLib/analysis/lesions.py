@@ -303,11 +303,18 @@ class _Voxels:
 
 def _lesion_voxels(lab: np.ndarray, connectivity: int, min_lesion_ml: float, voxel_mm3: float,
                    lesion_values: Collection[int] | None = None) -> _Voxels:
-    """Connected components of the lesion labels, without those under the minimum size."""
-    comp, label_value = components(lab, connectivity, lesion_values)
-    flat = np.flatnonzero(comp)
-    lesion_of = comp.reshape(-1)[flat].astype(np.int64) - 1
+    """Connected components of the lesion labels, without those under the minimum size.
+
+    Components are found in the labels' bounding box only (lesions fill a small part of a head);
+    the voxels' flat indices are those of the whole volume, in its scan order."""
+    box = nonzero_box(lab)
+    sub = lab[box] if box is not None else lab[:0, :0, :0]
+    comp, label_value = components(sub, connectivity, lesion_values)
+    flat_sub = np.flatnonzero(comp)
+    lesion_of = comp.reshape(-1)[flat_sub].astype(np.int64) - 1
     del comp
+    offset = [b.start for b in box] if box is not None else [0, 0, 0]
+    flat = np.ravel_multi_index(tuple(c + o for c, o in zip(np.unravel_index(flat_sub, sub.shape), offset)), lab.shape)
     n = len(label_value)
     if n == 0:
         return _Voxels(flat, lesion_of, label_value, np.zeros(0, np.int64), (), lab.shape)

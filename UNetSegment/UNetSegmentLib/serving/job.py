@@ -6,6 +6,7 @@ import os
 import platform
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -146,46 +147,38 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     lesion_values, context_values = settings.model.lesion_values, context_label_values(bundle.labels)
     ref, dropped_ml = split_small_lesions(result.labels, min_ml, connectivity, lesion_values)
     show = display_channel(bundle)  # the channel a reader expects (e.g. Tmax): report and intensity columns
-    dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
-    table = analyze_lesions(
-        ref,
-        intensity=result.inputs[show],
-        probability=result.probability,  # P(lesion): the map the threshold was applied to (as a re-derived table)
-        label_names={l["value"]: l["name"] for l in bundle.labels},
-        connectivity=connectivity,
-        min_lesion_ml=min_ml,
-        modality=bundle.meta["inputs"][show]["modality"],
-        intensity_channel=bundle.channel_names[show],
-        intensity_unit=channel_unit(bundle, show),
-        dicom_slices=dicom_refs,
-        lesion_values=lesion_values,
-        perilesional_values=context_values,
-    )
-    table.dropped_ml = dropped_ml
-    table.write_csv(folder / "lesions.csv")
-    table.write_tsv(folder / "lesions.tsv")
-    t_table = time.perf_counter()
     segments = [segment_meta(l) for l in bundle.labels]  # one terminology per label for every file
-    write_seg_nrrd(ref, segments, folder / "segmentation.seg.nrrd")
-    write_image(ref, folder / "segmentation.nii.gz")
     d = ref.direction
     sheared = ("the input grid is sheared (gantry tilt): segmentation.nii.gz cannot store that and was written on "
                "the nearest orthogonal grid; use segmentation.seg.nrrd or the .nrrd files")
     if np.abs(d.T @ d - np.eye(3)).max() > 1e-4 and sheared not in result.warnings:  # once, also when re-derived
         result.warnings.append(sheared)
-    write_image(result.probability, folder / "probability.nrrd")
-    class_maps = _write_class_maps(folder, result, bundle)
-    for kind, img in result.heatmaps.items():
-        write_image(img, folder / f"{kind}.nrrd")
-    dicom_seg = None
-    if Path(paths[0]).is_dir():  # DICOM series input: also a DICOM SEG referencing it
-        try:
-            absent = write_dicom_seg(ref, Path(paths[0]), segments, folder / "segmentation.dcm",
-                                     model_name=bundle.name, model_version=bundle.version)
-        except Exception as e:  # noqa: BLE001 - the SEG is an extra; never lose the run over it
-            absent = f"DICOM SEG could not be written: {e}"
-            result.warnings.append(absent)
-        dicom_seg = {"file": None, "absent_because": absent} if absent else {"file": "segmentation.dcm"}
+    # the volume files (compression and file writes, which release the GIL) are written while the
+    # lesion table is measured: two cores, one wait
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unetsegment-volumes") as pool:
+        volumes = pool.submit(_write_volumes, folder, result, bundle, ref, segments, paths[0])
+        dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
+        table = analyze_lesions(
+            ref,
+            intensity=result.inputs[show],
+            probability=result.probability,  # P(lesion): the map the threshold was applied to (as a re-derived table)
+            label_names={l["value"]: l["name"] for l in bundle.labels},
+            connectivity=connectivity,
+            min_lesion_ml=min_ml,
+            modality=bundle.meta["inputs"][show]["modality"],
+            intensity_channel=bundle.channel_names[show],
+            intensity_unit=channel_unit(bundle, show),
+            dicom_slices=dicom_refs,
+            lesion_values=lesion_values,
+            perilesional_values=context_values,
+        )
+        table.dropped_ml = dropped_ml
+        table.write_csv(folder / "lesions.csv")
+        table.write_tsv(folder / "lesions.tsv")
+        t_table = time.perf_counter()
+        class_maps, dicom_seg, failed = volumes.result()
+    if failed:
+        result.warnings.append(failed)
     dicom_sr = _write_sr(ref, paths[0], folder, table, bundle, show, result.warnings)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     t_volumes = time.perf_counter()
@@ -194,8 +187,8 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
                      table, paths, created, used, result.extra.get("unusual_input"))
     timings = dict(result.timings)
     end = time.perf_counter()
-    # write_s: all of the outputs; its parts: the lesion table (analysis, CSV, TSV), the volume files
-    # (segmentation, maps, DICOM), the report
+    # write_s: all of the outputs; its parts: the lesion table (analysis, CSV, TSV), then the rest of the
+    # volume files (segmentation, maps, DICOM: written alongside the table, this is the wait after it), the report
     timings.update({"write_s": end - t, "table_s": t_table - t, "volumes_s": t_volumes - t_table,
                     "report_s": end - t_volumes if report else 0.0})
     summary = build_summary(result, bundle, used, paths, timings, created)
@@ -209,6 +202,29 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     summary["report"] = {"file": "report.png"} if report else {"file": None, "absent_because": "not asked for (rendered on export)"}
     summary["files_sha256"] = file_digests(folder)  # ties every file to this summary (and its run_id)
     return summary
+
+
+def _write_volumes(folder: Path, result: SegmentResult, bundle: Bundle, ref: Image, segments: list[dict],
+                   source: str) -> tuple[dict | None, dict | None, str | None]:
+    """The run's volume files: the segmentation (``.seg.nrrd``, ``.nii.gz``, and a DICOM SEG for a
+    DICOM series input), ``probability.nrrd``, the per-class maps and the heatmaps. Returns
+    ``summary.json``'s entries for the class maps and the DICOM SEG (None where there is none; one
+    not written says why under ``absent_because``), and the warning of a DICOM SEG that failed."""
+    write_seg_nrrd(ref, segments, folder / "segmentation.seg.nrrd")
+    write_image(ref, folder / "segmentation.nii.gz")
+    write_image(result.probability, folder / "probability.nrrd")
+    class_maps = _write_class_maps(folder, result, bundle)
+    for kind, img in result.heatmaps.items():
+        write_image(img, folder / f"{kind}.nrrd")
+    if not Path(source).is_dir():
+        return class_maps, None, None
+    failed = None
+    try:  # DICOM series input: also a DICOM SEG referencing it
+        absent = write_dicom_seg(ref, Path(source), segments, folder / "segmentation.dcm",
+                                 model_name=bundle.name, model_version=bundle.version)
+    except Exception as e:  # noqa: BLE001 - the SEG is an extra; never lose the run over it
+        absent = failed = f"DICOM SEG could not be written: {e}"
+    return class_maps, {"file": None, "absent_because": absent} if absent else {"file": "segmentation.dcm"}, failed
 
 
 def _write_class_maps(folder: Path, result: SegmentResult, bundle: Bundle) -> dict | None:
