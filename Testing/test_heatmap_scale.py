@@ -244,3 +244,49 @@ def test_report_refuses_unknown_heatmap_scale(tmp_path):
     with pytest.raises(UsageError, match="heatmap_scale.*'lesion' or 'volume'"):
         _render(tmp_path / "r.png", image, labels, prob, cam, heatmap_scale="global")
     assert not (tmp_path / "r.png").exists()
+
+
+def test_nearest_lesion_per_box_equals_one_transform():
+    """Each lesion's distances on its own grown box (the fast path) give the owners one distance
+    transform of all lesions gives: the same reach, and where the owner differs, a tie."""
+    from UNetSegmentLib.analysis.heatmap_scale import _CONNECTIVITY, _nearest_in_one_transform, _nearest_lesion
+
+    rng = np.random.default_rng(7)
+    per_box_cases = 0
+    for _ in range(40):
+        shape = tuple(int(n) for n in rng.integers(40, 80, 3))
+        lesion = np.zeros(shape, bool)
+        for _ in range(int(rng.integers(1, 6))):
+            c, r = [int(rng.integers(0, n)) for n in shape], int(rng.integers(0, 4))
+            box = tuple(slice(max(ci - r, 0), ci + r + 1) for ci in c)
+            lesion[box] |= rng.random(lesion[box].shape) < 0.7
+        sampling = tuple(float(s) for s in rng.uniform(0.4, 3.0, 3))
+        radius, conn = float(rng.uniform(1.0, 12.0)), int(rng.choice([6, 18, 26]))
+        comp, _ = ndimage.label(lesion, ndimage.generate_binary_structure(3, _CONNECTIVITY[conn]))
+        boxes = ndimage.find_objects(comp)
+        pads = [int(np.ceil(radius / s)) for s in sampling]
+        per_box_cases += sum(np.prod([min(b.stop + p, n) - max(b.start - p, 0) for b, p, n in zip(bx, pads, shape)])
+                             for bx in boxes) < lesion.size
+        fast = _nearest_lesion(lesion, radius, sampling, conn)
+        one = _nearest_in_one_transform(comp, radius, sampling)
+        np.testing.assert_array_equal(fast > 0, one > 0)
+        dist = {v: ndimage.distance_transform_edt(comp != v, sampling=sampling) for v in np.unique(fast[fast != one])}
+        for v in np.argwhere(fast != one):  # a tie: both owners equally near
+            v = tuple(v)
+            assert dist[fast[v]][v] == pytest.approx(ndimage.distance_transform_edt(comp != one[v], sampling=sampling)[v])
+    assert per_box_cases >= 30  # the fast path is what was compared
+
+
+def test_lesion_scaling_in_place_is_per_lesion():
+    """Scaling a copy of the map in place (what the Slicer node's own copy gets) gives per_lesion's map
+    bit for bit, for a map with peak 1 and for others (another peak, negative values clipped)."""
+    from UNetSegmentLib.analysis.heatmap_scale import lesion_scaling
+
+    heat, labels = two_lesions()
+    for changed in (heat.array, heat.array * 0.8, heat.array * 4.0, heat.array - 0.5):
+        scaling = lesion_scaling(heat.with_array(changed), labels, radius_mm=RADIUS)
+        assert scaling.values.shape == changed[scaling.box].shape
+        copy = changed.astype(np.float32).copy()
+        scaling.apply_in_place(copy)
+        np.testing.assert_array_equal(copy, per_lesion(heat.with_array(changed), labels, radius_mm=RADIUS).array)
+    assert lesion_scaling(heat, labels.with_array(np.zeros_like(labels.array))) is None

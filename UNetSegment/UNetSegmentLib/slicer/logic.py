@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 from ..analysis.followup import ChangeRules
 from ..analysis.heatmap_scale import SCALES as HEATMAP_SCALES
-from ..analysis.heatmap_scale import per_lesion
+from ..analysis.heatmap_scale import LesionScaling, lesion_scaling
 from ..analysis.lesions import LesionTable
 from ..analysis.rethreshold import RunOutputs, export_run, load_run, rederive_run, table_from_summary
 from ..engine.grid import align_inputs
@@ -108,7 +108,7 @@ class RunResult:
     summary: dict = field(default_factory=dict)
     labels: Image | None = None  # the label map shown (at ``threshold``)
     heatmap_scale: str = "volume"  # how the Grad-CAM node is scaled now (see RunRequest.heatmap_scale)
-    scaled_heatmaps: dict = field(default_factory=dict)  # kind -> (labels, per-lesion map) last shown
+    scaled_heatmaps: dict = field(default_factory=dict)  # kind -> (labels, its LesionScaling or None) last shown
 
     @property
     def reference_volume(self):
@@ -175,19 +175,29 @@ def _check_heatmap_scale(scale) -> None:
         raise UsageError(f"unknown heatmap scale {scale!r}", f"use one of {', '.join(HEATMAP_SCALES)}")
 
 
-def _shown_map(result: RunResult, kind: str) -> Image:
-    """The map a heatmap node shows: the run's, or for Grad-CAM at 'lesion' scale rescaled around the
-    current lesions (:func:`~UNetSegmentLib.analysis.heatmap_scale.per_lesion`)."""
-    image = run_maps(result.run)[kind]
-    if kind in PER_LESION_KINDS and result.heatmap_scale == "lesion" and result.labels is not None:
-        cached = result.scaled_heatmaps.get(kind)
-        if cached is None or cached[0] is not result.labels:  # toggling back and forth computes it once
-            connectivity = result.lesions.connectivity if result.lesions is not None else 26
-            cached = (result.labels, per_lesion(image, result.labels, connectivity=connectivity,
+def _lesion_scaling(result: RunResult, kind: str) -> LesionScaling | None:
+    """How ``kind``'s node shows the map now: None as stored, else the Grad-CAM at 'lesion' scale
+    rescaled around the current lesions (:func:`~UNetSegmentLib.analysis.heatmap_scale.lesion_scaling`;
+    computed once per label map, so toggling the scale back and forth does not repeat it)."""
+    if kind not in PER_LESION_KINDS or result.heatmap_scale != "lesion" or result.labels is None:
+        return None
+    cached = result.scaled_heatmaps.get(kind)
+    if cached is None or cached[0] is not result.labels:
+        connectivity = result.lesions.connectivity if result.lesions is not None else 26
+        cached = (result.labels, lesion_scaling(run_maps(result.run)[kind], result.labels, connectivity=connectivity,
                                                 lesion_values=lesion_label_values(result.bundle.labels)))
-            result.scaled_heatmaps[kind] = cached
-        return cached[1]
-    return image
+        result.scaled_heatmaps[kind] = cached
+    return cached[1]
+
+
+def _update_map_node(node, result: RunResult, kind: str, name: str):
+    """Create (``node`` None) or update ``kind``'s heatmap node with the map as shown now; a per-lesion
+    scaling is applied to the node's own copy of the map, not to a second volume-sized array."""
+    scaling = _lesion_scaling(result, kind)
+    node = scene.update_heatmap(node, run_maps(result.run)[kind], kind, name)
+    if scaling is not None:
+        scene.edit_voxels(node, scaling.apply_in_place)
+    return node
 
 
 def _safe_name(text: str) -> str:
@@ -463,7 +473,7 @@ class SegmentationLogic:
             old = None if is_new else seg.GetNodeReference(role)
             label = class_map_label(kind, result.bundle.labels)
             title = kind if label is None else f"P({label})"
-            node = scene.update_heatmap(old, _shown_map(result, kind), kind, f"{base} {title}")
+            node = _update_map_node(old, result, kind, f"{base} {title}")
             if old is None:
                 created.append(node)
             seg.SetNodeReferenceID(role, node.GetID())
@@ -514,7 +524,7 @@ class SegmentationLogic:
         for kind in PER_LESION_KINDS:
             node = result.heatmaps.get(kind)
             if node is not None and slicer.mrmlScene.IsNodePresent(node):  # the user may have deleted it
-                scene.update_heatmap(node, _shown_map(result, kind), kind, node.GetName())
+                _update_map_node(node, result, kind, node.GetName())
 
     def set_overlay_opacity(self, opacity: float) -> None:
         scene.set_overlay_opacity(opacity)

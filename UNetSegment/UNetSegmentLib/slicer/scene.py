@@ -7,7 +7,7 @@ user chose as output. Input volumes are read, never changed.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -167,6 +167,15 @@ def update_heatmap(node, image: Image, kind: str, name: str):
     if new_display:
         node.SetAndObserveDisplayNodeID(display.GetID())
     return node
+
+
+def edit_voxels(node, edit: Callable[[np.ndarray], None]) -> None:
+    """``edit(voxels)`` on the voxel array of a volume node this module made (its own copy, K, J, I),
+    in place, then tell its observers (views) that it changed."""
+    import slicer
+
+    edit(slicer.util.arrayFromVolume(node))
+    slicer.util.arrayFromVolumeModified(node)
 
 
 def show_overlay(background, foreground, opacity: float | None = None) -> None:
