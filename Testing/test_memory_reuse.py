@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 PROBE = textwrap.dedent("""
     import ctypes, json, sys
     import numpy as np
-    from UNetSegmentLib.engine.memory_reuse import reuse_freed_memory
+    from UNetSegmentLib.engine.memory_reuse import reuse_freed_memory, user_malloc_settings
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -29,13 +29,25 @@ PROBE = textwrap.dedent("""
         arrays = [np.ones(6 * 2**20, np.float32) for _ in range(3)]
         del arrays
         held.append(libc.mallinfo2().fordblks / 2**20)
-    print(json.dumps({"applied": applied, "free_held_mb": held, "again": reuse_freed_memory() if applied else None}))
+    print(json.dumps({"applied": applied, "free_held_mb": held, "again": reuse_freed_memory() if applied else None,
+                      "user_settings": user_malloc_settings()}))
 """)
+
+
+def _environment_without_malloc_settings() -> dict:
+    """This environment less any malloc tunables of its own (a CI or container may set some), so that each
+    case starts from glibc's defaults and adds only the settings it tests."""
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                                     if t and not t.startswith("glibc.malloc."))
+    if not env["GLIBC_TUNABLES"]:
+        del env["GLIBC_TUNABLES"]
+    return {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
 
 
 def _probe(mode: str, env: dict | None = None) -> dict:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **(env or {})}, check=True)
+                         env={**_environment_without_malloc_settings(), **(env or {})}, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -47,7 +59,8 @@ def _glibc() -> bool:
 def test_freed_arrays_stay_in_the_heap():
     plain = _probe("plain")
     reused = _probe("reuse")
-    assert reused["applied"] is True and reused["again"] is True  # once per process; asking again is harmless
+    # once per process; asking again is harmless
+    assert reused["applied"] is True and reused["again"] is True, reused
     # glibc's own policy hands most of 72 MB back (the next arrays are faulted in page by page again) ...
     assert max(plain["free_held_mb"]) < 60
     # ... kept for reuse, the whole 72 MB stays in the heap, every round
