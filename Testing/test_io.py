@@ -12,7 +12,7 @@ from conftest import oblique_direction
 from UNetSegmentLib.errors import InputError, OutputError
 from UNetSegmentLib.image import Image, from_sitk, make_ijk_to_ras, resample, slice_axis, to_sitk
 from UNetSegmentLib.io.readers import quiet_itk, read_image
-from UNetSegmentLib.io.writers import write_image, write_json, write_seg_nrrd, write_text
+from UNetSegmentLib.io.writers import write_image, write_json, write_raw_nrrd, write_seg_nrrd, write_text
 
 GEOMETRIES = {
     "axial": (np.eye(3), (0.8, 0.8, 2.5)),
@@ -40,6 +40,28 @@ def test_round_trip_keeps_voxels_and_geometry(tmp_path, geometry, suffix):
     corners = np.array([[0, 0, 0], [10, 8, 6], [10, 0, 6], [0, 8, 0]], float)
     np.testing.assert_allclose(back.ijk_to_ras_points(corners), img.ijk_to_ras_points(corners), atol=1e-5)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32, np.float32, np.float64, np.bool_])
+def test_raw_nrrd_reads_back_as_simpleitks_nrrd_does(tmp_path, geometry, dtype):
+    """The Slicer module's scratch inputs, written straight from the array: the voxels and the grid
+    SimpleITK's own writer gives, for every geometry (flipped, oblique, permuted) and voxel type."""
+    img = _image(geometry, dtype)
+    ours, sitks = tmp_path / "ours.nrrd", tmp_path / "sitk.nrrd"
+    write_raw_nrrd(img, ours)
+    write_image(img, sitks, compress=False)
+    a, b = read_image(ours), read_image(sitks)
+    np.testing.assert_array_equal(a.array, b.array)
+    assert a.array.dtype == b.array.dtype
+    np.testing.assert_allclose(a.ijk_to_ras, img.ijk_to_ras, atol=1e-12)
+    assert os.path.getsize(ours) < img.array.nbytes + 600  # raw: no compression, a short header
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # atomic: no temporary left
+    flipped_view = Image(img.array[::-1], img.ijk_to_ras)  # not C-contiguous: written in its own order
+    write_raw_nrrd(flipped_view, ours)
+    np.testing.assert_array_equal(read_image(ours).array, img.array[::-1])
+    with pytest.raises(ValueError, match="3D scalar"):
+        write_raw_nrrd(Image(np.zeros((2, 3, 4, 3), np.float32), img.ijk_to_ras), ours)
 
 
 def test_sitk_edge_converts_lps_to_ras_once():

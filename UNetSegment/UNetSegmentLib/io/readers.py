@@ -192,8 +192,28 @@ def _to_volume(img, name: str) -> Image:
     spacing = np.asarray(img.GetSpacing())
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise InputError(f"{name} has invalid voxel spacing {tuple(spacing)}", "fix the file's header")
-    arr = sitk.GetArrayFromImage(img)
-    return from_sitk(img, arr)
+    return from_sitk(img, pixels(img))
+
+
+class _ImagePixels:
+    """Holds a SimpleITK image for the numpy array made from its pixel buffer (numpy keeps this
+    object as the array's base, so the image lives as long as the array)."""
+
+    def __init__(self, img) -> None:
+        import SimpleITK as sitk
+
+        view = sitk.GetArrayViewFromImage(img)  # makes the buffer the image's own (MakeUnique)
+        self.image = img
+        interface = dict(view.__array_interface__)
+        interface["data"] = (interface["data"][0], False)  # writable: nothing else shares the buffer
+        self.__array_interface__ = interface
+
+
+def pixels(img) -> np.ndarray:
+    """A read SimpleITK image's voxels as a writable K, J, I array on the image's own buffer: no copy
+    of the volume (``GetArrayFromImage`` copies it; ``GetArrayViewFromImage`` alone would not keep
+    the image alive)."""
+    return np.asarray(_ImagePixels(img))
 
 
 def _itk_reason(msg: str) -> str:

@@ -107,6 +107,44 @@ def write_image(image: Image, path: str | os.PathLike, compress: bool = True) ->
                 raise OSError(errno.ENOSPC, f"incomplete write of {dest.name} (disk full?)") from None
 
 
+#: numpy dtype → NRRD ``type``
+_NRRD_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16", "int32": "int32",
+               "uint32": "uint32", "int64": "int64", "uint64": "uint64", "float32": "float", "float64": "double"}
+
+
+def write_raw_nrrd(image: Image, path: str | os.PathLike) -> None:
+    """An uncompressed ``.nrrd`` (LPS, the grid exactly) written straight from the array: no copy of a
+    C-ordered array (SimpleITK's writer first copies the volume into an ITK image). For scratch
+    files that another process reads at once (the Slicer module's inputs to its worker)."""
+    arr = np.asarray(image.array)
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
+    if arr.ndim != 3 or arr.dtype.name not in _NRRD_TYPES:
+        raise ValueError(f"write_raw_nrrd writes 3D scalar volumes of {', '.join(_NRRD_TYPES)}, not "
+                         f"{arr.ndim}D {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # K, J, I in C order: NRRD's i-fastest
+    lps = image.ijk_to_lps
+
+    def vector(v) -> str:
+        return "(" + ",".join(repr(float(x)) for x in v) + ")"
+
+    header = "\n".join([
+        "NRRD0004",
+        f"type: {_NRRD_TYPES[arr.dtype.name]}",
+        "dimension: 3",
+        "space: left-posterior-superior",
+        "sizes: " + " ".join(str(n) for n in arr.shape[::-1]),
+        "space directions: " + " ".join(vector(lps[:3, c]) for c in range(3)),
+        "kinds: domain domain domain",
+        "endian: little",
+        "encoding: raw",
+        "space origin: " + vector(lps[:3, 3]),
+    ]) + "\n\n"
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.encode("ascii"))
+        arr.tofile(f)
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=json_default) + "\n", encoding="utf-8")

@@ -27,7 +27,7 @@ from ..settings import lesion_label_values
 from ..engine.roi import Box, box_from_ras_corners, crop, uncrop
 from ..errors import InputError, UsageError
 from ..image import Image
-from ..io.writers import write_image
+from ..io.writers import write_raw_nrrd
 from ..models.bundle import Bundle, available_models, import_model, load_bundle
 from ..params import SegmentParams
 from ..serving.client import ServerClient
@@ -289,7 +289,7 @@ class SegmentationLogic:
         paths = []
         for i, (img, ch) in enumerate(zip(images, channels)):
             p = work / f"input{i}-{_safe_name(ch)}.nrrd"
-            write_image(crop(img, box) if (box is not None and i == 0) else img, p, compress=False)
+            write_raw_nrrd(crop(img, box) if (box is not None and i == 0) else img, p)
             paths.append(str(p))
         out, stop = work / "out", work / "stop"
         req = {"inputs": paths, "output_dir": str(out), "model": str(bundle.root), "params": request.params.as_dict(),
@@ -352,7 +352,7 @@ class SegmentationLogic:
             prior_path, prior_name = Path(prior), Path(prior).name
         else:
             prior_path, prior_name = work / f"prior-{_safe_name(prior.GetName())}.nrrd", prior.GetName()
-            write_image(image_from_volume(prior), prior_path, compress=False)
+            write_raw_nrrd(image_from_volume(prior), prior_path)
         out, stop = work / "out", work / "stop"
         req = {"kind": "compare", "prior": str(prior_path), "inputs": [str(result.work_dir / "out")],
                "output_dir": str(out), "model": str(result.bundle.root), "params": result.request.params.as_dict(),
