@@ -11,7 +11,7 @@ from conftest import oblique_direction
 
 from UNetSegmentLib.errors import InputError, OutputError
 from UNetSegmentLib.image import Image, from_sitk, make_ijk_to_ras, resample, slice_axis, to_sitk
-from UNetSegmentLib.io.readers import quiet_itk, read_image
+from UNetSegmentLib.io.readers import pixels, quiet_itk, read_image
 from UNetSegmentLib.io.writers import write_image, write_json, write_raw_nrrd, write_seg_nrrd, write_text
 
 GEOMETRIES = {
@@ -62,6 +62,30 @@ def test_raw_nrrd_reads_back_as_simpleitks_nrrd_does(tmp_path, geometry, dtype):
     np.testing.assert_array_equal(read_image(ours).array, img.array[::-1])
     with pytest.raises(ValueError, match="3D scalar"):
         write_raw_nrrd(Image(np.zeros((2, 3, 4, 3), np.float32), img.ijk_to_ras), ours)
+
+
+def test_pixels_are_the_images_own_buffer_and_outlive_it():
+    """A read image's voxels without a copy: writable, independent of the image they came from, and
+    valid after that image is dropped (the array keeps it alive)."""
+    import gc
+    import weakref
+
+    values = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    img = sitk.GetImageFromArray(values)
+    original = sitk.Image(img)  # shares the buffer until one of them is written (ITK's copy on write)
+    arr = pixels(img)
+    assert arr.flags.writeable and arr.shape == (4, 5, 6) and arr.dtype == np.int16
+    np.testing.assert_array_equal(arr, values)
+    arr[0, 0, 0] = -7  # the array's image only: the copy made before is untouched
+    assert original[0, 0, 0] == 0
+    holder = weakref.ref(arr.base)
+    del img
+    gc.collect()
+    assert holder() is not None  # the array holds the image
+    np.testing.assert_array_equal(arr[1:], values[1:])
+    del arr
+    gc.collect()
+    assert holder() is None  # and lets it go with the array
 
 
 def test_sitk_edge_converts_lps_to_ras_once():

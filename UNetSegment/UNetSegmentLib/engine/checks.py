@@ -191,8 +191,10 @@ def check_memory(n_voxels: int, n_classes: int) -> None:
 def check_read_memory(size: tuple[int, ...], bytes_per_voxel: int, name: str) -> None:
     """Refuse a file whose header declares more voxels than memory can hold, before reading any of them.
 
-    Reading holds the voxels twice (ITK's buffer and the NumPy copy); the model's own, larger estimate
-    (:func:`check_memory`) is applied by the caller where the model is known.
+    Reading holds the voxels once (the array is made on ITK's own buffer, ``io.readers.pixels``); twice
+    that is asked for, since no run can go on without at least one more copy (the network's float32
+    input). The model's own, larger estimate (:func:`check_memory`) is applied by the caller where the
+    model is known.
     """
     need = 2 * math.prod(size) * bytes_per_voxel
     _refuse_beyond_memory(need, f"{name} declares {' × '.join(str(n) for n in size)} voxels: reading it needs",

@@ -73,7 +73,9 @@ def segment(
     report("preprocess", 0.0, "")
     _check_inputs(inputs, bundle, s.model.out_channels, warnings)  # first: broken geometry, memory
     # the network's input is made while the domain check looks at the image (both mostly in numpy and
-    # ITK, which release the GIL: two cores, one wait); a refusal still comes before any inference
+    # ITK, which release the GIL: two cores, one wait); a refusal still comes before any inference. A
+    # refused input waits for its preparation to end (a thread is not stopped midway): a fraction of a
+    # second on a head CT, and its memory is within what _check_inputs has already allowed for the run
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unetsegment-prepare") as pool:
         prepared = pool.submit(prepare_inputs, inputs, s.model)
         domain = _check_domain(inputs, bundle, s.allow_unusual_input, warnings)

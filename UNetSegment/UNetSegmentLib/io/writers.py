@@ -142,7 +142,7 @@ def write_raw_nrrd(image: Image, path: str | os.PathLike) -> None:
     ]) + "\n\n"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header.encode("ascii"))
-        arr.tofile(f)
+        f.write(memoryview(arr).cast("B"))  # not ndarray.tofile, which loses an error in its last buffered block
 
 
 def write_json(obj, path: str | os.PathLike) -> None:

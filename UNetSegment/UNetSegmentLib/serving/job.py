@@ -148,6 +148,9 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     ref, dropped_ml = split_small_lesions(result.labels, min_ml, connectivity, lesion_values)
     show = display_channel(bundle)  # the channel a reader expects (e.g. Tmax): report and intensity columns
     segments = [segment_meta(l) for l in bundle.labels]  # one terminology per label for every file
+    # a DICOM series' slice references are read before the volume files' thread starts (which reads the
+    # same series for a DICOM SEG): one GDCM scan of the folder at a time, the warnings in their order
+    dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
     d = ref.direction
     sheared = ("the input grid is sheared (gantry tilt): segmentation.nii.gz cannot store that and was written on "
                "the nearest orthogonal grid; use segmentation.seg.nrrd or the .nrrd files")
@@ -157,7 +160,6 @@ def write_outputs(folder: Path, result: SegmentResult, bundle: Bundle, params: S
     # lesion table is measured: two cores, one wait
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unetsegment-volumes") as pool:
         volumes = pool.submit(_write_volumes, folder, result, bundle, ref, segments, paths[0])
-        dicom_refs = _dicom_refs(ref, paths[0], result.warnings)
         table = analyze_lesions(
             ref,
             intensity=result.inputs[show],
