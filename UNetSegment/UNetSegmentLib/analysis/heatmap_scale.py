@@ -164,9 +164,7 @@ def _nearest_lesion(lesion: np.ndarray, radius_mm: float, spacing_kji, connectiv
     structure = ndimage.generate_binary_structure(3, _CONNECTIVITY[connectivity])
     components, _ = ndimage.label(lesion, structure=structure)
     sampling = tuple(float(s) for s in spacing_kji)
-    pads = [int(math.ceil(radius_mm / s)) for s in sampling]
-    boxes = [tuple(slice(max(b.start - p, 0), min(b.stop + p, n)) for b, p, n in zip(box, pads, lesion.shape))
-             for box in ndimage.find_objects(components)]
+    boxes = [_grown(box, radius_mm, sampling, lesion.shape) for box in ndimage.find_objects(components)]
     if sum(math.prod(s.stop - s.start for s in box) for box in boxes) >= lesion.size:
         return _nearest_in_one_transform(components, radius_mm, sampling)
     owner = np.zeros(lesion.shape, dtype=components.dtype)
