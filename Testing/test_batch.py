@@ -60,8 +60,36 @@ def cohort(tmp_path_factory):
     (src / "notes.txt").write_text("ignored")
     out = tmp_path_factory.mktemp("cohort-out")
     seen = []
+    ENVIRONMENT["before"] = dict(os.environ)
     r = run_cohort(src, out, "tiny-blob", PARAMS, workers=2, progress=lambda row, d, f, t: seen.append((row["case_id"], d, f, t)))
+    ENVIRONMENT["after"] = dict(os.environ)
     return src, out, r, seen
+
+
+#: this process's environment before and after the cohort's run on a local cluster of worker processes
+ENVIRONMENT: dict[str, dict] = {}
+
+
+def test_a_local_cluster_leaves_the_environment_as_it_was(cohort):
+    """Dask's nanny sets its workers' variables (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_ …) in the
+    calling process's environment; the cohort puts the caller's back."""
+    assert ENVIRONMENT["after"] == ENVIRONMENT["before"]
+
+
+def test_environment_kept_undoes_added_changed_and_removed_variables(monkeypatch):
+    from UNetSegmentLib.serving.cluster import environment_kept
+
+    monkeypatch.setenv("UNETSEGMENT_TEST_KEPT", "1")
+    monkeypatch.setenv("UNETSEGMENT_TEST_GONE", "2")
+    monkeypatch.delenv("UNETSEGMENT_TEST_ADDED", raising=False)
+    before = dict(os.environ)
+    with pytest.raises(RuntimeError):  # also when the block fails
+        with environment_kept():
+            os.environ["UNETSEGMENT_TEST_KEPT"] = "changed"
+            del os.environ["UNETSEGMENT_TEST_GONE"]
+            os.environ["UNETSEGMENT_TEST_ADDED"] = "3"
+            raise RuntimeError("the cohort failed")
+    assert dict(os.environ) == before
 
 
 def test_cohort_runs_every_case_and_records_broken_ones(cohort):

@@ -35,8 +35,9 @@ PROBE = textwrap.dedent("""
 
 
 def _environment_without_malloc_settings() -> dict:
-    """This environment less any malloc tunables of its own (a CI or container may set some), so that each
-    case starts from glibc's defaults and adds only the settings it tests."""
+    """This environment less any malloc tunables of its own, so that each case starts from glibc's
+    defaults and adds only the settings it tests (a CI or container may set some; Dask's nanny set
+    MALLOC_TRIM_THRESHOLD_ in the test process itself until cohorts restored the environment)."""
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
                                      if t and not t.startswith("glibc.malloc."))

@@ -37,6 +37,7 @@ on every worker machine (a shared file system), and the package installed in the
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import replace
@@ -52,6 +53,7 @@ from ..params import SegmentParams
 from .cluster import (
     MEMORY_PER_WORKER_BYTES,
     assign_gpus,
+    environment_kept,
     local_cluster_size,
     local_gpus,
     open_client,
@@ -242,33 +244,35 @@ def _cohort_result(rows: list[dict], out: Path, wall_s: float, n_workers: int, n
 
 def _run_on_dask(todo: list[_Todo], out: Path, model_arg: str, params: SegmentParams, record: Callable[[str, dict], None],
                  cancel: CancelToken, scheduler: str | None, workers: int | None, processes: bool, client) -> int:
-    """Run ``todo`` on a Dask cluster (``client``'s, else one opened and closed here); returns its worker count."""
-    own = client is None
-    cluster = None
-    devices = None
-    if own:
-        client, cluster, threads, devices = open_client(scheduler, workers, len(todo), processes, params.device)
-    else:
-        threads = threads_by_worker(client) if processes else None
-    pdict = params.as_dict()
-    settled = False  # every case has ended: no worker is writing any more
-    try:
-        n_workers = len(client.scheduler_info().get("workers", {}))
-        futures = {}
-        for key, c, redo in todo:
-            f = client.submit(run_case, c.case_id, c.inputs, str(out / c.case_id), model_arg, pdict, redo, threads,
-                              devices, key=f"unetsegment-case-{c.case_id}-{os.urandom(4).hex()}", pure=False, retries=0)
-            futures[f] = (key, c)
-        settled = _collect(futures, client, record, cancel)
-        return n_workers
-    finally:
+    """Run ``todo`` on a Dask cluster (``client``'s, else one opened and closed here); returns its worker count.
+    A cluster opened here leaves this process's environment as it found it (:func:`.cluster.environment_kept`)."""
+    with environment_kept() if client is None else contextlib.nullcontext():
+        own = client is None
+        cluster = None
+        devices = None
         if own:
-            client.close()
-            if cluster is not None:
-                cluster.close()  # a local cluster's workers are gone after this, with the cases they were writing
-                settled = True
-        if settled:  # partial outputs of workers killed mid-case (SIGTERM, out of memory): none stay behind
-            remove_dead_staging([out / c.case_id for _key, c, _redo in todo])
+            client, cluster, threads, devices = open_client(scheduler, workers, len(todo), processes, params.device)
+        else:
+            threads = threads_by_worker(client) if processes else None
+        pdict = params.as_dict()
+        settled = False  # every case has ended: no worker is writing any more
+        try:
+            n_workers = len(client.scheduler_info().get("workers", {}))
+            futures = {}
+            for key, c, redo in todo:
+                f = client.submit(run_case, c.case_id, c.inputs, str(out / c.case_id), model_arg, pdict, redo, threads,
+                                  devices, key=f"unetsegment-case-{c.case_id}-{os.urandom(4).hex()}", pure=False, retries=0)
+                futures[f] = (key, c)
+            settled = _collect(futures, client, record, cancel)
+            return n_workers
+        finally:
+            if own:
+                client.close()
+                if cluster is not None:
+                    cluster.close()  # a local cluster's workers are gone after this, with the cases they were writing
+                    settled = True
+            if settled:  # partial outputs of workers killed mid-case (SIGTERM, out of memory): none stay behind
+                remove_dead_staging([out / c.case_id for _key, c, _redo in todo])
 
 
 def _collect(futures: dict, client, record: Callable[[str, dict], None], cancel: CancelToken) -> bool:

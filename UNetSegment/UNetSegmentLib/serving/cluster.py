@@ -4,8 +4,9 @@ back about itself (its address, its threads).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..errors import UsageError
 
@@ -80,6 +81,26 @@ def open_client(scheduler: str | None, workers: int | None, n_cases: int, proces
                                dashboard_address=None, memory_limit="auto" if processes else 0, silence_logs=40)
     client = Client(cluster)
     return client, cluster, threads, assign_gpus(client.scheduler_info().get("workers", {}), gpus, device)
+
+
+@contextlib.contextmanager
+def environment_kept() -> Iterator[None]:
+    """This process's environment as it was, once the block ends.
+
+    Dask's nanny sets its workers' variables (``MALLOC_TRIM_THRESHOLD_``, ``OMP_NUM_THREADS=1`` and
+    others of ``distributed.nanny.pre-spawn-environ``) in the *calling* process's own environment
+    before each worker starts. Left there, every later subprocess of the caller (a program that ran a
+    cohort through the Python API, then starts anything else) would run single-threaded with Dask's
+    malloc settings."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in [n for n in os.environ if n not in saved]:
+            del os.environ[name]
+        for name, value in saved.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def threads_by_worker(client) -> dict:
