@@ -163,8 +163,6 @@ def _captured_stderr():
 
 
 def _to_volume(img, name: str) -> Image:
-    import SimpleITK as sitk
-
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"{name} has {img.GetNumberOfComponentsPerPixel()} components per voxel (vector/RGB image)",
