@@ -202,3 +202,13 @@ def test_the_console_command_exits_at_once_after_segment_with_everything_written
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 0 and "error" not in err, err
     assert json.loads((tmp_path / "o3" / "summary.json").read_text())["files_sha256"] == file_digests(tmp_path / "o3")
+
+
+@pytest.mark.parametrize("flag, bad", [("--threshold-sweep", "0"), ("--threshold-sweep", "0.4,1"), ("--threshold-sweep", "a"),
+                                       ("--min-lesion-sweep", "-0.1")])
+def test_evaluate_sweep_values_are_checked_before_any_work(capsys, flag, bad):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--model", "tiny-blob", "--cases", "no-such-folder", flag, bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and repr(bad) in err, err  # names the flag and the value it refused

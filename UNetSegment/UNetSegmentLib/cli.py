@@ -45,6 +45,16 @@ def _ml_list(text: str) -> list[float]:
     return vals
 
 
+def _probability_list(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of probabilities, e.g. 0.3,0.4,0.5") from None
+    if not vals or any(not 0 < v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more thresholds between 0 and 1 (exclusive)")
+    return vals
+
+
 def add_segment_options(p: argparse.ArgumentParser) -> None:
     """``--model`` and the run parameters as flags (segment, batch, serve), generated from :data:`.params.FIELDS`."""
     p.add_argument("--model", default=None, help="model name (see `models list`) or bundle folder/zip; default: the bundled default model")
@@ -138,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-lesion-sweep", type=_ml_list, default=None, metavar="ML,ML,...",
                    help="instead: the figures for each smallest-lesion size, and the smallest meeting the default-model "
                         "targets (use a tuning split, not the cases you report)")
+    e.add_argument("--threshold-sweep", type=_probability_list, default=None, metavar="P,P,...",
+                   help="instead (alone or with --min-lesion-sweep): the figures for each lesion threshold (with each "
+                        "size), and the pair to choose; one inference per case (use tuning cases, not the cases you report)")
 
     v = sub.add_parser("serve", help="run the inference server (HTTP API for Slicer seats and scripts)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)")
@@ -468,7 +481,7 @@ def run_command(ap: argparse.ArgumentParser, a: argparse.Namespace) -> int:
 
             main_evaluate(a.model, Path(a.cases), Path(a.output) if a.output else None,
                           SegmentParams(device=a.device, precision=a.precision, heatmaps=()), baseline=not a.no_baseline,
-                          min_lesion_sweep=a.min_lesion_sweep)
+                          min_lesion_sweep=a.min_lesion_sweep, threshold_sweep=a.threshold_sweep)
             return 0
         if a.command == "serve":
             return _cmd_serve(a)

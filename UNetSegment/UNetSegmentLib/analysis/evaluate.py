@@ -313,29 +313,36 @@ def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = Non
     return out
 
 
-def sweep_min_lesion(bundle: Bundle, cases_dir: Path, candidates: list[float], params: SegmentParams | None = None,
-                     progress: Callable[[str], None] | None = None) -> list[dict]:
-    """The model's figures for each smallest-lesion size in ``candidates`` (one inference per case).
+def sweep_postprocessing(bundle: Bundle, cases_dir: Path, min_sizes: list[float], thresholds: list[float] | None = None,
+                         params: SegmentParams | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """The model's figures for each pair of threshold (default: the bundle's) and smallest-lesion size
+    (one inference per case; each threshold applied to the run's probability maps by
+    :func:`.rethreshold.labels_at_threshold`, the live threshold's rule, which equals a fresh run there).
 
-    For choosing the bundle's ``min_lesion_ml`` on a *tuning* split (``--split tune`` of the training
-    cases module: validation settings, other seeds), never on the cases the model card reports."""
+    For choosing the bundle's ``threshold`` and ``min_lesion_ml`` on *tuning* cases (``--split tune`` of
+    the training cases module: validation settings, other seeds), never on the cases the model card reports."""
+    from .rethreshold import labels_at_threshold
+
     s = _settings(bundle, params)
+    thresholds = list(thresholds or [s.threshold])
     cases = find_cases(cases_dir, bundle.channel_names)
     network = bundle.build_network()
     defined = case_labels(cases_dir)
     truth_lesion = defined["lesion_values"] if defined else None
     lesion = s.model.lesion_values
-    per: dict[float, list[CaseResult]] = {c: [] for c in candidates}
+    per: dict[tuple[float, float], list[CaseResult]] = {(t, m): [] for t in thresholds for m in min_sizes}
     for i, case in enumerate(cases):
         images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
         truth = read_image(case / "label.nii.gz")
         res = segment(images, bundle, network=network, settings=s)
-        for c in candidates:
-            per[c].append(score_case(case.name, truth, remove_small_lesions(res.labels, c, s.connectivity, lesion),
-                                     lesion_values=lesion, truth_lesion_values=truth_lesion))
+        for t in thresholds:
+            raw = labels_at_threshold(res.probability, t, s.model.label_values, res.labels, lesion, res.class_probabilities)
+            for m in min_sizes:
+                per[(t, m)].append(score_case(case.name, truth, remove_small_lesions(raw, m, s.connectivity, lesion),
+                                              intensity=images[0], lesion_values=lesion, truth_lesion_values=truth_lesion))
         if progress:
             progress(f"[{i + 1}/{len(cases)}] {case.name}")
-    return [{"min_lesion_ml": c, **summarize(per[c])} for c in candidates]
+    return [{"threshold": t, "min_lesion_ml": m, **summarize(per[(t, m)])} for t in thresholds for m in min_sizes]
 
 
 def choose_min_lesion(rows: list[dict], max_false_per_scan: float = 0.2, min_sensitivity: float = 0.95) -> float | None:
@@ -351,11 +358,39 @@ def choose_min_lesion(rows: list[dict], max_false_per_scan: float = 0.2, min_sen
     return float(min(ok, key=lambda r: r["false_lesions_per_scan"])["min_lesion_ml"]) if ok else None
 
 
+def choose_operating_point(rows: list[dict], max_false_per_scan: float = 0.2,
+                           min_sensitivity: float = 0.95) -> tuple[float, float] | None:
+    """(threshold, smallest-lesion size) from a :func:`sweep_postprocessing` table: per threshold the size
+    :func:`choose_min_lesion` picks; of those, the ones meeting both targets first, then the most
+    sensitive, then the highest Dice; where none meets both, the fewest false lesions among those keeping
+    the sensitivity. None if no pair keeps it. With one threshold: that threshold's size."""
+    picks = []
+    for t in dict.fromkeys(r["threshold"] for r in rows):
+        at_t = [r for r in rows if r["threshold"] == t]
+        m = choose_min_lesion(at_t, max_false_per_scan, min_sensitivity)
+        if m is not None:
+            picks.append(next(r for r in at_t if r["min_lesion_ml"] == m))
+    if not picks:
+        return None
+    sens = lambda r: 1.0 if r["sensitivity_ge_0.5ml"] is None else r["sensitivity_ge_0.5ml"]  # noqa: E731
+    meeting = [r for r in picks if r["false_lesions_per_scan"] <= max_false_per_scan]
+    best = (max(meeting, key=lambda r: (sens(r), r["dice_mean"] or 0.0)) if meeting
+            else min(picks, key=lambda r: r["false_lesions_per_scan"]))
+    return float(best["threshold"]), float(best["min_lesion_ml"])
+
+
 def format_sweep(rows: list[dict]) -> str:
-    lines = [f"{'min lesion mL':>14}{'Dice':>8}{'sens ≥0.5':>11}{'false/scan':>12}{'vol err':>9}"]
+    """The sweep as a table; per density bin holding lesions, how many of its lesions ≥ 0.5 mL were found."""
+    bins = [name for name, _, _ in DENSITY_BINS if any(r["by_density"][name]["n"] for r in rows)]
+    head = f"{'threshold':>10}{'min mL':>8}{'Dice':>8}{'sens ≥0.5':>11}{'false/scan':>12}{'vol err':>9}"
+    lines = [head + "".join(f"{b:>12}" for b in bins)]
     for r in rows:
-        lines.append(f"{r['min_lesion_ml']:>14g}{r['dice_mean'] or 0:>8.3f}{r['sensitivity_ge_0.5ml'] or 0:>11.3f}"
-                     f"{r['false_lesions_per_scan']:>12.2f}{r['volume_error_median'] or 0:>9.1%}")
+        found = []
+        for b in bins:
+            d = r["by_density"][b]
+            found.append(f"{round((d['sensitivity'] or 0.0) * d['n'])}/{d['n']}" if d["n"] else "–")
+        lines.append(f"{r['threshold']:>10g}{r['min_lesion_ml']:>8g}{r['dice_mean'] or 0:>8.3f}{r['sensitivity_ge_0.5ml'] or 0:>11.3f}"
+                     f"{r['false_lesions_per_scan']:>12.2f}{r['volume_error_median'] or 0:>9.1%}" + "".join(f"{v:>12}" for v in found))
     return "\n".join(lines)
 
 
@@ -420,16 +455,19 @@ def write_result(result: dict, path: Path) -> None:
 
 
 def main_evaluate(model: str, cases: Path, out_json: Path | None, params: SegmentParams, baseline: bool = True,
-                  min_lesion_sweep: list[float] | None = None) -> dict:
+                  min_lesion_sweep: list[float] | None = None, threshold_sweep: list[float] | None = None) -> dict:
     from ..models.bundle import load_bundle
 
-    if min_lesion_sweep:
-        rows = sweep_min_lesion(load_bundle(model), cases, min_lesion_sweep, params, progress=print)
+    if min_lesion_sweep or threshold_sweep:
+        bundle = load_bundle(model)
+        sizes = min_lesion_sweep or [_settings(bundle, params).min_lesion_ml]
+        rows = sweep_postprocessing(bundle, cases, sizes, threshold_sweep, params, progress=print)
         print(format_sweep(rows))
-        chosen = choose_min_lesion(rows)
-        print("chosen (smallest size with ≤ 0.2 false lesions/scan and sensitivity ≥ 0.95 for lesions ≥ 0.5 mL, else "
-              f"the fewest false lesions keeping that sensitivity): {'none' if chosen is None else f'{chosen:g} mL'}")
-        result = {"min_lesion_sweep": rows, "chosen_min_lesion_ml": chosen}
+        chosen = choose_operating_point(rows)
+        print("chosen (per threshold the smallest size with ≤ 0.2 false lesions/scan and sensitivity ≥ 0.95 for lesions "
+              "≥ 0.5 mL, else the fewest false lesions keeping that sensitivity; then the most sensitive, then the best "
+              "Dice): " + ("none" if chosen is None else f"threshold {chosen[0]:g}, {chosen[1]:g} mL"))
+        result = {"sweep": rows, "chosen": None if chosen is None else {"threshold": chosen[0], "min_lesion_ml": chosen[1]}}
         if out_json:
             write_result(result, out_json)
             print(f"wrote {out_json}")
@@ -441,4 +479,3 @@ def main_evaluate(model: str, cases: Path, out_json: Path | None, params: Segmen
         write_result(result, out_json)
         print(f"wrote {out_json}")
     return result
-
