@@ -146,6 +146,20 @@ def test_evaluate_on_case_folders_with_baseline(tmp_path):
     json.dumps(res, default=str)
     base = hu_baseline(phantom_case(3)[0][0])
     assert base.array.dtype == np.uint8
+    # the post-processing sweep (one inference per case) scores each pair as a run with those settings would
+    from UNetSegmentLib.analysis.evaluate import sweep_postprocessing
+    from UNetSegmentLib.params import SegmentParams
+    from UNetSegmentLib.settings import resolve
+
+    bundle = load_bundle(tmp_path / "m")
+    defaults = resolve(SegmentParams(heatmaps=()), bundle)
+    t0, m0 = defaults.threshold, defaults.min_lesion_ml
+    rows = sweep_postprocessing(bundle, folder, [m0, m0 + 0.5], [0.3, t0])
+    assert [(r["threshold"], r["min_lesion_ml"]) for r in rows] == [(0.3, m0), (0.3, m0 + 0.5), (t0, m0), (t0, m0 + 0.5)]
+    keys = ("dice_mean", "sensitivity_ge_0.5ml", "false_lesions_per_scan", "volume_error_median", "by_density")
+    assert {k: rows[2][k] for k in keys} == {k: res["model_metrics"][k] for k in keys}
+    at_03 = evaluate(bundle, folder, SegmentParams(threshold=0.3, heatmaps=()), baseline=False)["model_metrics"]
+    assert {k: rows[0][k] for k in keys} == {k: at_03[k] for k in keys}
 
 
 def test_3d_and_multipath_configs_train_to_valid_bundles(tmp_path):
@@ -176,6 +190,23 @@ def test_choose_min_lesion_prefers_sensitivity():
     # none meets both: the fewest false lesions that keeps the sensitivity (here 0.2, not 0.3)
     assert choose_min_lesion([row(0.1, 0.6, 1.0), row(0.2, 0.25, 1.0), row(0.3, 0.08, 0.93)]) == 0.2
     assert choose_min_lesion([row(0.1, 0.6, 0.9)]) is None
+
+
+def test_choose_operating_point_prefers_targets_then_sensitivity_then_dice():
+    from UNetSegmentLib.analysis.evaluate import choose_operating_point
+
+    def row(t, ml, fp, sens, dice):
+        return {"threshold": t, "min_lesion_ml": ml, "false_lesions_per_scan": fp, "sensitivity_ge_0.5ml": sens, "dice_mean": dice}
+
+    rows = [row(0.5, 0.1, 0.5, 0.97, 0.88), row(0.5, 0.3, 0.1, 0.96, 0.89),
+            row(0.4, 0.1, 0.9, 0.99, 0.87), row(0.4, 0.3, 0.15, 0.98, 0.86)]
+    assert choose_operating_point(rows) == (0.4, 0.3), "both pairs meet the targets: the more sensitive"
+    rows[3]["sensitivity_ge_0.5ml"] = 0.96
+    assert choose_operating_point(rows) == (0.5, 0.3), "equally sensitive: the better Dice"
+    rows[1]["false_lesions_per_scan"], rows[3]["false_lesions_per_scan"] = 0.3, 0.35
+    assert choose_operating_point(rows) == (0.5, 0.3), "none meets both: the fewest false lesions keeping sensitivity"
+    assert choose_operating_point([row(0.5, 0.3, 0.1, 0.9, 0.9)]) is None
+    assert choose_operating_point([row(0.5, 0.1, 0.5, 0.97, 0.88), row(0.5, 0.3, 0.1, 0.96, 0.89)]) == (0.5, 0.3)
 
 
 def test_validation_scores_sampled_slices_as_full_inference_would(tmp_path):
@@ -294,6 +325,15 @@ def test_extra_validation_sets_use_validation_settings_and_their_own_seeds(tmp_p
     for seed in (11, 51, 501, 701):  # meets training, extra training, validation, tune seeds
         with pytest.raises(UsageError, match="overlaps the"):
             extra_validation_sets({**data, "extra_val": [{"name": "x", "cases": 1, "seed": seed}]})
+    # a tuning set of the same kind (data.extra_tune): same settings rule, its own seeds, names unique across both
+    tune = {**data, "extra_tune": [{"name": "faint-tune", "cases": 2, "seed": 950, "settings": {"bleed_hu": [45, 60]}}]}
+    both = extra_validation_sets(tune)
+    assert set(both) == {"faint", "faint-tune"} and both["faint-tune"].seeds == (950, 951)
+    assert both["faint-tune"].settings.rotation_deg == VALIDATION.rotation_deg
+    with pytest.raises(UsageError, match="overlaps the extra set 'faint'"):
+        extra_validation_sets({**data, "extra_tune": [{"name": "t", "cases": 2, "seed": 902}]})
+    with pytest.raises(UsageError, match="repeated"):
+        extra_validation_sets({**data, "extra_tune": [{"name": "faint", "cases": 1, "seed": 990}]})
     for bad in ([{"cases": 1, "seed": 900}], [{"name": "a b", "cases": 1, "seed": 900}],
                 [{"name": "a", "cases": 1, "seed": 900}, {"name": "a", "cases": 1, "seed": 950}],
                 [{"name": "a", "cases": 1, "seed": 900, "settings": {"no_such": 1}}],

@@ -363,27 +363,30 @@ def extra_cases(data: dict) -> list["ExtraCases"]:
 
 def extra_validation_sets(data: dict) -> dict[str, "ExtraCases"]:
     """``data.extra_val``: named validation sets reported beside the main one (e.g. only faint bleeds, to
-    measure one density bin on enough lesions), from :data:`.cases.VALIDATION` with some settings changed.
-    Their seeds may not meet any training, tune or validation seed."""
-    entries = data.get("extra_val") or []
+    measure one density bin on enough lesions), and ``data.extra_tune``: named sets of the same kind for
+    choosing post-processing (e.g. faint bleeds beside the tune split), never reported; both from
+    :data:`.cases.VALIDATION` with some settings changed. Names are unique across both lists, and their
+    seeds may not meet any training, tune, validation or other extra set's seed."""
     fix = "give a list of {name, cases, seed, settings} entries with distinct names"
-    if not isinstance(entries, list):
-        raise UsageError("data.extra_val is not a list", fix)
     sets: dict[str, ExtraCases] = {}
-    for e in entries:
-        name = e.get("name") if isinstance(e, dict) else None
-        if not isinstance(name, str) or not name.replace("-", "").isalnum() or name in sets:
-            raise UsageError(f"bad data.extra_val entry {e!r}: no name, a bad name or a repeated one", fix)
-        sets[name] = ExtraCases.from_config({k: v for k, v in e.items() if k != "name"}, VALIDATION,
-                                            f"data.extra_val {name!r}")
+    for key in ("extra_val", "extra_tune"):
+        entries = data.get(key) or []
+        if not isinstance(entries, list):
+            raise UsageError(f"data.{key} is not a list", fix)
+        for e in entries:
+            name = e.get("name") if isinstance(e, dict) else None
+            if not isinstance(name, str) or not name.replace("-", "").isalnum() or name in sets:
+                raise UsageError(f"bad data.{key} entry {e!r}: no name, a bad name or a repeated one", fix)
+            sets[name] = ExtraCases.from_config({k: v for k, v in e.items() if k != "name"}, VALIDATION,
+                                                f"data.{key} {name!r}")
     used = {"training": set(split_seeds(data, "train")), "extra training": {s for x in extra_cases(data) for s in x.seeds},
             "validation": set(split_seeds(data, "val")), "tune": set(split_seeds(data, "tune"))}
     for name, x in sets.items():
         for split, seeds in used.items():
             if seeds & set(x.seeds):
-                raise UsageError(f"data.extra_val set {name!r} (seeds {x.seeds[0]}…{x.seeds[-1]}) overlaps the "
+                raise UsageError(f"extra set {name!r} (seeds {x.seeds[0]}…{x.seeds[-1]}) overlaps the "
                                  f"{split} seeds", "choose a seed range no other split uses")
-        used[f"extra_val {name!r}"] = set(x.seeds)
+        used[f"extra set {name!r}"] = set(x.seeds)
     return sets
 
 
@@ -465,7 +468,8 @@ def main() -> None:
                        help="val: the reported validation cases; tune: other seeds with the validation settings, for "
                             "choosing post-processing (never reported); train: the training cases")
     which.add_argument("--extra-val", metavar="NAME",
-                       help="instead of --split: the config's data.extra_val set NAME (e.g. faint: only 45–60 HU bleeds)")
+                       help="instead of --split: the config's data.extra_val or data.extra_tune set NAME (e.g. faint: "
+                            "only 45–60 HU bleeds, reported; faint-tune: the same kind, for choosing post-processing)")
     ap.add_argument("--output-dir", required=True, type=Path)
     a = ap.parse_args()
     cfg = yaml.safe_load(a.config.read_text(encoding="utf-8"))
@@ -477,12 +481,12 @@ def main() -> None:
         except UsageError as e:
             ap.error(f"{e} ({e.fix})" if getattr(e, "fix", None) else str(e))
         if a.extra_val not in sets:
-            ap.error(f"the config has no data.extra_val set {a.extra_val!r}; it has: {', '.join(sets) or 'none'}")
+            ap.error(f"the config has no data.extra_val or data.extra_tune set {a.extra_val!r}; it has: {', '.join(sets) or 'none'}")
         x = sets[a.extra_val]
         build_cache(d["generator"], list(x.seeds), cfg["bundle"], cache_root / x.folder(d["generator"], cfg["bundle"], "val-extra"),
                     x.settings, case_dir=a.output_dir)
         _write_case_labels(d["generator"], a.output_dir)
-        print(f"{len(x.seeds)} {a.extra_val} validation cases in {a.output_dir}")
+        print(f"{len(x.seeds)} {a.extra_val} cases in {a.output_dir}")
         return
     seeds = list(split_seeds(d, a.split))
     settings = TRAINING if a.split == "train" else VALIDATION
