@@ -109,6 +109,21 @@ def test_noise_is_refused(ct_model, head_ct, kind):
     assert verdict(ct_model, head_ct.with_array(arr.astype(np.float32))).verdict == "refuse"
 
 
+def test_cranial_slices_are_those_the_check_counts_on_the_network_grid_axis(ct_model, head_ct):
+    from UNetSegmentLib.engine.domain import cranial_slices
+    from UNetSegmentLib.engine.grid import canonical_grid
+
+    spec = ct_model.meta["domain"]
+    cranial = cranial_slices(head_ct, spec)
+    assert cranial.shape == (canonical_grid(head_ct)[0].array.shape[0],)
+    assert int(cranial.sum()) == verdict(ct_model, head_ct).measures["cranial_slices"] > 0
+    k_flip = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, head_ct.array.shape[0] - 1], [0, 0, 0, 1.0]])
+    flipped = Image(head_ct.array[::-1].copy(), head_ct.ijk_to_ras @ k_flip)  # stored upside down, same anatomy
+    assert np.array_equal(cranial_slices(flipped, spec), cranial)
+    noise = np.random.default_rng(0).normal(0, 500, head_ct.array.shape).astype(np.float32)
+    assert not cranial_slices(head_ct.with_array(noise), spec).any()
+
+
 def test_ct_stored_without_its_rescale_is_refused_with_the_fix(ct_model, head_ct):
     v = verdict(ct_model, head_ct.with_array(head_ct.array.astype(np.float32) + 1024))
     assert v.verdict == "refuse" and "RescaleIntercept" in v.fix

@@ -162,6 +162,14 @@ FAMILIES: dict[str, Callable[[list[Image], list[str], dict, dict], DomainVerdict
 
 
 # --- head CT helpers ------------------------------------------------------------------------------
+def cranial_slices(img: Image, spec: dict | None = None) -> np.ndarray:
+    """Per axial slice of ``img`` on canonical axes (k = S, as the network grid of a 2D/2.5D model):
+    does a skull enclose brain-density tissue there (step 2 of :func:`head_ct_check`, same thresholds)?"""
+    t = {**HEAD_CT_DEFAULTS, **(spec or {})}
+    arr, peaks, spacing_kji = _canonical_blocks(img, float(t["sampling_mm"]))
+    return _cranial_slices(arr, peaks, spacing_kji, t)[0]
+
+
 def _canonical_blocks(img: Image, sampling_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The volume on canonical axes (k = S, j = A, i = R) in in-plane blocks of about ``sampling_mm``:
     (block means, block maxima, spacing k, j, i in mm). Means tame noise for densities; maxima keep
