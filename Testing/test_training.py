@@ -154,11 +154,13 @@ def test_evaluate_on_case_folders_with_baseline(tmp_path):
     bundle = load_bundle(tmp_path / "m")
     defaults = resolve(SegmentParams(heatmaps=()), bundle)
     t0, m0 = defaults.threshold, defaults.min_lesion_ml
-    rows = sweep_postprocessing(bundle, folder, [m0, m0 + 0.5], [0.3, t0])
-    assert [(r["threshold"], r["min_lesion_ml"]) for r in rows] == [(0.3, m0), (0.3, m0 + 0.5), (t0, m0), (t0, m0 + 0.5)]
+    other = 0.3 if t0 != 0.3 else 0.4
+    rows = sweep_postprocessing(bundle, folder, [m0, m0 + 0.5, m0], [other, t0, other])  # repeats scored once
+    assert [(r["threshold"], r["min_lesion_ml"]) for r in rows] == [(other, m0), (other, m0 + 0.5), (t0, m0), (t0, m0 + 0.5)]
+    assert rows[2]["n_cases"] == 3
     keys = ("dice_mean", "sensitivity_ge_0.5ml", "false_lesions_per_scan", "volume_error_median", "by_density")
     assert {k: rows[2][k] for k in keys} == {k: res["model_metrics"][k] for k in keys}
-    at_03 = evaluate(bundle, folder, SegmentParams(threshold=0.3, heatmaps=()), baseline=False)["model_metrics"]
+    at_03 = evaluate(bundle, folder, SegmentParams(threshold=other, heatmaps=()), baseline=False)["model_metrics"]
     assert {k: rows[0][k] for k in keys} == {k: at_03[k] for k in keys}
 
 
@@ -205,7 +207,11 @@ def test_choose_operating_point_prefers_targets_then_sensitivity_then_dice():
     assert choose_operating_point(rows) == (0.5, 0.3), "equally sensitive: the better Dice"
     rows[1]["false_lesions_per_scan"], rows[3]["false_lesions_per_scan"] = 0.3, 0.35
     assert choose_operating_point(rows) == (0.5, 0.3), "none meets both: the fewest false lesions keeping sensitivity"
+    tie = [row(0.5, 0.3, 0.3, 0.96, 0.9), row(0.4, 0.3, 0.3, 0.97, 0.8)]  # none meets both, equal false lesions
+    assert choose_operating_point(tie) == choose_operating_point(tie[::-1]) == (0.4, 0.3), "then the more sensitive"
+    assert choose_operating_point([row(0.5, 0.3, 0.0, None, None)]) == (0.5, 0.3), "cases without lesions ≥ 0.5 mL"
     assert choose_operating_point([row(0.5, 0.3, 0.1, 0.9, 0.9)]) is None
+    assert choose_operating_point([]) is None
     assert choose_operating_point([row(0.5, 0.1, 0.5, 0.97, 0.88), row(0.5, 0.3, 0.1, 0.96, 0.89)]) == (0.5, 0.3)
 
 
@@ -326,10 +332,13 @@ def test_extra_validation_sets_use_validation_settings_and_their_own_seeds(tmp_p
         with pytest.raises(UsageError, match="overlaps the"):
             extra_validation_sets({**data, "extra_val": [{"name": "x", "cases": 1, "seed": seed}]})
     # a tuning set of the same kind (data.extra_tune): same settings rule, its own seeds, names unique across both
+    from UNetSegmentLib.models.training.cases import extra_sets
+
     tune = {**data, "extra_tune": [{"name": "faint-tune", "cases": 2, "seed": 950, "settings": {"bleed_hu": [45, 60]}}]}
-    both = extra_validation_sets(tune)
-    assert set(both) == {"faint", "faint-tune"} and both["faint-tune"].seeds == (950, 951)
-    assert both["faint-tune"].settings.rotation_deg == VALIDATION.rotation_deg
+    both = extra_sets(tune)
+    assert set(both["extra_val"]) == set(extra_validation_sets(tune)) == {"faint"}, "a tuning set is never a validation set"
+    assert set(both["extra_tune"]) == {"faint-tune"} and both["extra_tune"]["faint-tune"].seeds == (950, 951)
+    assert both["extra_tune"]["faint-tune"].settings.rotation_deg == VALIDATION.rotation_deg
     with pytest.raises(UsageError, match="overlaps the extra set 'faint'"):
         extra_validation_sets({**data, "extra_tune": [{"name": "t", "cases": 2, "seed": 902}]})
     with pytest.raises(UsageError, match="repeated"):

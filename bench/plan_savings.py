@@ -5,13 +5,14 @@ The fast engine already windows only the body, one window per slice sized to eac
 (``engine/windows.py``). This bench measures two further plans as upper bounds, without timing (the
 saving is the share of window area left out; the time saved is at most that share of inference):
 
-* **cranial slices only** — an anatomical candidate detector: run the network only on slices where
-  the input-domain check sees a skull enclosing brain (:func:`.domain.cranial_slices`), plus
-  ``--margin`` slices each side; hemorrhage is intracranial, so the other slices get no lesion.
+* **cranial slices only** — an anatomical candidate detector: run the network only over the span of
+  slices where the input-domain check sees a skull enclosing brain (:func:`.domain.cranial_slices`),
+  plus ``--margin`` slices each side; hemorrhage is intracranial, so the other slices get no lesion.
 * **skip quiet slices** — a first pass on every other slice; a skipped slice is run only where a
   neighbour's P(lesion) reaches ``floor`` somewhere, else it gets its neighbours' mean. Printed per
   floor, with the worst Dice (labels at the model's threshold, network grid) against the full pass,
-  over all slice spacings and over thin (≤ 2 mm) ones only.
+  over all slice spacings and over thin (≤ 2 mm between slices) ones only. P(lesion) is the engine's:
+  the model's temperature applied, its lesion labels together (:func:`.labels.foreground_probability`).
 
     python bench/plan_savings.py [--cases DIR] [--limit N] [--margin 2]
 
@@ -29,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "UNetSegment"))
 
 from UNetSegmentLib.engine.acceleration import prepare_network  # noqa: E402
 from UNetSegmentLib.engine.domain import cranial_slices  # noqa: E402
+from UNetSegmentLib.engine.grid import canonical_grid  # noqa: E402
 from UNetSegmentLib.engine.inference import sliding_window, softmax_predictor  # noqa: E402
+from UNetSegmentLib.engine.labels import foreground_probability  # noqa: E402
 from UNetSegmentLib.engine.pipeline import plan_for  # noqa: E402
 from UNetSegmentLib.engine.preprocess import prepare_inputs  # noqa: E402
 from UNetSegmentLib.io.readers import read_image  # noqa: E402
@@ -86,7 +89,7 @@ def main() -> int:
         print("these plans are per slice: a 2D/2.5D model only")
         return 2
     net = prepare_network(bundle.build_network(), m.spatial_dims, "cpu")
-    predictor = softmax_predictor(net, m.out_channels, s.precision)
+    predictor = softmax_predictor(net, m.out_channels, s.precision, m.temperature)
     cases = sorted(p for p in a.cases.iterdir() if (p / "image.nii.gz").exists())[: a.limit] if a.cases.is_dir() else []
     if not cases:
         print(f"no evaluation cases in {a.cases}: `make evaluate` makes them")
@@ -99,14 +102,15 @@ def main() -> int:
         vol = prepare_inputs([img], m).volume
         plan = plan_for(vol, s, net)
         area = slice_areas(plan, vol.shape[1])
-        fg = 1.0 - sliding_window(vol, predictor, plan, batch_size=s.batch_size)[0]
+        probs = sliding_window(vol, predictor, plan, batch_size=s.batch_size)
+        fg = foreground_probability({c: probs[c] for c in range(1, probs.shape[0])}, m.lesion_channels)
         total += area.sum()
         ks = np.nonzero(cranial_slices(img, bundle.meta.get("domain")))[0]
         if ks.size:
             cranial += area[max(0, ks.min() - a.margin): ks.max() + a.margin + 1].sum()
         hot_share.append(float((fg.reshape(fg.shape[0], -1).max(1) >= FLOORS[0]).mean()))
         full = fg >= s.threshold
-        thin = float(img.spacing[2]) <= THIN_MM
+        thin = float(canonical_grid(img)[0].spacing[2]) <= THIN_MM  # between axial slices
         for f in FLOORS:
             run, out = skip_quiet(fg, f)
             d = dice(full, out >= s.threshold)

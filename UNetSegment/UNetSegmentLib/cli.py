@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the figures for each smallest-lesion size, and the smallest meeting the default-model "
                         "targets (use a tuning split, not the cases you report)")
     e.add_argument("--threshold-sweep", type=_probability_list, default=None, metavar="P,P,...",
-                   help="instead (alone or with --min-lesion-sweep): the figures for each lesion threshold (with each "
-                        "size), and the pair to choose; one inference per case (use tuning cases, not the cases you report)")
+                   help="instead (alone or with --min-lesion-sweep, else at the model's smallest lesion): the figures "
+                        "for each lesion threshold and size, and the pair to choose; one inference per case (use tuning "
+                        "cases, not the cases you report)")
 
     v = sub.add_parser("serve", help="run the inference server (HTTP API for Slicer seats and scripts)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token-file)")

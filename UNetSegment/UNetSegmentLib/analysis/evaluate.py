@@ -273,6 +273,15 @@ def _settings(bundle: Bundle, params: SegmentParams | None) -> RunSettings:
     return resolve(params or SegmentParams(heatmaps=()), bundle)
 
 
+def read_case(case: Path, channels: list[str]) -> tuple[list[Image], Image]:
+    """A case folder's input images (in ``channels`` order) and its truth, which must share their grid."""
+    images = [read_image(p) for p in case_inputs(case, channels)]
+    truth = read_image(case / "label.nii.gz")
+    if not truth.same_grid(images[0], atol=1e-4):
+        raise InputError(f"case {case.name}: label.nii.gz is not on the image's grid", "write the label on the image's grid")
+    return images, truth
+
+
 def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = None, baseline: bool = True,
              progress: Callable[[str], None] | None = None) -> dict:
     s = _settings(bundle, params)
@@ -285,10 +294,7 @@ def evaluate(bundle: Bundle, cases_dir: Path, params: SegmentParams | None = Non
     classes = s.model.label_values if len(s.model.label_values) > 1 and defined else None
     model_results, base_results = [], []
     for i, case in enumerate(cases):
-        images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
-        truth = read_image(case / "label.nii.gz")
-        if not truth.same_grid(images[0], atol=1e-4):
-            raise InputError(f"case {case.name}: label.nii.gz is not on the image's grid", "write the label on the image's grid")
+        images, truth = read_case(case, bundle.channel_names)
         t = time.perf_counter()
         res = segment(images, bundle, network=network, settings=s)
         pred = remove_small_lesions(res.labels, s.min_lesion_ml, s.connectivity, lesion)
@@ -319,12 +325,14 @@ def sweep_postprocessing(bundle: Bundle, cases_dir: Path, min_sizes: list[float]
     (one inference per case; each threshold applied to the run's probability maps by
     :func:`.rethreshold.labels_at_threshold`, the live threshold's rule, which equals a fresh run there).
 
-    For choosing the bundle's ``threshold`` and ``min_lesion_ml`` on *tuning* cases (``--split tune`` of
-    the training cases module: validation settings, other seeds), never on the cases the model card reports."""
+    For choosing the bundle's ``threshold`` and ``min_lesion_ml`` on *tuning* cases (``--split tune`` or
+    ``--extra-tune NAME`` of the training cases module: validation settings, other seeds), never on the
+    cases the model card reports. A value given twice is scored once."""
     from .rethreshold import labels_at_threshold
 
     s = _settings(bundle, params)
-    thresholds = list(thresholds or [s.threshold])
+    thresholds = list(dict.fromkeys(thresholds or [s.threshold]))
+    min_sizes = list(dict.fromkeys(min_sizes))
     cases = find_cases(cases_dir, bundle.channel_names)
     network = bundle.build_network()
     defined = case_labels(cases_dir)
@@ -332,8 +340,7 @@ def sweep_postprocessing(bundle: Bundle, cases_dir: Path, min_sizes: list[float]
     lesion = s.model.lesion_values
     per: dict[tuple[float, float], list[CaseResult]] = {(t, m): [] for t in thresholds for m in min_sizes}
     for i, case in enumerate(cases):
-        images = [read_image(p) for p in case_inputs(case, bundle.channel_names)]
-        truth = read_image(case / "label.nii.gz")
+        images, truth = read_case(case, bundle.channel_names)
         res = segment(images, bundle, network=network, settings=s)
         for t in thresholds:
             raw = labels_at_threshold(res.probability, t, s.model.label_values, res.labels, lesion, res.class_probabilities)
@@ -363,7 +370,8 @@ def choose_operating_point(rows: list[dict], max_false_per_scan: float = 0.2,
     """(threshold, smallest-lesion size) from a :func:`sweep_postprocessing` table: per threshold the size
     :func:`choose_min_lesion` picks; of those, the ones meeting both targets first, then the most
     sensitive, then the highest Dice; where none meets both, the fewest false lesions among those keeping
-    the sensitivity. None if no pair keeps it. With one threshold: that threshold's size."""
+    the sensitivity (ties: the most sensitive, then the best Dice). None if no pair keeps it. With one
+    threshold: that threshold's size."""
     picks = []
     for t in dict.fromkeys(r["threshold"] for r in rows):
         at_t = [r for r in rows if r["threshold"] == t]
@@ -375,7 +383,7 @@ def choose_operating_point(rows: list[dict], max_false_per_scan: float = 0.2,
     sens = lambda r: 1.0 if r["sensitivity_ge_0.5ml"] is None else r["sensitivity_ge_0.5ml"]  # noqa: E731
     meeting = [r for r in picks if r["false_lesions_per_scan"] <= max_false_per_scan]
     best = (max(meeting, key=lambda r: (sens(r), r["dice_mean"] or 0.0)) if meeting
-            else min(picks, key=lambda r: r["false_lesions_per_scan"]))
+            else min(picks, key=lambda r: (r["false_lesions_per_scan"], -sens(r), -(r["dice_mean"] or 0.0))))
     return float(best["threshold"]), float(best["min_lesion_ml"])
 
 
@@ -465,8 +473,9 @@ def main_evaluate(model: str, cases: Path, out_json: Path | None, params: Segmen
         print(format_sweep(rows))
         chosen = choose_operating_point(rows)
         print("chosen (per threshold the smallest size with ≤ 0.2 false lesions/scan and sensitivity ≥ 0.95 for lesions "
-              "≥ 0.5 mL, else the fewest false lesions keeping that sensitivity; then the most sensitive, then the best "
-              "Dice): " + ("none" if chosen is None else f"threshold {chosen[0]:g}, {chosen[1]:g} mL"))
+              "≥ 0.5 mL, else the fewest false lesions keeping that sensitivity; of those pairs, the ones with ≤ 0.2 false "
+              "lesions/scan, the most sensitive, then the best Dice; if none has, the fewest false lesions): "
+              + ("none" if chosen is None else f"threshold {chosen[0]:g}, {chosen[1]:g} mL"))
         result = {"sweep": rows, "chosen": None if chosen is None else {"threshold": chosen[0], "min_lesion_ml": chosen[1]}}
         if out_json:
             write_result(result, out_json)

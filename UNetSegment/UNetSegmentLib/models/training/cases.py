@@ -363,31 +363,39 @@ def extra_cases(data: dict) -> list["ExtraCases"]:
 
 def extra_validation_sets(data: dict) -> dict[str, "ExtraCases"]:
     """``data.extra_val``: named validation sets reported beside the main one (e.g. only faint bleeds, to
-    measure one density bin on enough lesions), and ``data.extra_tune``: named sets of the same kind for
-    choosing post-processing (e.g. faint bleeds beside the tune split), never reported; both from
-    :data:`.cases.VALIDATION` with some settings changed. Names are unique across both lists, and their
-    seeds may not meet any training, tune, validation or other extra set's seed."""
+    measure one density bin on enough lesions), from :data:`.cases.VALIDATION` with some settings changed.
+    Checks ``data.extra_tune`` too (:func:`extra_sets`)."""
+    return extra_sets(data)["extra_val"]
+
+
+def extra_sets(data: dict) -> dict[str, dict[str, "ExtraCases"]]:
+    """Both lists of named extra sets, by key (``extra_val``, ``extra_tune``), each set from
+    :data:`.cases.VALIDATION` with some settings changed; :class:`UsageError` on a bad entry, a name used
+    twice (across both lists) or seeds that meet any training, tune, validation or other extra set's seed."""
     fix = "give a list of {name, cases, seed, settings} entries with distinct names"
-    sets: dict[str, ExtraCases] = {}
-    for key in ("extra_val", "extra_tune"):
+    out: dict[str, dict[str, ExtraCases]] = {"extra_val": {}, "extra_tune": {}}
+    names: set[str] = set()
+    for key, sets in out.items():
         entries = data.get(key) or []
         if not isinstance(entries, list):
             raise UsageError(f"data.{key} is not a list", fix)
         for e in entries:
             name = e.get("name") if isinstance(e, dict) else None
-            if not isinstance(name, str) or not name.replace("-", "").isalnum() or name in sets:
+            if not isinstance(name, str) or not name.replace("-", "").isalnum() or name in names:
                 raise UsageError(f"bad data.{key} entry {e!r}: no name, a bad name or a repeated one", fix)
+            names.add(name)
             sets[name] = ExtraCases.from_config({k: v for k, v in e.items() if k != "name"}, VALIDATION,
                                                 f"data.{key} {name!r}")
     used = {"training": set(split_seeds(data, "train")), "extra training": {s for x in extra_cases(data) for s in x.seeds},
             "validation": set(split_seeds(data, "val")), "tune": set(split_seeds(data, "tune"))}
-    for name, x in sets.items():
-        for split, seeds in used.items():
-            if seeds & set(x.seeds):
-                raise UsageError(f"extra set {name!r} (seeds {x.seeds[0]}…{x.seeds[-1]}) overlaps the "
-                                 f"{split} seeds", "choose a seed range no other split uses")
-        used[f"extra set {name!r}"] = set(x.seeds)
-    return sets
+    for sets in out.values():
+        for name, x in sets.items():
+            for split, seeds in used.items():
+                if seeds & set(x.seeds):
+                    raise UsageError(f"extra set {name!r} (seeds {x.seeds[0]}…{x.seeds[-1]}) overlaps the "
+                                     f"{split} seeds", "choose a seed range no other split uses")
+            used[f"extra set {name!r}"] = set(x.seeds)
+    return out
 
 
 def split_seeds(data: dict, split: str) -> range:
@@ -468,25 +476,28 @@ def main() -> None:
                        help="val: the reported validation cases; tune: other seeds with the validation settings, for "
                             "choosing post-processing (never reported); train: the training cases")
     which.add_argument("--extra-val", metavar="NAME",
-                       help="instead of --split: the config's data.extra_val or data.extra_tune set NAME (e.g. faint: "
-                            "only 45–60 HU bleeds, reported; faint-tune: the same kind, for choosing post-processing)")
+                       help="instead of --split: the config's data.extra_val set NAME (e.g. faint: only 45–60 HU bleeds)")
+    which.add_argument("--extra-tune", metavar="NAME",
+                       help="instead of --split: the config's data.extra_tune set NAME (e.g. faint-tune: faint bleeds for "
+                            "choosing post-processing, never reported)")
     ap.add_argument("--output-dir", required=True, type=Path)
     a = ap.parse_args()
     cfg = yaml.safe_load(a.config.read_text(encoding="utf-8"))
     d = cfg["data"]
     cache_root = Path(os.path.expandvars(d.get("cache_dir", ".cache/unetsegment/train")))
-    if a.extra_val:
+    if a.extra_val or a.extra_tune:
+        key, name, prefix = ("extra_val", a.extra_val, "val-extra") if a.extra_val else ("extra_tune", a.extra_tune, "tune-extra")
         try:
-            sets = extra_validation_sets(d)
+            sets = extra_sets(d)[key]
         except UsageError as e:
             ap.error(f"{e} ({e.fix})" if getattr(e, "fix", None) else str(e))
-        if a.extra_val not in sets:
-            ap.error(f"the config has no data.extra_val or data.extra_tune set {a.extra_val!r}; it has: {', '.join(sets) or 'none'}")
-        x = sets[a.extra_val]
-        build_cache(d["generator"], list(x.seeds), cfg["bundle"], cache_root / x.folder(d["generator"], cfg["bundle"], "val-extra"),
+        if name not in sets:
+            ap.error(f"the config has no data.{key} set {name!r}; it has: {', '.join(sets) or 'none'}")
+        x = sets[name]
+        build_cache(d["generator"], list(x.seeds), cfg["bundle"], cache_root / x.folder(d["generator"], cfg["bundle"], prefix),
                     x.settings, case_dir=a.output_dir)
         _write_case_labels(d["generator"], a.output_dir)
-        print(f"{len(x.seeds)} {a.extra_val} cases in {a.output_dir}")
+        print(f"{len(x.seeds)} {name} cases in {a.output_dir}")
         return
     seeds = list(split_seeds(d, a.split))
     settings = TRAINING if a.split == "train" else VALIDATION
