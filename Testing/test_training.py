@@ -132,6 +132,37 @@ def test_lesions_are_binned_by_their_measured_density():
     assert bins["75-90 HU"]["lesion_dice_median"] == 1.0 and bins["60-75 HU"]["n"] == 0
 
 
+def test_per_lesion_dice_and_density_equal_their_whole_volume_definitions():
+    """score_case measures each true lesion on a box around it; the figures are those of the definitions
+    on the whole volume (lesions touching the volume's faces, several predicted lesions per true one)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    g = make_ijk_to_ras((0.8, 0.8, 2.0))
+    s26 = np.ones((3, 3, 3), bool)
+    for _ in range(6):
+        field = ndimage.gaussian_filter(rng.normal(size=(14, 40, 36)), 1.5)
+        truth = (field > 0.12).astype(np.uint8)
+        pred = ((field + ndimage.gaussian_filter(rng.normal(size=field.shape), 1.5) * 0.6) > 0.15).astype(np.uint8)
+        ct = rng.normal(50, 15, field.shape).astype(np.float32)
+        r = score_case("c", Image(truth, g), Image(pred, g), intensity=Image(ct, g))
+        tm, nt = ndimage.label(truth, s26)
+        pm, _ = ndimage.label(pred, s26)
+        assert len(r.true_lesions) == nt > 1
+        by_size = sorted(range(1, nt + 1), key=lambda n: (-(tm == n).sum()))
+        for entry in r.true_lesions:  # matched by volume and density: rows need not follow scipy's numbering
+            candidates = [n for n in by_size if np.isclose((tm == n).sum() * 0.8 * 0.8 * 2.0 / 1000, entry["volume_ml"])]
+            expected = []
+            for n in candidates:
+                lesion = tm == n
+                ids = np.unique(pm[lesion & (pm > 0)])
+                pred_n = np.isin(pm, ids)
+                dice = 2 * (lesion & pred_n).sum() / (lesion.sum() + pred_n.sum())
+                core = ndimage.binary_erosion(lesion)
+                expected.append((pytest.approx(dice), float(np.median(ct[core if core.any() else lesion]))))
+            assert (entry["dice"], entry["density"]) in expected
+
+
 def test_evaluate_on_case_folders_with_baseline(tmp_path):
     folder = tmp_path / "cases"
     for seed in (3, 4, 5):
