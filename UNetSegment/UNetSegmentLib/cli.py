@@ -35,24 +35,24 @@ def _posint(text: str) -> int:
     return v
 
 
-def _ml_list(text: str) -> list[float]:
+def _number_list(text: str, what: str, example: str, ok, rule: str) -> list[float]:
+    """A comma list of numbers for argparse: each must pass ``ok``, else an error naming ``rule``."""
     try:
         vals = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of volumes in mL, e.g. 0.05,0.1,0.2") from None
-    if not vals or any(v < 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more volumes ≥ 0 mL")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of {what}, e.g. {example}") from None
+    if not vals or not all(ok(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: give {rule}")
     return vals
+
+
+def _ml_list(text: str) -> list[float]:
+    return _number_list(text, "volumes in mL", "0.05,0.1,0.2", lambda v: v >= 0, "one or more volumes ≥ 0 mL")
 
 
 def _probability_list(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of probabilities, e.g. 0.3,0.4,0.5") from None
-    if not vals or any(not 0 < v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one or more thresholds between 0 and 1 (exclusive)")
-    return vals
+    return _number_list(text, "probabilities", "0.3,0.4,0.5", lambda v: 0 < v < 1,
+                        "one or more thresholds between 0 and 1 (exclusive)")
 
 
 def add_segment_options(p: argparse.ArgumentParser) -> None:

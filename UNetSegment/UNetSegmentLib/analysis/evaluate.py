@@ -46,7 +46,7 @@ from ..models.bundle import Bundle
 from ..params import SegmentParams
 from ..settings import RunSettings, resolve
 from .lesion_measures import label_mask
-from .lesions import analyze_lesions, remove_small_lesions
+from .lesions import LesionTable, analyze_lesions, remove_small_lesions
 
 BINS = (("<0.5 mL", 0.0, 0.5), ("0.5-5 mL", 0.5, 5.0), (">5 mL", 5.0, np.inf))
 DENSITY_BINS = (("<45 HU", -np.inf, 45.0), ("45-60 HU", 45.0, 60.0), ("60-75 HU", 60.0, 75.0), ("75-90 HU", 75.0, 90.0),
@@ -104,21 +104,47 @@ def case_inputs(case: Path, channels: list[str]) -> list[Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The truth's side of :func:`score_case`, the same for every prediction scored against that truth
+    (a sweep scores every pair against it): the lesion mask, its lesion table, the map of lesion
+    numbers and each lesion's bounding box."""
+
+    mask: Image
+    table: LesionTable
+    lesion_map: np.ndarray
+    boxes: list[tuple[slice, ...]]
+
+
+def reference_lesions(truth: Image, truth_lesion_values: tuple[int, ...] | None = None) -> Reference:
+    """``truth``'s lesions as :func:`score_case` measures them (``truth_lesion_values`` as there)."""
+    mask = truth.with_array(label_mask(truth.array, truth_lesion_values).astype(np.uint8))
+    table, lesion_map = _lesions_and_map(mask)
+    return Reference(mask, table, lesion_map, _label_boxes(lesion_map, table.n_lesions))
+
+
+def _lesions_and_map(mask: Image) -> tuple[LesionTable, np.ndarray]:
+    """26-connected lesions of a 0/1 mask and the int32 map of their row numbers (zeros without lesions)."""
+    table = analyze_lesions(mask, connectivity=26, lesion_map=True)
+    return table, table.lesion_map if table.lesion_map is not None else np.zeros(mask.array.shape, np.int32)
+
+
 def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, intensity: Image | None = None,
                label_values: tuple[int, ...] | None = None, lesion_values: tuple[int, ...] | None = None,
-               predicts_classes: bool = True, truth_lesion_values: tuple[int, ...] | None = None) -> CaseResult:
+               predicts_classes: bool = True, truth_lesion_values: tuple[int, ...] | None = None,
+               reference: Reference | None = None) -> CaseResult:
     """Compare two label maps on the same grid; with ``intensity``, each true lesion's density too
     (module docstring). Lesion voxels are those of ``lesion_values`` (None: any non-zero label); with
     ``label_values`` (a model with several labels) also the per-class figures and each true lesion's
     true and predicted compartment (``predicts_classes=False``, e.g. the one-label HU baseline: the
     true compartments only). ``truth_lesion_values``: the truth's lesion labels, as the cases declare
-    them (``labels.json``, :func:`case_labels`); None: any non-zero truth voxel is lesion."""
-    t_lab = truth.with_array(label_mask(truth.array, truth_lesion_values).astype(np.uint8))
+    them (``labels.json``, :func:`case_labels`); None: any non-zero truth voxel is lesion.
+    ``reference``: :func:`reference_lesions` of ``truth`` and ``truth_lesion_values``, when the caller
+    scores several predictions against one truth (else computed here)."""
+    ref = reference or reference_lesions(truth, truth_lesion_values)
+    t_lab, tt, tm = ref.mask, ref.table, ref.lesion_map
     p_lab = pred.with_array(label_mask(pred.array, lesion_values).astype(np.uint8))
-    tt = analyze_lesions(t_lab, connectivity=26, lesion_map=True)
-    pt = analyze_lesions(p_lab, connectivity=26, lesion_map=True)
-    tm = tt.lesion_map if tt.lesion_map is not None else np.zeros(truth.array.shape, np.int32)
-    pm = pt.lesion_map if pt.lesion_map is not None else np.zeros(truth.array.shape, np.int32)
+    pt, pm = _lesions_and_map(p_lab)
     both = (tm > 0) & (pm > 0)
     nt, npd = tt.n_lesions, pt.n_lesions
     overlap = np.bincount(tm[both].astype(np.int64) * (npd + 1) + pm[both], minlength=(nt + 1) * (npd + 1)).reshape(nt + 1, npd + 1)
@@ -126,7 +152,7 @@ def score_case(name: str, truth: Image, pred: Image, seconds: float = 0.0, inten
     denom = int(a.sum()) + int(b.sum())
     dice = 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
     lesions = []
-    t_boxes, p_boxes = _label_boxes(tm, nt), _label_boxes(pm, npd)
+    t_boxes, p_boxes = ref.boxes, _label_boxes(pm, npd)
     for row in tt.rows:
         n = row["lesion"]
         hits = overlap[n, 1:]
@@ -360,11 +386,13 @@ def sweep_postprocessing(bundle: Bundle, cases_dir: Path, min_sizes: list[float]
     for i, case in enumerate(cases):
         images, truth = read_case(case, bundle.channel_names)
         res = segment(images, bundle, network=network, settings=s)
+        ref = reference_lesions(truth, truth_lesion)  # the truth's side once per case, not once per pair
         for t in thresholds:
             raw = labels_at_threshold(res.probability, t, s.model.label_values, res.labels, lesion, res.class_probabilities)
             for m in min_sizes:
                 per[(t, m)].append(score_case(case.name, truth, remove_small_lesions(raw, m, s.connectivity, lesion),
-                                              intensity=images[0], lesion_values=lesion, truth_lesion_values=truth_lesion))
+                                              intensity=images[0], lesion_values=lesion, truth_lesion_values=truth_lesion,
+                                              reference=ref))
         if progress:
             progress(f"[{i + 1}/{len(cases)}] {case.name}")
     return [{"threshold": t, "min_lesion_ml": m, **summarize(per[(t, m)])} for t in thresholds for m in min_sizes]
