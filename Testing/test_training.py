@@ -412,3 +412,54 @@ def test_dice_loss_is_the_one_label_formula_and_the_mean_over_classes():
     per_class = [1 - (2 * (p[:, c] * (target == c)).sum() + 1) / (p[:, c].sum() + (target == c).sum() + 1) for c in range(1, 5)]
     assert torch.allclose(_dice_loss(logits, target), torch.stack(per_class).mean())
     assert not torch.allclose(_dice_loss(logits, target), per_class[0])
+
+
+def test_lesion_dice_loss_weighs_every_lesion_alike_and_leaves_the_others_out():
+    """Blob loss: the mean over lesions of each lesion's soft Dice, other lesions' voxels excluded; a
+    missed small lesion beside a found large one costs half the loss, not its share of the voxels."""
+    import torch
+
+    from UNetSegmentLib.models.training.trainer import _dice_loss, _lesion_dice_loss
+
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[0, 2:18, 2:18] = 1  # large, found
+    target[0, 25:27, 25:27] = 1  # small, missed
+    logits = torch.full((2, 2, 32, 32), -20.0)
+    logits[:, 0] = 20.0
+    logits[0, :, 2:18, 2:18] = torch.tensor([-20.0, 20.0])[:, None, None]
+    assert float(_lesion_dice_loss(logits, target)) == pytest.approx((0 + (1 - 1 / 5)) / 2, abs=1e-6)
+    assert float(_dice_loss(logits, target)) < 0.05  # the batch Dice barely sees the miss
+    # the definition on random probabilities, with another lesion's voxels left out of each lesion's Dice
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 12, 12, generator=g)  # two lesion classes: a lesion is their union
+    target = torch.zeros(2, 12, 12, dtype=torch.long)
+    target[0, 1:4, 1:4], target[0, 3:6, 4:6], target[0, 8:11, 8:10] = 1, 2, 1  # the first two touch: one lesion
+    p = 1 - torch.softmax(logits, 1)[:, 0]
+    a = torch.zeros(12, 12)
+    a[1:4, 1:4] = 1
+    a[3:6, 4:6] = 1
+    b = torch.zeros(12, 12)
+    b[8:11, 8:10] = 1
+
+    def dice(pred, t):
+        return 1 - (2 * (pred * t).sum() + 1) / (pred.sum() + t.sum() + 1)
+
+    want = (dice(p[0] * (1 - b), a) + dice(p[0] * (1 - a), b)) / 2  # sample 1 has no lesion: not counted
+    assert torch.allclose(_lesion_dice_loss(logits, target), want)
+    assert float(_lesion_dice_loss(logits, torch.zeros_like(target))) == 0.0
+
+
+def test_lesion_dice_weight_is_checked(tmp_path):
+    from UNetSegmentLib.errors import UsageError
+
+    cfg = yaml.safe_load(_config(tmp_path, steps=2).read_text())
+    cfg["train"]["lesion_dice_weight"] = -1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UsageError, match="lesion_dice_weight is -1"):
+        trainer.train(bad, tmp_path / "out", log=lambda m: None)
+    cfg["train"]["lesion_dice_weight"] = 0.5
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(cfg))
+    meta = trainer.train(good, tmp_path / "out", log=lambda m: None)
+    assert meta["training"]["loss"] == "cross-entropy + soft Dice + 0.5 x lesion-wise Dice"
