@@ -415,8 +415,9 @@ def test_dice_loss_is_the_one_label_formula_and_the_mean_over_classes():
 
 
 def test_lesion_dice_loss_weighs_every_lesion_alike_and_leaves_the_others_out():
-    """Blob loss: the mean over lesions of each lesion's soft Dice, other lesions' voxels excluded; a
-    missed small lesion beside a found large one costs half the loss, not its share of the voxels."""
+    """Blob loss: per sample the mean over lesions of each lesion's soft Dice, other lesions' voxels
+    excluded, then the mean over samples holding a lesion; a missed small lesion beside a found large one
+    costs half the sample's loss, not its share of the voxels."""
     import torch
 
     from UNetSegmentLib.models.training.trainer import _dice_loss, _lesion_dice_loss
@@ -429,15 +430,22 @@ def test_lesion_dice_loss_weighs_every_lesion_alike_and_leaves_the_others_out():
     logits[0, :, 2:18, 2:18] = torch.tensor([-20.0, 20.0])[:, None, None]
     assert float(_lesion_dice_loss(logits, target)) == pytest.approx((0 + (1 - 1 / 5)) / 2, abs=1e-6)
     assert float(_dice_loss(logits, target)) < 0.05  # the batch Dice barely sees the miss
-    # the definition on random probabilities, with another lesion's voxels left out of each lesion's Dice
+    target[1, 5:7, 5:7] = 1  # a missed lesion alone in the second sample: that sample's loss is 0.8
+    assert float(_lesion_dice_loss(logits, target)) == pytest.approx((0.4 + 0.8) / 2, abs=1e-6)
+
+    # the definition on random probabilities: a lesion is the union of the lesion classes (here 1 and 2,
+    # not 3, an oedema-like class that counts as background), 8-connected in 2D
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 12, 12, generator=g)  # two lesion classes: a lesion is their union
+    logits = torch.randn(2, 4, 12, 12, generator=g, requires_grad=True)
     target = torch.zeros(2, 12, 12, dtype=torch.long)
-    target[0, 1:4, 1:4], target[0, 3:6, 4:6], target[0, 8:11, 8:10] = 1, 2, 1  # the first two touch: one lesion
-    p = 1 - torch.softmax(logits, 1)[:, 0]
+    target[0, 1:4, 1:4], target[0, 3:6, 4:6], target[0, 8:11, 8:10], target[0, 6, 6] = 1, 2, 1, 2  # (6,6) touches (5,5) diagonally
+    target[0, 0, 10:12] = 3
+    sm = torch.softmax(logits, 1)
+    p = sm[:, 1] + sm[:, 2]
     a = torch.zeros(12, 12)
     a[1:4, 1:4] = 1
     a[3:6, 4:6] = 1
+    a[6, 6] = 1
     b = torch.zeros(12, 12)
     b[8:11, 8:10] = 1
 
@@ -445,21 +453,42 @@ def test_lesion_dice_loss_weighs_every_lesion_alike_and_leaves_the_others_out():
         return 1 - (2 * (pred * t).sum() + 1) / (pred.sum() + t.sum() + 1)
 
     want = (dice(p[0] * (1 - b), a) + dice(p[0] * (1 - a), b)) / 2  # sample 1 has no lesion: not counted
-    assert torch.allclose(_lesion_dice_loss(logits, target), want)
-    assert float(_lesion_dice_loss(logits, torch.zeros_like(target))) == 0.0
+    got = _lesion_dice_loss(logits, target, (1, 2))
+    assert torch.allclose(got, want)
+    got.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    empty = _lesion_dice_loss(logits, torch.zeros_like(target), (1, 2))
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+    # 3D: 26-connected (two voxels touching at a corner are one lesion)
+    t3 = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    t3[0, 0, 0, 0] = t3[0, 1, 1, 1] = 1
+    l3 = torch.randn(1, 2, 4, 4, 4, generator=g)
+    p3 = torch.softmax(l3, 1)[0, 1]
+    assert torch.allclose(_lesion_dice_loss(l3, t3), dice(p3, t3[0].float()))
 
 
-def test_lesion_dice_weight_is_checked(tmp_path):
+@pytest.mark.parametrize("weight", [-1, float("inf"), float("nan"), True, "1"])
+def test_a_bad_lesion_dice_weight_is_refused_before_the_cases_are_made(tmp_path, weight):
     from UNetSegmentLib.errors import UsageError
 
     cfg = yaml.safe_load(_config(tmp_path, steps=2).read_text())
-    cfg["train"]["lesion_dice_weight"] = -1
+    cfg["train"]["lesion_dice_weight"] = weight
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(UsageError, match="lesion_dice_weight is -1"):
+    with pytest.raises(UsageError, match="lesion_dice_weight is"):
         trainer.train(bad, tmp_path / "out", log=lambda m: None)
-    cfg["train"]["lesion_dice_weight"] = 0.5
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_lesion_dice_term_trains_and_is_recorded(tmp_path):
+    cfg = yaml.safe_load(_config(tmp_path, steps=2).read_text())
+    cfg["train"].update(lesion_dice_weight=0.5, lr=0.002)
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(cfg))
     meta = trainer.train(good, tmp_path / "out", log=lambda m: None)
     assert meta["training"]["loss"] == "cross-entropy + soft Dice + 0.5 x lesion-wise Dice"
+    assert meta["training"]["lr"] == 0.002
+    cfg["train"].pop("lesion_dice_weight")
+    good.write_text(yaml.safe_dump(cfg))
+    assert trainer.train(good, tmp_path / "plain", log=lambda m: None)["training"]["loss"] == "cross-entropy + soft Dice"

@@ -214,34 +214,44 @@ def _dice_loss(logits, target):
     return torch.stack(losses).mean()
 
 
-def _lesion_dice_loss(logits, target):
-    """Lesion-wise soft Dice loss ("blob loss", Kofler et al. 2022), averaged over the lesions of the batch.
+def lesion_dice_weight(train_cfg: Mapping[str, Any]) -> float:
+    """``train.lesion_dice_weight`` (absent: 0, no lesion-wise term) checked: a finite number ≥ 0."""
+    w = train_cfg.get("lesion_dice_weight", 0.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+        raise UsageError(f"train.lesion_dice_weight is {w!r}", "give a finite number >= 0 (0 or absent: no lesion-wise Dice term)")
+    return float(w)
+
+
+def _lesion_dice_loss(logits, target, lesion_channels: tuple[int, ...] = (1,)):
+    """Lesion-wise soft Dice loss ("blob loss", Kofler et al. 2022).
 
     The batch Dice of :func:`_dice_loss` weighs each lesion by its voxels, so a small faint bleed next to
-    a large one barely moves it. Here every lesion (connected component of the labelled voxels, every
-    foreground class together, per sample, 8-connected in 2D and 26 in 3D) gets its own soft Dice of the
-    foreground probability ``1 − P(background)``, computed with the other lesions' voxels left out (so finding them is neither
-    rewarded nor penalised twice), and the lesions are averaged: each counts the same, whatever its size.
-    0 for a batch without lesions.
+    a large one barely moves it. Here every lesion (connected component of the lesion classes
+    ``lesion_channels`` together, per sample, 8-connected in 2D and 26 in 3D; other classes such as
+    oedema count as background) gets its own soft Dice of the lesion probability (the sum of those
+    channels' softmax), computed with the other lesions' voxels left out, so finding them is neither
+    rewarded nor penalised twice. The lesions of a sample are averaged, so each counts the same whatever
+    its size, and then the samples holding a lesion. 0 (with a gradient graph) for a batch without lesions.
     """
     import torch
     from scipy import ndimage
 
-    p = 1.0 - torch.softmax(logits.float(), 1)[:, 0]
-    fg = (target > 0).cpu().numpy()
+    p = torch.softmax(logits.float(), 1)[:, list(lesion_channels)].sum(1)
+    fg = np.isin(target.cpu().numpy(), lesion_channels)
     structure = np.ones((3,) * (fg.ndim - 1), bool)
-    losses = []
+    per_sample = []
     for b in range(fg.shape[0]):
         comps, n = ndimage.label(fg[b], structure)
         if not n:
             continue
-        comps_t = torch.from_numpy(comps).to(p.device)
-        background = (comps_t == 0).float()
-        for c in range(1, n + 1):
-            tc = (comps_t == c).float()
-            pc = p[b] * (background + tc)
-            losses.append(1 - (2 * (pc * tc).sum() + 1) / (pc.sum() + tc.sum() + 1))
-    return torch.stack(losses).mean() if losses else p.sum() * 0.0
+        ids = torch.from_numpy(comps.ravel().astype(np.int64)).to(p.device)
+        pb = p[b].reshape(-1)
+        inside = torch.zeros(n + 1, device=p.device, dtype=p.dtype).index_add(0, ids, pb)  # Σ p per lesion; [0]: background
+        size = torch.bincount(ids, minlength=n + 1).to(p.dtype)
+        # lesion c's prediction is p over the background and lesion c: Σ = inside[0] + inside[c]; overlap inside[c]
+        dice = 1 - (2 * inside[1:] + 1) / (inside[0] + inside[1:] + size[1:] + 1)
+        per_sample.append(dice.mean())
+    return torch.stack(per_sample).mean() if per_sample else p.sum() * 0.0
 
 
 def validate(net, files: list[Path], settings: RunSettings, every: int = 6) -> float:
@@ -304,6 +314,7 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     cfg = load_config(config_path)
     meta = copy.deepcopy(cfg["bundle"])
     tc = cfg["train"]
+    lesion_dice_weight(tc)  # a bad weight refused before the cases are made
     output_dir = Path(output_dir)
     work = output_dir / ".training"
     work.mkdir(parents=True, exist_ok=True)
@@ -434,7 +445,7 @@ class _Run:
         self.net, self.opt, self.sched, self.rng, self.settings = net, opt, sched, rng, settings
         self.checkpoint, self.config_sha = checkpoint, config_sha
         self.step, self.best, self.history = 0, -1.0, []
-        self.lesion_dice_weight = 0.0
+        self.lesion_dice_weight, self.lesion_channels = 0.0, (1,)
 
     @classmethod
     def start(cls, cfg: dict, settings: RunSettings, work: Path, log) -> "_Run":
@@ -450,13 +461,7 @@ class _Run:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
         cfg_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
         run = cls(net, opt, sched, np.random.default_rng(seed), settings, work / "checkpoint.pt", cfg_sha)
-        try:
-            run.lesion_dice_weight = float(tc.get("lesion_dice_weight", 0.0))
-        except (TypeError, ValueError):
-            run.lesion_dice_weight = float("nan")
-        if not run.lesion_dice_weight >= 0.0:
-            raise UsageError(f"train.lesion_dice_weight is {tc.get('lesion_dice_weight')}",
-                             "give a weight >= 0 (0 or absent: no lesion-wise Dice term)")
+        run.lesion_dice_weight, run.lesion_channels = lesion_dice_weight(tc), tuple(settings.model.lesion_channels)
         if run.checkpoint.exists():
             run._resume(work, log)
         elif tc.get("init_from"):
@@ -497,7 +502,7 @@ class _Run:
         logits = logits[0] if isinstance(logits, (list, tuple)) else logits
         loss = torch.nn.functional.cross_entropy(logits.float(), yt) + _dice_loss(logits, yt)
         if self.lesion_dice_weight:
-            loss = loss + self.lesion_dice_weight * _lesion_dice_loss(logits, yt)
+            loss = loss + self.lesion_dice_weight * _lesion_dice_loss(logits, yt, self.lesion_channels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -525,7 +530,7 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
         "train_seed": cfg["data"]["train_seed"], "val_seed": cfg["data"]["val_seed"], "steps": cfg["train"]["steps"],
         "batch_size": cfg["train"].get("batch_size", 12), "crop": cfg["train"].get("crop"), "seed": cfg["train"].get("seed", 0),
         "selection_split": selection_split(cfg["data"]), "lr": float(cfg["train"].get("lr", 2e-3)),
-        "loss": "cross-entropy + soft Dice" + (f" + {float(w)} x lesion-wise Dice" if (w := cfg["train"].get("lesion_dice_weight")) else ""),
+        "loss": "cross-entropy + soft Dice" + (f" + {w} x lesion-wise Dice" if (w := lesion_dice_weight(cfg["train"])) else ""),
         **({"extra_train": [e.record() for e in extra_cases(cfg["data"])]} if cfg["data"].get("extra_train") else {}),
         "best_val_dice_network_grid": round(best, 4), "minutes": round(minutes, 1), "device": str(device),
         "precision": precision, "host": f"{platform.machine()} {os.cpu_count()} CPU(s)", "history": history,
