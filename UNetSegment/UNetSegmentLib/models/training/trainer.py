@@ -214,6 +214,10 @@ def _dice_loss(logits, target):
     return torch.stack(losses).mean()
 
 
+#: ``train.lr`` when the config has none (AdamW, one-cycle schedule)
+DEFAULT_LR = 2e-3
+
+
 def lesion_dice_weight(train_cfg: Mapping[str, Any]) -> float:
     """``train.lesion_dice_weight`` (absent: 0, no lesion-wise term) checked: a finite number ≥ 0."""
     w = train_cfg.get("lesion_dice_weight", 0.0)
@@ -445,7 +449,7 @@ class _Run:
         self.net, self.opt, self.sched, self.rng, self.settings = net, opt, sched, rng, settings
         self.checkpoint, self.config_sha = checkpoint, config_sha
         self.step, self.best, self.history = 0, -1.0, []
-        self.lesion_dice_weight, self.lesion_channels = 0.0, (1,)
+        self.lesion_dice_weight = 0.0
 
     @classmethod
     def start(cls, cfg: dict, settings: RunSettings, work: Path, log) -> "_Run":
@@ -456,12 +460,12 @@ class _Run:
         seed = int(tc.get("seed", 0))
         torch.manual_seed(seed)
         net = build_network(arch["name"], **arch["kwargs"]).to(settings.device)
-        steps, lr = int(tc["steps"]), float(tc.get("lr", 2e-3))
+        steps, lr = int(tc["steps"]), float(tc.get("lr", DEFAULT_LR))
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=float(tc.get("weight_decay", 1e-4)))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
         cfg_sha = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
         run = cls(net, opt, sched, np.random.default_rng(seed), settings, work / "checkpoint.pt", cfg_sha)
-        run.lesion_dice_weight, run.lesion_channels = lesion_dice_weight(tc), tuple(settings.model.lesion_channels)
+        run.lesion_dice_weight = lesion_dice_weight(tc)
         if run.checkpoint.exists():
             run._resume(work, log)
         elif tc.get("init_from"):
@@ -502,7 +506,7 @@ class _Run:
         logits = logits[0] if isinstance(logits, (list, tuple)) else logits
         loss = torch.nn.functional.cross_entropy(logits.float(), yt) + _dice_loss(logits, yt)
         if self.lesion_dice_weight:
-            loss = loss + self.lesion_dice_weight * _lesion_dice_loss(logits, yt, self.lesion_channels)
+            loss = loss + self.lesion_dice_weight * _lesion_dice_loss(logits, yt, tuple(self.settings.model.lesion_channels))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -529,7 +533,7 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
         "generator": cfg["data"]["generator"], "train_cases": cfg["data"]["train_cases"], "val_cases": cfg["data"]["val_cases"],
         "train_seed": cfg["data"]["train_seed"], "val_seed": cfg["data"]["val_seed"], "steps": cfg["train"]["steps"],
         "batch_size": cfg["train"].get("batch_size", 12), "crop": cfg["train"].get("crop"), "seed": cfg["train"].get("seed", 0),
-        "selection_split": selection_split(cfg["data"]), "lr": float(cfg["train"].get("lr", 2e-3)),
+        "selection_split": selection_split(cfg["data"]), "lr": float(cfg["train"].get("lr", DEFAULT_LR)),
         "loss": "cross-entropy + soft Dice" + (f" + {w} x lesion-wise Dice" if (w := lesion_dice_weight(cfg["train"])) else ""),
         **({"extra_train": [e.record() for e in extra_cases(cfg["data"])]} if cfg["data"].get("extra_train") else {}),
         "best_val_dice_network_grid": round(best, 4), "minutes": round(minutes, 1), "device": str(device),
