@@ -468,15 +468,16 @@ def test_lesion_dice_loss_weighs_every_lesion_alike_and_leaves_the_others_out():
     assert torch.allclose(_lesion_dice_loss(l3, t3), dice(p3, t3[0].float()))
 
 
-@pytest.mark.parametrize("weight", [-1, float("inf"), float("nan"), True, "1"])
-def test_a_bad_lesion_dice_weight_is_refused_before_the_cases_are_made(tmp_path, weight):
+@pytest.mark.parametrize("key,value", [("lesion_dice_weight", v) for v in (-1, float("inf"), float("nan"), True, "1")]
+                         + [("skull_edge_negatives", v) for v in (-0.1, 1.5, float("nan"), True, "0.5")])
+def test_a_bad_loss_weight_or_crop_share_is_refused_before_the_cases_are_made(tmp_path, key, value):
     from UNetSegmentLib.errors import UsageError
 
     cfg = yaml.safe_load(_config(tmp_path, steps=2).read_text())
-    cfg["train"]["lesion_dice_weight"] = weight
+    cfg["train"][key] = value
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(UsageError, match="lesion_dice_weight is"):
+    with pytest.raises(UsageError, match=f"{key} is"):
         trainer.train(bad, tmp_path / "out", log=lambda m: None)
     assert not (tmp_path / "cache").exists()
 
@@ -492,3 +493,61 @@ def test_the_lesion_dice_term_trains_and_is_recorded(tmp_path):
     cfg["train"].pop("lesion_dice_weight")
     good.write_text(yaml.safe_dump(cfg))
     assert trainer.train(good, tmp_path / "plain", log=lambda m: None)["training"]["loss"] == "cross-entropy + soft Dice"
+
+
+CT_NORM = {"type": "ct", "clip": [-20.0, 120.0], "mean": 40.0, "std": 40.0}
+
+
+def _skull_slice(n=200, r_in=80, r_out=88) -> np.ndarray:
+    """A normalised axial slice: brain (30 HU) inside a bone ring (1000 HU, clipped), air outside."""
+    jj, ii = np.mgrid[:n, :n]
+    r = np.hypot(jj - n / 2, ii - n / 2)
+    hu = np.where(r < r_in, 30.0, np.where(r < r_out, 1000.0, -1000.0))
+    return ((np.clip(hu, *CT_NORM["clip"]) - CT_NORM["mean"]) / CT_NORM["std"]).astype(np.float32)
+
+
+def test_skull_edge_rim_is_the_brain_next_to_bone():
+    from UNetSegmentLib.errors import UsageError
+
+    SE = trainer.SkullEdgeNegatives
+    assert SE.from_config(None, CT_NORM) is None and SE.from_config(0, CT_NORM) is None
+    with pytest.raises(UsageError, match="reaches bone"):
+        SE.from_config(0.5, {**CT_NORM, "clip": [-20.0, 100.0]})
+    with pytest.raises(UsageError, match="CT input"):
+        SE.from_config(0.5, {"type": "zscore"})
+    edge = SE.from_config(0.5, CT_NORM)
+    sl = _skull_slice()
+    rim = edge.rim(sl)
+    n = sl.shape[0]
+    r = np.hypot(*(np.mgrid[:n, :n] - n / 2))
+    assert rim.any()
+    assert np.all((r[rim] < 80) & (r[rim] >= 80 - SE.EDGE_PX - 1))  # brain within EDGE_PX (8-connected) of the ring
+    assert not rim[r < 80 - SE.EDGE_PX - 1].any() and not rim[r >= 80].any()  # no deep brain, bone or air
+    assert not edge.rim(np.full((20, 20), -0.25, np.float32)).any()  # no bone: no rim
+
+
+def test_skull_edge_negatives_centre_crops_on_the_rim(tmp_path):
+    x = np.stack([_skull_slice()] * 3)[None]  # C=1, K=3
+    y = np.zeros(x.shape[1:], np.uint8)
+    f = tmp_path / "case.npz"
+    np.savez(f, x=x, y=y)
+    edge = trainer.SkullEdgeNegatives.from_config(1.0, CT_NORM)
+    rim = edge.rim(x[0, 1])
+
+    def crops(skull_edge):
+        s = trainer._Sampler([f], 1, (24, 24), np.random.default_rng(0), 0.0, skull_edge=skull_edge)
+        return [s.patch()[0][1] for _ in range(40)]  # the centre channel
+
+    with_rim = [c for c in crops(edge) if edge.rim(c).any()]
+    plain = [c for c in crops(None) if edge.rim(c).any()]
+    assert len(with_rim) == 40  # every negative crop holds the rim it was centred on
+    assert len(plain) < 30  # plain negatives, centred anywhere in the head, often do not
+    assert rim.sum() < 0.1 * (x[0, 1] > x[0, 1].min() + 0.05).sum()
+
+
+def test_skull_edge_negatives_train_and_are_recorded(tmp_path):
+    cfg = yaml.safe_load(_config(tmp_path, steps=2).read_text())
+    cfg["train"]["skull_edge_negatives"] = 0.5
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(cfg))
+    assert trainer.train(good, tmp_path / "out", log=lambda m: None)["training"]["skull_edge_negatives"] == 0.5
