@@ -498,15 +498,18 @@ def test_the_lesion_dice_term_trains_and_is_recorded(tmp_path):
 CT_NORM = {"type": "ct", "clip": [-20.0, 120.0], "mean": 40.0, "std": 40.0}
 
 
-def _skull_slice(n=200, r_in=80, r_out=88) -> np.ndarray:
-    """A normalised axial slice: brain (30 HU) inside a bone ring (1000 HU, clipped), air outside."""
+def _skull_slice(n=200, r_in=80, r_out=88, gap=False) -> np.ndarray:
+    """A normalised axial slice: brain (30 HU) inside a bone ring (1000 HU, clipped), scalp (40 HU) 4 px
+    around it, air outside; ``gap``: the ring open on one side (a craniectomy, the foramen magnum)."""
     jj, ii = np.mgrid[:n, :n]
     r = np.hypot(jj - n / 2, ii - n / 2)
-    hu = np.where(r < r_in, 30.0, np.where(r < r_out, 1000.0, -1000.0))
+    hu = np.where(r < r_in, 30.0, np.where(r < r_out, 1000.0, np.where(r < r_out + 4, 40.0, -1000.0)))
+    if gap:
+        hu[(r >= r_in) & (r < r_out) & (np.abs(jj - n / 2) < 10) & (ii > n / 2)] = 30.0
     return ((np.clip(hu, *CT_NORM["clip"]) - CT_NORM["mean"]) / CT_NORM["std"]).astype(np.float32)
 
 
-def test_skull_edge_rim_is_the_brain_next_to_bone():
+def test_skull_edge_rim_is_the_unlabelled_brain_inside_the_skull_next_to_bone():
     from UNetSegmentLib.errors import UsageError
 
     SE = trainer.SkullEdgeNegatives
@@ -516,33 +519,32 @@ def test_skull_edge_rim_is_the_brain_next_to_bone():
     with pytest.raises(UsageError, match="CT input"):
         SE.from_config(0.5, {"type": "zscore"})
     edge = SE.from_config(0.5, CT_NORM)
-    sl = _skull_slice()
-    rim = edge.rim(sl)
-    n = sl.shape[0]
+    n, d = 200, SE.EDGE_PX + 1  # 8-connected dilation: up to EDGE_PX·√2 px away
     r = np.hypot(*(np.mgrid[:n, :n] - n / 2))
-    assert rim.any()
-    assert np.all((r[rim] < 80) & (r[rim] >= 80 - SE.EDGE_PX - 1))  # brain within EDGE_PX (8-connected) of the ring
-    assert not rim[r < 80 - SE.EDGE_PX - 1].any() and not rim[r >= 80].any()  # no deep brain, bone or air
+    rim = edge.rim(_skull_slice())
+    assert rim.any() and np.all((r[rim] < 80) & (r[rim] >= 80 - d))  # the brain within EDGE_PX of the inner table
+    assert not rim[r >= 80].any()  # neither bone nor the scalp outside the ring
+    label = np.zeros((n, n), np.uint8)
+    label[(r < 80) & (r >= 76) & (np.mgrid[:n, :n][0] < n / 2)] = 1  # a subdural bleed along half the table
+    assert not (edge.rim(_skull_slice(), label) & (label > 0)).any() and edge.rim(_skull_slice(), label).any()
+    open_rim = edge.rim(_skull_slice(gap=True))  # no closed ring: both sides of the bone
+    assert open_rim[(r >= 88) & (r < 92)].any() and open_rim[r < 80].any()
     assert not edge.rim(np.full((20, 20), -0.25, np.float32)).any()  # no bone: no rim
 
 
 def test_skull_edge_negatives_centre_crops_on_the_rim(tmp_path):
     x = np.stack([_skull_slice()] * 3)[None]  # C=1, K=3
-    y = np.zeros(x.shape[1:], np.uint8)
     f = tmp_path / "case.npz"
-    np.savez(f, x=x, y=y)
+    np.savez(f, x=x, y=np.zeros(x.shape[1:], np.uint8))
     edge = trainer.SkullEdgeNegatives.from_config(1.0, CT_NORM)
-    rim = edge.rim(x[0, 1])
 
-    def crops(skull_edge):
-        s = trainer._Sampler([f], 1, (24, 24), np.random.default_rng(0), 0.0, skull_edge=skull_edge)
-        return [s.patch()[0][1] for _ in range(40)]  # the centre channel
+    def centred_on_rim(skull_edge, n=40):
+        """How many crops hold rim in their central half (where the sampler puts the voxel it drew)."""
+        s = trainer._Sampler([f], 1, (16, 16), np.random.default_rng(0), 0.0, skull_edge=skull_edge)
+        return sum(bool(edge.rim(c)[4:12, 4:12].any()) for c in (s.patch()[0][1] for _ in range(n)))
 
-    with_rim = [c for c in crops(edge) if edge.rim(c).any()]
-    plain = [c for c in crops(None) if edge.rim(c).any()]
-    assert len(with_rim) == 40  # every negative crop holds the rim it was centred on
-    assert len(plain) < 30  # plain negatives, centred anywhere in the head, often do not
-    assert rim.sum() < 0.1 * (x[0, 1] > x[0, 1].min() + 0.05).sum()
+    assert centred_on_rim(edge) == 40
+    assert centred_on_rim(None) < 25  # centred anywhere in the head, most crops miss the rim
 
 
 def test_skull_edge_negatives_train_and_are_recorded(tmp_path):

@@ -9,8 +9,9 @@ in one basin; the interpolated network costs nothing at inference.
 
 ``weights = (1 - alpha) * start + alpha * end`` for every floating-point tensor, BatchNorm running
 statistics included; integer counters (``num_batches_tracked``) are taken from ``end``. The written
-bundle is ``end``'s model.json with the new version, the new weights' digest, the interpolation
-recorded under ``training.interpolation``, and no ``calibration``: a temperature fitted to either
+bundle is ``end``'s model.json with the new version, the new weights' digest, ``training`` replaced
+by ``training.interpolation`` (both ends, with the fine-tune's own record under ``end``: the mix was
+not trained), and no ``calibration``: a temperature fitted to either
 end does not hold for the mix and must be fitted again (``calibrate``).
 
 ``python -m UNetSegmentLib.models.training.interpolate --start DIR --end DIR --alpha 0.5 --version 1.2.8 --output-dir DIR``
@@ -21,11 +22,15 @@ import argparse
 import copy
 import json
 import math
+import os
+import shutil
+import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ...errors import ModelError, UsageError
+from ...errors import ModelError, UNetSegmentError, UsageError
 from ...io.writers import write_text
 from ..bundle import Bundle, load_bundle, load_weights, save_weights, sha256_file, validate_meta
 
@@ -51,8 +56,8 @@ def interpolate_states(start: Mapping[str, Any], end: Mapping[str, Any], alpha: 
     out = {}
     for name, b in end.items():
         a = start[name]
-        if tuple(a.shape) != tuple(b.shape):
-            raise ModelError(f"weight {name} has shape {tuple(a.shape)} in start and {tuple(b.shape)} in end",
+        if tuple(a.shape) != tuple(b.shape) or a.is_floating_point() != b.is_floating_point():
+            raise ModelError(f"weight {name} is {a.dtype} {tuple(a.shape)} in start and {b.dtype} {tuple(b.shape)} in end",
                              "interpolate a bundle with a fine-tuned copy of itself")
         out[name] = (a.double() * (1 - alpha) + b.double() * alpha).to(b.dtype) if b.is_floating_point() else b.clone()
     return out
@@ -71,35 +76,49 @@ def _same_network(start: Bundle, end: Bundle) -> None:
 
 
 def interpolate_bundle(start_dir: Path, end_dir: Path, alpha: float, output_dir: Path, version: str) -> dict:
-    """Write the interpolated bundle into ``output_dir`` (new or empty); its model.json."""
+    """Write the interpolated bundle into ``output_dir`` (new or empty); its model.json.
+
+    The bundle is assembled in a sibling folder and moved into place only when complete, so a refused
+    or interrupted run leaves ``output_dir`` as it was."""
     alpha = check_alpha(alpha)
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise UsageError(f"{output_dir} already holds files", "give a new or empty --output-dir")
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise UsageError(f"{output_dir} already exists and is not an empty folder", "give a new or empty --output-dir")
     start, end = load_bundle(start_dir), load_bundle(end_dir)
     _same_network(start, end)
-    init = end.meta.get("training", {}).get("init_from", {})
+    end_training = end.meta.get("training") or {}
+    init_sha = (end_training.get("init_from") or {}).get("sha256")
     start_sha = start.meta["weights"]["sha256"]
-    if init.get("sha256") not in (None, start_sha):
-        raise ModelError(f"{end.name} {end.version} was fine-tuned from weights {init['sha256'][:12]}…, not from "
+    if init_sha != start_sha:
+        said = f"weights {init_sha[:12]}…" if init_sha else "no recorded weights (model.json training.init_from)"
+        raise ModelError(f"{end.name} {end.version} was fine-tuned from {said}, not from "
                          f"{start.name} {start.version} ({start_sha[:12]}…)",
-                         "give the bundle it was fine-tuned from as --start")
+                         "give as --end a bundle trained with train.init_from = --start's weights")
     state = interpolate_states(load_weights(start.weights_path), load_weights(end.weights_path), alpha)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    wfile = output_dir / "model.safetensors"
-    save_weights(state, wfile)
     meta = copy.deepcopy(end.meta)
     meta["version"] = version
     meta.pop("calibration", None)
-    meta["weights"] = {"file": wfile.name, "sha256": sha256_file(wfile)}
-    meta.setdefault("training", {})["interpolation"] = {
+    # the mix was not trained: the fine-tune's record (steps, history, best Dice) is kept as the end's
+    meta["training"] = {"interpolation": {
         "method": "WiSE-FT (Wortsman et al. 2022): (1 - alpha) * start + alpha * end",
         "alpha": alpha,
         "start": {"name": start.name, "version": start.version, "sha256": start_sha},
-        "end": {"name": end.name, "version": end.version, "sha256": end.meta["weights"]["sha256"]},
-    }
-    validate_meta(meta, "interpolated model.json")
-    write_text(output_dir / "model.json", json.dumps(meta, indent=2) + "\n")
+        "end": {"name": end.name, "version": end.version, "sha256": end.meta["weights"]["sha256"], "training": end_training},
+    }}
+    meta["weights"] = {"file": "model.safetensors", "sha256": "0" * 64}
+    validate_meta(meta, "interpolated model.json")  # a bad --version refused before anything is written
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex[:12]}"
+    work.mkdir()  # a plain mkdir: the folder gets the mode the umask gives (mkdtemp's would be 0700)
+    try:
+        save_weights(state, work / "model.safetensors")
+        meta["weights"]["sha256"] = sha256_file(work / "model.safetensors")
+        write_text(work / "model.json", json.dumps(meta, indent=2) + "\n")
+        if output_dir.exists():
+            output_dir.rmdir()  # empty (checked above)
+        os.replace(work, output_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return meta
 
 
@@ -111,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", required=True, help="version of the written bundle, e.g. 1.2.8")
     ap.add_argument("--output-dir", required=True, type=Path, help="new or empty folder for the bundle")
     a = ap.parse_args(argv)
-    meta = interpolate_bundle(a.start, a.end, a.alpha, a.output_dir, a.version)
+    try:
+        meta = interpolate_bundle(a.start, a.end, a.alpha, a.output_dir, a.version)
+    except UNetSegmentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     print(f"{meta['name']} {meta['version']}: alpha {a.alpha} between {a.start} and {a.end} -> {a.output_dir}")
     return 0
 

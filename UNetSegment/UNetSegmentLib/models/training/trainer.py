@@ -87,12 +87,16 @@ class HardLesions:
 
 @dataclass(frozen=True)
 class SkullEdgeNegatives:
-    """A ``share`` of the negative crops centred on the brain side of the skull's inner table: a voxel of
-    brain density (``brain_min`` to ``brain_max``, normalised units) within ``EDGE_PX`` pixels of bone (at or
-    above ``bone_min``). The false lesions of a fine-tune on low-contrast bleeds (1.2.6's recipe) sat
-    there: 13 of 15 on the tune split within 2 mm of bone, 8 of those in the top or bottom quarter of
-    the slices, where the skull runs along the slice and partial volume leaves a bright rim. Plain
-    negatives, centred anywhere in the head, rarely put that rim in the middle of a crop."""
+    """A ``share`` of the negative crops centred on the brain side of the skull's inner table: a pixel of
+    brain density (0–80 HU: ``brain_min`` to ``brain_max`` in normalised units) within ``EDGE_PX`` pixels
+    (8-connected) of bone, that is of the clip's ceiling, 120 HU (``bone_min``; calcifications and bone's
+    partial volume reach it too), inside the skull when the slice's bone ring is closed (else on either
+    side of the bone, so the scalp may be drawn too), and not labelled (a bleed against the skull is a
+    lesion, not a negative). The false lesions of a fine-tune on low-contrast bleeds (1.2.6's recipe)
+    sat there: 13 of 15 on the tune split within 2 mm of bone (≥ 200 HU in that analysis), 8 of those in
+    the top or bottom quarter of the slices, where the skull runs along the slice and partial volume
+    leaves a bright rim. Plain negatives, centred anywhere in the head, rarely put that rim in the
+    middle of a crop."""
 
     share: float
     bone_min: float
@@ -115,15 +119,19 @@ class SkullEdgeNegatives:
         to_norm = lambda hu: (hu - float(normalization["mean"])) / float(normalization["std"])  # noqa: E731
         return cls(float(share), to_norm(cls.BONE_HU), to_norm(cls.BRAIN_HU[0]), to_norm(cls.BRAIN_HU[1]))
 
-    def rim(self, sl: np.ndarray) -> np.ndarray:
-        """The rim pixels of one normalised slice (boolean, same shape)."""
+    def rim(self, sl: np.ndarray, label: np.ndarray | None = None) -> np.ndarray:
+        """The rim pixels of one normalised slice (boolean, same shape), none of them in ``label``."""
         from scipy import ndimage
 
         bone = sl >= self.bone_min - 1e-6
         if not bone.any():
             return bone
         near = ndimage.binary_dilation(bone, np.ones((3, 3), bool), iterations=self.EDGE_PX)
-        return near & ~bone & (sl >= self.brain_min) & (sl <= self.brain_max)
+        rim = near & ~bone & (sl >= self.brain_min) & (sl <= self.brain_max)
+        inside = ndimage.binary_fill_holes(bone) & ~bone
+        if (rim & inside).any():
+            rim &= inside
+        return rim if label is None else rim & (label == 0)
 
 
 class _Sampler:
@@ -189,7 +197,7 @@ class _Sampler:
         else:  # negatives centred in the head (where mimics are), not in the air around it
             where = xs[self.context] > xs[self.context].min() + 0.05
             if self.skull_edge is not None and rng.random() < self.skull_edge.share:  # drawn only then
-                rim = self.skull_edge.rim(xs[self.context])
+                rim = self.skull_edge.rim(xs[self.context], ys)
                 where = rim if rim.any() else where
             jj, ii = np.nonzero(where)
         if jj.size:
@@ -367,6 +375,8 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     tc = cfg["train"]
     lesion_dice_weight(tc)  # a bad weight or share refused before the cases are made
     edge = SkullEdgeNegatives.from_config(tc.get("skull_edge_negatives"), meta["inputs"][0]["normalization"])
+    if edge is not None and meta.get("dimensions") == "3d":
+        raise UsageError("train.skull_edge_negatives is implemented for 2D/2.5D models", "remove train.skull_edge_negatives")
     output_dir = Path(output_dir)
     work = output_dir / ".training"
     work.mkdir(parents=True, exist_ok=True)
@@ -378,8 +388,6 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
     hard = HardLesions.from_config(tc.get("hard_lesions"), meta["inputs"][0]["normalization"])
     if hard is not None and settings.model.spatial_dims == 3:
         raise UsageError("train.hard_lesions is implemented for 2D/2.5D models", "remove train.hard_lesions")
-    if edge is not None and settings.model.spatial_dims == 3:
-        raise UsageError("train.skull_edge_negatives is implemented for 2D/2.5D models", "remove train.skull_edge_negatives")
     balanced = bool(tc.get("class_balanced", False))
     if balanced and settings.model.spatial_dims == 3:
         raise UsageError("train.class_balanced is implemented for 2D/2.5D models", "remove train.class_balanced")
