@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import sys
@@ -33,11 +32,12 @@ from typing import Any
 from ...errors import ModelError, UNetSegmentError, UsageError
 from ...io.writers import write_text
 from ..bundle import Bundle, load_bundle, load_weights, save_weights, sha256_file, validate_meta
+from .trainer import real_number
 
 
 def check_alpha(alpha: Any) -> float:
     """``alpha`` as a float in [0, 1]; anything else refused, naming the value."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+    if not real_number(alpha) or not 0 <= alpha <= 1:
         raise UsageError(f"--alpha {alpha!r} is not a number from 0 to 1",
                          "give the share of the fine-tuned weights, e.g. --alpha 0.5 (0: start's weights, 1: end's)")
     return float(alpha)

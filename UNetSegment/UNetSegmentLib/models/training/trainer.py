@@ -46,6 +46,16 @@ def load_config(path: Path) -> dict:
     return cfg
 
 
+def real_number(value: Any) -> bool:
+    """A finite int or float from a config or an argument (not a bool, a string or None)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def hu_to_network(hu: float, normalization: Mapping[str, Any]) -> float:
+    """``hu`` in a CT input's normalised units (the value the network sees), clipped to its window."""
+    return (float(np.clip(float(hu), *normalization["clip"])) - float(normalization["mean"])) / float(normalization["std"])
+
+
 @dataclass(frozen=True)
 class HardLesions:
     """Lesions the sampler centres an extra ``share`` of its lesion crops on: faint (mean of channel 0 below
@@ -67,8 +77,7 @@ class HardLesions:
         share = float(spec["share"])
         if not 0.0 < share <= 1.0:
             raise UsageError(f"train.hard_lesions.share is {share}", "give a share of the lesion crops in (0, 1]")
-        hu = float(np.clip(float(spec["max_hu"]), *normalization["clip"]))
-        return cls((hu - float(normalization["mean"])) / float(normalization["std"]), int(spec["max_area_mm2"]),
+        return cls(hu_to_network(spec["max_hu"], normalization), int(spec["max_area_mm2"]),
                    int(spec.get("min_voxels", 100)), share)
 
     def find(self, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
@@ -109,15 +118,14 @@ class SkullEdgeNegatives:
     @classmethod
     def from_config(cls, share: Any, normalization: dict) -> "SkullEdgeNegatives | None":
         """``train.skull_edge_negatives: SHARE`` (absent or 0: none) for a CT model whose clip reaches bone."""
-        if share is None or (not isinstance(share, bool) and isinstance(share, (int, float)) and share == 0):
+        if share is None or (real_number(share) and share == 0):
             return None
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not np.isfinite(share) or not 0 < share <= 1:
+        if not real_number(share) or not 0 < share <= 1:
             raise UsageError(f"train.skull_edge_negatives is {share!r}", "give a share of the negative crops in (0, 1], or remove it")
         if normalization.get("type") != "ct" or float(normalization["clip"][1]) < cls.BONE_HU:
             raise UsageError("train.skull_edge_negatives needs a CT input whose clip reaches bone (>= 120 HU)",
                              "remove train.skull_edge_negatives")
-        to_norm = lambda hu: (hu - float(normalization["mean"])) / float(normalization["std"])  # noqa: E731
-        return cls(float(share), to_norm(cls.BONE_HU), to_norm(cls.BRAIN_HU[0]), to_norm(cls.BRAIN_HU[1]))
+        return cls(float(share), *(hu_to_network(hu, normalization) for hu in (cls.BONE_HU, *cls.BRAIN_HU)))
 
     def rim(self, sl: np.ndarray, label: np.ndarray | None = None) -> np.ndarray:
         """The rim pixels of one normalised slice (boolean, same shape), none of them in ``label``."""
@@ -146,9 +154,9 @@ class _Sampler:
                  hard: HardLesions | None = None, class_balanced: bool = False,
                  skull_edge: SkullEdgeNegatives | None = None):
         self.cases = [np.load(f) for f in files]
-        self.skull_edge = skull_edge
         self.cases = [(c["x"], c["y"]) for c in self.cases]
         self.context, self.crop, self.rng, self.lesion_fraction = context, crop, rng, lesion_fraction
+        self.skull_edge = skull_edge
         self.lesion_slices = [np.flatnonzero(y.reshape(y.shape[0], -1).any(1)) for _, y in self.cases]
         self.channel_min = [x.reshape(x.shape[0], -1).min(1) for x, _ in self.cases]
         self.hard_share = hard.share if hard is not None else 0.0
@@ -276,7 +284,7 @@ DEFAULT_LR = 2e-3
 def lesion_dice_weight(train_cfg: Mapping[str, Any]) -> float:
     """``train.lesion_dice_weight`` (absent: 0, no lesion-wise term) checked: a finite number ≥ 0."""
     w = train_cfg.get("lesion_dice_weight", 0.0)
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not np.isfinite(w) or w < 0:
+    if not real_number(w) or w < 0:
         raise UsageError(f"train.lesion_dice_weight is {w!r}", "give a finite number >= 0 (0 or absent: no lesion-wise Dice term)")
     return float(w)
 
