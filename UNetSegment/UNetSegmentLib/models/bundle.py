@@ -229,6 +229,20 @@ def save_weights(state: dict, path: Path) -> None:
         Path(tmp).write_bytes(data)
 
 
+def write_bundle_files(folder: Path, state: dict, meta: dict, where: str) -> dict:
+    """Write a bundle's two files into ``folder``: ``state`` as model.safetensors, then model.json, which is
+    ``meta`` with the weights' file name and digest (the returned copy), checked (``where`` names it in
+    the error) before it is written."""
+    from ..io.writers import write_text
+
+    folder = Path(folder)
+    save_weights(state, folder / "model.safetensors")
+    meta = {**meta, "weights": {"file": "model.safetensors", "sha256": sha256_file(folder / "model.safetensors")}}
+    validate_meta(meta, where)
+    write_text(folder / "model.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def load_weights(path: Path) -> dict:
     """Tensors from ``.safetensors`` or a plain state dict ``.pt`` (``weights_only=True``)."""
     import torch

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import sys
@@ -30,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ModelError, UNetSegmentError, UsageError
-from ...io.writers import write_text
-from ..bundle import Bundle, load_bundle, load_weights, save_weights, sha256_file, validate_meta
+from ..bundle import Bundle, load_bundle, load_weights, validate_meta, write_bundle_files
 from .trainer import real_number
 
 
@@ -111,9 +109,7 @@ def interpolate_bundle(start_dir: Path, end_dir: Path, alpha: float, output_dir:
     work = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex[:12]}"
     work.mkdir()  # a plain mkdir: the folder gets the mode the umask gives (mkdtemp's would be 0700)
     try:
-        save_weights(state, work / "model.safetensors")
-        meta["weights"]["sha256"] = sha256_file(work / "model.safetensors")
-        write_text(work / "model.json", json.dumps(meta, indent=2) + "\n")
+        meta = write_bundle_files(work, state, meta, "interpolated model.json")
         if output_dir.exists():
             output_dir.rmdir()  # empty (checked above)
         os.replace(work, output_dir)

@@ -27,10 +27,10 @@ from ...engine.inference import slice_with_context, sliding_window, softmax_pred
 from ...engine.labels import labels_from_probabilities
 from ...engine.windows import plan_windows
 from ...errors import UsageError
-from ...io.writers import atomic_path, write_text
+from ...io.writers import atomic_path
 from ...params import SegmentParams
 from ...settings import RunSettings, resolve
-from ..bundle import load_weights, save_weights, sha256_file, validate_meta
+from ..bundle import load_weights, sha256_file, write_bundle_files
 from ..networks import build_network, count_parameters
 from .cases import TRAINING, VALIDATION, build_cache, extra_cases, extra_validation_sets, split_seeds
 
@@ -590,11 +590,8 @@ class _Run:
 
 def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: list, best: float, minutes: float,
                  device, precision: str, net) -> dict:
-    wfile = output_dir / "model.safetensors"
-    save_weights(state, wfile)
     meta = copy.deepcopy(meta)
     meta["architecture"]["parameters"] = count_parameters(net)
-    meta["weights"] = {"file": wfile.name, "sha256": sha256_file(wfile)}
     meta["training"] = {
         "generator": cfg["data"]["generator"], "train_cases": cfg["data"]["train_cases"], "val_cases": cfg["data"]["val_cases"],
         "train_seed": cfg["data"]["train_seed"], "val_seed": cfg["data"]["val_seed"], "steps": cfg["train"]["steps"],
@@ -609,6 +606,4 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
     init = cfg["train"].get("init_from")
     if init:
         meta["training"]["init_from"] = {k: init[k] for k in ("version", "sha256", "minutes") if k in init}
-    validate_meta(meta, "generated model.json")
-    write_text(output_dir / "model.json", json.dumps(meta, indent=2) + "\n")
-    return meta
+    return write_bundle_files(output_dir, state, meta, "generated model.json")
