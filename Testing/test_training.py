@@ -553,3 +553,44 @@ def test_skull_edge_negatives_train_and_are_recorded(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(cfg))
     assert trainer.train(good, tmp_path / "out", log=lambda m: None)["training"]["skull_edge_negatives"] == 0.5
+
+
+def test_wider_context_starts_from_the_narrower_weights_with_the_same_output(tmp_path):
+    """A 5-slice (context 2) network initialised from 3-slice weights answers as they do, whatever its
+    new outer slices hold, and trains; a narrower or wrongly shaped start is refused."""
+    import torch
+
+    from UNetSegmentLib.errors import UsageError
+    from UNetSegmentLib.models.bundle import sha256_file
+    from UNetSegmentLib.models.networks import build_network
+
+    kw = {"spatial_dims": 2, "out_channels": 2, "base_channels": 4, "depth": 2}
+    narrow = build_network("unet", in_channels=3, **kw).eval()
+    wide = build_network("unet", in_channels=5, **kw).eval()
+    wide.load_state_dict(trainer.expand_input_context(narrow.state_dict(), wide.state_dict(), 1, 1))
+    x = torch.randn(2, 5, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(wide(x), narrow(x[:, 1:4]), atol=1e-5)
+    two = build_network("unet", in_channels=10, **kw).state_dict()  # two modalities, 5 slices each
+    grown = trainer.expand_input_context(build_network("unet", in_channels=6, **kw).state_dict(), two, 2, 1)
+    first = next(k for k, v in two.items() if v.ndim == 4 and v.shape[1] == 10)
+    assert grown[first][:, [0, 4, 5, 9]].abs().sum() == 0 and grown[first][:, [1, 2, 3, 6, 7, 8]].abs().sum() > 0
+    with pytest.raises(UsageError, match="only the context slices may differ"):
+        trainer.expand_input_context(wide.state_dict(), narrow.state_dict(), 1, 2)
+
+    first_cfg = _config(tmp_path, steps=2)
+    trainer.train(first_cfg, tmp_path / "a", log=lambda m: None)
+    cfg = yaml.safe_load(first_cfg.read_text())
+    cfg["bundle"]["context_slices"] = 2
+    cfg["bundle"]["architecture"]["kwargs"]["in_channels"] = 5
+    weights = tmp_path / "a" / "model.safetensors"
+    cfg["train"]["init_from"] = {"file": "a/model.safetensors", "sha256": sha256_file(weights), "context_slices": 1}
+    wider = tmp_path / "wide.yaml"
+    wider.write_text(yaml.safe_dump(cfg))
+    logs: list[str] = []
+    meta = trainer.train(wider, tmp_path / "b", log=logs.append)
+    assert meta["context_slices"] == 2 and any("1 context slices each side widened to 2" in l for l in logs)
+    cfg["train"]["init_from"]["context_slices"] = 3
+    wider.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UsageError, match="more than the 2 neighbouring slices"):
+        trainer.train(wider, tmp_path / "c", log=lambda m: None)

@@ -434,6 +434,14 @@ def train(config_path: Path, output_dir: Path, log=print) -> dict:
                         settings.precision, run.net)
 
 
+def context_slices(value: Any) -> int:
+    """``train.init_from.context_slices``: the starting weights' neighbouring slices on each side (≥ 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"train.init_from.context_slices must be a whole number ≥ 0, not {value!r}",
+                         "give the context_slices of the bundle the weights come from (e.g. 1)")
+    return value
+
+
 def expand_output_classes(state: Mapping[str, Any], target: Mapping[str, Any], class_map: list[int]) -> dict:
     """``state`` (a trained network's weights) reshaped for a network with more output classes.
 
@@ -458,6 +466,38 @@ def expand_output_classes(state: Mapping[str, Any], target: Mapping[str, Any], c
     return out
 
 
+def expand_input_context(state: Mapping[str, Any], target: Mapping[str, Any], n_inputs: int, from_context: int) -> dict:
+    """``state`` (a 2.5D network trained with ``from_context`` neighbouring slices on each side) reshaped
+    for a network that sees more neighbours.
+
+    A 2.5D network's input holds, channel by channel, each modality's ``2·context + 1`` slices in order
+    (:func:`~UNetSegmentLib.engine.inference.slice_with_context`). The trained kernels go to the same
+    slices (the centre and its trained neighbours); the new outer slices start at zero, so the expanded
+    network's output is the trained network's exactly until training moves them. Only tensors whose
+    second dimension is the input channel count change; every other tensor must match ``target``.
+    """
+    import torch
+
+    out = {}
+    old_width = 2 * from_context + 1
+    for name, value in state.items():
+        want = target[name].shape if name in target else None
+        if want is None or value.shape == want:
+            out[name] = value
+            continue
+        new_width, rest = divmod(want[1], n_inputs) if len(want) > 1 else (0, 1)
+        if (rest or value.shape[1] != n_inputs * old_width or new_width < old_width or (new_width - old_width) % 2
+                or value.shape[0] != want[0] or value.shape[2:] != want[2:]):
+            raise UsageError(f"train.init_from: {name} has shape {tuple(value.shape)}, the network needs {tuple(want)}",
+                             "start from weights of the same architecture (only the context slices may differ)")
+        grown = torch.zeros(want, dtype=value.dtype)
+        pad = (new_width - old_width) // 2
+        for m in range(n_inputs):
+            grown[:, m * new_width + pad: m * new_width + pad + old_width] = value[:, m * old_width:(m + 1) * old_width]
+        out[name] = grown
+    return out
+
+
 def _init_weights_spec(cfg: dict, config_path: Path) -> dict | None:
     """``train.init_from: {file, sha256}`` (file relative to the config) checked and made absolute.
 
@@ -467,6 +507,12 @@ def _init_weights_spec(cfg: dict, config_path: Path) -> dict | None:
     spec = cfg["train"].get("init_from")
     if not spec:
         return None
+    if "context_slices" in spec:  # refused before the cases are made
+        widest = int(cfg["bundle"].get("context_slices", 0)) if cfg["bundle"].get("dimensions") == "2.5d" else 0
+        if context_slices(spec["context_slices"]) > widest:
+            raise UsageError(f"train.init_from.context_slices is {spec['context_slices']}, more than the "
+                             f"{widest} neighbouring slices the bundle's network sees",
+                             "widen bundle.context_slices (a 2.5D model), or give the starting bundle's own value")
     path = (config_path.parent / spec["file"]).resolve()
     if not path.is_file() or sha256_file(path) != spec["sha256"]:
         raise UsageError(f"the starting weights {path} are missing or are not the ones the config names "
@@ -539,9 +585,15 @@ class _Run:
             class_map = tc["init_from"].get("class_map")
             if class_map is not None:
                 state = expand_output_classes(state, net.state_dict(), class_map)
+            from_context = tc["init_from"].get("context_slices")
+            if from_context is not None:
+                state = expand_input_context(state, net.state_dict(), len(cfg["bundle"]["inputs"]),
+                                             context_slices(from_context))
             net.load_state_dict(state)
             log(f"initialised from {tc['init_from']['path']} (sha256 {tc['init_from']['sha256'][:12]}…"
-                + (f", output classes from {class_map}" if class_map is not None else "") + ")")
+                + (f", output classes from {class_map}" if class_map is not None else "")
+                + (f", {from_context} context slices each side widened to "
+                   f"{cfg['bundle'].get('context_slices')}" if from_context is not None else "") + ")")
         return run
 
     def _resume(self, work: Path, log) -> None:
