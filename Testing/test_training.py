@@ -589,7 +589,8 @@ def test_wider_context_starts_from_the_narrower_weights_with_the_same_output(tmp
     wider.write_text(yaml.safe_dump(cfg))
     logs: list[str] = []
     meta = trainer.train(wider, tmp_path / "b", log=logs.append)
-    assert meta["context_slices"] == 2 and any("1 context slices each side widened to 2" in l for l in logs)
+    assert meta["context_slices"] == 2 and meta["training"]["init_from"]["context_slices"] == 1
+    assert any("1 context slices each side widened to 2" in l for l in logs)
     cfg["train"]["init_from"]["context_slices"] = 3
     wider.write_text(yaml.safe_dump(cfg))
     with pytest.raises(UsageError, match="more than the 2 neighbouring slices"):

@@ -657,5 +657,5 @@ def write_bundle(output_dir: Path, meta: dict, state: dict, cfg: dict, history: 
     }
     init = cfg["train"].get("init_from")
     if init:
-        meta["training"]["init_from"] = {k: init[k] for k in ("version", "sha256", "minutes") if k in init}
+        meta["training"]["init_from"] = {k: init[k] for k in ("version", "sha256", "minutes", "class_map", "context_slices") if k in init}
     return write_bundle_files(output_dir, state, meta, "generated model.json")
