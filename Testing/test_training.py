@@ -595,3 +595,8 @@ def test_wider_context_starts_from_the_narrower_weights_with_the_same_output(tmp
     wider.write_text(yaml.safe_dump(cfg))
     with pytest.raises(UsageError, match="more than the 2 neighbouring slices"):
         trainer.train(wider, tmp_path / "c", log=lambda m: None)
+    cfg["train"]["init_from"].update(context_slices=1, class_map=[0, 1])
+    wider.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UsageError, match="both class_map and context_slices"):
+        trainer.train(wider, tmp_path / "d", log=lambda m: None)
+    assert not (tmp_path / "d" / ".training" / "checkpoint.pt").exists()

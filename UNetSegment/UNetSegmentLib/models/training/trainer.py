@@ -507,6 +507,10 @@ def _init_weights_spec(cfg: dict, config_path: Path) -> dict | None:
     spec = cfg["train"].get("init_from")
     if not spec:
         return None
+    if "context_slices" in spec and "class_map" in spec:  # each widening checks that every other tensor fits
+        raise UsageError("train.init_from has both class_map and context_slices: one start can widen the outputs "
+                         "or the input slices, not both",
+                         "widen one at a time: fine-tune with one, then start a second run from its bundle with the other")
     if "context_slices" in spec:  # refused before the cases are made
         widest = int(cfg["bundle"].get("context_slices", 0)) if cfg["bundle"].get("dimensions") == "2.5d" else 0
         if context_slices(spec["context_slices"]) > widest:
