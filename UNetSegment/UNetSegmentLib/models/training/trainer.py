@@ -29,7 +29,7 @@ from ...engine.windows import plan_windows
 from ...errors import UsageError
 from ...io.writers import atomic_path
 from ...params import SegmentParams
-from ...settings import RunSettings, resolve
+from ...settings import ModelSettings, RunSettings, resolve
 from ..bundle import load_weights, sha256_file, write_bundle_files
 from ..networks import build_network, count_parameters
 from .cases import TRAINING, VALIDATION, build_cache, extra_cases, extra_validation_sets, split_seeds
@@ -512,7 +512,7 @@ def _init_weights_spec(cfg: dict, config_path: Path) -> dict | None:
                          "or the input slices, not both",
                          "widen one at a time: fine-tune with one, then start a second run from its bundle with the other")
     if "context_slices" in spec:  # refused before the cases are made
-        widest = int(cfg["bundle"].get("context_slices", 0)) if cfg["bundle"].get("dimensions") == "2.5d" else 0
+        widest = ModelSettings.from_meta(cfg["bundle"]).context
         if context_slices(spec["context_slices"]) > widest:
             raise UsageError(f"train.init_from.context_slices is {spec['context_slices']}, more than the "
                              f"{widest} neighbouring slices the bundle's network sees",
@@ -589,10 +589,9 @@ class _Run:
             class_map = tc["init_from"].get("class_map")
             if class_map is not None:
                 state = expand_output_classes(state, net.state_dict(), class_map)
-            from_context = tc["init_from"].get("context_slices")
+            from_context = tc["init_from"].get("context_slices")  # checked by _init_weights_spec
             if from_context is not None:
-                state = expand_input_context(state, net.state_dict(), len(cfg["bundle"]["inputs"]),
-                                             context_slices(from_context))
+                state = expand_input_context(state, net.state_dict(), len(cfg["bundle"]["inputs"]), from_context)
             net.load_state_dict(state)
             log(f"initialised from {tc['init_from']['path']} (sha256 {tc['init_from']['sha256'][:12]}…"
                 + (f", output classes from {class_map}" if class_map is not None else "")
